@@ -1,0 +1,373 @@
+//! Calibration: run samples through tract and fold per-tensor statistics in a streaming way.
+//!
+//! Owns the choice of which tensors to calibrate, the sample loop (parallel across samples
+//! with rayon, folded in sample order so results are identical for any thread count), and
+//! the stats JSON that `onnxq calibrate` writes and `onnxq quantize --stats` reads back.
+//!
+//! Memory: samples are processed in chunks of a few per thread; each sample's activations are
+//! reduced to a [`TensorStats`] (histogram + moments) right after the run and dropped, so
+//! memory stays at one chunk of activations plus one histogram per tensor, whatever the
+//! number of samples.
+
+use crate::array::{dtype, ArrayData};
+use crate::data::{InputSpec, SampleSet};
+use crate::onnx::builder::{dims_of, elem_type_of, Dim};
+use crate::onnx::pb::GraphProto;
+use crate::onnx::GraphView;
+use crate::runtime::{InputFact, Plan};
+use crate::stats::{RangeMethod, TensorStats};
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+/// Ops whose float inputs/outputs are quantization candidates (QDQ coverage).
+pub const QUANTIZABLE_OPS: &[&str] = &[
+    "Conv",
+    "ConvTranspose",
+    "MatMul",
+    "Gemm",
+    "Add",
+    "Mul",
+    "Concat",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "Resize",
+    "Softmax",
+    "Relu",
+    "Clip",
+    "Sigmoid",
+    "Reshape",
+    "Transpose",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
+    "Slice",
+    "Split",
+    "Gather",
+];
+
+/// Which axis of a tensor holds its channels (for per-channel abs-max).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChannelAxis {
+    /// Axis 1 (NCHW convolution outputs).
+    One,
+    /// The last axis (MatMul/Gemm outputs).
+    Last,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Target {
+    pub name: String,
+    pub channel_axis: Option<ChannelAxis>,
+}
+
+/// Graph inputs (excluding those backed by initializers), as sample specs.
+pub fn input_specs(g: &GraphProto) -> Vec<InputSpec> {
+    let inits: std::collections::HashSet<&str> = g.initializer.iter().map(|t| t.name()).collect();
+    g.input
+        .iter()
+        .filter(|vi| !inits.contains(vi.name()))
+        .map(|vi| InputSpec {
+            name: vi.name().to_string(),
+            elem_type: elem_type_of(vi),
+            dims: dims_of(vi).map(|d| {
+                d.into_iter()
+                    .map(|d| match d {
+                        Dim::Fixed(v) if v >= 0 => crate::data::Dim::Fixed(v as usize),
+                        Dim::Named(s) => crate::data::Dim::Named(s),
+                        _ => crate::data::Dim::Unknown,
+                    })
+                    .collect()
+            }),
+        })
+        .collect()
+}
+
+/// The default calibration targets: every activation read or written by a quantizable node
+/// (weights excluded), plus the graph outputs, in first-use order.
+pub fn default_targets(view: &GraphView) -> Result<Vec<Target>> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    let order = view.topo_order()?;
+    let mut add = |name: &str, axis: Option<ChannelAxis>, out: &mut Vec<Target>| {
+        if name.is_empty() || view.weight(name).is_some() || !seen.insert(name.to_string()) {
+            return;
+        }
+        let et = view.elem_type(name);
+        if et != 0 && et != dtype::FLOAT {
+            return;
+        }
+        out.push(Target { name: name.to_string(), channel_axis: axis });
+    };
+    for i in order {
+        let n = &view.nodes()[i];
+        if !QUANTIZABLE_OPS.contains(&n.op_type()) {
+            continue;
+        }
+        for inp in &n.input {
+            add(inp, None, &mut out);
+        }
+        let axis = match n.op_type() {
+            "Conv" | "ConvTranspose" => Some(ChannelAxis::One),
+            "MatMul" | "Gemm" => Some(ChannelAxis::Last),
+            _ => None,
+        };
+        for o in &n.output {
+            add(o, axis, &mut out);
+        }
+    }
+    for o in &view.graph.output {
+        add(o.name(), None, &mut out);
+    }
+    // Integer tensors without declared types (shape arithmetic) come back from tract as ints
+    // and are dropped by `calibrate`.
+    Ok(out)
+}
+
+#[derive(Debug, Clone)]
+pub struct CalibOptions {
+    pub bins: usize,
+    pub quiet: bool,
+}
+
+impl Default for CalibOptions {
+    fn default() -> Self {
+        CalibOptions { bins: 2048, quiet: true }
+    }
+}
+
+/// Input facts for a plan from the sample set's shapes.
+pub fn input_facts(specs: &[InputSpec], set: &SampleSet) -> Vec<InputFact> {
+    specs
+        .iter()
+        .zip(set.shapes())
+        .map(|(s, shape)| InputFact { name: s.name.clone(), elem_type: s.elem_type, shape: shape.clone() })
+        .collect()
+}
+
+/// A progress bar on stderr (hidden when quiet or not a terminal).
+pub fn progress(len: usize, quiet: bool, what: &str) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::with_draw_target(Some(len as u64), indicatif::ProgressDrawTarget::stderr());
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} samples, {per_sec}, eta {eta}")
+    {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// Runs every sample through `plan` (in parallel), maps each sample's outputs with `map`,
+/// and folds the results with `fold` strictly in sample order.
+pub fn for_each_sample<T: Send>(
+    plan: &Plan,
+    set: &SampleSet,
+    pb: &indicatif::ProgressBar,
+    map: impl Fn(usize, Vec<ArrayData>) -> Result<T> + Sync,
+    mut fold: impl FnMut(usize, T) -> Result<()>,
+) -> Result<()> {
+    let chunk = (rayon::current_num_threads() * 2).max(1);
+    let n = set.len();
+    let mut start = 0;
+    while start < n {
+        let end = (start + chunk).min(n);
+        let results: Vec<Result<T>> = (start..end)
+            .into_par_iter()
+            .map(|i| {
+                let sample = set.load(i)?;
+                let outs = plan.run(&sample.inputs).with_context(|| format!("sample {}", sample.source))?;
+                let r = map(i, outs).with_context(|| format!("sample {}", sample.source));
+                pb.inc(1);
+                r
+            })
+            .collect();
+        for (k, r) in results.into_iter().enumerate() {
+            fold(start + k, r?)?;
+        }
+        start = end;
+    }
+    pb.finish_and_clear();
+    Ok(())
+}
+
+/// The statistics of every calibrated tensor.
+#[derive(Debug, Clone)]
+pub struct Calibration {
+    /// (tensor name, stats) in target order; non-float tensors are dropped.
+    pub tensors: Vec<(String, TensorStats)>,
+    pub samples: usize,
+    pub seconds: f64,
+}
+
+impl Calibration {
+    pub fn get(&self, name: &str) -> Option<&TensorStats> {
+        self.tensors.iter().find(|(n, _)| n == name).map(|(_, s)| s)
+    }
+}
+
+/// Serialized bytes of the model for tract: the file itself when unchanged, else re-encoded.
+pub fn model_bytes(model: &crate::onnx::Model) -> Result<bytes::Bytes> {
+    match &model.path {
+        Some(p) if model.external_tensors == 0 => crate::onnx::io::read_file_bytes(p),
+        _ => Ok(bytes::Bytes::from(crate::onnx::io::encode(&model.proto)?)),
+    }
+}
+
+/// Calibrates `targets` of the model given as serialized bytes.
+pub fn calibrate(
+    model_bytes: &[u8],
+    specs: &[InputSpec],
+    set: &SampleSet,
+    targets: &[Target],
+    opts: &CalibOptions,
+) -> Result<Calibration> {
+    let t0 = Instant::now();
+    if set.len() == 0 {
+        bail!("no calibration samples");
+    }
+    let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
+    let plan = Plan::load(model_bytes, None, &input_facts(specs, set), &names)?;
+    let pb = progress(set.len(), opts.quiet, "calibrating");
+    let mut acc: Vec<Option<TensorStats>> = vec![None; targets.len()];
+    let bins = opts.bins;
+    for_each_sample(
+        &plan,
+        set,
+        &pb,
+        |_, outs| {
+            Ok(outs
+                .iter()
+                .zip(targets)
+                .map(|(o, t)| {
+                    let ArrayData::F32(a) = o else { return None };
+                    let axis = t.channel_axis.and_then(|ax| match ax {
+                        ChannelAxis::One => (a.ndim() >= 2).then_some(1),
+                        ChannelAxis::Last => a.ndim().checked_sub(1),
+                    });
+                    let mut s = TensorStats::new(bins, axis);
+                    s.update(a.view());
+                    Some(s)
+                })
+                .collect::<Vec<_>>())
+        },
+        |_, per_sample| {
+            for (slot, s) in acc.iter_mut().zip(per_sample) {
+                if let Some(s) = s {
+                    match slot {
+                        Some(a) => a.merge(&s),
+                        None => *slot = Some(s),
+                    }
+                }
+            }
+            Ok(())
+        },
+    )?;
+    let tensors = names.into_iter().zip(acc).filter_map(|(n, s)| s.map(|s| (n, s))).collect();
+    Ok(Calibration { tensors, samples: set.len(), seconds: t0.elapsed().as_secs_f64() })
+}
+
+/// One tensor's entry in the stats file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TensorEntry {
+    pub count: u64,
+    pub min: f64,
+    pub max: f64,
+    pub mean: f64,
+    pub std: f64,
+    pub abs_max: f64,
+    pub p99_9: f64,
+    pub nan: u64,
+    pub inf: u64,
+    /// The range chosen by `method`, [lo, hi].
+    pub range: [f32; 2],
+    /// The symmetric range of the same method, [-m, m].
+    pub range_symmetric: [f32; 2],
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub channel_abs_max: Vec<f32>,
+}
+
+/// The stats file written by `onnxq calibrate` (schema documented in README).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatsFile {
+    pub onnxq_stats_version: u32,
+    pub model: String,
+    pub method: String,
+    pub samples: usize,
+    pub tensors: BTreeMap<String, TensorEntry>,
+}
+
+impl StatsFile {
+    pub fn from_calibration(model: &str, cal: &Calibration, method: &RangeMethod) -> Self {
+        let tensors = cal
+            .tensors
+            .iter()
+            .map(|(name, s)| {
+                let (lo, hi) = s.range(method, 256, false);
+                let (slo, shi) = s.range(method, 256, true);
+                let e = TensorEntry {
+                    count: s.count(),
+                    min: s.min(),
+                    max: s.max(),
+                    mean: s.mean(),
+                    std: s.std(),
+                    abs_max: s.abs_max(),
+                    p99_9: s.quantile_abs(0.999),
+                    nan: s.nan_count(),
+                    inf: s.inf_count(),
+                    range: [lo, hi],
+                    range_symmetric: [slo, shi],
+                    channel_abs_max: s.channel_absmax().to_vec(),
+                };
+                (name.clone(), e)
+            })
+            .collect();
+        StatsFile {
+            onnxq_stats_version: 1,
+            model: model.to_string(),
+            method: method.to_string(),
+            samples: cal.samples,
+            tensors,
+        }
+    }
+
+    pub fn read(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read stats file {}", path.display()))?;
+        let f: StatsFile =
+            serde_json::from_str(&text).with_context(|| format!("{} is not an onnxq stats file", path.display()))?;
+        if f.onnxq_stats_version != 1 {
+            bail!("{}: unsupported stats version {}", path.display(), f.onnxq_stats_version);
+        }
+        Ok(f)
+    }
+}
+
+/// The stderr summary of `onnxq calibrate`: counts, time, and the top tensors by max/p99.9.
+pub fn summary(cal: &Calibration) -> String {
+    let mut ratios: Vec<(f64, &str, f64, f64)> = cal
+        .tensors
+        .iter()
+        .filter_map(|(n, s)| {
+            let p = s.quantile_abs(0.999);
+            (p > 0.0).then(|| (s.abs_max() / p, n.as_str(), s.abs_max(), p))
+        })
+        .collect();
+    ratios.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)));
+    let mut out = format!(
+        "calibrated {} tensors on {} samples in {:.2} s\ntop tensors by max/p99.9 (outlier view):\n",
+        cal.tensors.len(),
+        cal.samples,
+        cal.seconds
+    );
+    for (r, n, m, p) in ratios.iter().take(10) {
+        out.push_str(&format!("  {r:>8.1}x  {n}  (abs max {m:.4}, p99.9 {p:.4})\n"));
+    }
+    out
+}

@@ -1,0 +1,558 @@
+//! Calibration data: lists samples from `.npz` files, directories of them, ONNX test-data
+//! directories (`test_data_set_*/input_*.pb`) and a deterministic random generator, checks
+//! every sample against the model inputs up front (names, element types, ranks, fixed and
+//! symbolic dims, NaN/Inf) and loads them one at a time afterwards.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use ndarray::{ArrayD, IxDyn};
+use prost::Message;
+use rayon::prelude::*;
+
+use crate::array::{dtype, ArrayData};
+use crate::npy;
+use crate::onnx::{pb, tensor};
+
+/// One dimension of a model input's declared shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dim {
+    Fixed(usize),
+    Named(String),
+    Unknown,
+}
+
+impl fmt::Display for Dim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dim::Fixed(d) => write!(f, "{d}"),
+            Dim::Named(n) => write!(f, "{n}"),
+            Dim::Unknown => write!(f, "?"),
+        }
+    }
+}
+
+/// A model input as declared by the graph.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputSpec {
+    pub name: String,
+    /// ONNX element type code ([`crate::array::dtype`]).
+    pub elem_type: i32,
+    /// `None` when the rank is unknown.
+    pub dims: Option<Vec<Dim>>,
+}
+
+/// One calibration sample: a value for every model input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// File or directory path, or `random #3`.
+    pub source: String,
+    /// In [`InputSpec`] order, already converted to the input's element type.
+    pub inputs: Vec<ArrayData>,
+}
+
+/// Where calibration samples come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Source {
+    /// A `.npz` file, a directory of them, or an ONNX test-data directory.
+    Path(PathBuf),
+    /// `count` generated samples, reproducible from `seed`.
+    Random { count: usize, seed: u64 },
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DataOptions {
+    /// Concatenated in order.
+    pub sources: Vec<Source>,
+    /// `--dim NAME=VALUE`: sizes of symbolic dims (`batch=1`), or of unnamed dims as
+    /// `INPUT.AXIS=VALUE` (`input_ids.1=128`).
+    pub dims: Vec<(String, usize)>,
+    /// Caps the total number of samples.
+    pub max_samples: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+enum Item {
+    Npz(PathBuf),
+    /// A `test_data_set_N` directory and its `input_K.pb` files, sorted by K.
+    TestSet {
+        dir: PathBuf,
+        files: Vec<(usize, PathBuf)>,
+    },
+    Random {
+        seed: u64,
+        index: usize,
+    },
+}
+
+impl Item {
+    fn source(&self) -> String {
+        match self {
+            Item::Npz(p) => p.display().to_string(),
+            Item::TestSet { dir, .. } => dir.display().to_string(),
+            Item::Random { index, .. } => format!("random #{index}"),
+        }
+    }
+}
+
+/// Checked calibration samples, loaded on demand.
+#[derive(Debug)]
+pub struct SampleSet {
+    specs: Vec<InputSpec>,
+    dims: HashMap<String, usize>,
+    items: Vec<Item>,
+    /// Per sample, per input.
+    shapes: Vec<Vec<Vec<usize>>>,
+    /// Shapes of generated samples (empty when there is no random source).
+    random_shapes: Vec<Vec<usize>>,
+}
+
+/// Named dims that default to 1 for generated data.
+const BATCH_NAMES: [&str; 3] = ["batch", "N", "batch_size"];
+
+/// Lists the samples (cheap: paths only), checks them all up front, returns a loader.
+pub fn open(specs: &[InputSpec], opts: &DataOptions) -> Result<SampleSet> {
+    if specs.is_empty() {
+        bail!("the model has no inputs to feed calibration data to");
+    }
+    let dims = dim_overrides(specs, &opts.dims)?;
+    let cap = opts.max_samples.unwrap_or(usize::MAX);
+    let mut items = Vec::new();
+    let mut random_shapes = Vec::new();
+    for source in &opts.sources {
+        if items.len() >= cap {
+            break;
+        }
+        match source {
+            Source::Path(p) => list_path(p, &mut items)?,
+            Source::Random { count, seed } => {
+                if random_shapes.is_empty() {
+                    random_shapes = specs.iter().map(|s| random_shape(s, &dims)).collect::<Result<Vec<_>>>()?;
+                }
+                let n = (*count).min(cap - items.len());
+                items.extend((0..n).map(|index| Item::Random { seed: *seed, index }));
+            }
+        }
+    }
+    items.truncate(cap);
+    if items.is_empty() {
+        bail!("no calibration samples: pass a data path or a random sample count");
+    }
+    let mut set = SampleSet { specs: specs.to_vec(), dims, items, shapes: Vec::new(), random_shapes };
+    let checked: Vec<Result<Vec<Vec<usize>>>> = set
+        .items
+        .par_iter()
+        .map(|item| match item {
+            Item::Random { .. } => Ok(set.random_shapes.clone()),
+            _ => {
+                let inputs = set.read(item)?;
+                Ok(inputs.iter().map(|a| a.shape().to_vec()).collect())
+            }
+        })
+        .collect();
+    set.shapes = checked.into_iter().collect::<Result<Vec<_>>>()?;
+    Ok(set)
+}
+
+impl SampleSet {
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// The model inputs the samples were checked against.
+    pub fn specs(&self) -> &[InputSpec] {
+        &self.specs
+    }
+
+    /// Where sample `i` comes from (path or `random #i`).
+    pub fn source(&self, i: usize) -> Option<String> {
+        self.items.get(i).map(Item::source)
+    }
+
+    /// Loads and converts sample `i`.
+    pub fn load(&self, i: usize) -> Result<Sample> {
+        let item =
+            self.items.get(i).with_context(|| format!("sample #{i} does not exist: there are {}", self.len()))?;
+        let inputs = self.read(item)?;
+        let source = item.source();
+        if let Some(expected) = self.shapes.get(i) {
+            for ((a, want), spec) in inputs.iter().zip(expected).zip(&self.specs) {
+                if a.shape() != want.as_slice() {
+                    bail!(
+                        "sample {source}: input '{}': shape changed from {want:?} to {:?} since the data was checked",
+                        spec.name,
+                        a.shape()
+                    );
+                }
+            }
+        }
+        Ok(Sample { source, inputs })
+    }
+
+    /// Concrete input shapes of the first sample, in [`InputSpec`] order.
+    pub fn shapes(&self) -> &[Vec<usize>] {
+        self.shapes.first().map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// Concrete input shapes of sample `i`.
+    pub fn sample_shapes(&self, i: usize) -> Option<&[Vec<usize>]> {
+        self.shapes.get(i).map(Vec::as_slice)
+    }
+
+    /// Whether every sample has the same input shapes as the first.
+    pub fn uniform_shapes(&self) -> bool {
+        self.shapes.windows(2).all(|w| w[0] == w[1])
+    }
+
+    /// Reads, converts and checks one sample.
+    fn read(&self, item: &Item) -> Result<Vec<ArrayData>> {
+        let source = item.source();
+        let inputs = match item {
+            Item::Npz(path) => {
+                let pairs = npy::read_npz(path)?;
+                order_inputs(&self.specs, &source, pairs)?
+            }
+            Item::TestSet { files, .. } => {
+                let mut pairs = Vec::with_capacity(files.len());
+                for (k, file) in files {
+                    pairs.push(read_pb_input(&self.specs, *k, file)?);
+                }
+                order_inputs(&self.specs, &source, pairs)?
+            }
+            Item::Random { seed, index } => return generate(&self.specs, &self.random_shapes, *seed, *index),
+        };
+        check_sample(&self.specs, &self.dims, &source, inputs)
+    }
+}
+
+/// Validates `--dim` values against the dims the model declares.
+fn dim_overrides(specs: &[InputSpec], given: &[(String, usize)]) -> Result<HashMap<String, usize>> {
+    let mut out = HashMap::new();
+    for (name, value) in given {
+        let known = specs.iter().any(|s| {
+            s.dims
+                .iter()
+                .flatten()
+                .enumerate()
+                .any(|(axis, d)| matches!(d, Dim::Named(n) if n == name) || *name == format!("{}.{axis}", s.name))
+        });
+        if !known {
+            bail!("--dim {name}={value}: no model input has a dim named '{name}' (inputs: {})", describe_specs(specs));
+        }
+        if *value == 0 {
+            bail!("--dim {name}={value}: the size must be at least 1");
+        }
+        if out.insert(name.clone(), *value).is_some() {
+            bail!("--dim {name} is given more than once");
+        }
+    }
+    Ok(out)
+}
+
+fn describe_specs(specs: &[InputSpec]) -> String {
+    specs
+        .iter()
+        .map(|s| match &s.dims {
+            Some(d) => {
+                let d: Vec<String> = d.iter().map(Dim::to_string).collect();
+                format!("{} [{}]", s.name, d.join(", "))
+            }
+            None => format!("{} [unknown rank]", s.name),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Size given by `--dim` for axis `axis` of `spec`.
+fn dim_override(dims: &HashMap<String, usize>, spec: &InputSpec, axis: usize, d: &Dim) -> Option<usize> {
+    if let Some(&v) = dims.get(&format!("{}.{axis}", spec.name)) {
+        return Some(v);
+    }
+    match d {
+        Dim::Named(n) => dims.get(n).copied(),
+        _ => None,
+    }
+}
+
+fn random_shape(spec: &InputSpec, dims: &HashMap<String, usize>) -> Result<Vec<usize>> {
+    let name = &spec.name;
+    let Some(decl) = &spec.dims else {
+        bail!("input '{name}' has an unknown rank: random data needs a declared shape");
+    };
+    decl.iter()
+        .enumerate()
+        .map(|(axis, d)| {
+            if let Some(v) = dim_override(dims, spec, axis, d) {
+                return Ok(v);
+            }
+            match d {
+                Dim::Fixed(v) => Ok(*v),
+                Dim::Named(n) if BATCH_NAMES.contains(&n.as_str()) => Ok(1),
+                Dim::Named(n) => bail!("input '{name}' dim '{n}' is symbolic: pass --dim {n}=N"),
+                Dim::Unknown => {
+                    bail!("input '{name}' dim {axis} has no size: pass --dim {name}.{axis}=N")
+                }
+            }
+        })
+        .collect()
+}
+
+/// Splitmix64: small, fast and good enough for calibration noise.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+
+    /// Standard normal (Box-Muller).
+    fn normal(&mut self) -> f64 {
+        let u1 = 1.0 - self.uniform(); // (0, 1]
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+}
+
+fn generate(specs: &[InputSpec], shapes: &[Vec<usize>], seed: u64, index: usize) -> Result<Vec<ArrayData>> {
+    let mut rng = Rng(seed);
+    rng.0 = rng.next_u64() ^ (index as u64);
+    rng.0 = rng.next_u64();
+    specs
+        .iter()
+        .zip(shapes)
+        .map(|(spec, shape)| {
+            let shape = IxDyn(shape);
+            let lower = spec.name.to_ascii_lowercase();
+            let int = |rng: &mut Rng| -> i64 {
+                if lower.contains("mask") {
+                    1
+                } else if lower.contains("type") {
+                    0
+                } else {
+                    (rng.next_u64() % 100) as i64
+                }
+            };
+            Ok(match spec.elem_type {
+                dtype::FLOAT => ArrayData::F32(ArrayD::from_shape_simple_fn(shape, || rng.normal() as f32)),
+                dtype::DOUBLE => ArrayData::F64(ArrayD::from_shape_simple_fn(shape, || rng.normal())),
+                dtype::INT64 => ArrayData::I64(ArrayD::from_shape_simple_fn(shape, || int(&mut rng))),
+                dtype::INT32 => ArrayData::I32(ArrayD::from_shape_simple_fn(shape, || int(&mut rng) as i32)),
+                dtype::INT8 => ArrayData::I8(ArrayD::from_shape_simple_fn(shape, || int(&mut rng) as i8)),
+                dtype::UINT8 => ArrayData::U8(ArrayD::from_shape_simple_fn(shape, || int(&mut rng) as u8)),
+                dtype::BOOL => ArrayData::Bool(ArrayD::from_elem(shape, true)),
+                other => bail!("input '{}': cannot generate random {} data", spec.name, dtype::name(other)),
+            })
+        })
+        .collect()
+}
+
+fn is_npz(p: &Path) -> bool {
+    p.extension().is_some_and(|e| e.eq_ignore_ascii_case("npz"))
+}
+
+/// Sorted directory entries.
+fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
+    let shown = dir.display();
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {shown}"))? {
+        out.push(entry.with_context(|| format!("cannot list {shown}"))?.path());
+    }
+    out.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+    Ok(out)
+}
+
+/// `input_K.pb` files of a test-data directory, sorted by K.
+fn test_set_inputs(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let mut out = Vec::new();
+    for path in sorted_entries(dir)? {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some(k) = name.strip_prefix("input_").and_then(|n| n.strip_suffix(".pb")) else {
+            continue;
+        };
+        let k: usize = k
+            .parse()
+            .with_context(|| format!("test data file {}: cannot tell the input index from the name", path.display()))?;
+        if path.is_file() {
+            out.push((k, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Numeric suffix of `test_data_set_N`, for natural ordering.
+fn set_number(p: &Path) -> usize {
+    p.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.rsplit('_').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(usize::MAX)
+}
+
+fn list_path(p: &Path, items: &mut Vec<Item>) -> Result<()> {
+    let shown = p.display();
+    let meta = std::fs::metadata(p).with_context(|| format!("cannot read data path {shown}"))?;
+    if meta.is_file() {
+        if is_npz(p) {
+            items.push(Item::Npz(p.to_path_buf()));
+            return Ok(());
+        }
+        bail!("data file {shown}: expected a .npz file or a directory");
+    }
+    let files = test_set_inputs(p)?;
+    if !files.is_empty() {
+        items.push(Item::TestSet { dir: p.to_path_buf(), files });
+        return Ok(());
+    }
+    let mut npz = Vec::new();
+    let mut sets = Vec::new();
+    for entry in sorted_entries(p)? {
+        if entry.is_file() && is_npz(&entry) {
+            npz.push(Item::Npz(entry));
+        } else if entry.is_dir()
+            && entry.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("test_data_set"))
+        {
+            let files = test_set_inputs(&entry)?;
+            if !files.is_empty() {
+                sets.push((set_number(&entry), entry, files));
+            }
+        }
+    }
+    if npz.is_empty() && sets.is_empty() {
+        bail!("no .npz files in {shown}");
+    }
+    sets.sort_by(|a, b| (a.0, a.1.file_name()).cmp(&(b.0, b.1.file_name())));
+    items.extend(npz);
+    items.extend(sets.into_iter().map(|(_, dir, files)| Item::TestSet { dir, files }));
+    Ok(())
+}
+
+/// Reads `input_K.pb`; the tensor name picks the input, else K does.
+fn read_pb_input(specs: &[InputSpec], k: usize, file: &Path) -> Result<(String, ArrayData)> {
+    let shown = file.display();
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {shown}"))?;
+    let t = pb::TensorProto::decode(bytes::Bytes::from(bytes))
+        .with_context(|| format!("sample {shown}: not a TensorProto"))?;
+    let array = tensor::to_array(&t).with_context(|| format!("sample {shown}"))?;
+    let key = if t.name().is_empty() {
+        match specs.get(k) {
+            Some(s) => s.name.clone(),
+            None => bail!("sample {shown}: the tensor has no name and the model has only {} inputs", specs.len()),
+        }
+    } else {
+        t.name().to_string()
+    };
+    Ok((key, array))
+}
+
+/// Puts named arrays in input order. numpy's positional `arr_0, arr_1, ...` keys map by
+/// position when no key names an input.
+fn order_inputs(specs: &[InputSpec], source: &str, pairs: Vec<(String, ArrayData)>) -> Result<Vec<ArrayData>> {
+    let positional = !pairs.iter().any(|(k, _)| specs.iter().any(|s| s.name == *k))
+        && pairs.iter().enumerate().all(|(i, (k, _))| *k == format!("arr_{i}"));
+    let mut slots: Vec<Option<ArrayData>> = vec![None; specs.len()];
+    for (i, (key, array)) in pairs.into_iter().enumerate() {
+        let idx = if positional { (i < specs.len()).then_some(i) } else { specs.iter().position(|s| s.name == key) };
+        let Some(idx) = idx else {
+            let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+            bail!("sample {source}: unknown input '{key}' (model inputs: {})", names.join(", "));
+        };
+        if slots[idx].replace(array).is_some() {
+            bail!("sample {source}: input '{key}' is given twice");
+        }
+    }
+    slots
+        .into_iter()
+        .zip(specs)
+        .map(|(a, s)| a.with_context(|| format!("sample {source}: missing input '{}'", s.name)))
+        .collect()
+}
+
+/// Converts to the input's element type where lossless enough (f64 data for a float input,
+/// int32 data for an int64 input), else `None`.
+fn convert(want: i32, a: ArrayData) -> std::result::Result<ArrayData, ArrayData> {
+    match (want, a) {
+        (w, a) if w == a.elem_type() => Ok(a),
+        (dtype::FLOAT, ArrayData::F64(a)) => Ok(ArrayData::F32(a.mapv(|v| v as f32))),
+        (dtype::INT64, ArrayData::I32(a)) => Ok(ArrayData::I64(a.mapv(i64::from))),
+        (_, a) => Err(a),
+    }
+}
+
+fn check_sample(
+    specs: &[InputSpec],
+    dims: &HashMap<String, usize>,
+    source: &str,
+    inputs: Vec<ArrayData>,
+) -> Result<Vec<ArrayData>> {
+    // Symbolic dim name -> (size, input that set it).
+    let mut seen: HashMap<&str, (usize, &str)> = HashMap::new();
+    let mut out = Vec::with_capacity(inputs.len());
+    for (spec, a) in specs.iter().zip(inputs) {
+        let name = &spec.name;
+        let a = match convert(spec.elem_type, a) {
+            Ok(a) => a,
+            Err(a) => bail!(
+                "sample {source}: input '{name}': expected {}, found {}",
+                dtype::name(spec.elem_type),
+                dtype::name(a.elem_type())
+            ),
+        };
+        let shape = a.shape();
+        if let Some(decl) = &spec.dims {
+            if decl.len() != shape.len() {
+                let d: Vec<String> = decl.iter().map(Dim::to_string).collect();
+                bail!(
+                    "sample {source}: input '{name}': expected rank {} [{}], found shape {shape:?}",
+                    decl.len(),
+                    d.join(", ")
+                );
+            }
+            for (axis, (d, &got)) in decl.iter().zip(shape).enumerate() {
+                if let Some(v) = dim_override(dims, spec, axis, d) {
+                    if v != got {
+                        bail!("sample {source}: input '{name}': dim {axis} ({d}) is {got}, but --dim sets it to {v}");
+                    }
+                }
+                match d {
+                    Dim::Fixed(v) if *v != got => bail!(
+                        "sample {source}: input '{name}': dim {axis} is {got}, the model expects {v}"
+                    ),
+                    Dim::Named(n) => match seen.get(n.as_str()) {
+                        Some(&(v, other)) if v != got => bail!(
+                            "sample {source}: input '{name}': dim {axis} ('{n}') is {got}, but input '{other}' has '{n}' = {v}"
+                        ),
+                        Some(_) => {}
+                        None => {
+                            seen.insert(n, (got, name));
+                        }
+                    },
+                    _ => {}
+                }
+            }
+        }
+        let (nan, inf) = a.non_finite();
+        if nan + inf > 0 {
+            bail!("sample {source}: input '{name}': {nan} NaN and {inf} infinite values");
+        }
+        out.push(a);
+    }
+    Ok(out)
+}

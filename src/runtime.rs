@@ -1,0 +1,670 @@
+//! Running ONNX models with tract: every call into tract lives here.
+//!
+//! The rest of the crate speaks ONNX through our own prost types (`crate::onnx::pb`, proto2)
+//! and tensors through [`ArrayData`]. tract has its own generated proto types, so the model
+//! crosses the boundary as serialized `ModelProto` bytes only, and tensors cross as ndarray
+//! arrays (tract re-exports the same ndarray 0.17 the crate uses).
+//!
+//! Known tract 0.23.9 facts this module relies on:
+//! - The loader must be `tract_onnx::onnx().with_ignore_value_info(true)`: real exports carry
+//!   `value_info` shapes that fail tract's shape unification otherwise.
+//! - Graph inputs with `-1`/symbolic dims need concrete facts before typing, so every input gets
+//!   `InferenceFact::dt_shape(dt, shape)` from the caller's [`InputFact`]s (matched by name, then
+//!   put in the caller's order).
+//! - Requested tensors become model outputs *before* `into_optimized()`, otherwise the optimizer
+//!   is free to fuse them away. The names are resolved with the `outlets_by_name` map tract's
+//!   ONNX parser returns (exact ONNX tensor names, intermediate ones included). tract's own
+//!   `select_outputs_by_name` is not used: it also accepts node names and `node:slot` forms, and
+//!   silently maps a node name to that node's first output.
+//! - An op type missing from tract's op register does not fail at load time: tract inserts an
+//!   `UnimplementedOp` that only fails when typing, with a message that lacks the op type. On any
+//!   failure we list the graph's unsupported nodes (name and op type) and the nodes tract's error
+//!   chain mentions, on top of tract's own chain (print errors with `{:#}` to see all of it).
+//! - tract's parser indexes maps with graph output names, so a graph output that nothing produces
+//!   panics inside tract; such names are checked first, and every tract call is additionally run
+//!   under `catch_unwind` so a tract panic becomes an error.
+//! - ONNX int64 shape computations come back as `TDim` tensors; they are converted to `I64`.
+//!   `f16` outputs are widened to `F32`; quantized datum types come back as their plain ints.
+//! - A runnable plan (`Arc<SimplePlan>`) is `Send + Sync`; `run` spawns a fresh state per call,
+//!   so one [`Plan`] can serve many rayon threads at once. tract's default executor is single
+//!   threaded, so parallelism is the caller's (per sample).
+
+use std::collections::{HashMap, HashSet};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use prost::Message;
+use tract_onnx::model::{Onnx, ParseResult};
+use tract_onnx::pb as tpb;
+use tract_onnx::prelude::{
+    DatumType, InferenceFact, InferenceModelExt, IntoRunnable, IntoTValue, OutletId, TValue, TVec, Tensor, TypedModel,
+    TypedSimplePlan,
+};
+
+use crate::array::{dtype, ArrayData};
+
+/// A concrete fact (element type and shape) for one graph input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputFact {
+    pub name: String,
+    /// ONNX `TensorProto.DataType` code (see [`crate::array::dtype`]).
+    pub elem_type: i32,
+    pub shape: Vec<usize>,
+}
+
+/// An optimized, runnable tract plan for a fixed set of input facts and requested outputs.
+pub struct Plan {
+    plan: std::sync::Arc<TypedSimplePlan>,
+    inputs: Vec<InputFact>,
+    input_dts: Vec<DatumType>,
+    outputs: Vec<String>,
+    /// For each requested output, its index among the plan's (deduplicated) outputs.
+    output_slots: Vec<usize>,
+}
+
+// A plan is shared across rayon threads.
+const _: fn() = || {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Plan>();
+};
+
+impl std::fmt::Debug for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plan").field("inputs", &self.inputs).field("outputs", &self.outputs).finish_non_exhaustive()
+    }
+}
+
+impl Plan {
+    /// Loads, types and optimizes a model into a runnable plan.
+    ///
+    /// `model_bytes`: a serialized ONNX `ModelProto` (possibly memory-mapped). `model_dir`: where
+    /// tract resolves external-data files (only needed when they were not inlined). `inputs`:
+    /// concrete facts for every graph input (graph inputs backed by an initializer excluded);
+    /// their order is the order of [`Plan::run`]'s inputs. `outputs`: the ONNX tensor names to
+    /// return (graph outputs and/or intermediate tensors).
+    pub fn load(
+        model_bytes: &[u8],
+        model_dir: Option<&Path>,
+        inputs: &[InputFact],
+        outputs: &[String],
+    ) -> Result<Plan> {
+        if outputs.is_empty() {
+            bail!("no output tensors requested");
+        }
+        let prepared = prepare(model_bytes, model_dir, inputs, Some(outputs))?;
+        let Prepared { model, input_dts, output_slots, diag } = prepared;
+        let plan = guarded("build a runnable plan from", || model.into_runnable())
+            .map_err(|e| diag.explain(e, "tract could not build a runnable plan for the model"))?;
+        Ok(Plan { plan, inputs: inputs.to_vec(), input_dts, outputs: outputs.to_vec(), output_slots })
+    }
+
+    /// The requested output tensor names, in the order [`Plan::run`] returns them.
+    pub fn outputs(&self) -> &[String] {
+        &self.outputs
+    }
+
+    /// The input facts the plan was built for, in the order [`Plan::run`] takes them.
+    pub fn inputs(&self) -> &[InputFact] {
+        &self.inputs
+    }
+
+    /// Runs one sample. `inputs` are in the order of `load`'s `inputs` and must have exactly the
+    /// shapes given there; data whose element type differs from the input's is cast (e.g. `F32`
+    /// data for a float16 input). Returns one array per requested output, in order.
+    pub fn run(&self, inputs: &[ArrayData]) -> Result<Vec<ArrayData>> {
+        if inputs.len() != self.inputs.len() {
+            bail!(
+                "the plan takes {} inputs ({}), got {}",
+                self.inputs.len(),
+                self.inputs.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(", "),
+                inputs.len()
+            );
+        }
+        let mut values: TVec<TValue> = TVec::with_capacity(inputs.len());
+        for ((data, fact), &dt) in inputs.iter().zip(&self.inputs).zip(&self.input_dts) {
+            if data.shape() != fact.shape.as_slice() {
+                bail!("input '{}' has shape {:?}, the plan was built for {:?}", fact.name, data.shape(), fact.shape);
+            }
+            let tensor = to_tensor(data);
+            let tensor = if tensor.datum_type() == dt {
+                tensor
+            } else {
+                tensor
+                    .cast_to_dt(dt)
+                    .with_context(|| {
+                        format!(
+                            "input '{}': cannot convert {} data to the model's {}",
+                            fact.name,
+                            dtype::name(data.elem_type()),
+                            dtype::name(fact.elem_type)
+                        )
+                    })?
+                    .into_owned()
+            };
+            values.push(tensor.into_tvalue());
+        }
+        let results = guarded("run", || self.plan.run(values)).context("tract failed to run the model")?;
+        let unique = self.output_slots.iter().copied().max().map_or(0, |m| m + 1);
+        if results.len() != unique {
+            bail!("tract returned {} outputs, expected {unique}", results.len());
+        }
+        let mut converted = Vec::with_capacity(results.len());
+        for (ix, value) in results.iter().enumerate() {
+            let name = self
+                .output_slots
+                .iter()
+                .position(|&s| s == ix)
+                .and_then(|p| self.outputs.get(p))
+                .map_or("?", String::as_str);
+            converted.push(to_array(value).with_context(|| format!("converting output tensor '{name}'"))?);
+        }
+        if self.output_slots.iter().copied().eq(0..converted.len()) {
+            return Ok(converted);
+        }
+        self.output_slots
+            .iter()
+            .map(|&s| converted.get(s).cloned().ok_or_else(|| anyhow!("missing output {s}")))
+            .collect()
+    }
+}
+
+/// Loads, types and optimizes the model for `inputs` with its own graph outputs, to report
+/// unsupported ops or shape errors early. Nothing is run.
+pub fn check_runnable(model_bytes: &[u8], inputs: &[InputFact]) -> Result<()> {
+    prepare(model_bytes, None, inputs, None).map(|_| ())
+}
+
+/// An optimized model with the bookkeeping `Plan` needs.
+struct Prepared {
+    model: TypedModel,
+    input_dts: Vec<DatumType>,
+    output_slots: Vec<usize>,
+    diag: Diagnostics,
+}
+
+fn prepare(
+    model_bytes: &[u8],
+    model_dir: Option<&Path>,
+    inputs: &[InputFact],
+    outputs: Option<&[String]>,
+) -> Result<Prepared> {
+    let proto = tpb::ModelProto::decode(model_bytes).context("tract could not decode the ONNX model (ModelProto)")?;
+    let onnx = tract_onnx::onnx().with_ignore_value_info(true);
+    let diag = Diagnostics::new(&proto, &onnx);
+    let graph = proto.graph.as_ref().context("the ONNX model has no graph")?;
+    check_graph_outputs_produced(graph)?;
+
+    let dir = model_dir
+        .map(|d| d.to_str().with_context(|| format!("model directory {} is not valid UTF-8", d.display())))
+        .transpose()?;
+    let ParseResult { mut model, unresolved_inputs, outlets_by_name } =
+        guarded("load", || onnx.parse(&proto, dir)).map_err(|e| diag.explain(e, "tract could not load the model"))?;
+    if !unresolved_inputs.is_empty() {
+        bail!(
+            "tract could not load the model: tensors {unresolved_inputs:?} are consumed by nodes \
+             but are neither graph inputs, initializers nor node outputs"
+        );
+    }
+
+    // Inputs: match tract's sources by name, reorder them as the caller's facts, set the facts.
+    let sources: Vec<OutletId> = model.input_outlets()?.to_vec();
+    let mut by_name: HashMap<String, OutletId> =
+        sources.iter().map(|&o| (model.node(o.node).name.clone(), o)).collect();
+    let mut ordered = Vec::with_capacity(inputs.len());
+    let mut input_dts = Vec::with_capacity(inputs.len());
+    for fact in inputs {
+        let outlet = match by_name.remove(&fact.name) {
+            Some(o) => o,
+            None if ordered.iter().any(|&o: &OutletId| model.node(o.node).name == fact.name) => {
+                bail!("input '{}' is given twice", fact.name)
+            }
+            None if outlets_by_name.contains_key(&fact.name) => {
+                bail!("'{}' is not a runtime input of the model (it is an initializer or a node output)", fact.name)
+            }
+            None => bail!("'{}' is not a graph input of the model", fact.name),
+        };
+        ordered.push(outlet);
+        input_dts.push(datum_type_of(fact.elem_type).with_context(|| {
+            format!(
+                "input '{}' has element type {} ({}), which tract cannot take as input",
+                fact.name,
+                fact.elem_type,
+                dtype::name(fact.elem_type)
+            )
+        })?);
+    }
+    if !by_name.is_empty() {
+        let mut missing: Vec<_> = by_name.into_keys().collect();
+        missing.sort();
+        bail!("no input fact given for graph input(s) {}", missing.join(", "));
+    }
+    model.set_input_outlets(&ordered)?;
+    for (ix, (fact, &dt)) in inputs.iter().zip(&input_dts).enumerate() {
+        model
+            .set_input_fact(ix, InferenceFact::dt_shape(dt, fact.shape.iter().copied()))
+            .with_context(|| format!("setting the fact of input '{}'", fact.name))?;
+    }
+
+    // Outputs: exact ONNX tensor names, deduplicated, selected before optimization.
+    let mut output_slots = vec![];
+    if let Some(outputs) = outputs {
+        let mut unique: Vec<OutletId> = vec![];
+        for name in outputs {
+            let outlet =
+                *outlets_by_name.get(name).with_context(|| format!("tensor '{name}' not found in the model"))?;
+            let slot = match unique.iter().position(|&o| o == outlet) {
+                Some(s) => s,
+                None => {
+                    unique.push(outlet);
+                    unique.len() - 1
+                }
+            };
+            output_slots.push(slot);
+        }
+        model.select_output_outlets(&unique)?;
+    }
+
+    let typed = guarded("type", || model.into_typed())
+        .map_err(|e| diag.explain(e, "tract could not type the model (type and shape inference)"))?;
+    let optimized = guarded("optimize", || typed.into_optimized())
+        .map_err(|e| diag.explain(e, "tract could not optimize the model"))?;
+    if outputs.is_some() && optimized.output_outlets()?.len() != output_slots.iter().max().map_or(0, |m| m + 1) {
+        bail!("tract's optimized model lost some requested outputs");
+    }
+    Ok(Prepared { model: optimized, input_dts, output_slots, diag })
+}
+
+/// Runs a tract call, turning a panic inside tract into an error.
+fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_string());
+            Err(anyhow!("tract panicked while trying to {what} the model: {msg}"))
+        }
+    }
+}
+
+/// tract's parser panics on graph outputs no node, input or initializer produces.
+fn check_graph_outputs_produced(graph: &tpb::GraphProto) -> Result<()> {
+    let mut known: HashSet<&str> = graph.input.iter().map(|i| i.name.as_str()).collect();
+    known.extend(graph.initializer.iter().map(|t| t.name.as_str()));
+    known.extend(graph.node.iter().flat_map(|n| n.output.iter().map(String::as_str)));
+    for out in &graph.output {
+        if !known.contains(out.name.as_str()) {
+            bail!("graph output '{}' is not produced by any node, input or initializer", out.name);
+        }
+    }
+    Ok(())
+}
+
+/// ONNX node names and op types, to make tract's errors name the culprits.
+struct Diagnostics {
+    /// Nodes (subgraphs included) whose op type tract has no builder for.
+    unsupported: Vec<String>,
+    /// Top-level nodes: (name as tract knows it, description).
+    nodes: Vec<(String, String)>,
+}
+
+impl Diagnostics {
+    fn new(proto: &tpb::ModelProto, onnx: &Onnx) -> Diagnostics {
+        let mut unsupported = vec![];
+        let mut nodes = vec![];
+        if let Some(graph) = &proto.graph {
+            collect_unsupported(graph, onnx, &mut unsupported);
+            for (ix, node) in graph.node.iter().enumerate() {
+                let tract_name = if !node.name.is_empty() {
+                    node.name.clone()
+                } else if let Some(o) = node.output.first().filter(|o| !o.is_empty()) {
+                    o.clone()
+                } else {
+                    // tract names it after the node count, which includes constants: unknowable
+                    // here, so it is never matched.
+                    format!("\u{0}{ix}")
+                };
+                nodes.push((tract_name, describe(node)));
+            }
+        }
+        Diagnostics { unsupported, nodes }
+    }
+
+    /// Wraps tract's error with a message naming unsupported nodes and the nodes its chain
+    /// mentions, keeping the chain.
+    fn explain(&self, err: anyhow::Error, what: &str) -> anyhow::Error {
+        let chain = format!("{err:#}");
+        let mut msg = what.to_string();
+        if !self.unsupported.is_empty() {
+            msg.push_str(&format!("; ops not supported by tract: {}", summarize(&self.unsupported)));
+        }
+        let mentioned: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(name, _)| chain.contains(&format!("\"{name}\"")) || chain.contains(&format!("\"{name}.")))
+            .map(|(_, d)| d.clone())
+            .collect();
+        if !mentioned.is_empty() {
+            msg.push_str(&format!("; tract's error concerns {}", summarize(&mentioned)));
+        }
+        err.context(msg)
+    }
+}
+
+fn describe(node: &tpb::NodeProto) -> String {
+    let domain =
+        if node.domain.is_empty() || node.domain == "ai.onnx" { String::new() } else { format!("{}.", node.domain) };
+    if node.name.is_empty() {
+        let out = node.output.first().map_or("", String::as_str);
+        format!("unnamed node producing '{out}' (op_type {domain}{})", node.op_type)
+    } else {
+        format!("node '{}' (op_type {domain}{})", node.name, node.op_type)
+    }
+}
+
+fn collect_unsupported(graph: &tpb::GraphProto, onnx: &Onnx, out: &mut Vec<String>) {
+    for node in &graph.node {
+        if !onnx.op_register.0.contains_key(&node.op_type) {
+            out.push(describe(node));
+        }
+        for attr in &node.attribute {
+            for g in attr.g.iter().chain(attr.graphs.iter()) {
+                collect_unsupported(g, onnx, out);
+            }
+        }
+    }
+}
+
+fn summarize(items: &[String]) -> String {
+    const SHOWN: usize = 8;
+    let mut s = items.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
+    if items.len() > SHOWN {
+        s.push_str(&format!(" and {} more", items.len() - SHOWN));
+    }
+    s
+}
+
+/// tract datum type for an ONNX element type code a model input can have.
+fn datum_type_of(code: i32) -> Option<DatumType> {
+    Some(match code {
+        dtype::FLOAT => DatumType::F32,
+        dtype::UINT8 => DatumType::U8,
+        dtype::INT8 => DatumType::I8,
+        4 => DatumType::U16,
+        5 => DatumType::I16,
+        dtype::INT32 => DatumType::I32,
+        dtype::INT64 => DatumType::I64,
+        dtype::BOOL => DatumType::Bool,
+        dtype::FLOAT16 => DatumType::F16,
+        dtype::DOUBLE => DatumType::F64,
+        12 => DatumType::U32,
+        13 => DatumType::U64,
+        _ => return None,
+    })
+}
+
+fn to_tensor(data: &ArrayData) -> Tensor {
+    match data {
+        ArrayData::F32(a) => Tensor::from(a.clone()),
+        ArrayData::F64(a) => Tensor::from(a.clone()),
+        ArrayData::I64(a) => Tensor::from(a.clone()),
+        ArrayData::I32(a) => Tensor::from(a.clone()),
+        ArrayData::I8(a) => Tensor::from(a.clone()),
+        ArrayData::U8(a) => Tensor::from(a.clone()),
+        ArrayData::Bool(a) => Tensor::from(a.clone()),
+    }
+}
+
+/// Converts a tract output to our array type: f16 widens to F32, TDim/u32/u64 to I64,
+/// i16/u16 to I32 (u64 values above i64::MAX wrap).
+fn to_array(t: &Tensor) -> Result<ArrayData> {
+    fn plain<T: tract_onnx::prelude::Datum>(t: &Tensor) -> Result<ndarray::ArrayD<T>> {
+        Ok(t.to_plain_array_view::<T>()?.to_owned())
+    }
+    fn cast<T: tract_onnx::prelude::Datum>(t: &Tensor) -> Result<ndarray::ArrayD<T>> {
+        plain::<T>(t.cast_to::<T>()?.as_ref())
+    }
+    let dt = t.datum_type().unquantized();
+    Ok(match dt {
+        DatumType::F32 => ArrayData::F32(plain(t)?),
+        DatumType::F64 => ArrayData::F64(plain(t)?),
+        DatumType::F16 => ArrayData::F32(cast(t)?),
+        DatumType::I64 => ArrayData::I64(plain(t)?),
+        DatumType::I32 => ArrayData::I32(plain(t)?),
+        DatumType::I8 => ArrayData::I8(plain(t)?),
+        DatumType::U8 => ArrayData::U8(plain(t)?),
+        DatumType::Bool => ArrayData::Bool(plain(t)?),
+        DatumType::I16 | DatumType::U16 => ArrayData::I32(cast(t)?),
+        DatumType::U32 | DatumType::TDim => ArrayData::I64(cast(t)?),
+        DatumType::U64 => ArrayData::I64(plain::<u64>(t)?.mapv(|v| v as i64)),
+        other => bail!("tract returned a {other:?} tensor, which onnxq cannot represent"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::pb;
+    use ndarray::{ArrayD, IxDyn};
+    use rayon::prelude::*;
+
+    enum Dim {
+        Fixed(i64),
+        Sym(&'static str),
+    }
+
+    fn value_info(name: &str, elem_type: i32, dims: &[Dim]) -> pb::ValueInfoProto {
+        use pb::tensor_shape_proto::{dimension::Value as DimValue, Dimension};
+        let dim = dims
+            .iter()
+            .map(|d| Dimension {
+                value: Some(match d {
+                    Dim::Fixed(v) => DimValue::DimValue(*v),
+                    Dim::Sym(s) => DimValue::DimParam(s.to_string()),
+                }),
+                ..Default::default()
+            })
+            .collect();
+        pb::ValueInfoProto {
+            name: Some(name.into()),
+            r#type: Some(pb::TypeProto {
+                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                    elem_type: Some(elem_type),
+                    shape: Some(pb::TensorShapeProto { dim }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn f32_initializer(name: &str, dims: &[i64], data: &[f32]) -> pb::TensorProto {
+        let raw: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        pb::TensorProto {
+            name: Some(name.into()),
+            dims: dims.to_vec(),
+            data_type: Some(dtype::FLOAT),
+            raw_data: Some(raw.into()),
+            ..Default::default()
+        }
+    }
+
+    fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str]) -> pb::NodeProto {
+        pb::NodeProto {
+            op_type: Some(op.into()),
+            name: Some(name.into()),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: outputs.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn model_bytes(graph: pb::GraphProto) -> Vec<u8> {
+        let model = pb::ModelProto {
+            ir_version: Some(8),
+            opset_import: vec![pb::OperatorSetIdProto { domain: Some(String::new()), version: Some(13) }],
+            producer_name: Some("onnxq-test".into()),
+            graph: Some(graph),
+            ..Default::default()
+        };
+        prost::Message::encode_to_vec(&model)
+    }
+
+    const W: [f32; 12] = [
+        0.5, -1.0, 2.0, //
+        1.0, 0.25, -0.5, //
+        -2.0, 1.5, 0.0, //
+        0.75, -0.25, 1.0,
+    ];
+
+    /// x[batch_dim,4] -> MatMul(W[4,3]) -> "mm" -> Relu -> y
+    fn matmul_relu(batch_dim: Dim) -> Vec<u8> {
+        model_bytes(pb::GraphProto {
+            name: Some("g".into()),
+            node: vec![node("MatMul", "matmul_node", &["x", "W"], &["mm"]), node("Relu", "relu_node", &["mm"], &["y"])],
+            initializer: vec![f32_initializer("W", &[4, 3], &W)],
+            input: vec![value_info("x", dtype::FLOAT, &[batch_dim, Dim::Fixed(4)])],
+            output: vec![value_info("y", dtype::FLOAT, &[Dim::Sym("b"), Dim::Fixed(3)])],
+            ..Default::default()
+        })
+    }
+
+    fn x_fact(batch: usize) -> InputFact {
+        InputFact { name: "x".into(), elem_type: dtype::FLOAT, shape: vec![batch, 4] }
+    }
+
+    fn hand_matmul(x: &[f32], rows: usize) -> Vec<f32> {
+        let mut out = vec![0f32; rows * 3];
+        for r in 0..rows {
+            for c in 0..3 {
+                out[r * 3 + c] = (0..4).map(|k| x[r * 4 + k] * W[k * 3 + c]).sum();
+            }
+        }
+        out
+    }
+
+    fn assert_close(got: &ArrayData, shape: &[usize], want: &[f32]) {
+        let a = got.as_f32().expect("float output");
+        assert_eq!(a.shape(), shape);
+        for (g, w) in a.iter().zip(want) {
+            assert!((g - w).abs() < 1e-5, "got {a:?}, want {want:?}");
+        }
+    }
+
+    #[test]
+    fn runs_matmul_relu_with_intermediate_output() -> Result<()> {
+        let bytes = matmul_relu(Dim::Fixed(1));
+        let outputs = vec!["y".to_string(), "mm".to_string()];
+        let plan = Plan::load(&bytes, None, &[x_fact(1)], &outputs)?;
+        assert_eq!(plan.outputs(), outputs.as_slice());
+        let x = [1.0f32, -2.0, 0.5, 3.0];
+        let input = ArrayData::F32(ArrayD::from_shape_vec(IxDyn(&[1, 4]), x.to_vec())?);
+        let out = plan.run(&[input])?;
+        assert_eq!(out.len(), 2);
+        let mm = hand_matmul(&x, 1);
+        let relu: Vec<f32> = mm.iter().map(|v| v.max(0.0)).collect();
+        assert!(mm.iter().any(|&v| v < 0.0), "test data must exercise Relu");
+        assert_close(&out[0], &[1, 3], &relu);
+        assert_close(&out[1], &[1, 3], &mm);
+
+        // Duplicated names and the intermediate alone also work.
+        let dup = vec!["mm".to_string(), "y".to_string(), "mm".to_string()];
+        let plan = Plan::load(&bytes, None, &[x_fact(1)], &dup)?;
+        let input = ArrayData::F32(ArrayD::from_shape_vec(IxDyn(&[1, 4]), x.to_vec())?);
+        let out = plan.run(&[input])?;
+        assert_eq!(out.len(), 3);
+        assert_close(&out[0], &[1, 3], &mm);
+        assert_close(&out[1], &[1, 3], &relu);
+        assert_close(&out[2], &[1, 3], &mm);
+
+        check_runnable(&bytes, &[x_fact(1)])?;
+        Ok(())
+    }
+
+    #[test]
+    fn symbolic_batch_dim_gets_concrete_fact() -> Result<()> {
+        let bytes = matmul_relu(Dim::Sym("batch"));
+        let plan = Plan::load(&bytes, None, &[x_fact(2)], &["y".to_string()])?;
+        let x: Vec<f32> = (0..8).map(|i| i as f32 * 0.5 - 2.0).collect();
+        let input = ArrayData::F32(ArrayD::from_shape_vec(IxDyn(&[2, 4]), x.clone())?);
+        let out = plan.run(&[input])?;
+        let want: Vec<f32> = hand_matmul(&x, 2).iter().map(|v| v.max(0.0)).collect();
+        assert_close(&out[0], &[2, 3], &want);
+
+        // A wrong shape at run time is an error naming the input, not a panic.
+        let bad = ArrayData::F32(ArrayD::zeros(IxDyn(&[3, 4])));
+        let err = plan.run(&[bad]).expect_err("wrong shape must fail");
+        assert!(format!("{err:#}").contains("'x'"), "{err:#}");
+        Ok(())
+    }
+
+    #[test]
+    fn unsupported_op_names_node_and_op_type() {
+        let bytes = model_bytes(pb::GraphProto {
+            name: Some("g".into()),
+            node: vec![node("Relu", "relu_node", &["x"], &["r"]), node("NoSuchOp", "mystery_node", &["r"], &["y"])],
+            input: vec![value_info("x", dtype::FLOAT, &[Dim::Fixed(1), Dim::Fixed(4)])],
+            output: vec![value_info("y", dtype::FLOAT, &[Dim::Fixed(1), Dim::Fixed(4)])],
+            ..Default::default()
+        });
+        let err = Plan::load(&bytes, None, &[x_fact(1)], &["y".to_string()]).expect_err("unsupported op must fail");
+        let plain = format!("{err}");
+        let full = format!("{err:#}");
+        eprintln!("unsupported op error: {full}");
+        for text in [&plain, &full] {
+            assert!(text.contains("mystery_node"), "{text}");
+            assert!(text.contains("NoSuchOp"), "{text}");
+        }
+        let err = check_runnable(&bytes, &[x_fact(1)]).expect_err("check must fail too");
+        assert!(format!("{err}").contains("mystery_node"), "{err:#}");
+    }
+
+    #[test]
+    fn unknown_tensor_is_named() {
+        let bytes = matmul_relu(Dim::Fixed(1));
+        let err = Plan::load(&bytes, None, &[x_fact(1)], &["y".into(), "no_such_tensor".into()])
+            .expect_err("unknown tensor must fail");
+        assert!(format!("{err:#}").contains("tensor 'no_such_tensor' not found in the model"));
+        // A node name is not a tensor name.
+        let err =
+            Plan::load(&bytes, None, &[x_fact(1)], &["matmul_node".into()]).expect_err("node names are not tensors");
+        assert!(format!("{err:#}").contains("'matmul_node'"));
+    }
+
+    #[test]
+    fn bad_inputs_and_models_are_errors() {
+        let bytes = matmul_relu(Dim::Fixed(1));
+        let y = ["y".to_string()];
+        let wrong = InputFact { name: "nope".into(), ..x_fact(1) };
+        assert!(Plan::load(&bytes, None, &[wrong], &y).is_err());
+        assert!(Plan::load(&bytes, None, &[], &y).is_err());
+        assert!(Plan::load(b"not a model \xff\xff", None, &[x_fact(1)], &y).is_err());
+        // A graph output nothing produces panics inside tract's parser: must be an error.
+        let dangling = model_bytes(pb::GraphProto {
+            node: vec![node("Relu", "relu_node", &["x"], &["r"])],
+            input: vec![value_info("x", dtype::FLOAT, &[Dim::Fixed(1), Dim::Fixed(4)])],
+            output: vec![value_info("ghost", dtype::FLOAT, &[])],
+            ..Default::default()
+        });
+        let err = Plan::load(&dangling, None, &[x_fact(1)], &["r".into()]).expect_err("dangling");
+        assert!(format!("{err:#}").contains("ghost"), "{err:#}");
+    }
+
+    #[test]
+    fn plan_is_shared_across_rayon_threads() -> Result<()> {
+        let bytes = matmul_relu(Dim::Sym("batch"));
+        let plan = Plan::load(&bytes, None, &[x_fact(3)], &["y".into(), "mm".into()])?;
+        let x: Vec<f32> = (0..12).map(|i| (i as f32 * 0.37).sin()).collect();
+        let input = ArrayData::F32(ArrayD::from_shape_vec(IxDyn(&[3, 4]), x)?);
+        let reference = plan.run(std::slice::from_ref(&input))?;
+        let results: Vec<Vec<ArrayData>> =
+            (0..64).into_par_iter().map(|_| plan.run(std::slice::from_ref(&input))).collect::<Result<_>>()?;
+        for r in &results {
+            assert_eq!(r, &reference);
+        }
+        Ok(())
+    }
+}

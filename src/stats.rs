@@ -1,0 +1,1081 @@
+//! Streaming calibration statistics for one tensor, in bounded memory, and the range
+//! (clipping) methods computed from them.
+//!
+//! This module owns [`TensorStats`] (what is accumulated per calibrated tensor, how two
+//! accumulations are merged) and [`RangeMethod`] (how a quantization range `(lo, hi)` is
+//! chosen from them). It does not know about graphs, scales or zero points.
+//!
+//! # What is accumulated
+//!
+//! NaN and ±Inf elements are only counted (`nan_count`, `inf_count`) and excluded from
+//! everything else. Over the `n` finite elements `x`:
+//!
+//! * `count = n`, `min`, `max`, `sum = Σx`, `sum_sq = Σx²` (all `f64`);
+//!   `mean = sum / n`, `std = sqrt(max(0, sum_sq / n − mean²))` (population std),
+//!   `abs_max = max(|min|, |max|)`.
+//! * per-channel `max |x|` along `channel_axis` (if given; a sample whose rank is too small
+//!   for the axis does not contribute to it; the vector grows to the largest channel count).
+//! * a signed histogram with `B` bins (`B` a multiple of 4) of `x` over `[-R, R)`, bin width
+//!   `w = 2R / B`, bin of `x` = `floor(x / w) + B/2`. `R = 2^e` is the smallest power of two
+//!   strictly above `abs_max` (and at least `2^-24`), so every finite value lies strictly
+//!   inside. When a sample needs a larger `R`, `R` doubles (as often as needed) and old bins
+//!   `2i, 2i+1` are summed into new bin `B/4 + i`. Because `x·B` is exact in `f64` and `R`
+//!   is a power of two, `floor(x / 2w) = floor(floor(x / w) / 2)` holds exactly: doubling
+//!   commutes with binning, so the histogram is a pure function of the multiset of values
+//!   (chunked = whole, `a+b` = `b+a`). Counts are `u64`.
+//!
+//! # Range methods (`lo ≤ 0 ≤ hi` always; `(0, 0)` if no finite value was seen)
+//!
+//! * `MinMax`: `(min, max)`; symmetric `(-m, m)`, `m = abs_max`.
+//! * `Percentile(p)`: `lo = Q(1 − p/100)`, `hi = Q(p/100)` with `Q` the histogram quantile
+//!   (linear interpolation inside the bin where the cumulative count reaches `q·n`, clamped
+//!   to `[min, max]`); symmetric `m = Q_abs(p/100)` on the folded `|x|` histogram.
+//! * `Entropy`: TensorRT KL calibration on the `|x|` histogram (the signed histogram folded
+//!   at 0 into `B/2` bins). For `i` in `levels/2 ..= used`: `P` = first `i` bins with the
+//!   outlier mass `Σ_{k≥i}` added to bin `i−1`; `Q` = the first `i` bins summed into
+//!   `levels/2` groups (last group takes the remainder), each group's mass spread evenly
+//!   over its bins where `P ≠ 0` (zero bins stay zero); both smoothed (zero entries get
+//!   `ε = 1e-4` counts, taken proportionally from the non-zero ones, as in MXNet/ORT);
+//!   `KL(P‖Q) = Σ p̂ ln(p̂ / q̂)` on the normalized distributions. `T = i_best · w`
+//!   (upper edge), capped at `abs_max`; result `(max(min, −T), min(max, T))`, symmetric
+//!   `(−T, T)`.
+//! * `Mse`: for `a = k/200`, `k = 1..=200`, candidate `(a·lo₀, a·hi₀)` with
+//!   `(lo₀, hi₀) = (min(min,0), max(max,0))`, or `(−a·m, a·m)` if symmetric. With
+//!   `s = (hi − lo)/(L − 1)` and `q(x) = lo + s·clamp(round((x − lo)/s), 0, L − 1)`, the
+//!   error `Σ_bins n_b · E_b[(x − q(x))²]` is evaluated exactly under a uniform density
+//!   inside each bin (bin clipped to `[min, max]`), not just at bin centres: the bin width
+//!   is comparable to the 8-bit step, and centre sampling aliases against the grid. The
+//!   minimal error wins, ties go to the larger `a`.
+
+use ndarray::{ArrayViewD, Axis};
+use serde::Serialize;
+use std::fmt;
+use std::str::FromStr;
+
+/// Histogram bins used when the caller has no preference.
+pub const DEFAULT_BINS: usize = 2048;
+/// Number of clipping factors `a = k / MSE_GRID_STEPS` tried by [`RangeMethod::Mse`].
+pub const MSE_GRID_STEPS: u32 = 200;
+/// Smallest histogram half-range exponent: `R >= 2^-24`.
+const MIN_EXP: i32 = -24;
+/// Largest bin count; keeps `x · bins` exact in `f64` (24 + 28 < 53 mantissa bits).
+const MAX_BINS: usize = 1 << 28;
+/// Smoothing mass for zero entries in the KL search (in counts).
+const KL_EPS: f64 = 1e-4;
+
+/// `2^e` built from the bit pattern, exact for `e` in the normal `f64` exponent range.
+fn pow2(e: i32) -> f64 {
+    let e = e.clamp(-1022, 1023);
+    f64::from_bits(((e + 1023) as u64) << 52)
+}
+
+/// Smallest `e >= MIN_EXP` with `2^e > v` (`v` finite, non-negative).
+fn exp_above(v: f64) -> i32 {
+    if v.is_nan() || v < pow2(MIN_EXP) {
+        return MIN_EXP;
+    }
+    // v >= 2^-24 is a normal f64: its exponent field gives floor(log2 v) exactly.
+    let floor_log2 = ((v.to_bits() >> 52) & 0x7ff) as i32 - 1023;
+    (floor_log2 + 1).max(MIN_EXP)
+}
+
+/// Streaming statistics of one tensor's activations over a calibration set.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorStats {
+    bins: usize,
+    channel_axis: Option<usize>,
+    count: u64,
+    nan_count: u64,
+    inf_count: u64,
+    /// `+inf` / `-inf` while `count == 0`.
+    min: f64,
+    max: f64,
+    sum: f64,
+    sum_sq: f64,
+    channel_absmax: Vec<f32>,
+    /// `R = 2^hist_exp`.
+    hist_exp: i32,
+    hist: Vec<u64>,
+}
+
+impl Default for TensorStats {
+    fn default() -> Self {
+        Self::new(DEFAULT_BINS, None)
+    }
+}
+
+impl TensorStats {
+    /// Empty statistics. `bins` is rounded up to a multiple of 4 (at least 4, at most
+    /// 2^28) so that range doubling stays exact; `channel_axis` selects the per-channel
+    /// abs-max axis.
+    pub fn new(bins: usize, channel_axis: Option<usize>) -> Self {
+        let bins = bins.clamp(4, MAX_BINS).div_ceil(4) * 4;
+        TensorStats {
+            bins,
+            channel_axis,
+            count: 0,
+            nan_count: 0,
+            inf_count: 0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+            sum: 0.0,
+            sum_sq: 0.0,
+            channel_absmax: Vec::new(),
+            hist_exp: MIN_EXP,
+            hist: vec![0; bins],
+        }
+    }
+
+    /// Fold one sample's activation (any shape) into the stats.
+    pub fn update(&mut self, x: ArrayViewD<'_, f32>) {
+        let (mut n, mut nan, mut inf) = (0u64, 0u64, 0u64);
+        let (mut mn, mut mx) = (f64::INFINITY, f64::NEG_INFINITY);
+        let (mut s, mut ss) = (0.0f64, 0.0f64);
+        for &v in x.iter() {
+            if v.is_nan() {
+                nan += 1;
+            } else if v.is_infinite() {
+                inf += 1;
+            } else {
+                let d = f64::from(v);
+                n += 1;
+                s += d;
+                ss += d * d;
+                mn = mn.min(d);
+                mx = mx.max(d);
+            }
+        }
+        self.nan_count += nan;
+        self.inf_count += inf;
+        if n > 0 {
+            self.count += n;
+            self.sum += s;
+            self.sum_sq += ss;
+            self.min = self.min.min(mn);
+            self.max = self.max.max(mx);
+            self.grow_to(exp_above(mn.abs().max(mx.abs())));
+            let scale = self.bins as f64 / pow2(self.hist_exp + 1);
+            let half = (self.bins / 2) as i64;
+            let top = self.bins as i64 - 1;
+            for &v in x.iter() {
+                if v.is_finite() {
+                    let j = ((f64::from(v) * scale).floor() as i64 + half).clamp(0, top) as usize;
+                    self.hist[j] += 1;
+                }
+            }
+        }
+        if let Some(axis) = self.channel_axis {
+            if axis < x.ndim() {
+                let channels = x.len_of(Axis(axis));
+                if self.channel_absmax.len() < channels {
+                    self.channel_absmax.resize(channels, 0.0);
+                }
+                for (slot, lane) in self.channel_absmax.iter_mut().zip(x.axis_iter(Axis(axis))) {
+                    let m = lane.iter().filter(|v| v.is_finite()).fold(0.0f32, |m, v| m.max(v.abs()));
+                    *slot = slot.max(m);
+                }
+            }
+        }
+    }
+
+    /// Merge another accumulation into this one. Counts, min/max, per-channel abs-max and
+    /// the histogram merge exactly and order-independently (when both use the same number
+    /// of bins; otherwise the other histogram is re-binned by bin centre, which is
+    /// approximate). The float sums are added, so fold in a fixed order for bit-identical
+    /// mean/std.
+    pub fn merge(&mut self, other: &TensorStats) {
+        self.nan_count += other.nan_count;
+        self.inf_count += other.inf_count;
+        if other.channel_absmax.len() > self.channel_absmax.len() {
+            self.channel_absmax.resize(other.channel_absmax.len(), 0.0);
+        }
+        for (a, b) in self.channel_absmax.iter_mut().zip(&other.channel_absmax) {
+            *a = a.max(*b);
+        }
+        if other.count == 0 {
+            return;
+        }
+        self.count += other.count;
+        self.sum += other.sum;
+        self.sum_sq += other.sum_sq;
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
+        self.grow_to(other.hist_exp);
+        if self.bins == other.bins {
+            let mut h = other.hist.clone();
+            let doublings = self.hist_exp - other.hist_exp;
+            for _ in 0..doublings.min(64) {
+                h = double_hist(&h);
+            }
+            for (a, b) in self.hist.iter_mut().zip(&h) {
+                *a = a.saturating_add(*b);
+            }
+        } else {
+            let w_other = other.bin_width();
+            let r_other = other.hist_range();
+            let scale = self.bins as f64 / pow2(self.hist_exp + 1);
+            let half = (self.bins / 2) as i64;
+            let top = self.bins as i64 - 1;
+            for (j, &c) in other.hist.iter().enumerate() {
+                if c > 0 {
+                    let centre = -r_other + (j as f64 + 0.5) * w_other;
+                    let k = ((centre * scale).floor() as i64 + half).clamp(0, top) as usize;
+                    self.hist[k] = self.hist[k].saturating_add(c);
+                }
+            }
+        }
+    }
+
+    /// Double `R` until `R >= 2^exp`, merging bins pairwise.
+    fn grow_to(&mut self, exp: i32) {
+        if exp <= self.hist_exp {
+            return;
+        }
+        // After log2(bins) <= 28 doublings the histogram is a fixed point (all mass in the
+        // two centre bins), so capping the loop changes nothing.
+        for _ in 0..(exp - self.hist_exp).min(64) {
+            self.hist = double_hist(&self.hist);
+        }
+        self.hist_exp = exp;
+    }
+
+    /// Number of histogram bins (a multiple of 4).
+    pub fn bins(&self) -> usize {
+        self.bins
+    }
+    /// Axis of the per-channel abs-max, if any.
+    pub fn channel_axis(&self) -> Option<usize> {
+        self.channel_axis
+    }
+    /// Number of finite elements seen.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+    /// Number of NaN elements seen.
+    pub fn nan_count(&self) -> u64 {
+        self.nan_count
+    }
+    /// Number of ±Inf elements seen.
+    pub fn inf_count(&self) -> u64 {
+        self.inf_count
+    }
+    /// Smallest finite value (0 if none).
+    pub fn min(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            self.min
+        }
+    }
+    /// Largest finite value (0 if none).
+    pub fn max(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            self.max
+        }
+    }
+    /// `Σx` over finite elements.
+    pub fn sum(&self) -> f64 {
+        self.sum
+    }
+    /// `Σx²` over finite elements.
+    pub fn sum_sq(&self) -> f64 {
+        self.sum_sq
+    }
+    /// Mean of finite elements (0 if none).
+    pub fn mean(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            self.sum / self.count as f64
+        }
+    }
+    /// Population standard deviation of finite elements (0 if none).
+    pub fn std(&self) -> f64 {
+        if self.count == 0 {
+            return 0.0;
+        }
+        let mean = self.mean();
+        (self.sum_sq / self.count as f64 - mean * mean).max(0.0).sqrt()
+    }
+    /// `max(|min|, |max|)` (0 if none).
+    pub fn abs_max(&self) -> f64 {
+        self.min().abs().max(self.max().abs())
+    }
+    /// Per-channel `max |x|` along the channel axis (empty if no axis or never applicable).
+    pub fn channel_absmax(&self) -> &[f32] {
+        &self.channel_absmax
+    }
+    /// Signed histogram counts over `[-R, R)`.
+    pub fn histogram(&self) -> &[u64] {
+        &self.hist
+    }
+    /// Histogram half-range `R` (a power of two).
+    pub fn hist_range(&self) -> f64 {
+        pow2(self.hist_exp)
+    }
+    /// Histogram bin width `2R / bins`.
+    pub fn bin_width(&self) -> f64 {
+        pow2(self.hist_exp + 1) / self.bins as f64
+    }
+
+    /// `|x|` histogram: the signed one folded at 0 into `bins/2` bins of width `w`.
+    pub fn abs_histogram(&self) -> Vec<u64> {
+        let half = self.bins / 2;
+        let (neg, pos) = self.hist.split_at(half);
+        pos.iter().zip(neg.iter().rev()).map(|(p, n)| p.saturating_add(*n)).collect()
+    }
+
+    /// The `q` quantile (`q` in `[0, 1]`) of `x` from the histogram, linearly interpolated
+    /// inside the bin, clamped to `[min, max]`. 0 if no finite value was seen.
+    pub fn quantile(&self, q: f64) -> f64 {
+        if self.count == 0 {
+            return 0.0;
+        }
+        let r = self.hist_range();
+        match hist_quantile(&self.hist, q, self.bin_width()) {
+            Some(v) => (v - r).clamp(self.min, self.max),
+            None => self.max,
+        }
+    }
+
+    /// The `q` quantile (`q` in `[0, 1]`) of `|x|` from the folded histogram, linearly
+    /// interpolated inside the bin, clamped to `[0, abs_max]`. 0 if no finite value was seen.
+    pub fn quantile_abs(&self, q: f64) -> f64 {
+        if self.count == 0 {
+            return 0.0;
+        }
+        match hist_quantile(&self.abs_histogram(), q, self.bin_width()) {
+            Some(v) => v.clamp(0.0, self.abs_max()),
+            None => self.abs_max(),
+        }
+    }
+
+    /// Quantization range `(lo, hi)` with `lo <= 0 <= hi` for `qmax_levels` levels (256
+    /// for 8-bit). `(0, 0)` if no finite value was seen.
+    pub fn range(&self, method: &RangeMethod, qmax_levels: u32, symmetric: bool) -> (f32, f32) {
+        if self.count == 0 {
+            return (0.0, 0.0);
+        }
+        let m = self.abs_max();
+        let (lo, hi) = match method {
+            RangeMethod::MinMax => {
+                if symmetric {
+                    (-m, m)
+                } else {
+                    (self.min, self.max)
+                }
+            }
+            RangeMethod::Percentile(p) => {
+                // Out-of-domain percentiles mean "no clipping".
+                let p = if p.is_finite() && *p > 0.0 { p.min(100.0) } else { 100.0 };
+                if symmetric {
+                    let t = self.quantile_abs(p / 100.0);
+                    (-t, t)
+                } else {
+                    (self.quantile(1.0 - p / 100.0), self.quantile(p / 100.0))
+                }
+            }
+            RangeMethod::Entropy => {
+                let t = self.entropy_threshold(qmax_levels);
+                if symmetric {
+                    (-t, t)
+                } else {
+                    (self.min.max(-t), self.max.min(t))
+                }
+            }
+            RangeMethod::Mse => self.mse_range(qmax_levels, symmetric),
+        };
+        let lo = if lo.is_nan() { 0.0 } else { lo.min(0.0) };
+        let hi = if hi.is_nan() { 0.0 } else { hi.max(0.0) };
+        (lo as f32, hi as f32)
+    }
+
+    /// TensorRT-style KL threshold `T` on the `|x|` histogram (see module docs).
+    fn entropy_threshold(&self, qmax_levels: u32) -> f64 {
+        let abs = self.abs_histogram();
+        let w = self.bin_width();
+        let used = abs.iter().rposition(|&c| c > 0).map_or(0, |p| p + 1);
+        let nq = (qmax_levels / 2).max(1) as usize;
+        if used <= nq {
+            return self.abs_max();
+        }
+        let abs = &abs[..used];
+        // suffix[i] = Σ abs[i..]
+        let mut suffix = vec![0u64; used + 1];
+        for i in (0..used).rev() {
+            suffix[i] = suffix[i + 1].saturating_add(abs[i]);
+        }
+        let mut p = vec![0.0f64; used];
+        let mut q = vec![0.0f64; used];
+        let mut best = (f64::INFINITY, used);
+        for i in nq..=used {
+            let p = &mut p[..i];
+            let q = &mut q[..i];
+            for (d, &c) in p.iter_mut().zip(abs) {
+                *d = c as f64;
+            }
+            p[i - 1] += suffix[i] as f64;
+            let merged = i / nq;
+            for j in 0..nq {
+                let start = j * merged;
+                let stop = if j + 1 == nq { i } else { start + merged };
+                let mass: f64 = abs[start..stop].iter().map(|&c| c as f64).sum();
+                let nonzero = p[start..stop].iter().filter(|&&v| v != 0.0).count();
+                let each = if nonzero > 0 { mass / nonzero as f64 } else { 0.0 };
+                for (qv, &pv) in q[start..stop].iter_mut().zip(&p[start..stop]) {
+                    *qv = if pv != 0.0 { each } else { 0.0 };
+                }
+            }
+            if !smooth(p) || !smooth(q) {
+                continue;
+            }
+            let kl = kl_divergence(p, q);
+            if kl < best.0 {
+                best = (kl, i);
+            }
+        }
+        (best.1 as f64 * w).min(self.abs_max())
+    }
+
+    /// Clipping range minimizing the expected squared quantization error (see module docs).
+    fn mse_range(&self, qmax_levels: u32, symmetric: bool) -> (f64, f64) {
+        let (lo0, hi0) =
+            if symmetric { (-self.abs_max(), self.abs_max()) } else { (self.min.min(0.0), self.max.max(0.0)) };
+        if hi0 <= lo0 || hi0.is_nan() || lo0.is_nan() {
+            return (0.0, 0.0);
+        }
+        let steps = f64::from(qmax_levels.max(2) - 1);
+        let r = self.hist_range();
+        let w = self.bin_width();
+        // Non-empty bins as (lower, upper, count), clipped to the observed [min, max].
+        let cells: Vec<(f64, f64, f64)> = self
+            .hist
+            .iter()
+            .enumerate()
+            .filter(|(_, &c)| c > 0)
+            .map(|(j, &c)| {
+                let u = (-r + j as f64 * w).max(self.min);
+                let v = (-r + (j + 1) as f64 * w).min(self.max);
+                (u, v.max(u), c as f64)
+            })
+            .collect();
+        let mut best = (f64::INFINITY, lo0, hi0);
+        for k in 1..=MSE_GRID_STEPS {
+            let a = f64::from(k) / f64::from(MSE_GRID_STEPS);
+            let (lo, hi) = (a * lo0, a * hi0);
+            let s = (hi - lo) / steps;
+            if s.is_nan() || s <= 0.0 {
+                continue;
+            }
+            let err: f64 = cells
+                .iter()
+                .map(|&(u, v, n)| {
+                    if v > u {
+                        n * segment_sq_err(u, v, lo, hi, s) / (v - u)
+                    } else {
+                        n * point_sq_err(u, lo, s, steps)
+                    }
+                })
+                .sum();
+            // Ascending `a`, `<=`: ties go to the larger `a`.
+            if err <= best.0 {
+                best = (err, lo, hi);
+            }
+        }
+        (best.1, best.2)
+    }
+
+    /// Summary of the statistics (serializes with a fixed field order).
+    pub fn summary(&self) -> StatsSummary {
+        StatsSummary {
+            count: self.count,
+            min: self.min(),
+            max: self.max(),
+            mean: self.mean(),
+            std: self.std(),
+            nan: self.nan_count,
+            inf: self.inf_count,
+            abs_max: self.abs_max(),
+            p99_9: self.quantile_abs(0.999),
+            channel_absmax: if self.channel_absmax.is_empty() { None } else { Some(self.channel_absmax.clone()) },
+        }
+    }
+
+    /// [`Self::summary`] as JSON: `count, min, max, mean, std, nan, inf, abs_max, p99_9`
+    /// and `channel_absmax` when present (serde_json map key order, i.e. sorted).
+    pub fn stats_json(&self) -> serde_json::Value {
+        serde_json::to_value(self.summary()).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// Serializable summary of a [`TensorStats`].
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StatsSummary {
+    pub count: u64,
+    pub min: f64,
+    pub max: f64,
+    pub mean: f64,
+    pub std: f64,
+    pub nan: u64,
+    pub inf: u64,
+    pub abs_max: f64,
+    pub p99_9: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel_absmax: Option<Vec<f32>>,
+}
+
+/// Range doubling: bins `2i, 2i+1` go to bin `len/4 + i` of a histogram of the same length.
+fn double_hist(h: &[u64]) -> Vec<u64> {
+    let mut out = vec![0u64; h.len()];
+    let offset = h.len() / 4;
+    for (o, pair) in out[offset..].iter_mut().zip(h.chunks_exact(2)) {
+        *o = pair[0].saturating_add(pair[1]);
+    }
+    out
+}
+
+/// Quantile of a histogram with bins `[k·w, (k+1)·w)`, as an offset from its lower edge.
+/// `None` if the histogram is empty.
+fn hist_quantile(h: &[u64], q: f64, w: f64) -> Option<f64> {
+    let total: u64 = h.iter().fold(0u64, |a, &c| a.saturating_add(c));
+    if total == 0 {
+        return None;
+    }
+    let q = if q.is_nan() { 1.0 } else { q.clamp(0.0, 1.0) };
+    let target = q * total as f64;
+    let mut cum = 0u64;
+    for (k, &c) in h.iter().enumerate() {
+        if c == 0 {
+            continue;
+        }
+        let next = cum.saturating_add(c);
+        if next as f64 >= target {
+            let frac = ((target - cum as f64) / c as f64).clamp(0.0, 1.0);
+            return Some((k as f64 + frac) * w);
+        }
+        cum = next;
+    }
+    h.iter().rposition(|&c| c > 0).map(|k| (k + 1) as f64 * w)
+}
+
+/// MXNet/ORT smoothing: zero entries get `KL_EPS`, taken evenly from the non-zero ones
+/// (never driving one below half its value). `false` if all entries are zero.
+fn smooth(d: &mut [f64]) -> bool {
+    let zeros = d.iter().filter(|&&v| v == 0.0).count();
+    let nonzeros = d.len() - zeros;
+    if nonzeros == 0 {
+        return false;
+    }
+    let take = KL_EPS * zeros as f64 / nonzeros as f64;
+    for v in d.iter_mut() {
+        *v = if *v == 0.0 { KL_EPS } else { (*v - take).max(*v * 0.5) };
+    }
+    true
+}
+
+/// `KL(P‖Q)` of two positive count vectors after normalizing each.
+fn kl_divergence(p: &[f64], q: &[f64]) -> f64 {
+    let sp: f64 = p.iter().sum();
+    let sq: f64 = q.iter().sum();
+    p.iter()
+        .zip(q)
+        .map(|(&a, &b)| {
+            let a = a / sp;
+            let b = b / sq;
+            if a > 0.0 && b > 0.0 {
+                a * (a / b).ln()
+            } else {
+                0.0
+            }
+        })
+        .sum()
+}
+
+/// `∫_0^y (t − round(t))² dt` for `y >= 0` (grid points at the integers, starting at 0).
+fn rounding_sq_integral(y: f64) -> f64 {
+    let k = y.round();
+    let r = y - k;
+    if k <= 0.0 {
+        r * r * r / 3.0
+    } else {
+        1.0 / 24.0 + (k - 1.0) / 12.0 + (r * r * r + 0.125) / 3.0
+    }
+}
+
+/// `∫_u^v (x − q(x))² dx` for the quantizer with grid `lo + s·k`, `k = 0..=(hi−lo)/s`,
+/// clipping outside `[lo, hi]`.
+fn segment_sq_err(u: f64, v: f64, lo: f64, hi: f64, s: f64) -> f64 {
+    let mut acc = 0.0;
+    if u < lo {
+        let b = v.min(lo);
+        acc += ((lo - u).powi(3) - (lo - b).powi(3)) / 3.0;
+    }
+    if v > hi {
+        let a = u.max(hi);
+        acc += ((v - hi).powi(3) - (a - hi).powi(3)) / 3.0;
+    }
+    let (a, b) = (u.max(lo), v.min(hi));
+    if b > a {
+        let ya = (a - lo) / s;
+        let yb = (b - lo) / s;
+        acc += s * s * s * (rounding_sq_integral(yb) - rounding_sq_integral(ya)).max(0.0);
+    }
+    acc
+}
+
+/// `(x − q(x))²` for one point.
+fn point_sq_err(x: f64, lo: f64, s: f64, steps: f64) -> f64 {
+    let q = lo + s * ((x - lo) / s).round().clamp(0.0, steps);
+    (x - q) * (x - q)
+}
+
+/// How a quantization range is chosen from [`TensorStats`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum RangeMethod {
+    /// Observed min/max.
+    MinMax,
+    /// Percentile `p` in `(0, 100]` of `x` (or of `|x|` when symmetric).
+    Percentile(f64),
+    /// TensorRT KL-divergence threshold.
+    Entropy,
+    /// Minimal expected squared quantization error.
+    Mse,
+}
+
+/// Error of [`RangeMethod::from_str`]; the message names the input and the valid forms.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParseRangeMethodError {
+    message: String,
+}
+
+impl fmt::Display for ParseRangeMethodError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ParseRangeMethodError {}
+
+const VALID_FORMS: &str = "expected one of: minmax, percentile:<p> with 0 < p <= 100 (e.g. percentile:99.999), \
+                           entropy, mse";
+
+impl FromStr for RangeMethod {
+    type Err = ParseRangeMethodError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim().to_ascii_lowercase();
+        let bad =
+            |why: &str| ParseRangeMethodError { message: format!("invalid range method {s:?}{why}; {VALID_FORMS}") };
+        match t.as_str() {
+            "minmax" => Ok(RangeMethod::MinMax),
+            "entropy" => Ok(RangeMethod::Entropy),
+            "mse" => Ok(RangeMethod::Mse),
+            _ => match t.strip_prefix("percentile:") {
+                Some(num) => match num.trim().parse::<f64>() {
+                    Ok(p) if p.is_finite() && p > 0.0 && p <= 100.0 => Ok(RangeMethod::Percentile(p)),
+                    Ok(_) => Err(bad(" (percentile out of (0, 100])")),
+                    Err(_) => Err(bad(" (percentile is not a number)")),
+                },
+                None => Err(bad("")),
+            },
+        }
+    }
+}
+
+impl fmt::Display for RangeMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RangeMethod::MinMax => f.write_str("minmax"),
+            RangeMethod::Percentile(p) => write!(f, "percentile:{p}"),
+            RangeMethod::Entropy => f.write_str("entropy"),
+            RangeMethod::Mse => f.write_str("mse"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{ArrayD, IxDyn};
+
+    /// xorshift64* with uniform and Gaussian (Box–Muller) draws.
+    struct Rng(u64);
+    impl Rng {
+        fn next_u64(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        fn uniform(&mut self) -> f64 {
+            (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        }
+        fn gauss(&mut self) -> f64 {
+            let u1 = 1.0 - self.uniform();
+            let u2 = self.uniform();
+            (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+        }
+    }
+
+    fn gaussian(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = Rng(seed);
+        (0..n).map(|_| rng.gauss() as f32).collect()
+    }
+
+    /// Skewed, heavy-tailed, mostly positive (GELU-like negative part, Laplace positive tail).
+    fn skewed(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = Rng(seed);
+        (0..n)
+            .map(|_| {
+                let g = rng.gauss();
+                if g < 0.0 {
+                    (0.05 * g) as f32
+                } else {
+                    (-(1.0 - rng.uniform()).ln() * 0.7) as f32
+                }
+            })
+            .collect()
+    }
+
+    fn view(data: &[f32]) -> ArrayViewD<'_, f32> {
+        ArrayViewD::from_shape(IxDyn(&[data.len()]), data).expect("1-D view")
+    }
+
+    fn chunked(data: &[f32], chunk: usize) -> TensorStats {
+        let mut s = TensorStats::new(DEFAULT_BINS, None);
+        for c in data.chunks(chunk) {
+            s.update(view(c));
+        }
+        s
+    }
+
+    fn merged(data: &[f32], chunk: usize) -> TensorStats {
+        let mut s = TensorStats::new(DEFAULT_BINS, None);
+        for c in data.chunks(chunk) {
+            let mut part = TensorStats::new(DEFAULT_BINS, None);
+            part.update(view(c));
+            s.merge(&part);
+        }
+        s
+    }
+
+    fn whole(data: &[f32]) -> TensorStats {
+        let mut s = TensorStats::new(DEFAULT_BINS, None);
+        s.update(view(data));
+        s
+    }
+
+    /// The three ways of building stats agree on everything exact.
+    fn builds(data: &[f32]) -> [TensorStats; 3] {
+        let [a, b, c] = [whole(data), chunked(data, 7_777), merged(data, 3_001)];
+        for s in [&b, &c] {
+            assert_eq!(s.histogram(), a.histogram());
+            assert_eq!(s.hist_range(), a.hist_range());
+            assert_eq!((s.count(), s.min(), s.max()), (a.count(), a.min(), a.max()));
+        }
+        [a, b, c]
+    }
+
+    fn sorted(data: &[f32]) -> Vec<f64> {
+        let mut v: Vec<f64> = data.iter().map(|&x| f64::from(x)).collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v
+    }
+
+    /// Element at which the cumulative count first reaches `q·n`.
+    fn exact_quantile(sorted: &[f64], q: f64) -> f64 {
+        let k = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+        sorted[k - 1]
+    }
+
+    fn raw_mse(data: &[f32], lo: f64, hi: f64, levels: u32) -> f64 {
+        let steps = f64::from(levels - 1);
+        let s = (hi - lo) / steps;
+        data.iter()
+            .map(|&x| {
+                let x = f64::from(x);
+                let q = lo + s * ((x - lo) / s).round().clamp(0.0, steps);
+                (x - q) * (x - q)
+            })
+            .sum()
+    }
+
+    #[test]
+    fn minmax_exact() {
+        let mut data = gaussian(50_000, 1);
+        data[123] = -7.25;
+        data[40_000] = 5.5;
+        for s in builds(&data) {
+            assert_eq!(s.min(), -7.25);
+            assert_eq!(s.max(), 5.5);
+            assert_eq!(s.range(&RangeMethod::MinMax, 256, false), (-7.25, 5.5));
+            assert_eq!(s.range(&RangeMethod::MinMax, 256, true), (-7.25, 7.25));
+            assert_eq!(s.count(), 50_000);
+        }
+        // Range always includes 0.
+        let pos = whole(&[1.0, 2.0, 3.0]);
+        assert_eq!(pos.range(&RangeMethod::MinMax, 256, false), (0.0, 3.0));
+        let mean: f64 = data.iter().map(|&x| f64::from(x)).sum::<f64>() / data.len() as f64;
+        assert!((whole(&data).mean() - mean).abs() < 1e-12);
+        assert!((whole(&data).std() - 1.0).abs() < 0.02);
+    }
+
+    #[test]
+    fn percentile_within_one_bin() {
+        for data in [gaussian(100_000, 2), skewed(100_000, 3)] {
+            let sd = sorted(&data);
+            let abs_sorted = {
+                let mut v: Vec<f64> = sd.iter().map(|x| x.abs()).collect();
+                v.sort_by(|a, b| a.total_cmp(b));
+                v
+            };
+            for s in builds(&data) {
+                let w = s.bin_width();
+                for p in [99.0, 99.9, 99.99] {
+                    let (lo, hi) = s.range(&RangeMethod::Percentile(p), 256, false);
+                    let elo = exact_quantile(&sd, 1.0 - p / 100.0).min(0.0);
+                    let ehi = exact_quantile(&sd, p / 100.0).max(0.0);
+                    assert!((f64::from(lo) - elo).abs() <= w, "p{p} lo {lo} vs {elo} (w {w})");
+                    assert!((f64::from(hi) - ehi).abs() <= w, "p{p} hi {hi} vs {ehi} (w {w})");
+                    let (slo, shi) = s.range(&RangeMethod::Percentile(p), 256, true);
+                    let em = exact_quantile(&abs_sorted, p / 100.0);
+                    assert_eq!(slo, -shi);
+                    assert!((f64::from(shi) - em).abs() <= w, "p{p} sym {shi} vs {em} (w {w})");
+                    assert!((s.quantile_abs(p / 100.0) - em).abs() <= w);
+                }
+                assert_eq!(
+                    s.range(&RangeMethod::Percentile(100.0), 256, false),
+                    s.range(&RangeMethod::MinMax, 256, false)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn mse_matches_brute_force_on_raw_data() {
+        let levels = 256;
+        for (data, symmetric) in [
+            (gaussian(60_000, 4), true),
+            (gaussian(60_000, 5), false),
+            (skewed(60_000, 6), false),
+            (skewed(60_000, 7), true),
+        ] {
+            let s = &builds(&data)[2];
+            let (lo0, hi0) = if symmetric { (-s.abs_max(), s.abs_max()) } else { (s.min().min(0.0), s.max().max(0.0)) };
+            let mut best = (f64::INFINITY, 0.0, 0.0);
+            for k in 1..=MSE_GRID_STEPS {
+                let a = f64::from(k) / f64::from(MSE_GRID_STEPS);
+                let e = raw_mse(&data, a * lo0, a * hi0, levels);
+                if e <= best.0 {
+                    best = (e, a * lo0, a * hi0);
+                }
+            }
+            let (lo, hi) = s.range(&RangeMethod::Mse, levels, symmetric);
+            let got = raw_mse(&data, f64::from(lo), f64::from(hi), levels);
+            let w = s.bin_width();
+            let grid = (hi0 - lo0).max(hi0) / f64::from(MSE_GRID_STEPS);
+            eprintln!(
+                "mse sym={symmetric}: hist ({lo:.4}, {hi:.4}) err {got:.5e}; raw best ({:.4}, {:.4}) err {:.5e}; w {w:.4}",
+                best.1, best.2, best.0
+            );
+            assert!(got <= best.0 * 1.01, "hist choice err {got} vs best {}", best.0);
+            assert!((f64::from(hi) - best.2).abs() <= (3.0 * w).max(2.0 * grid));
+            assert!(hi < s.max() as f32 || symmetric, "MSE should clip the heavy tail");
+        }
+    }
+
+    #[test]
+    fn entropy_gaussian_with_outliers_and_uniform() {
+        let mut data = gaussian(200_000, 8);
+        for (i, v) in [40.0, -35.0, 45.0, 38.0, -42.0].into_iter().enumerate() {
+            data[1000 * i + 17] = v;
+        }
+        let abs_sorted = {
+            let mut v: Vec<f64> = data.iter().map(|x| f64::from(x.abs())).collect();
+            v.sort_by(|a, b| a.total_cmp(b));
+            v
+        };
+        let p99 = exact_quantile(&abs_sorted, 0.99);
+        for s in builds(&data) {
+            let (lo, hi) = s.range(&RangeMethod::Entropy, 256, true);
+            eprintln!("entropy gaussian+outliers: T {hi} (p99 {p99:.3}, max {})", s.abs_max());
+            assert_eq!(lo, -hi);
+            assert!(f64::from(hi) > p99 && f64::from(hi) < 0.5 * s.abs_max());
+            let (alo, ahi) = s.range(&RangeMethod::Entropy, 256, false);
+            assert_eq!((alo, ahi), (-hi, hi));
+        }
+
+        let mut rng = Rng(9);
+        let uniform: Vec<f32> = (0..200_000).map(|_| (rng.uniform() * 2.0 - 1.0) as f32).collect();
+        for s in builds(&uniform) {
+            let (lo, hi) = s.range(&RangeMethod::Entropy, 256, false);
+            eprintln!("entropy uniform: ({lo}, {hi}) min {} max {}", s.min(), s.max());
+            assert!(f64::from(hi) >= 0.97 * s.max() && f64::from(lo) <= 0.97 * s.min());
+        }
+    }
+
+    #[test]
+    fn merge_is_exact_and_order_independent() {
+        let a_data = gaussian(30_000, 10);
+        let b_data: Vec<f32> = gaussian(20_000, 11).iter().map(|x| x * 300.0).collect();
+        let (a, b) = (whole(&a_data), whole(&b_data));
+        let mut ab = a.clone();
+        ab.merge(&b);
+        let mut ba = b.clone();
+        ba.merge(&a);
+        assert_eq!(ab.histogram(), ba.histogram());
+        assert_eq!(
+            (ab.count(), ab.min(), ab.max(), ab.hist_range()),
+            (ba.count(), ba.min(), ba.max(), ba.hist_range())
+        );
+        let all: Vec<f32> = a_data.iter().chain(&b_data).copied().collect();
+        let w = whole(&all);
+        assert_eq!(w.histogram(), ab.histogram());
+        assert_eq!((w.count(), w.min(), w.max(), w.hist_range()), (ab.count(), ab.min(), ab.max(), ab.hist_range()));
+        assert_eq!(ab.histogram().iter().sum::<u64>(), 50_000);
+        // Empty stats are a neutral element on both sides.
+        let mut e = TensorStats::default();
+        e.merge(&ab);
+        assert_eq!(e, ab);
+        let mut ab2 = ab.clone();
+        ab2.merge(&TensorStats::default());
+        assert_eq!(ab2, ab);
+    }
+
+    #[test]
+    fn range_doubles_for_1000x_larger_sample() {
+        let small = gaussian(10_000, 12);
+        let big: Vec<f32> = small.iter().map(|x| x * 1000.0).collect();
+        let mut s = whole(&small);
+        let r0 = s.hist_range();
+        assert!(r0 > s.abs_max() && r0 / 2.0 <= s.abs_max());
+        s.update(view(&big));
+        assert!(s.hist_range() >= 512.0 * r0 && s.hist_range() > s.abs_max() && s.hist_range() / 2.0 <= s.abs_max());
+        let all: Vec<f32> = small.iter().chain(&big).copied().collect();
+        assert_eq!(s.histogram(), whole(&all).histogram());
+        assert_eq!(s.histogram().iter().sum::<u64>(), 20_000);
+        // Exact power of two lands strictly inside.
+        let p = whole(&[4.0, -4.0]);
+        assert_eq!(p.hist_range(), 8.0);
+        let z = whole(&[0.0, 0.0]);
+        assert_eq!(z.hist_range(), pow2(-24));
+        assert_eq!(z.range(&RangeMethod::Mse, 256, false), (0.0, 0.0));
+        assert_eq!(z.range(&RangeMethod::Entropy, 256, true), (0.0, 0.0));
+    }
+
+    #[test]
+    fn nan_and_inf_are_counted_and_excluded() {
+        let data = [1.0, f32::NAN, -2.0, f32::INFINITY, f32::NEG_INFINITY, 0.5, f32::NAN];
+        let s = whole(&data);
+        assert_eq!((s.count(), s.nan_count(), s.inf_count()), (3, 2, 2));
+        assert_eq!((s.min(), s.max(), s.abs_max()), (-2.0, 1.0, 2.0));
+        assert_eq!(s.histogram().iter().sum::<u64>(), 3);
+        assert!((s.mean() - (-0.5 / 3.0)).abs() < 1e-12);
+        assert_eq!(s.hist_range(), 4.0);
+        let only_bad = whole(&[f32::NAN, f32::INFINITY]);
+        assert_eq!(only_bad.count(), 0);
+        for m in [RangeMethod::MinMax, RangeMethod::Percentile(99.9), RangeMethod::Entropy, RangeMethod::Mse] {
+            assert_eq!(only_bad.range(&m, 256, false), (0.0, 0.0));
+            assert_eq!(TensorStats::default().range(&m, 256, true), (0.0, 0.0));
+        }
+        assert_eq!(only_bad.quantile_abs(0.5), 0.0);
+    }
+
+    #[test]
+    fn per_channel_absmax_axis1() {
+        let x = ArrayD::from_shape_fn(IxDyn(&[2, 3, 4]), |i| {
+            let v = (i[0] * 12 + i[1] * 4 + i[2]) as f32;
+            if i[2] % 2 == 0 {
+                -v
+            } else {
+                v
+            }
+        });
+        let mut s = TensorStats::new(DEFAULT_BINS, Some(1));
+        s.update(x.view());
+        // channel c: max over n, k of |12n + 4c + k| = 12 + 4c + 3
+        assert_eq!(s.channel_absmax(), &[15.0, 19.0, 23.0]);
+        // NaN/Inf ignored, rank too small ignored, more channels grow the vector.
+        let mut y = ArrayD::<f32>::zeros(IxDyn(&[1, 4, 2]));
+        y[[0, 0, 0]] = f32::INFINITY;
+        y[[0, 3, 1]] = -30.0;
+        y[[0, 1, 1]] = f32::NAN;
+        s.update(y.view());
+        s.update(view(&[1000.0]));
+        assert_eq!(s.channel_absmax(), &[15.0, 19.0, 23.0, 30.0]);
+        let mut t = TensorStats::new(DEFAULT_BINS, Some(1));
+        t.merge(&s);
+        assert_eq!(t.channel_absmax(), s.channel_absmax());
+        let j = s.stats_json();
+        assert_eq!(j["channel_absmax"].as_array().map(Vec::len), Some(4));
+    }
+
+    #[test]
+    fn stats_json_keys() {
+        let s = whole(&gaussian(1000, 13));
+        let j = s.stats_json();
+        let keys: Vec<&str> = j.as_object().map(|o| o.keys().map(String::as_str).collect()).unwrap_or_default();
+        let mut expected = vec!["count", "min", "max", "mean", "std", "nan", "inf", "abs_max", "p99_9"];
+        expected.sort_unstable();
+        let mut got = keys.clone();
+        got.sort_unstable();
+        assert_eq!(got, expected);
+        assert_eq!(j["count"], 1000);
+        assert_eq!(
+            serde_json::to_string(&s.summary()).ok().map(|t| t.starts_with("{\"count\":1000,\"min\":")),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn range_method_parse_and_display() {
+        for m in [
+            RangeMethod::MinMax,
+            RangeMethod::Percentile(99.999),
+            RangeMethod::Percentile(100.0),
+            RangeMethod::Entropy,
+            RangeMethod::Mse,
+        ] {
+            assert_eq!(m.to_string().parse::<RangeMethod>(), Ok(m.clone()));
+        }
+        assert_eq!("percentile:99.999".parse::<RangeMethod>(), Ok(RangeMethod::Percentile(99.999)));
+        assert_eq!(RangeMethod::Percentile(99.9).to_string(), "percentile:99.9");
+        assert_eq!(" MinMax ".parse::<RangeMethod>(), Ok(RangeMethod::MinMax));
+        for bad in ["kl", "percentile", "percentile:0", "percentile:101", "percentile:abc", "percentile:nan", ""] {
+            let err = bad.parse::<RangeMethod>().err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(
+                err.contains(&format!("{bad:?}")) && err.contains("percentile:<p>") && err.contains("mse"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn odd_bin_counts_and_mismatched_merge_do_not_panic() {
+        let data = gaussian(5000, 14);
+        let mut a = TensorStats::new(0, None);
+        assert_eq!(a.bins(), 4);
+        a.update(view(&data));
+        let mut b = TensorStats::new(1001, None);
+        assert_eq!(b.bins(), 1004);
+        b.update(view(&data));
+        b.merge(&a);
+        assert_eq!(b.histogram().iter().sum::<u64>(), 10_000);
+        for m in [
+            RangeMethod::MinMax,
+            RangeMethod::Percentile(0.0),
+            RangeMethod::Percentile(f64::NAN),
+            RangeMethod::Entropy,
+            RangeMethod::Mse,
+        ] {
+            for s in [&a, &b] {
+                for levels in [0, 1, 2, 256, u32::MAX] {
+                    let (lo, hi) = s.range(&m, levels, false);
+                    assert!(lo <= 0.0 && hi >= 0.0);
+                }
+            }
+        }
+    }
+}
