@@ -140,13 +140,30 @@ impl Default for CalibOptions {
     }
 }
 
-/// Input facts for a plan from the sample set's shapes.
-pub fn input_facts(specs: &[InputSpec], set: &SampleSet) -> Vec<InputFact> {
-    specs
+/// Input facts for a plan from the sample set's shapes (all samples must share them).
+pub fn input_facts(specs: &[InputSpec], set: &SampleSet) -> Result<Vec<InputFact>> {
+    if !set.uniform_shapes() {
+        let first = set.shapes();
+        for i in 0..set.len() {
+            if let Some(s) = set.sample_shapes(i) {
+                if let Some(k) = (0..s.len()).find(|&k| s[k] != first[k]) {
+                    bail!(
+                        "sample {}: input '{}' has shape {:?} but the first sample has {:?}; all samples must share input shapes (pad or bucket them)",
+                        set.source(i).unwrap_or_default(),
+                        specs.get(k).map(|s| s.name.as_str()).unwrap_or("?"),
+                        s[k],
+                        first[k]
+                    );
+                }
+            }
+        }
+        bail!("the samples do not all have the same input shapes");
+    }
+    Ok(specs
         .iter()
         .zip(set.shapes())
         .map(|(s, shape)| InputFact { name: s.name.clone(), elem_type: s.elem_type, shape: shape.clone() })
-        .collect()
+        .collect())
 }
 
 /// A progress bar on stderr (hidden when quiet or not a terminal).
@@ -229,11 +246,11 @@ pub fn calibrate(
     opts: &CalibOptions,
 ) -> Result<Calibration> {
     let t0 = Instant::now();
-    if set.len() == 0 {
+    if set.is_empty() {
         bail!("no calibration samples");
     }
     let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
-    let plan = Plan::load(model_bytes, None, &input_facts(specs, set), &names)?;
+    let plan = Plan::load(model_bytes, None, &input_facts(specs, set)?, &names)?;
     let pb = progress(set.len(), opts.quiet, "calibrating");
     let mut acc: Vec<Option<TensorStats>> = vec![None; targets.len()];
     let bins = opts.bins;

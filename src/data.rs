@@ -282,6 +282,9 @@ fn dim_override(dims: &HashMap<String, usize>, spec: &InputSpec, axis: usize, d:
 
 fn random_shape(spec: &InputSpec, dims: &HashMap<String, usize>) -> Result<Vec<usize>> {
     let name = &spec.name;
+    if !RANDOM_TYPES.contains(&spec.elem_type) {
+        bail!("input '{name}': cannot generate random {} data", dtype::name(spec.elem_type));
+    }
     let Some(decl) = &spec.dims else {
         bail!("input '{name}' has an unknown rank: random data needs a declared shape");
     };
@@ -302,6 +305,10 @@ fn random_shape(spec: &InputSpec, dims: &HashMap<String, usize>) -> Result<Vec<u
         })
         .collect()
 }
+
+/// Element types the generator produces.
+const RANDOM_TYPES: [i32; 7] =
+    [dtype::FLOAT, dtype::DOUBLE, dtype::INT64, dtype::INT32, dtype::INT8, dtype::UINT8, dtype::BOOL];
 
 /// Splitmix64: small, fast and good enough for calibration noise.
 struct Rng(u64);
@@ -555,4 +562,324 @@ fn check_sample(
         out.push(a);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{arr1, arr2, ArrayD, IxDyn};
+
+    fn named(n: &str) -> Dim {
+        Dim::Named(n.into())
+    }
+
+    /// input_ids int64 [batch, seq], attention_mask int64 [batch, seq], pixels float [batch, 3].
+    fn specs() -> Vec<InputSpec> {
+        vec![
+            InputSpec {
+                name: "input_ids".into(),
+                elem_type: dtype::INT64,
+                dims: Some(vec![named("batch"), named("seq")]),
+            },
+            InputSpec {
+                name: "attention_mask".into(),
+                elem_type: dtype::INT64,
+                dims: Some(vec![named("batch"), named("seq")]),
+            },
+            InputSpec {
+                name: "pixels".into(),
+                elem_type: dtype::FLOAT,
+                dims: Some(vec![named("batch"), Dim::Fixed(3)]),
+            },
+        ]
+    }
+
+    fn ids(seq: usize) -> ArrayData {
+        ArrayData::I64(ArrayD::from_shape_fn(IxDyn(&[1, seq]), |i| i[1] as i64))
+    }
+
+    fn px(v: f32) -> ArrayData {
+        ArrayData::F32(arr2(&[[v, 0.5, 1.0]]).into_dyn())
+    }
+
+    fn good(seq: usize, v: f32) -> Vec<(&'static str, ArrayData)> {
+        vec![("input_ids", ids(seq)), ("attention_mask", ids(seq)), ("pixels", px(v))]
+    }
+
+    fn write(dir: &Path, file: &str, arrays: &[(&'static str, ArrayData)]) -> PathBuf {
+        let path = dir.join(file);
+        let refs: Vec<(&str, &ArrayData)> = arrays.iter().map(|(n, a)| (*n, a)).collect();
+        npy::write_npz(&path, &refs).unwrap();
+        path
+    }
+
+    fn opts(sources: Vec<Source>) -> DataOptions {
+        DataOptions { sources, ..Default::default() }
+    }
+
+    fn open_err(specs: &[InputSpec], o: &DataOptions) -> String {
+        format!("{:#}", open(specs, o).unwrap_err())
+    }
+
+    #[test]
+    fn directory_in_sorted_order_with_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        for (f, v) in [("2.npz", 2.0), ("10.npz", 10.0), ("1.npz", 1.0)] {
+            write(dir.path(), f, &good(4, v));
+        }
+        std::fs::write(dir.path().join("README.txt"), "ignored").unwrap();
+        let set = open(&specs(), &opts(vec![Source::Path(dir.path().into())])).unwrap();
+        assert_eq!(set.len(), 3);
+        let firsts: Vec<f32> = (0..3).map(|i| set.load(i).unwrap().inputs[2].as_f32().unwrap()[[0, 0]]).collect();
+        assert_eq!(firsts, [1.0, 10.0, 2.0]);
+        assert!(set.load(0).unwrap().source.ends_with("1.npz"));
+        assert_eq!(set.shapes(), &[vec![1, 4], vec![1, 4], vec![1, 3]]);
+        assert!(set.uniform_shapes());
+        assert!(set.load(3).is_err());
+
+        let mut o = opts(vec![Source::Path(dir.path().into())]);
+        o.max_samples = Some(2);
+        assert_eq!(open(&specs(), &o).unwrap().len(), 2);
+
+        // Several sources concatenate; a single file works too.
+        let other = tempfile::tempdir().unwrap();
+        let single = write(other.path(), "x.npz", &good(6, 7.0));
+        let o = opts(vec![Source::Path(single.clone()), Source::Path(dir.path().into())]);
+        let set = open(&specs(), &o).unwrap();
+        assert_eq!(set.len(), 4);
+        assert_eq!(set.load(0).unwrap().source, single.display().to_string());
+        assert_eq!(set.sample_shapes(0).unwrap()[0], vec![1, 6]);
+        assert_eq!(set.sample_shapes(1).unwrap()[0], vec![1, 4]);
+        assert!(!set.uniform_shapes());
+
+        let mut o = opts(vec![Source::Path(dir.path().into()), Source::Random { count: 2, seed: 1 }]);
+        o.dims = vec![("seq".into(), 4)];
+        let set = open(&specs(), &o).unwrap();
+        assert_eq!(set.len(), 5);
+        assert!(set.uniform_shapes());
+        assert_eq!(set.load(4).unwrap().source, "random #1");
+        o.max_samples = Some(4);
+        let set = open(&specs(), &o).unwrap();
+        assert_eq!(set.source(3).unwrap(), "random #0");
+    }
+
+    #[test]
+    fn conversions() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "a.npz",
+            &[
+                ("pixels", ArrayData::F64(arr2(&[[1.0, 2.0, 3.0]]).into_dyn())),
+                ("input_ids", ArrayData::I32(arr2(&[[1, 2]]).into_dyn())),
+                ("attention_mask", ids(2)),
+            ],
+        );
+        let set = open(&specs(), &opts(vec![Source::Path(dir.path().into())])).unwrap();
+        let s = set.load(0).unwrap();
+        assert_eq!(s.inputs[0], ArrayData::I64(arr2(&[[1i64, 2]]).into_dyn()));
+        assert_eq!(s.inputs[2], ArrayData::F32(arr2(&[[1.0f32, 2.0, 3.0]]).into_dyn()));
+
+        // numpy's positional keys.
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "p.npz", &[("arr_0", ids(2)), ("arr_1", ids(2)), ("arr_2", px(1.0))]);
+        let set = open(&specs(), &opts(vec![Source::Path(dir.path().into())])).unwrap();
+        assert_eq!(set.load(0).unwrap().inputs[2], px(1.0));
+    }
+
+    #[test]
+    fn bad_samples_name_file_and_input() {
+        // (file, arrays, input named in the error, error text)
+        type Case = (&'static str, Vec<(&'static str, ArrayData)>, &'static str, &'static str);
+        let bad_cases: Vec<Case> = vec![
+            ("missing.npz", vec![("input_ids", ids(2)), ("pixels", px(0.0))], "attention_mask", "missing input"),
+            ("extra.npz", [good(2, 0.0), vec![("token_type_ids", ids(2))]].concat(), "token_type_ids", "unknown input"),
+            (
+                "dtype.npz",
+                vec![("input_ids", px(0.0)), ("attention_mask", ids(2)), ("pixels", px(0.0))],
+                "input_ids",
+                "expected int64, found float",
+            ),
+            (
+                "rank.npz",
+                vec![
+                    ("input_ids", ids(2)),
+                    ("attention_mask", ids(2)),
+                    ("pixels", ArrayData::F32(arr1(&[1.0f32, 2.0, 3.0]).into_dyn())),
+                ],
+                "pixels",
+                "expected rank 2",
+            ),
+            (
+                "fixed.npz",
+                vec![
+                    ("input_ids", ids(2)),
+                    ("attention_mask", ids(2)),
+                    ("pixels", ArrayData::F32(arr2(&[[1.0f32, 2.0]]).into_dyn())),
+                ],
+                "pixels",
+                "the model expects 3",
+            ),
+            ("nan.npz", good(2, f32::NAN), "pixels", "1 NaN"),
+            ("inf.npz", good(2, f32::INFINITY), "pixels", "1 infinite"),
+            (
+                "seq.npz",
+                vec![("input_ids", ids(2)), ("attention_mask", ids(3)), ("pixels", px(0.0))],
+                "attention_mask",
+                "'seq' = 2",
+            ),
+        ];
+        for (file, arrays, input, what) in bad_cases {
+            let dir = tempfile::tempdir().unwrap();
+            write(dir.path(), "0000.npz", &good(2, 0.0));
+            write(dir.path(), file, &arrays);
+            let e = open_err(&specs(), &opts(vec![Source::Path(dir.path().into())]));
+            assert!(e.contains(file) && e.contains(&format!("'{input}'")) && e.contains(what), "{file}: {e}");
+        }
+    }
+
+    #[test]
+    fn dim_overrides_checked_against_data() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.npz", &good(2, 0.0));
+        let mut o = opts(vec![Source::Path(dir.path().into())]);
+        o.dims = vec![("seq".into(), 5)];
+        let e = open_err(&specs(), &o);
+        assert!(e.contains("a.npz") && e.contains("'input_ids'") && e.contains("--dim"), "{e}");
+        o.dims = vec![("sequence".into(), 5)];
+        assert!(open_err(&specs(), &o).contains("no model input has a dim named 'sequence'"));
+        o.dims = vec![("seq".into(), 2), ("seq".into(), 2)];
+        assert!(open_err(&specs(), &o).contains("more than once"));
+        o.dims = vec![("seq".into(), 2)];
+        assert!(open(&specs(), &o).is_ok());
+    }
+
+    #[test]
+    fn empty_missing_and_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = open_err(&specs(), &opts(vec![Source::Path(dir.path().into())]));
+        assert!(e.contains("no .npz files in") && e.contains(&dir.path().display().to_string()));
+        std::fs::write(dir.path().join("bad.npz"), b"not a zip").unwrap();
+        let e = open_err(&specs(), &opts(vec![Source::Path(dir.path().into())]));
+        assert!(e.contains("bad.npz"), "{e}");
+        let e = open_err(&specs(), &opts(vec![Source::Path(dir.path().join("nope"))]));
+        assert!(e.contains("nope"), "{e}");
+        let e = open_err(&specs(), &opts(vec![]));
+        assert!(e.contains("no calibration samples"), "{e}");
+        let txt = dir.path().join("x.txt");
+        std::fs::write(&txt, "x").unwrap();
+        let e = open_err(&specs(), &opts(vec![Source::Path(txt)]));
+        assert!(e.contains("x.txt"), "{e}");
+    }
+
+    #[test]
+    fn random_is_deterministic() {
+        let mut o = opts(vec![Source::Random { count: 3, seed: 42 }]);
+        o.dims = vec![("seq".into(), 8)];
+        let a = open(&specs(), &o).unwrap();
+        let b = open(&specs(), &o).unwrap();
+        assert_eq!(a.len(), 3);
+        assert_eq!(a.shapes(), &[vec![1, 8], vec![1, 8], vec![1, 3]]);
+        for i in 0..3 {
+            assert_eq!(a.load(i).unwrap(), b.load(i).unwrap());
+        }
+        assert_ne!(a.load(0).unwrap().inputs, a.load(1).unwrap().inputs);
+        o.sources = vec![Source::Random { count: 3, seed: 43 }];
+        let c = open(&specs(), &o).unwrap();
+        assert_ne!(a.load(0).unwrap().inputs, c.load(0).unwrap().inputs);
+
+        let s = a.load(0).unwrap();
+        match &s.inputs[0] {
+            ArrayData::I64(v) => assert!(v.iter().all(|&x| (0..100).contains(&x))),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.inputs[1], ArrayData::I64(ArrayD::from_elem(IxDyn(&[1, 8]), 1)));
+        let px = s.inputs[2].as_f32().unwrap();
+        assert!(px.iter().all(|v| v.is_finite() && v.abs() < 10.0));
+
+        // Many draws look standard normal.
+        let mut rng = Rng(7);
+        let v: Vec<f64> = (0..20000).map(|_| rng.normal()).collect();
+        let mean = v.iter().sum::<f64>() / v.len() as f64;
+        let var = v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / v.len() as f64;
+        assert!(mean.abs() < 0.05 && (var - 1.0).abs() < 0.05, "{mean} {var}");
+    }
+
+    #[test]
+    fn random_needs_concrete_dims() {
+        let o = opts(vec![Source::Random { count: 1, seed: 0 }]);
+        let e = open_err(&specs(), &o);
+        assert!(e.contains("input 'input_ids' dim 'seq' is symbolic: pass --dim seq=N"), "{e}");
+        let spec = vec![
+            InputSpec {
+                name: "token_type_ids".into(),
+                elem_type: dtype::INT32,
+                dims: Some(vec![Dim::Fixed(2), Dim::Unknown]),
+            },
+            InputSpec { name: "flag".into(), elem_type: dtype::BOOL, dims: Some(vec![]) },
+        ];
+        let e = open_err(&spec, &o);
+        assert!(e.contains("--dim token_type_ids.1=N"), "{e}");
+        let mut o2 = o.clone();
+        o2.dims = vec![("token_type_ids.1".into(), 4)];
+        let s = open(&spec, &o2).unwrap().load(0).unwrap();
+        assert_eq!(s.inputs[0], ArrayData::I32(ArrayD::zeros(IxDyn(&[2, 4]))));
+        assert_eq!(s.inputs[1], ArrayData::Bool(ArrayD::from_elem(IxDyn(&[]), true)));
+
+        let spec = vec![InputSpec { name: "x".into(), elem_type: dtype::FLOAT, dims: None }];
+        assert!(open_err(&spec, &o).contains("input 'x' has an unknown rank"));
+        let spec = vec![InputSpec { name: "h".into(), elem_type: dtype::FLOAT16, dims: Some(vec![]) }];
+        assert!(open_err(&spec, &o).contains("input 'h': cannot generate random float16"));
+    }
+
+    fn write_pb(dir: &Path, file: &str, t: &pb::TensorProto) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join(file), t.encode_to_vec()).unwrap();
+    }
+
+    #[test]
+    fn onnx_test_data_dirs() {
+        let root = tempfile::tempdir().unwrap();
+        for n in [0usize, 1, 10, 2] {
+            let set = root.path().join(format!("test_data_set_{n}"));
+            // Named out of order, then by position with no name.
+            write_pb(&set, "input_0.pb", &tensor::from_array("pixels", &px(n as f32)));
+            write_pb(&set, "input_1.pb", &tensor::from_array("attention_mask", &ids(2)));
+            let mut t = tensor::from_array("", &ids(2));
+            t.name = None;
+            write_pb(&set, "input_2.pb", &t);
+            write_pb(&set, "output_0.pb", &tensor::vec_f32("out", &[1.0]));
+        }
+        let spec =
+            vec![specs()[2].clone(), specs()[1].clone(), InputSpec { name: "input_ids".into(), ..specs()[0].clone() }];
+        let set = open(&spec, &opts(vec![Source::Path(root.path().into())])).unwrap();
+        assert_eq!(set.len(), 4);
+        let order: Vec<f32> = (0..4).map(|i| set.load(i).unwrap().inputs[0].as_f32().unwrap()[[0, 0]]).collect();
+        assert_eq!(order, [0.0, 1.0, 2.0, 10.0]);
+        let s = set.load(0).unwrap();
+        assert_eq!(s.inputs, vec![px(0.0), ids(2), ids(2)]);
+        assert!(s.source.ends_with("test_data_set_0"));
+
+        // A test_data_set directory by itself.
+        let one = root.path().join("test_data_set_2");
+        let set = open(&spec, &opts(vec![Source::Path(one.clone())])).unwrap();
+        assert_eq!(set.len(), 1);
+        assert_eq!(set.load(0).unwrap().inputs[0], px(2.0));
+
+        // Errors name the file and input.
+        let bad = root.path().join("bad/test_data_set_0");
+        write_pb(&bad, "input_0.pb", &tensor::from_array("pixels", &ids(3)));
+        write_pb(&bad, "input_1.pb", &tensor::from_array("attention_mask", &ids(2)));
+        write_pb(&bad, "input_2.pb", &tensor::from_array("input_ids", &ids(2)));
+        let e = open_err(&spec, &opts(vec![Source::Path(bad.clone())]));
+        assert!(e.contains("test_data_set_0") && e.contains("'pixels'"), "{e}");
+        std::fs::write(bad.join("input_0.pb"), b"\xff\xff\xff garbage").unwrap();
+        let e = open_err(&spec, &opts(vec![Source::Path(bad.clone())]));
+        assert!(e.contains("input_0.pb"), "{e}");
+        let mut t = tensor::from_array("pixels", &px(0.0));
+        t.raw_data = Some(vec![0u8; 5].into());
+        write_pb(&bad, "input_0.pb", &t);
+        let e = open_err(&spec, &opts(vec![Source::Path(bad)]));
+        assert!(e.contains("input_0.pb") && e.contains("tensor 'pixels'"), "{e}");
+    }
 }

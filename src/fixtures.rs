@@ -282,7 +282,7 @@ fn shared() -> Fixture {
 /// second layer's output reach ~50x the typical magnitude. The third layer barely reads
 /// those columns, like the massive activations of real transformers that act as biases.
 fn outliers() -> Fixture {
-    let (t, d, hdim) = (16usize, 32usize, 64usize);
+    let (t, d, hdim) = (128usize, 32usize, 64usize);
     let mut b = Builder::new(15);
     let mut w1 = b.randn(d * hdim, 1.0 / (d as f32).sqrt());
     w1[5] = 2.0; // w1[0, 5]: CLS feature 0 -> hidden unit 5
@@ -290,11 +290,12 @@ fn outliers() -> Fixture {
         w1[k * hdim + 5] *= 0.1;
     }
     let w1n = b.init("fc1.weight", &[d, hdim], w1);
-    let b1v = b.randn(hdim, 0.02);
+    let mut b1v = b.randn(hdim, 0.02);
+    b1v[5] = -2.5; // unit 5 stays silent unless feature 0 is CLS-large
     let b1 = b.init("fc1.bias", &[hdim], b1v);
     let mut w2 = b.randn(hdim * d, 1.0 / (hdim as f32).sqrt());
-    w2[5 * d + 3] = 6.0;
-    w2[5 * d + 17] = -5.0;
+    w2[5 * d + 3] = 12.0;
+    w2[5 * d + 17] = -10.0;
     let w2n = b.init("fc2.weight", &[hdim, d], w2);
     let b2v = b.randn(d, 0.02);
     let b2 = b.init("fc2.bias", &[d], b2v);
@@ -322,10 +323,10 @@ fn outliers() -> Fixture {
         name: "outliers",
         model: model(g, 13),
         sample: |r| {
-            let mut x = f32_array(&[1, 16, 32], r, 1.0);
+            let mut x = f32_array(&[1, 128, 32], r, 1.0);
             if let ArrayData::F32(a) = &mut x {
                 a[[0, 0, 0]] = 4.0 + r.uniform() as f32;
-                for tok in 1..16 {
+                for tok in 1..128 {
                     a[[0, tok, 0]] = a[[0, tok, 0]].min(1.0);
                 }
             }

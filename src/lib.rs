@@ -9,6 +9,7 @@ pub mod calibrate;
 pub mod cli;
 pub mod data;
 pub mod dump;
+pub mod fakequant;
 pub mod fixtures;
 pub mod npy;
 pub mod onnx;

@@ -28,6 +28,8 @@ enum Lit {
 struct Parser<'a> {
     s: &'a [u8],
     pos: usize,
+    /// Nesting depth, bounded so hostile headers cannot exhaust the stack.
+    depth: usize,
 }
 
 impl Parser<'_> {
@@ -57,6 +59,16 @@ impl Parser<'_> {
 
     /// Items up to `close`, separated by commas, trailing comma allowed.
     fn items(&mut self, close: u8, dict: bool) -> Result<Vec<(Lit, Lit)>> {
+        self.depth += 1;
+        if self.depth > 16 {
+            return Err(self.err("nesting too deep"));
+        }
+        let out = self.items_inner(close, dict);
+        self.depth -= 1;
+        out
+    }
+
+    fn items_inner(&mut self, close: u8, dict: bool) -> Result<Vec<(Lit, Lit)>> {
         let mut out = Vec::new();
         loop {
             if self.eat(close) {
@@ -226,7 +238,7 @@ fn parse_header(bytes: &[u8]) -> Result<Header> {
         .filter(|&e| e <= bytes.len())
         .with_context(|| format!("truncated header: declares {len} bytes, file has {}", bytes.len() - start))?;
     let text = &bytes[start..end];
-    let mut p = Parser { s: text, pos: 0 };
+    let mut p = Parser { s: text, pos: 0, depth: 0 };
     let dict = match p.value().context("bad header")? {
         Lit::Dict(d) => d,
         other => bail!("bad header: expected a dict, found {other:?}"),
@@ -595,6 +607,8 @@ mod tests {
             let e = err(&handmade(1, bad, &[]));
             assert!(e.contains("f.npy"), "{bad}: {e}");
         }
+        let e = err(&handmade(2, &"(".repeat(100_000), &[]));
+        assert!(e.contains("nesting too deep"), "{e}");
         let e = err(&handmade(1, "{'descr': '<c8', 'fortran_order': False, 'shape': (1,), }", &[0; 8]));
         assert!(e.contains("unsupported dtype '<c8'"), "{e}");
         let e = err(&handmade(1, "{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (1,), }", &[0; 4]));

@@ -206,6 +206,8 @@ fn prepare(
              but are neither graph inputs, initializers nor node outputs"
         );
     }
+    // The decoded proto holds a copy of every weight; tract's model now holds its own.
+    drop(proto);
 
     // Inputs: match tract's sources by name, reorder them as the caller's facts, set the facts.
     let sources: Vec<OutletId> = model.input_outlets()?.to_vec();
@@ -651,6 +653,41 @@ mod tests {
         });
         let err = Plan::load(&dangling, None, &[x_fact(1)], &["r".into()]).expect_err("dangling");
         assert!(format!("{err:#}").contains("ghost"), "{err:#}");
+    }
+
+    #[test]
+    fn shape_cast_and_passthrough_outputs_convert() -> Result<()> {
+        let mut cast = node("Cast", "cast_node", &["x"], &["h"]);
+        cast.attribute.push(pb::AttributeProto {
+            name: Some("to".into()),
+            r#type: Some(pb::attribute_proto::AttributeType::Int as i32),
+            i: Some(i64::from(dtype::FLOAT16)),
+            ..Default::default()
+        });
+        let bytes = model_bytes(pb::GraphProto {
+            name: Some("g".into()),
+            node: vec![node("Shape", "shape_node", &["x"], &["s"]), cast],
+            initializer: vec![f32_initializer("W", &[4, 3], &W)],
+            input: vec![value_info("x", dtype::FLOAT, &[Dim::Sym("batch"), Dim::Fixed(4)])],
+            output: vec![
+                value_info("s", dtype::INT64, &[Dim::Fixed(2)]),
+                value_info("h", dtype::FLOAT16, &[Dim::Sym("batch"), Dim::Fixed(4)]),
+            ],
+            ..Default::default()
+        });
+        let outputs: Vec<String> = ["s", "h", "x", "W"].iter().map(|s| s.to_string()).collect();
+        let plan = Plan::load(&bytes, None, &[x_fact(2)], &outputs)?;
+        let x: Vec<f32> = (0..8).map(|i| i as f32 * 0.25).collect();
+        let out = plan.run(&[ArrayData::F32(ArrayD::from_shape_vec(IxDyn(&[2, 4]), x.clone())?)])?;
+        assert_eq!(out[0], ArrayData::I64(ArrayD::from_shape_vec(IxDyn(&[2]), vec![2, 4])?));
+        assert_close(&out[1], &[2, 4], &x);
+        assert_close(&out[2], &[2, 4], &x);
+        assert_close(&out[3], &[4, 3], &W);
+        // f64 data for a float input is cast.
+        let x64 = ArrayData::F64(ArrayD::from_shape_vec(IxDyn(&[2, 4]), x.iter().map(|&v| v as f64).collect())?);
+        let out = plan.run(&[x64])?;
+        assert_close(&out[2], &[2, 4], &x);
+        Ok(())
     }
 
     #[test]

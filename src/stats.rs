@@ -1053,6 +1053,23 @@ mod tests {
     }
 
     #[test]
+    fn extreme_values() {
+        let data = [f32::MAX, -f32::MAX, f32::MIN_POSITIVE, 1e-45, -1e-45, 0.0];
+        let s = whole(&data);
+        assert_eq!(s.hist_range(), pow2(128));
+        assert_eq!(s.histogram().iter().sum::<u64>(), 6);
+        assert_eq!(s.range(&RangeMethod::MinMax, 256, false), (-f32::MAX, f32::MAX));
+        for m in [RangeMethod::Percentile(99.0), RangeMethod::Entropy, RangeMethod::Mse] {
+            let (lo, hi) = s.range(&m, 256, false);
+            assert!(lo <= 0.0 && hi >= 0.0 && lo.is_finite() && hi.is_finite(), "{m}: {lo} {hi}");
+        }
+        let tiny = whole(&[1e-45, -3e-40]);
+        assert_eq!(tiny.hist_range(), pow2(MIN_EXP));
+        let (lo, hi) = tiny.range(&RangeMethod::Mse, 256, false);
+        assert!(lo <= 0.0 && hi >= 0.0);
+    }
+
+    #[test]
     fn odd_bin_counts_and_mismatched_merge_do_not_panic() {
         let data = gaussian(5000, 14);
         let mut a = TensorStats::new(0, None);

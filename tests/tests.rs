@@ -1,1 +1,7 @@
+//! The single integration-test binary: each module runs the built `onnxq` binary on the
+//! checked-in fixtures.
 
+mod calibrate;
+mod dump;
+mod fixtures;
+mod util;

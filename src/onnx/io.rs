@@ -175,7 +175,7 @@ impl ExternalFiles<'_> {
         }
         t.raw_data = Some(data.slice(offset as usize..end as usize));
         t.external_data.clear();
-        t.data_location = Some(DataLocation::Default as i32);
+        t.data_location = None;
         Ok(())
     }
 }
