@@ -20,6 +20,11 @@ pub enum Command {
     Dump(DumpArgs),
     /// Run calibration samples and write per-tensor statistics and ranges as JSON
     Calibrate(CalibrateArgs),
+    /// Quantize a float model to int8 QDQ (static), weights only, or dynamic
+    Quantize(QuantizeArgs),
+    /// Compare a candidate model (QDQ models run as their float fake-quant twin) with a
+    /// reference model on the same samples: SQNR, cosine, errors, top-1 agreement
+    Eval(EvalArgs),
 }
 
 /// Where calibration or evaluation samples come from.
@@ -66,6 +71,67 @@ impl DataArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct QuantizeArgs {
+    /// The float ONNX model
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Where to write the quantized model
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
+    /// Range method: minmax, percentile:P, entropy, mse
+    #[arg(long, default_value = "minmax")]
+    pub method: crate::stats::RangeMethod,
+    /// Placement preset: auto picks transformer or cnn from the graph
+    #[arg(long, default_value = "auto")]
+    pub preset: crate::quantize::Preset,
+    /// One scale per weight tensor instead of per output channel
+    #[arg(long)]
+    pub per_tensor: bool,
+    /// Activation type: u8 (asymmetric) or s8 (symmetric)
+    #[arg(long, default_value = "u8", value_parser = parse_act)]
+    pub activations: crate::quantize::params::ActType,
+    /// Quantize only these op types (comma-separated)
+    #[arg(long, value_delimiter = ',')]
+    pub op_types: Vec<String>,
+    /// Never quantize these op types (comma-separated)
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_op_types: Vec<String>,
+    /// Never quantize this node (name or glob pattern; repeatable)
+    #[arg(long, value_name = "NODE")]
+    pub exclude: Vec<String>,
+    /// Reuse ranges from `onnxq calibrate` instead of calibrating
+    #[arg(long, value_name = "FILE")]
+    pub stats: Option<PathBuf>,
+    /// Write the JSON report here
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+    /// Int8 weights only, activations stay float (no data needed)
+    #[arg(long)]
+    pub weights_only: bool,
+    /// Measure each quantized tensor's cost and leave the N most harmful in float
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_float: usize,
+    /// Samples used per measurement of --keep-float
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub keep_float_samples: usize,
+    /// Write tensors to an external data file beside the model
+    #[arg(long)]
+    pub external_data: bool,
+    /// No progress or summary on stderr
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+fn parse_act(s: &str) -> std::result::Result<crate::quantize::params::ActType, String> {
+    match s {
+        "u8" | "uint8" => Ok(crate::quantize::params::ActType::U8),
+        "s8" | "int8" => Ok(crate::quantize::params::ActType::S8),
+        _ => Err(format!("'{s}' is not an activation type (u8 or s8)")),
+    }
+}
+
+#[derive(Args, Debug)]
 pub struct CalibrateArgs {
     /// The ONNX model
     pub model: PathBuf,
@@ -89,6 +155,28 @@ pub struct CalibrateArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// The reference model (usually the float original)
+    pub reference: PathBuf,
+    /// The candidate model (usually the quantized one)
+    pub candidate: PathBuf,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Machine-readable JSON on stdout
+    #[arg(long)]
+    pub json: bool,
+    /// Also compare every intermediate float tensor both models produce, and rank SQNR drops
+    #[arg(long)]
+    pub per_layer: bool,
+    /// Write an SVG chart of per-layer SQNR (implies the per-layer comparison)
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+    /// No progress bar on stderr
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct DumpArgs {
     /// The ONNX model
     pub model: PathBuf,
@@ -107,7 +195,69 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Dump(a) => run_dump(a),
         Command::Calibrate(a) => run_calibrate(a),
+        Command::Quantize(a) => run_quantize(a),
+        Command::Eval(a) => run_eval(a),
     }
+}
+
+fn run_eval(a: EvalArgs) -> Result<()> {
+    use crate::eval;
+    let reference = crate::onnx::load(&a.reference)?;
+    let candidate = crate::onnx::load(&a.candidate)?;
+    let opts = eval::EvalOptions { per_layer: a.per_layer || a.plot.is_some(), quiet: a.quiet };
+    let report = eval::evaluate(&reference, &candidate, &a.data.options()?, &opts)?;
+    if let Some(path) = &a.plot {
+        eval::write_plot(path, &report)?;
+    }
+    let text =
+        if a.json { serde_json::to_string_pretty(&report)? + "\n" } else { eval::render_text(&report, a.per_layer) };
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(())
+}
+
+fn run_quantize(a: QuantizeArgs) -> Result<()> {
+    use crate::pipeline::{self, PipelineOptions};
+    use crate::quantize::QuantOptions;
+    let has_data = !a.data.data.is_empty() || a.data.random.is_some();
+    let opts = PipelineOptions {
+        quant: QuantOptions {
+            preset: a.preset,
+            per_channel: !a.per_tensor,
+            activations: a.activations,
+            op_types: (!a.op_types.is_empty()).then(|| a.op_types.clone()),
+            exclude_op_types: a.exclude_op_types.clone(),
+            exclude: a.exclude.clone(),
+            weights_only: a.weights_only,
+            keep_float: Default::default(),
+            method: a.method.to_string(),
+        },
+        method: a.method.clone(),
+        data: if has_data { Some(a.data.options()?) } else { None },
+        stats: a.stats.clone(),
+        keep_float: a.keep_float,
+        keep_float_samples: a.keep_float_samples.max(1),
+        save: crate::onnx::SaveOptions { external: a.external_data, threshold: None },
+        quiet: a.quiet,
+    };
+    let report = pipeline::run(&a.model, &a.output, &opts)?;
+    if let Some(p) = &a.report {
+        let json = serde_json::to_string_pretty(&report)? + "\n";
+        crate::onnx::io::write_atomic(p, |w| w.write_all(json.as_bytes()).map_err(Into::into))
+            .with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    if !a.quiet {
+        if let Some(n) = &report.opset_upgrade {
+            eprintln!("{n}");
+        }
+        eprint!("{}", crate::quantize::summary(&report.quantization));
+        for k in &report.kept_float {
+            eprintln!("kept float: {} (alone it costs the output {:.1} dB)", k.tensor, k.sqnr_db);
+        }
+        eprintln!("wrote {} in {:.2} s", a.output.display(), report.seconds);
+    }
+    Ok(())
 }
 
 fn run_calibrate(a: CalibrateArgs) -> Result<()> {

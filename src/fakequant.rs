@@ -725,9 +725,18 @@ mod tests {
         }
     }
 
+    struct WeightsCase {
+        model: ModelProto,
+        w: Vec<i8>,
+        ws: Vec<f32>,
+        bias: Vec<i32>,
+        w2: Vec<i8>,
+        w2s: Vec<f32>,
+    }
+
     /// MatMul by an int8 weight dequantized per output column (axis 1), an int32 bias, then a
     /// second weight quantized per row (axis 0) of a [3, 2] matrix.
-    fn weights_model() -> (ModelProto, Vec<i8>, Vec<f32>, Vec<i32>, Vec<i8>, Vec<f32>) {
+    fn weights_model() -> WeightsCase {
         let w: Vec<i8> = vec![-128, -5, 0, 7, 127, 3, 1, -1, 64, -64, 2, 100];
         let ws = vec![0.02f32, 0.5, 0.003];
         let bias = vec![1000i32, -2000, 7];
@@ -767,12 +776,12 @@ mod tests {
                 vec_i8("w2_zp", &[0, 0, 1]),
             ],
         );
-        (model(g, 13), w, ws, bias, w2, w2s)
+        WeightsCase { model: model(g, 13), w, ws, bias, w2, w2s }
     }
 
     #[test]
     fn per_axis_weights_and_int32_bias_fold() {
-        let (m, w, ws, bias, w2, w2s) = weights_model();
+        let WeightsCase { model: m, w, ws, bias, w2, w2s } = weights_model();
         let t = twin(&m).unwrap();
         validate(&t);
         let g = t.graph.as_ref().unwrap();

@@ -3,5 +3,6 @@
 
 mod calibrate;
 mod dump;
+mod eval;
 mod fixtures;
 mod util;

@@ -1,0 +1,840 @@
+//! Static int8 QDQ quantization: decides where QuantizeLinear/DequantizeLinear go
+//! (placement) and rewrites the graph (insertion), following ONNX Runtime's QDQ conventions
+//! so its graph optimizer fuses the result into int8 kernels.
+//!
+//! Placement is marking first, inserting later:
+//! 1. every selected node marks what it wants quantized: activation inputs/outputs, its
+//!    constant weight (int8, symmetric, per channel by default) and its bias (int32 with
+//!    scale = input scale × weight scale);
+//! 2. data-movement ops (Reshape, Transpose, ...) whose input is quantized quantize their
+//!    output with the same parameters, so ONNX Runtime can drop the pair and stay in int8;
+//! 3. a Relu whose input comes from a quantized compute node is removed when its output is
+//!    quantized as uint8 with zero point 0 (QuantizeLinear then clamps exactly like Relu);
+//! 4. tensors whose range is dominated by sentinel values (attention masks of −1e4 … −3.4e38)
+//!    and tensors the user keeps float are never quantized, and the report says so.
+//!
+//! Insertion: one QuantizeLinear per quantized tensor, right after its producer, and one
+//! DequantizeLinear per consuming node (ONNX Runtime fuses a DQ only when it has a single
+//! consumer). A quantized tensor `T` keeps its name for the float value its producer
+//! computes; the pair's outputs are `T_quantized` and `T_dequantized` (then `_1`, `_2`, ...).
+//! Weights become `W_quantized` int8 initializers read by `W_dequantized`, biases
+//! `B_quantized` int32.
+
+pub mod opset;
+pub mod params;
+
+use crate::array::dtype;
+use crate::calibrate::TensorEntry;
+use crate::onnx::attr::NodeAttrs;
+use crate::onnx::builder::{attr_int, node};
+use crate::onnx::pb::{GraphProto, ModelProto, NodeProto, TensorProto};
+use crate::onnx::tensor::{from_i32, from_i8, scalar_f32, scalar_i8, scalar_u8, to_f32, vec_f32, vec_i32, vec_i8};
+use crate::onnx::{describe, GraphView, NameAlloc};
+use anyhow::{bail, Context, Result};
+use ndarray::{ArrayD, IxDyn};
+use params::{quantize_bias, quantize_weight, ActParams, ActType};
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+/// Values at or beyond this magnitude are treated as sentinels (masks), not data.
+pub const SENTINEL: f64 = 1e4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    Auto,
+    Cnn,
+    Transformer,
+}
+
+impl std::str::FromStr for Preset {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Preset::Auto),
+            "cnn" => Ok(Preset::Cnn),
+            "transformer" => Ok(Preset::Transformer),
+            _ => Err(format!("unknown preset '{s}' (expected auto, cnn or transformer)")),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct QuantOptions {
+    pub preset: Preset,
+    pub per_channel: bool,
+    pub activations: ActType,
+    /// Only these op types (None: the preset's).
+    pub op_types: Option<Vec<String>>,
+    pub exclude_op_types: Vec<String>,
+    /// Node names or glob patterns (`*`, `?`).
+    pub exclude: Vec<String>,
+    /// Int8 weights, float activations.
+    pub weights_only: bool,
+    /// Activation tensors to leave in float.
+    pub keep_float: BTreeSet<String>,
+    /// Name of the range method, for the report.
+    pub method: String,
+}
+
+impl Default for QuantOptions {
+    fn default() -> Self {
+        QuantOptions {
+            preset: Preset::Auto,
+            per_channel: true,
+            activations: ActType::U8,
+            op_types: None,
+            exclude_op_types: Vec::new(),
+            exclude: Vec::new(),
+            weights_only: false,
+            keep_float: BTreeSet::new(),
+            method: "minmax".into(),
+        }
+    }
+}
+
+const COMPUTE_OPS: &[&str] = &["Conv", "ConvTranspose", "MatMul", "Gemm"];
+const BINARY_OPS: &[&str] = &["Add", "Mul"];
+const UNARY_OPS: &[&str] = &["MaxPool", "AveragePool", "GlobalAveragePool", "Resize", "Softmax", "Sigmoid", "Concat"];
+/// Ops that move int8 values unchanged: their output shares the input's parameters.
+pub const MOVE_OPS: &[&str] =
+    &["Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Split", "Gather", "Expand", "Tile"];
+
+fn preset_ops(p: Preset) -> Vec<&'static str> {
+    match p {
+        Preset::Cnn | Preset::Auto => {
+            let mut v: Vec<&str> = COMPUTE_OPS.to_vec();
+            v.extend(BINARY_OPS);
+            v.extend(UNARY_OPS);
+            v.extend(MOVE_OPS);
+            v.push("Relu");
+            v
+        }
+        Preset::Transformer => COMPUTE_OPS.to_vec(),
+    }
+}
+
+/// `auto`: transformer when the graph has LayerNormalization (or its decomposition:
+/// ReduceMean feeding Sub) or attention (Softmax between two activation MatMuls).
+pub fn detect_preset(view: &GraphView) -> Preset {
+    let nodes = view.nodes();
+    let has_ln = nodes.iter().any(|n| {
+        n.op_type() == "LayerNormalization"
+            || (n.op_type() == "ReduceMean"
+                && n.output.iter().any(|o| view.consumers(o).iter().any(|&(c, _)| nodes[c].op_type() == "Sub")))
+    });
+    let act_matmul = nodes
+        .iter()
+        .any(|n| n.op_type() == "MatMul" && n.input.len() == 2 && n.input.iter().all(|i| view.weight(i).is_none()));
+    let softmax = nodes.iter().any(|n| n.op_type() == "Softmax");
+    if has_ln || (act_matmul && softmax) {
+        Preset::Transformer
+    } else {
+        Preset::Cnn
+    }
+}
+
+/// Minimal glob: `*` any run, `?` one character.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == '*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+// ---------------------------------------------------------------- report
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorReport {
+    pub name: String,
+    /// activation, weight, bias
+    pub kind: &'static str,
+    pub dtype: &'static str,
+    /// One scale per channel for per-channel tensors.
+    pub scale: Vec<f32>,
+    pub zero_point: i32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub axis: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub range: Option<[f32; 2]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Skipped {
+    /// Node or tensor name.
+    pub name: String,
+    pub op_type: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Totals {
+    pub nodes: usize,
+    pub nodes_quantized: usize,
+    pub activations_quantized: usize,
+    pub weights_quantized: usize,
+    pub biases_quantized: usize,
+    pub relu_removed: usize,
+    pub weight_bytes_before: u64,
+    pub weight_bytes_after: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub preset: Preset,
+    pub per_channel: bool,
+    pub activations: &'static str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+    pub tensors: Vec<TensorReport>,
+    pub skipped: Vec<Skipped>,
+    pub totals: Totals,
+}
+
+// ---------------------------------------------------------------- marking
+
+/// How an activation tensor gets its parameters.
+#[derive(Debug, Clone)]
+enum ActSource {
+    Own,
+    /// Same params as another quantized tensor (data movement).
+    SameAs(String),
+    /// Relu output folded into its producer's Q: the Q reads `input`.
+    FoldedRelu {
+        input: String,
+    },
+}
+
+struct Plan {
+    /// Activation tensors to quantize, in insertion order.
+    acts: Vec<(String, ActSource)>,
+    act_set: HashSet<String>,
+    /// (node index, input slot) → weight axis (None: per tensor) for weights to quantize.
+    weights: BTreeMap<(usize, usize), Option<usize>>,
+    /// (node index, input slot) of biases to quantize as int32.
+    biases: BTreeSet<(usize, usize)>,
+    /// Relu nodes removed (index).
+    removed: BTreeSet<usize>,
+    selected: BTreeSet<usize>,
+    skipped: Vec<Skipped>,
+}
+
+fn weight_axis(n: &NodeProto, slot: usize, rank: usize) -> Result<Option<usize>> {
+    Ok(match (n.op_type(), slot) {
+        ("Conv", 1) => Some(0),
+        ("ConvTranspose", 1) => Some(1),
+        ("MatMul", 1) if rank >= 2 => Some(rank - 1),
+        ("Gemm", 1) => Some(if n.attr_int_or("transB", 0)? != 0 { 0 } else { 1 }),
+        _ => None,
+    })
+}
+
+struct Ctx<'a> {
+    view: &'a GraphView<'a>,
+    ranges: &'a BTreeMap<String, TensorEntry>,
+    opts: &'a QuantOptions,
+}
+
+impl Ctx<'_> {
+    /// Why an activation tensor cannot be quantized, or None when it can.
+    fn act_blocker(&self, name: &str) -> Option<String> {
+        if self.opts.keep_float.contains(name) {
+            return Some("kept float (--keep-float)".into());
+        }
+        let et = self.view.elem_type(name);
+        if et != 0 && et != dtype::FLOAT {
+            return Some(format!("element type {} is not float", dtype::name(et)));
+        }
+        let Some(r) = self.ranges.get(name) else {
+            return Some("no calibration range".into());
+        };
+        if r.abs_max >= SENTINEL || !r.abs_max.is_finite() {
+            return Some(format!(
+                "range dominated by sentinel values (abs max {:.3e}, p99.9 {:.3e}): left in float",
+                r.abs_max, r.p99_9
+            ));
+        }
+        None
+    }
+}
+
+fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
+    let view = ctx.view;
+    let opts = ctx.opts;
+    let nodes = view.nodes();
+    let ops: Vec<&str> = match &opts.op_types {
+        Some(list) => list.iter().map(|s| s.as_str()).collect(),
+        None if opts.weights_only => COMPUTE_OPS.to_vec(),
+        None => preset_ops(preset),
+    };
+    let mut p = Plan {
+        acts: Vec::new(),
+        act_set: HashSet::new(),
+        weights: BTreeMap::new(),
+        biases: BTreeSet::new(),
+        removed: BTreeSet::new(),
+        selected: BTreeSet::new(),
+        skipped: Vec::new(),
+    };
+    let mut blocked: BTreeMap<String, String> = BTreeMap::new();
+    let mut want_act = |p: &mut Plan, blocked: &mut BTreeMap<String, String>, name: &str, src: ActSource| -> bool {
+        if name.is_empty() || view.weight(name).is_some() {
+            return false;
+        }
+        if p.act_set.contains(name) {
+            return true;
+        }
+        if let Some(why) = ctx.act_blocker(name) {
+            blocked.entry(name.to_string()).or_insert(why);
+            return false;
+        }
+        p.act_set.insert(name.to_string());
+        p.acts.push((name.to_string(), src));
+        true
+    };
+    for &i in order {
+        let n = &nodes[i];
+        let op = n.op_type();
+        if !n.domain().is_empty() && n.domain() != "ai.onnx" {
+            continue;
+        }
+        if !ops.contains(&op) {
+            continue;
+        }
+        if opts.exclude_op_types.iter().any(|e| e == op) {
+            p.skipped.push(Skipped { name: n.name().into(), op_type: op.into(), reason: "--exclude-op-types".into() });
+            continue;
+        }
+        if opts.exclude.iter().any(|g| glob_match(g, n.name())) {
+            p.skipped.push(Skipped { name: n.name().into(), op_type: op.into(), reason: "--exclude".into() });
+            continue;
+        }
+        match op {
+            "Conv" | "ConvTranspose" | "MatMul" | "Gemm" => {
+                if op == "Gemm" && n.attr_int_or("transA", 0)? != 0 {
+                    p.skipped.push(Skipped { name: n.name().into(), op_type: op.into(), reason: "transA=1".into() });
+                    continue;
+                }
+                let w = n.input.get(1).map(|s| s.as_str()).unwrap_or("");
+                let wt = view.weight(w);
+                let w_float = wt.is_some_and(|t| t.data_type() == dtype::FLOAT);
+                if opts.weights_only {
+                    if !w_float {
+                        continue;
+                    }
+                    let rank = wt.map(|t| t.dims.len()).unwrap_or(0);
+                    let axis = if opts.per_channel { weight_axis(n, 1, rank)? } else { None };
+                    p.weights.insert((i, 1), axis);
+                    p.selected.insert(i);
+                    continue;
+                }
+                let a = n.input.first().map(|s| s.as_str()).unwrap_or("");
+                let a_ok = want_act(&mut p, &mut blocked, a, ActSource::Own);
+                if !a_ok {
+                    p.skipped.push(Skipped {
+                        name: n.name().into(),
+                        op_type: op.into(),
+                        reason: format!(
+                            "input '{a}' stays float ({})",
+                            blocked.get(a).cloned().unwrap_or_else(|| "constant".into())
+                        ),
+                    });
+                    continue;
+                }
+                let w_ok = if wt.is_some() {
+                    if !w_float {
+                        false
+                    } else {
+                        let rank = wt.map(|t| t.dims.len()).unwrap_or(0);
+                        let axis = if opts.per_channel { weight_axis(n, 1, rank)? } else { None };
+                        p.weights.insert((i, 1), axis);
+                        true
+                    }
+                } else if op == "MatMul" {
+                    want_act(&mut p, &mut blocked, w, ActSource::Own)
+                } else {
+                    false
+                };
+                if !w_ok {
+                    p.skipped.push(Skipped {
+                        name: n.name().into(),
+                        op_type: op.into(),
+                        reason: format!("second input '{w}' cannot be quantized"),
+                    });
+                    continue;
+                }
+                p.selected.insert(i);
+                if let Some(b) = n.input.get(2).filter(|b| !b.is_empty()) {
+                    let bt = view.weight(b);
+                    if bt.is_some_and(|t| t.data_type() == dtype::FLOAT && t.dims.len() == 1) && wt.is_some() {
+                        if op == "Gemm" && (n.attr_float_or("beta", 1.0)? - 1.0).abs() > 0.0 {
+                            // QGemm wants beta = 1 for an int32 bias; keep it float.
+                        } else {
+                            p.biases.insert((i, 2));
+                        }
+                    }
+                }
+                if preset != Preset::Transformer {
+                    for o in &n.output {
+                        if !view.is_graph_output(o) {
+                            want_act(&mut p, &mut blocked, o, ActSource::Own);
+                        }
+                    }
+                }
+            }
+            "Relu" => {
+                // Fold into the producer's Q when the producer is a selected node and the
+                // Relu is its only consumer.
+                let (Some(inp), Some(out)) = (n.input.first(), n.output.first()) else { continue };
+                let producer_selected =
+                    view.producer_index(inp).is_some_and(|pi| p.selected.contains(&pi) && p.act_set.contains(inp));
+                let sole = view.consumers(inp).len() == 1 && !view.is_graph_output(inp);
+                if opts.activations == ActType::U8 && producer_selected && sole && !view.is_graph_output(out) {
+                    if ctx.act_blocker(out).is_none() {
+                        // The producer's own output Q is replaced by the Relu's.
+                        p.act_set.remove(inp.as_str());
+                        p.acts.retain(|(t, _)| t != inp);
+                        want_act(&mut p, &mut blocked, out, ActSource::FoldedRelu { input: inp.clone() });
+                        p.removed.insert(i);
+                        p.selected.insert(i);
+                    }
+                }
+            }
+            _ if MOVE_OPS.contains(&op) => {
+                let Some(inp) = n.input.first() else { continue };
+                if p.act_set.contains(inp.as_str()) {
+                    let src = p.acts.iter().find(|(t, _)| t == inp).map(|(t, s)| match s {
+                        ActSource::SameAs(root) => root.clone(),
+                        _ => t.clone(),
+                    });
+                    if let Some(root) = src {
+                        for o in n.output.iter().filter(|o| !view.is_graph_output(o)) {
+                            want_act(&mut p, &mut blocked, o, ActSource::SameAs(root.clone()));
+                        }
+                        p.selected.insert(i);
+                    }
+                }
+            }
+            _ => {
+                // Binary/unary/variadic ops: all float activation inputs and the output.
+                let inputs: Vec<&String> = n.input.iter().filter(|s| !s.is_empty()).collect();
+                let data_inputs: Vec<&String> = match op {
+                    "Resize" => inputs.into_iter().take(1).collect(),
+                    _ => inputs,
+                };
+                let mut ok = true;
+                for inp in &data_inputs {
+                    if view.weight(inp).is_some() {
+                        // Constant operands (a bias Add, a scale Mul) are quantized as data.
+                        continue;
+                    }
+                    ok &= want_act(&mut p, &mut blocked, inp, ActSource::Own);
+                }
+                if ok {
+                    for o in n.output.iter().filter(|o| !view.is_graph_output(o)) {
+                        let src = if op == "MaxPool" {
+                            match data_inputs.first() {
+                                Some(i0) => ActSource::SameAs((*i0).clone()),
+                                None => ActSource::Own,
+                            }
+                        } else {
+                            ActSource::Own
+                        };
+                        want_act(&mut p, &mut blocked, o, src);
+                    }
+                    p.selected.insert(i);
+                }
+            }
+        }
+    }
+    for (name, why) in blocked {
+        let op = view.producer(&name).map(|n| n.op_type().to_string()).unwrap_or_else(|| "input".into());
+        p.skipped.push(Skipped { name, op_type: op, reason: why });
+    }
+    Ok(p)
+}
+
+// ---------------------------------------------------------------- rewrite
+
+fn act_scalar_tensors(name_scale: &str, name_zp: &str, p: &ActParams) -> (TensorProto, TensorProto) {
+    let zp = match p.ty {
+        ActType::U8 => scalar_u8(name_zp, p.zero_point.clamp(0, 255) as u8),
+        ActType::S8 => scalar_i8(name_zp, p.zero_point.clamp(-128, 127) as i8),
+    };
+    (scalar_f32(name_scale, p.scale), zp)
+}
+
+/// Quantizes a model. `ranges` come from calibration (empty for weights-only).
+pub fn quantize(
+    model: &ModelProto,
+    ranges: &BTreeMap<String, TensorEntry>,
+    opts: &QuantOptions,
+) -> Result<(ModelProto, Report)> {
+    let graph = model.graph.as_ref().context("the model has no graph")?;
+    let view = GraphView::new(graph);
+    view.validate().context("the input model is not valid")?;
+    let order = view.topo_order()?;
+    let preset = match opts.preset {
+        Preset::Auto => detect_preset(&view),
+        p => p,
+    };
+    let mut warnings = Vec::new();
+    let mut opts = opts.clone();
+    let opset = default_opset(model);
+    if opset < 10 {
+        bail!("the model imports opset {opset}; QuantizeLinear needs opset 10 or later");
+    }
+    if opts.per_channel && opset < 13 {
+        warnings.push(format!(
+            "per-channel weights need opset 13 and the model imports opset {opset}: using per-tensor weights (the quantize command upgrades the opset when it can)"
+        ));
+        opts.per_channel = false;
+    }
+    let ctx = Ctx { view: &view, ranges, opts: &opts };
+    let pl = plan(&ctx, preset, &order)?;
+    let mut out_graph = rewrite(graph, &view, &pl, &opts, ranges)?;
+    let mut totals = out_graph.1;
+    totals.nodes = graph.node.len();
+    totals.nodes_quantized = pl.selected.len();
+    totals.relu_removed = pl.removed.len();
+    let report = Report {
+        preset,
+        per_channel: opts.per_channel,
+        activations: if opts.weights_only {
+            "float"
+        } else {
+            match opts.activations {
+                ActType::U8 => "uint8",
+                ActType::S8 => "int8",
+            }
+        },
+        warnings,
+        tensors: std::mem::take(&mut out_graph.2),
+        skipped: pl.skipped.clone(),
+        totals,
+    };
+    let mut out = model.clone();
+    out.graph = Some(out_graph.0);
+    GraphView::new(out.graph.as_ref().context("graph")?)
+        .validate()
+        .context("internal error: the quantized graph is invalid")?;
+    Ok((out, report))
+}
+
+pub fn default_opset(m: &ModelProto) -> i64 {
+    m.opset_import.iter().find(|o| o.domain().is_empty() || o.domain() == "ai.onnx").map(|o| o.version()).unwrap_or(0)
+}
+
+type Rewritten = (GraphProto, Totals, Vec<TensorReport>);
+
+fn rewrite(
+    graph: &GraphProto,
+    view: &GraphView,
+    pl: &Plan,
+    opts: &QuantOptions,
+    ranges: &BTreeMap<String, TensorEntry>,
+) -> Result<Rewritten> {
+    let mut names = NameAlloc::new(graph);
+    let mut new_inits: Vec<TensorProto> = Vec::new();
+    let mut reports: Vec<TensorReport> = Vec::new();
+    let mut totals = Totals::default();
+
+    // 1. Activation parameters: (scale name, zp name, params) per quantized tensor.
+    let mut act: HashMap<String, (String, String, ActParams)> = HashMap::new();
+    for (t, src) in &pl.acts {
+        match src {
+            ActSource::SameAs(root) if act.contains_key(root) => {
+                let v = act[root].clone();
+                act.insert(t.clone(), v);
+            }
+            _ => {
+                let r = ranges.get(t).with_context(|| format!("tensor '{t}': no range"))?;
+                let (lo, hi) = match opts.activations {
+                    ActType::U8 => (r.range[0], r.range[1]),
+                    ActType::S8 => (r.range_symmetric[0], r.range_symmetric[1]),
+                };
+                let prm = ActParams::from_range(lo, hi, opts.activations);
+                let sn = names.fresh(&format!("{t}_scale"));
+                let zn = names.fresh(&format!("{t}_zero_point"));
+                let (s, z) = act_scalar_tensors(&sn, &zn, &prm);
+                new_inits.push(s);
+                new_inits.push(z);
+                reports.push(TensorReport {
+                    name: t.clone(),
+                    kind: "activation",
+                    dtype: if prm.ty == ActType::U8 { "uint8" } else { "int8" },
+                    scale: vec![prm.scale],
+                    zero_point: prm.zero_point,
+                    axis: None,
+                    range: Some([lo, hi]),
+                    method: Some(opts.method.clone()),
+                });
+                act.insert(t.clone(), (sn, zn, prm));
+            }
+        }
+    }
+    totals.activations_quantized = pl.acts.len();
+
+    // 2. Weights: one quantized copy per (weight, axis).
+    let mut wq: HashMap<(String, Option<usize>), (String, String, String, Vec<f32>)> = HashMap::new();
+    let mut bytes_before: HashSet<String> = HashSet::new();
+    for (&(ni, slot), &axis) in &pl.weights {
+        let n = &view.nodes()[ni];
+        let w = &n.input[slot];
+        let key = (w.clone(), axis);
+        if wq.contains_key(&key) {
+            continue;
+        }
+        let t = view.weight(w).with_context(|| format!("{}: weight '{w}' not found", describe(n)))?;
+        let a = to_f32(t).with_context(|| format!("{}: weight '{w}'", describe(n)))?;
+        if bytes_before.insert(w.clone()) {
+            totals.weight_bytes_before += crate::dump::tensor_bytes(t);
+        }
+        let q = quantize_weight(&a, axis);
+        let qn = names.fresh(&format!("{w}_quantized"));
+        let sn = names.fresh(&format!("{w}_scale"));
+        let zn = names.fresh(&format!("{w}_zero_point"));
+        new_inits.push(from_i8(&qn, &q.values));
+        totals.weight_bytes_after += q.values.len() as u64;
+        match axis {
+            Some(_) => {
+                new_inits.push(vec_f32(&sn, &q.scales));
+                new_inits.push(vec_i8(&zn, &vec![0i8; q.scales.len()]));
+            }
+            None => {
+                new_inits.push(scalar_f32(&sn, q.scales[0]));
+                new_inits.push(scalar_i8(&zn, 0));
+            }
+        }
+        reports.push(TensorReport {
+            name: w.clone(),
+            kind: "weight",
+            dtype: "int8",
+            scale: q.scales.clone(),
+            zero_point: 0,
+            axis,
+            range: None,
+            method: None,
+        });
+        totals.weights_quantized += 1;
+        wq.insert(key, (qn, sn, zn, q.scales));
+    }
+
+    // 3. Build the node list.
+    let mut out_nodes: Vec<NodeProto> = Vec::new();
+    let mut q_out: HashMap<String, String> = HashMap::new(); // tensor -> its Q output
+    let emit_q = |t: &str,
+                  read: &str,
+                  names: &mut NameAlloc,
+                  out_nodes: &mut Vec<NodeProto>,
+                  q_out: &mut HashMap<String, String>,
+                  act: &HashMap<String, (String, String, ActParams)>| {
+        if let Some((s, z, _)) = act.get(t) {
+            let qn = names.fresh(&format!("{t}_quantized"));
+            let node_name = names.fresh(&format!("{t}_QuantizeLinear"));
+            out_nodes.push(node("QuantizeLinear", &node_name, &[read, s, z], &[&qn], vec![]));
+            q_out.insert(t.to_string(), qn);
+        }
+    };
+    // Graph inputs that are quantized get their Q first.
+    for vi in &graph.input {
+        if view.is_graph_input(vi.name()) && act.contains_key(vi.name()) {
+            emit_q(vi.name(), vi.name(), &mut names, &mut out_nodes, &mut q_out, &act);
+        }
+    }
+    // Folded Relus: the Q of the Relu output reads the Relu input.
+    let folded: HashMap<&str, &str> = pl
+        .acts
+        .iter()
+        .filter_map(|(t, s)| match s {
+            ActSource::FoldedRelu { input } => Some((input.as_str(), t.as_str())),
+            _ => None,
+        })
+        .collect();
+    let mut dq_cache_weight: HashMap<String, ()> = HashMap::new();
+    let mut bias_inits_added = 0usize;
+    let order = view.topo_order()?;
+    for &ni in &order {
+        if pl.removed.contains(&ni) {
+            continue;
+        }
+        let mut n = view.nodes()[ni].clone();
+        let consumer_quantized = pl.selected.contains(&ni);
+        // Rewire inputs.
+        for slot in 0..n.input.len() {
+            let inp = n.input[slot].clone();
+            if inp.is_empty() {
+                continue;
+            }
+            if let Some(&axis) = pl.weights.get(&(ni, slot)) {
+                let (qn, sn, zn, _) = &wq[&(inp.clone(), axis)];
+                let dqn = names.fresh(&format!("{inp}_dequantized"));
+                let node_name = names.fresh(&format!("{inp}_DequantizeLinear"));
+                let attrs = match axis {
+                    Some(a) => vec![attr_int("axis", a as i64)],
+                    None => vec![],
+                };
+                out_nodes.push(node("DequantizeLinear", &node_name, &[qn, sn, zn], &[&dqn], attrs));
+                dq_cache_weight.insert(inp.clone(), ());
+                n.input[slot] = dqn;
+                continue;
+            }
+            if pl.biases.contains(&(ni, slot)) {
+                // Needs the input's activation scale and the weight's scales.
+                let a_name = &view.nodes()[ni].input[0];
+                let w_axis = pl.weights.get(&(ni, 1)).copied();
+                let (Some((_, _, ap)), Some(w_axis)) = (act.get(a_name), w_axis) else { continue };
+                let w_scales = &wq[&(view.nodes()[ni].input[1].clone(), w_axis)].3;
+                let bt = view.weight(&inp).with_context(|| format!("bias '{inp}'"))?;
+                let b = to_f32(bt).with_context(|| format!("{}: bias '{inp}'", describe(&n)))?;
+                let bv: Vec<f32> = b.iter().copied().collect();
+                let Some((qb, scales)) = quantize_bias(&bv, ap.scale, w_scales) else { continue };
+                let qn = names.fresh(&format!("{inp}_quantized"));
+                let sn = names.fresh(&format!("{inp}_scale"));
+                let zn = names.fresh(&format!("{inp}_zero_point"));
+                new_inits.push(from_i32(&qn, &ArrayD::from_shape_vec(IxDyn(&[qb.len()]), qb).unwrap_or_default()));
+                let per_channel = scales.len() > 1;
+                if per_channel {
+                    new_inits.push(vec_f32(&sn, &scales));
+                    new_inits.push(vec_i32(&zn, &vec![0; scales.len()]));
+                } else {
+                    new_inits.push(scalar_f32(&sn, scales[0]));
+                    new_inits.push(from_i32(&zn, &ArrayD::from_elem(IxDyn(&[]), 0)));
+                }
+                bias_inits_added += 1;
+                let dqn = names.fresh(&format!("{inp}_dequantized"));
+                let node_name = names.fresh(&format!("{inp}_DequantizeLinear"));
+                let attrs = if per_channel { vec![attr_int("axis", 0)] } else { vec![] };
+                out_nodes.push(node("DequantizeLinear", &node_name, &[&qn, &sn, &zn], &[&dqn], attrs));
+                reports.push(TensorReport {
+                    name: inp.clone(),
+                    kind: "bias",
+                    dtype: "int32",
+                    scale: scales,
+                    zero_point: 0,
+                    axis: per_channel.then_some(0),
+                    range: None,
+                    method: None,
+                });
+                n.input[slot] = dqn;
+                continue;
+            }
+            // Activation: a quantized tensor read by any node goes through its own DQ.
+            let key = if act.contains_key(&inp) { Some(inp.clone()) } else { None };
+            if let Some(t) = key {
+                let _ = consumer_quantized;
+                if let (Some(qn), Some((s, z, _))) = (q_out.get(&t), act.get(&t)) {
+                    let dqn = names.fresh(&format!("{t}_dequantized"));
+                    let node_name = names.fresh(&format!("{t}_DequantizeLinear"));
+                    out_nodes.push(node("DequantizeLinear", &node_name, &[qn, s, z], &[&dqn], vec![]));
+                    n.input[slot] = dqn;
+                }
+            }
+        }
+        // Emit the node, then Q for its quantized outputs.
+        let outputs = n.output.clone();
+        out_nodes.push(n);
+        for o in outputs.iter().filter(|o| !o.is_empty()) {
+            if act.contains_key(o.as_str()) {
+                emit_q(o, o, &mut names, &mut out_nodes, &mut q_out, &act);
+            }
+            if let Some(relu_out) = folded.get(o.as_str()) {
+                emit_q(relu_out, o, &mut names, &mut out_nodes, &mut q_out, &act);
+            }
+        }
+    }
+    totals.biases_quantized = bias_inits_added;
+
+    // 4. Initializers: keep the ones still read, add the new ones.
+    let mut g = graph.clone();
+    g.node = out_nodes;
+    let used: HashSet<String> = g
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter().cloned())
+        .chain(g.output.iter().map(|o| o.name().to_string()))
+        .collect();
+    g.initializer.retain(|t| used.contains(t.name()));
+    g.initializer.extend(new_inits);
+    // Constant nodes whose weight is no longer read are dropped.
+    g.node.retain(|n| n.op_type() != "Constant" || n.output.iter().any(|o| used.contains(o)));
+    // Graph inputs listed for initializers that are gone (IR < 4 style) are dropped too.
+    let inits: HashSet<String> = g.initializer.iter().map(|t| t.name().to_string()).collect();
+    let orig_inits: HashSet<&str> = graph.initializer.iter().map(|t| t.name()).collect();
+    g.input.retain(|vi| !orig_inits.contains(vi.name()) || inits.contains(vi.name()));
+    // Value infos of removed tensors would mislead shape inference: keep only produced ones.
+    let produced: HashSet<&str> = g.node.iter().flat_map(|n| n.output.iter().map(|s| s.as_str())).collect();
+    g.value_info.retain(|vi| produced.contains(vi.name()));
+    Ok((g, totals, reports))
+}
+
+/// A one-screen summary of a report.
+pub fn summary(r: &Report) -> String {
+    let t = &r.totals;
+    let mut s = format!(
+        "preset {:?}, weights {} int8, activations {}\n{} of {} nodes quantized: {} activations, {} weights, {} biases, {} Relu folded\nweights {} -> {}\n",
+        r.preset,
+        if r.per_channel { "per-channel" } else { "per-tensor" },
+        r.activations,
+        t.nodes_quantized,
+        t.nodes,
+        t.activations_quantized,
+        t.weights_quantized,
+        t.biases_quantized,
+        t.relu_removed,
+        crate::dump::human_bytes(t.weight_bytes_before),
+        crate::dump::human_bytes(t.weight_bytes_after),
+    );
+    for w in &r.warnings {
+        s.push_str(&format!("warning: {w}\n"));
+    }
+    let sentinel: Vec<&Skipped> = r.skipped.iter().filter(|k| k.reason.contains("sentinel")).collect();
+    if !sentinel.is_empty() {
+        s.push_str(&format!(
+            "{} tensors left float because sentinel values (masks) dominate their range, e.g. '{}'\n",
+            sentinel.len(),
+            sentinel[0].name
+        ));
+    }
+    let kept: Vec<&Skipped> = r.skipped.iter().filter(|k| k.reason.contains("--keep-float")).collect();
+    for k in kept {
+        s.push_str(&format!("kept float: '{}'\n", k.name));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("conv*", "conv1"));
+        assert!(glob_match("*dense*", "/encoder/layer.0/output/dense/MatMul"));
+        assert!(glob_match("a?c", "abc"));
+        assert!(!glob_match("a?c", "abbc"));
+        assert!(glob_match("*", ""));
+        assert!(!glob_match("conv", "conv1"));
+    }
+}

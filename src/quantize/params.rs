@@ -1,0 +1,211 @@
+//! Quantization arithmetic: scales and zero points from ranges, int8 weights (per tensor or
+//! per channel), int32 biases. Everything follows the ONNX `QuantizeLinear` definition:
+//! `q = saturate(round_half_even(x / scale) + zero_point)`.
+
+use ndarray::{ArrayD, Axis};
+
+/// Activation element type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActType {
+    /// uint8, asymmetric (ONNX Runtime's CPU int8 kernels want this).
+    U8,
+    /// int8, symmetric (zero point 0).
+    S8,
+}
+
+/// Scale and zero point of one per-tensor activation quantizer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ActParams {
+    pub scale: f32,
+    /// Stored as i32; the element type says how to write it.
+    pub zero_point: i32,
+    pub ty: ActType,
+}
+
+impl ActParams {
+    /// Params covering `[lo, hi]` (the range is widened to include 0 so 0 is exact).
+    pub fn from_range(lo: f32, hi: f32, ty: ActType) -> Self {
+        let lo = lo.min(0.0);
+        let hi = hi.max(0.0);
+        match ty {
+            ActType::U8 => {
+                let scale = (hi - lo) / 255.0;
+                if !(scale.is_finite() && scale > 0.0) {
+                    return ActParams { scale: 1.0, zero_point: 0, ty };
+                }
+                let zp = (-lo / scale).round_ties_even().clamp(0.0, 255.0) as i32;
+                ActParams { scale, zero_point: zp, ty }
+            }
+            ActType::S8 => {
+                let m = lo.abs().max(hi.abs());
+                let scale = m / 127.0;
+                if !(scale.is_finite() && scale > 0.0) {
+                    return ActParams { scale: 1.0, zero_point: 0, ty };
+                }
+                ActParams { scale, zero_point: 0, ty }
+            }
+        }
+    }
+
+    pub fn qmin_qmax(&self) -> (i32, i32) {
+        match self.ty {
+            ActType::U8 => (0, 255),
+            ActType::S8 => (-128, 127),
+        }
+    }
+
+    /// Quantize then dequantize one value, exactly as QuantizeLinear → DequantizeLinear.
+    pub fn fake(&self, x: f32) -> f32 {
+        let (lo, hi) = self.qmin_qmax();
+        let q = ((x / self.scale).round_ties_even() + self.zero_point as f32).clamp(lo as f32, hi as f32);
+        (q - self.zero_point as f32) * self.scale
+    }
+}
+
+/// A symmetric int8 weight: values in [-127, 127], one scale per channel along `axis`
+/// (or one scale when `axis` is None).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantWeight {
+    pub values: ArrayD<i8>,
+    pub scales: Vec<f32>,
+    pub axis: Option<usize>,
+}
+
+fn symmetric_scale(abs_max: f32) -> f32 {
+    let s = abs_max / 127.0;
+    if s.is_finite() && s > 0.0 {
+        s
+    } else {
+        1.0
+    }
+}
+
+fn q8(x: f32, scale: f32) -> i8 {
+    (x / scale).round_ties_even().clamp(-127.0, 127.0) as i8
+}
+
+/// Quantizes a float weight to int8, per channel along `axis` or per tensor.
+pub fn quantize_weight(w: &ArrayD<f32>, axis: Option<usize>) -> QuantWeight {
+    match axis {
+        Some(ax) if ax < w.ndim() => {
+            let scales: Vec<f32> =
+                w.axis_iter(Axis(ax)).map(|c| symmetric_scale(c.iter().fold(0f32, |m, v| m.max(v.abs())))).collect();
+            let mut values = ArrayD::<i8>::zeros(w.raw_dim());
+            for (c, (mut out, inp)) in values.axis_iter_mut(Axis(ax)).zip(w.axis_iter(Axis(ax))).enumerate() {
+                let s = scales[c];
+                out.zip_mut_with(&inp, |o, &x| *o = q8(x, s));
+            }
+            QuantWeight { values, scales, axis: Some(ax) }
+        }
+        _ => {
+            let s = symmetric_scale(w.iter().fold(0f32, |m, v| m.max(v.abs())));
+            QuantWeight { values: w.mapv(|x| q8(x, s)), scales: vec![s], axis: None }
+        }
+    }
+}
+
+impl QuantWeight {
+    /// The float weight this int8 weight stands for.
+    pub fn dequantize(&self) -> ArrayD<f32> {
+        let mut out = self.values.mapv(|v| v as f32);
+        match self.axis {
+            Some(ax) => {
+                for (c, mut ch) in out.axis_iter_mut(Axis(ax)).enumerate() {
+                    let s = self.scales[c];
+                    ch.mapv_inplace(|v| v * s);
+                }
+            }
+            None => {
+                let s = self.scales[0];
+                out.mapv_inplace(|v| v * s);
+            }
+        }
+        out
+    }
+}
+
+/// An int32 bias with scale `input_scale × weight_scale[c]` and zero point 0. Returns None
+/// when a value would not fit in int32 (the caller keeps that bias in float).
+pub fn quantize_bias(b: &[f32], input_scale: f32, weight_scales: &[f32]) -> Option<(Vec<i32>, Vec<f32>)> {
+    let per_channel = weight_scales.len() > 1;
+    if per_channel && weight_scales.len() != b.len() {
+        return None;
+    }
+    let scales: Vec<f32> = (0..if per_channel { b.len() } else { 1 })
+        .map(|c| input_scale * weight_scales[if per_channel { c } else { 0 }])
+        .collect();
+    let mut q = Vec::with_capacity(b.len());
+    for (c, &x) in b.iter().enumerate() {
+        let s = scales[if per_channel { c } else { 0 }];
+        if !(s > 0.0 && s.is_finite()) {
+            return None;
+        }
+        let v = (x as f64 / s as f64).round_ties_even();
+        if !(v.abs() < i32::MAX as f64) {
+            return None;
+        }
+        q.push(v as i32);
+    }
+    Some((q, scales))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::IxDyn;
+
+    #[test]
+    fn u8_params_cover_range_and_keep_zero_exact() {
+        let p = ActParams::from_range(-1.0, 3.0, ActType::U8);
+        assert!((p.scale - 4.0 / 255.0).abs() < 1e-9);
+        assert_eq!(p.zero_point, 64);
+        assert_eq!(p.fake(0.0), 0.0);
+        assert!((p.fake(3.0) - 3.0).abs() <= p.scale);
+        assert!((p.fake(100.0) - p.fake(3.0)).abs() < 1e-6, "clipped at the top");
+        let relu = ActParams::from_range(0.0, 6.0, ActType::U8);
+        assert_eq!(relu.zero_point, 0);
+        assert_eq!(relu.fake(-5.0), 0.0, "u8 with zp 0 clamps negatives like Relu");
+    }
+
+    #[test]
+    fn s8_params_are_symmetric() {
+        let p = ActParams::from_range(-2.0, 1.0, ActType::S8);
+        assert_eq!(p.zero_point, 0);
+        assert!((p.scale - 2.0 / 127.0).abs() < 1e-9);
+        let degenerate = ActParams::from_range(0.0, 0.0, ActType::S8);
+        assert_eq!(degenerate.scale, 1.0);
+    }
+
+    #[test]
+    fn rounding_is_half_to_even() {
+        let p = ActParams { scale: 1.0, zero_point: 0, ty: ActType::S8 };
+        assert_eq!(p.fake(2.5), 2.0);
+        assert_eq!(p.fake(3.5), 4.0);
+        assert_eq!(p.fake(-2.5), -2.0);
+    }
+
+    #[test]
+    fn per_channel_weights_use_each_channels_abs_max() {
+        let w = ArrayD::from_shape_vec(IxDyn(&[2, 3]), vec![0.1, -0.2, 0.4, 10.0, 5.0, -2.5]).unwrap();
+        let q = quantize_weight(&w, Some(1));
+        assert_eq!(q.scales.len(), 3);
+        assert!((q.scales[0] - 10.0 / 127.0).abs() < 1e-7);
+        assert_eq!(q.values[[1, 0]], 127);
+        assert_eq!(q.values[[0, 2]], (0.4f32 / (2.5 / 127.0)).round_ties_even() as i8);
+        let back = q.dequantize();
+        for (a, b) in back.iter().zip(w.iter()) {
+            assert!((a - b).abs() <= 10.0 / 127.0 / 2.0 + 1e-6);
+        }
+        let t = quantize_weight(&w, None);
+        assert_eq!(t.scales.len(), 1);
+        assert_eq!(t.values[[0, 0]], 1, "0.1 / (10/127) = 1.27 -> 1");
+    }
+
+    #[test]
+    fn bias_scale_is_input_times_weight_scale() {
+        let (q, s) = quantize_bias(&[0.5, -1.0], 0.1, &[0.01, 0.02]).unwrap();
+        assert_eq!(s, vec![0.1 * 0.01, 0.1 * 0.02]);
+        assert_eq!(q, vec![500, -500]);
+        assert!(quantize_bias(&[1e30], 1e-6, &[1e-6]).is_none(), "overflow keeps float");
+    }
+}
