@@ -238,6 +238,10 @@ struct Plan {
     removed: BTreeSet<usize>,
     selected: BTreeSet<usize>,
     skipped: Vec<Skipped>,
+    /// Nodes outside the selection read the float tensor instead of its DQ (transformer
+    /// preset: keeps the residual stream exact; ONNX Runtime's way, false, lets the
+    /// producer fuse with its Q).
+    float_readers_keep_float: bool,
 }
 
 fn weight_axis(n: &NodeProto, slot: usize, rank: usize) -> Result<Option<usize>> {
@@ -296,6 +300,7 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
         removed: BTreeSet::new(),
         selected: BTreeSet::new(),
         skipped: Vec::new(),
+        float_readers_keep_float: preset == Preset::Transformer,
     };
     let mut blocked: BTreeMap<String, String> = BTreeMap::new();
     let mut want_act = |p: &mut Plan, blocked: &mut BTreeMap<String, String>, name: &str, src: ActSource| -> bool {
@@ -741,9 +746,9 @@ fn rewrite(
                 continue;
             }
             // Activation: a quantized tensor read by any node goes through its own DQ.
-            let key = if act.contains_key(&inp) { Some(inp.clone()) } else { None };
-            if let Some(t) = key {
-                let _ = consumer_quantized;
+            let keep_float = pl.float_readers_keep_float && !consumer_quantized;
+            if act.contains_key(&inp) && !keep_float {
+                let t = inp.clone();
                 if let (Some(qn), Some((s, z, _))) = (q_out.get(&t), act.get(&t)) {
                     let dqn = names.fresh(&format!("{t}_dequantized"));
                     let node_name = names.fresh(&format!("{t}_DequantizeLinear"));
