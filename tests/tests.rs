@@ -5,4 +5,5 @@ mod calibrate;
 mod dump;
 mod eval;
 mod fixtures;
+mod quantize;
 mod util;

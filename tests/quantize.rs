@@ -1,0 +1,377 @@
+//! `onnxq quantize`: every fixture quantizes to a valid QDQ model whose outputs stay within an
+//! SQNR bound a broken quantizer could not meet; formats (per-channel int8 weights, int32
+//! bias, uint8/int8 activations), placement, selection flags, determinism, and errors.
+
+use crate::util::{assert_clean_error, fixture, onnxq, stderr, tempdir};
+use onnxq::array::dtype;
+use onnxq::onnx::attr::NodeAttrs;
+use onnxq::onnx::pb::ModelProto;
+use std::path::{Path, PathBuf};
+
+fn quantize(model: &str, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args: Vec<std::ffi::OsString> = vec!["quantize".into(), fixture(model).into(), "-o".into(), out.into()];
+    args.extend(extra.iter().map(|s| s.into()));
+    onnxq(args)
+}
+
+fn calib(name: &str) -> String {
+    fixture(&format!("{name}/calib")).display().to_string()
+}
+
+fn load(p: &Path) -> ModelProto {
+    let m = onnxq::onnx::load(p).expect("load quantized").proto;
+    onnxq::onnx::GraphView::new(m.graph.as_ref().expect("graph")).validate().expect("valid graph");
+    m
+}
+
+/// Worst-output SQNR of `cand` against the fixture on its held-out eval samples.
+fn sqnr(name: &str, cand: &Path) -> f64 {
+    let reference = onnxq::onnx::load(&fixture(&format!("{name}.onnx"))).expect("load ref").proto;
+    let c = onnxq::onnx::load(cand).expect("load cand").proto;
+    let data = onnxq::data::DataOptions {
+        sources: vec![onnxq::data::Source::Path(fixture(&format!("{name}/eval")))],
+        ..Default::default()
+    };
+    onnxq::pipeline::output_sqnr(&reference, &c, &data).expect("eval")
+}
+
+fn ops(m: &ModelProto, op: &str) -> usize {
+    m.graph.as_ref().expect("graph").node.iter().filter(|n| n.op_type() == op).count()
+}
+
+fn init<'a>(m: &'a ModelProto, name: &str) -> &'a onnxq::onnx::pb::TensorProto {
+    m.graph
+        .as_ref()
+        .expect("graph")
+        .initializer
+        .iter()
+        .find(|t| t.name() == name)
+        .unwrap_or_else(|| panic!("initializer {name} missing"))
+}
+
+#[test]
+fn every_fixture_quantizes_within_an_sqnr_bound() {
+    // Bounds sit a few dB below what the quantizer reaches; a wrong scale, zero point,
+    // axis or bias scale drops far below them.
+    let cases = [("cnn", 35.0), ("transformer", 28.0), ("constants", 30.0), ("shared", 17.0), ("outliers", 6.0)];
+    let dir = tempdir();
+    for (name, bound) in cases {
+        let out = dir.path().join(format!("{name}.onnx"));
+        let o = quantize(&format!("{name}.onnx"), &out, &["--data", &calib(name), "--quiet"]);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let q = load(&out);
+        assert!(ops(&q, "QuantizeLinear") > 0 && ops(&q, "DequantizeLinear") > 0, "{name} has Q/DQ");
+        let s = sqnr(name, &out);
+        assert!(s > bound && s.is_finite(), "{name}: SQNR {s:.2} dB not above {bound}");
+        // Graph inputs and outputs keep their names and float types.
+        let f = onnxq::onnx::load(&fixture(&format!("{name}.onnx"))).expect("load").proto;
+        let names = |m: &ModelProto| {
+            let g = m.graph.as_ref().expect("graph");
+            (
+                g.input
+                    .iter()
+                    .map(|v| (v.name().to_string(), onnxq::onnx::builder::elem_type_of(v)))
+                    .collect::<Vec<_>>(),
+                g.output
+                    .iter()
+                    .map(|v| (v.name().to_string(), onnxq::onnx::builder::elem_type_of(v)))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(names(&f), names(&q), "{name}: graph inputs/outputs changed");
+    }
+    let same = sqnr("cnn", &fixture("cnn.onnx"));
+    assert!(same.is_infinite(), "the float model matches itself exactly");
+}
+
+#[test]
+fn conv_weights_are_per_channel_int8_and_biases_int32() {
+    let dir = tempdir();
+    let out = dir.path().join("q.onnx");
+    let report = dir.path().join("r.json");
+    let o = quantize("cnn.onnx", &out, &["--data", &calib("cnn"), "--report", report.to_str().expect("utf8")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let q = load(&out);
+    let w = init(&q, "conv1.weight_quantized");
+    assert_eq!(w.data_type(), dtype::INT8);
+    assert_eq!(init(&q, "conv1.weight_scale").dims, vec![8]);
+    let dq = q
+        .graph
+        .as_ref()
+        .expect("graph")
+        .node
+        .iter()
+        .find(|n| n.input.first().map(|s| s.as_str()) == Some("conv1.weight_quantized"))
+        .expect("weight DQ");
+    assert_eq!(dq.attr_int("axis").expect("int"), Some(0));
+    // Bias: int32, scale = input scale x weight scale, zero point 0.
+    let b = init(&q, "conv1.bias_quantized");
+    assert_eq!(b.data_type(), dtype::INT32);
+    let bs = onnxq::onnx::tensor::to_f32(init(&q, "conv1.bias_scale")).expect("f32");
+    let ws = onnxq::onnx::tensor::to_f32(init(&q, "conv1.weight_scale")).expect("f32");
+    let xs = onnxq::onnx::tensor::to_f32(init(&q, "image_scale")).expect("f32");
+    for c in 0..8 {
+        assert!((bs[c] - xs[[]] * ws[c]).abs() <= 1e-6 * bs[c].abs(), "bias scale channel {c}");
+    }
+    // Gemm with transB=1: per-channel on axis 0 of B.
+    let dq = q
+        .graph
+        .as_ref()
+        .expect("graph")
+        .node
+        .iter()
+        .find(|n| n.input.first().map(|s| s.as_str()) == Some("fc.weight_quantized"))
+        .expect("fc DQ");
+    assert_eq!(dq.attr_int("axis").expect("int"), Some(0));
+    // Relu folded into the Q after each Conv: ONNX Runtime fuses Conv+Q into QLinearConv.
+    assert_eq!(ops(&q, "Relu"), 0);
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(report).expect("report")).expect("json");
+    assert_eq!(r["quantization"]["totals"]["relu_removed"], 2);
+    assert_eq!(r["quantization"]["totals"]["biases_quantized"], 3);
+    assert!(r["quantization"]["tensors"]
+        .as_array()
+        .expect("tensors")
+        .iter()
+        .any(|t| t["name"] == "conv2" || t["name"] == "relu2"));
+
+    let out2 = dir.path().join("pt.onnx");
+    let o = quantize("cnn.onnx", &out2, &["--data", &calib("cnn"), "--per-tensor", "-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let q2 = load(&out2);
+    assert!(init(&q2, "conv1.weight_scale").dims.is_empty(), "per-tensor scale is a scalar");
+    assert!(sqnr("cnn", &out2) > 25.0);
+}
+
+#[test]
+fn weights_only_needs_no_data_and_quantizes_constant_node_weights() {
+    let dir = tempdir();
+    let out = dir.path().join("w.onnx");
+    let o = quantize("constants.onnx", &out, &["--weights-only", "-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let q = load(&out);
+    assert_eq!(ops(&q, "QuantizeLinear"), 0, "activations stay float");
+    assert_eq!(ops(&q, "DequantizeLinear"), 2);
+    assert_eq!(ops(&q, "Constant"), 1, "only the bias Constant remains: weights became int8 initializers");
+    assert_eq!(init(&q, "w1_quantized").data_type(), dtype::INT8);
+    assert!(sqnr("constants", &out) > 35.0);
+    let before = std::fs::metadata(fixture("constants.onnx")).expect("meta").len();
+    let after = std::fs::metadata(&out).expect("meta").len();
+    assert!(after < before, "{after} < {before}");
+}
+
+#[test]
+fn a_shared_weight_gets_one_quantized_copy() {
+    let dir = tempdir();
+    let out = dir.path().join("s.onnx");
+    let o = quantize("shared.onnx", &out, &["--data", &calib("shared"), "-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let q = load(&out);
+    let g = q.graph.as_ref().expect("graph");
+    let int8: Vec<&str> =
+        g.initializer.iter().filter(|t| t.data_type() == dtype::INT8 && t.dims.len() == 2).map(|t| t.name()).collect();
+    assert_eq!(int8, vec!["shared.weight_quantized"]);
+    let readers =
+        g.node.iter().filter(|n| n.input.first().map(|s| s.as_str()) == Some("shared.weight_quantized")).count();
+    assert_eq!(readers, 2, "one DequantizeLinear per consumer (ONNX Runtime fuses single-consumer DQs)");
+    assert!(!g.initializer.iter().any(|t| t.name() == "shared.weight"), "the float copy is gone");
+}
+
+#[test]
+fn attention_mask_sentinels_are_left_float_and_reported() {
+    let dir = tempdir();
+    let out = dir.path().join("t.onnx");
+    let report = dir.path().join("r.json");
+    let o = quantize(
+        "transformer.onnx",
+        &out,
+        &["--data", &calib("transformer"), "--preset", "cnn", "--report", report.to_str().expect("utf8")],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("sentinel"), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(report).expect("report")).expect("json");
+    let skipped = r["quantization"]["skipped"].as_array().expect("skipped");
+    assert!(skipped.iter().any(|s| s["name"] == "qk_mask" && s["reason"].as_str().unwrap_or("").contains("sentinel")));
+    let quantized: Vec<&str> =
+        r["quantization"]["tensors"].as_array().expect("t").iter().filter_map(|t| t["name"].as_str()).collect();
+    assert!(!quantized.contains(&"qk_mask") && !quantized.contains(&"mask_scale"));
+    assert!(quantized.contains(&"softmax"), "quantized after the Softmax instead");
+    assert!(sqnr("transformer", &out) > 20.0);
+}
+
+#[test]
+fn transformer_preset_keeps_the_residual_stream_and_norms_float() {
+    let dir = tempdir();
+    let out = dir.path().join("t.onnx");
+    let report = dir.path().join("r.json");
+    let o = quantize(
+        "transformer.onnx",
+        &out,
+        &["--data", &calib("transformer"), "--report", report.to_str().expect("utf8")],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(report).expect("report")).expect("json");
+    assert_eq!(r["quantization"]["preset"], "transformer", "auto detects the decomposed LayerNorm");
+    let quantized: Vec<&str> =
+        r["quantization"]["tensors"].as_array().expect("t").iter().filter_map(|t| t["name"].as_str()).collect();
+    for float in ["residual1", "ln2_pow", "ln2_var", "gelu_erf", "qk_mask", "x"] {
+        assert!(!quantized.contains(&float), "{float} must stay float");
+    }
+    for q in ["ln1_shift", "softmax", "gelu_half_mul", "q_proj.weight"] {
+        assert!(quantized.contains(&q), "{q} should be quantized");
+    }
+    // The residual Add reads the float LayerNorm input, not a dequantized copy.
+    let m = load(&out);
+    let add = m.graph.as_ref().expect("graph").node.iter().find(|n| n.name() == "residual1").expect("residual1");
+    assert_eq!(add.input[0], "x");
+}
+
+#[test]
+fn selection_flags_exclude_nodes_and_op_types() {
+    let dir = tempdir();
+    let out = dir.path().join("e.onnx");
+    let report = dir.path().join("r.json");
+    let o = quantize(
+        "cnn.onnx",
+        &out,
+        &[
+            "--data",
+            &calib("cnn"),
+            "--exclude",
+            "conv*",
+            "--exclude-op-types",
+            "Gemm",
+            "--report",
+            report.to_str().expect("utf8"),
+            "-q",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(report).expect("report")).expect("json");
+    let skipped: Vec<(&str, &str)> = r["quantization"]["skipped"]
+        .as_array()
+        .expect("skipped")
+        .iter()
+        .filter_map(|s| Some((s["name"].as_str()?, s["reason"].as_str()?)))
+        .collect();
+    assert!(skipped.contains(&("conv1", "--exclude")) && skipped.contains(&("conv2", "--exclude")));
+    assert!(skipped.contains(&("fc", "--exclude-op-types")));
+    let q = load(&out);
+    assert!(!q
+        .graph
+        .as_ref()
+        .expect("graph")
+        .initializer
+        .iter()
+        .any(|t| t.data_type() == dtype::INT8 && t.dims.len() > 1));
+}
+
+#[test]
+fn int8_symmetric_activations() {
+    let dir = tempdir();
+    let out = dir.path().join("s8.onnx");
+    let o = quantize("cnn.onnx", &out, &["--data", &calib("cnn"), "--activations", "s8", "-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let q = load(&out);
+    let zp = init(&q, "image_zero_point");
+    assert_eq!(zp.data_type(), dtype::INT8);
+    assert_eq!(onnxq::onnx::tensor::to_f32(zp).expect("f32")[[]], 0.0);
+    assert_eq!(ops(&q, "Relu"), 2, "a symmetric Q cannot stand in for Relu");
+    assert!(sqnr("cnn", &out) > 30.0);
+}
+
+#[test]
+fn stats_file_reuse_and_determinism() {
+    let dir = tempdir();
+    let stats = dir.path().join("s.json");
+    let o = onnxq([
+        "calibrate",
+        fixture("transformer.onnx").to_str().expect("utf8"),
+        "--data",
+        &calib("transformer"),
+        "-o",
+        stats.to_str().expect("utf8"),
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut outs: Vec<PathBuf> = Vec::new();
+    for threads in ["1", "2"] {
+        let out = dir.path().join(format!("q{threads}.onnx"));
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_onnxq"))
+            .args([
+                "quantize",
+                fixture("transformer.onnx").to_str().expect("utf8"),
+                "--data",
+                &calib("transformer"),
+                "-q",
+                "-o",
+            ])
+            .arg(&out)
+            .env("RAYON_NUM_THREADS", threads)
+            .output()
+            .expect("run");
+        assert!(o.status.success(), "{}", stderr(&o));
+        outs.push(out);
+    }
+    let from_stats = dir.path().join("qs.onnx");
+    let o = quantize("transformer.onnx", &from_stats, &["--stats", stats.to_str().expect("utf8"), "-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let a = std::fs::read(&outs[0]).expect("read");
+    assert!(a == std::fs::read(&outs[1]).expect("read"), "same bytes for 1 and 2 threads");
+    assert!(a == std::fs::read(&from_stats).expect("read"), "--stats gives the same model as calibrating");
+}
+
+#[test]
+fn opset_11_models_are_upgraded_for_per_channel_weights() {
+    let dir = tempdir();
+    let mut m = onnxq::onnx::load(&fixture("cnn.onnx")).expect("load").proto;
+    m.opset_import[0].version = Some(11);
+    let p11 = dir.path().join("cnn11.onnx");
+    onnxq::onnx::save(&m, &p11, &Default::default()).expect("save");
+    let out = dir.path().join("q.onnx");
+    let report = dir.path().join("r.json");
+    let o = onnxq([
+        "quantize",
+        p11.to_str().expect("utf8"),
+        "--data",
+        &calib("cnn"),
+        "-o",
+        out.to_str().expect("utf8"),
+        "--report",
+        report.to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("upgraded opset 11 -> 13, float outputs match"), "{}", stderr(&o));
+    let q = load(&out);
+    assert_eq!(onnxq::quantize::default_opset(&q), 13);
+    assert_eq!(init(&q, "conv1.weight_scale").dims, vec![8]);
+    // Blocked upgrade: a Softmax over axis 1 of unknown rank -> per-tensor with a warning.
+    let mut g = m.clone();
+    let graph = g.graph.as_mut().expect("graph");
+    graph.node.push(onnxq::onnx::builder::node("Softmax", "probs", &["logits"], &["probs"], vec![]));
+    graph.output[0] = onnxq::onnx::builder::tensor_info("probs", dtype::FLOAT, &[1, 10]);
+    let pb = dir.path().join("blocked.onnx");
+    onnxq::onnx::save(&g, &pb, &Default::default()).expect("save");
+    let out2 = dir.path().join("q2.onnx");
+    let o =
+        onnxq(["quantize", pb.to_str().expect("utf8"), "--data", &calib("cnn"), "-o", out2.to_str().expect("utf8")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("node 'probs' (Softmax)"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("per-tensor"), "{}", stderr(&o));
+    assert!(init(&load(&out2), "conv1.weight_scale").dims.is_empty());
+}
+
+#[test]
+fn errors_are_clean_and_leave_no_output() {
+    let dir = tempdir();
+    let out = dir.path().join("q.onnx");
+    let o = quantize("cnn.onnx", &out, &[]);
+    assert_clean_error(&o, &["--data"]);
+    assert!(!out.exists());
+    let copy = dir.path().join("cnn.onnx");
+    std::fs::copy(fixture("cnn.onnx"), &copy).expect("copy");
+    let o = onnxq(["quantize", copy.to_str().expect("utf8"), "--weights-only", "-o", copy.to_str().expect("utf8")]);
+    assert_clean_error(&o, &["refusing to overwrite"]);
+    assert_eq!(std::fs::read(&copy).expect("read"), std::fs::read(fixture("cnn.onnx")).expect("read"));
+    let o = quantize("cnn.onnx", &out, &["--data", &calib("cnn"), "--method", "percentile:200x"]);
+    assert!(o.status.code() == Some(2), "clap usage error");
+}
