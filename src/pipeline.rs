@@ -1,6 +1,7 @@
 //! The `onnxq quantize` pipeline, end to end: load → (opset upgrade, checked on the samples)
 //! → calibrate (or read `--stats`) → place and insert Q/DQ → optionally leave the most
 //! harmful tensors float (`--keep-float N`) → save atomically with a JSON report.
+//! `--dynamic` skips calibration: load → int8 weights + run-time activation quantization → save.
 
 use crate::calibrate::{self as cal, StatsFile, TensorEntry};
 use crate::data::{DataOptions, SampleSet};
@@ -24,6 +25,8 @@ pub struct PipelineOptions {
     pub keep_float_samples: usize,
     pub save: SaveOptions,
     pub quiet: bool,
+    /// Dynamic quantization (int8 weights, activations quantized at run time): no data.
+    pub dynamic: bool,
 }
 
 /// One tensor's measured cost for `--keep-float`.
@@ -42,6 +45,7 @@ pub struct PipelineReport {
     pub samples: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub opset_upgrade: Option<String>,
+    pub prepared: quantize::prepare::Prepared,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub kept_float: Vec<TensorCost>,
     pub quantization: Report,
@@ -76,11 +80,16 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
     let loaded = crate::onnx::load(model_path)?;
     let graph = loaded.proto.graph.as_ref().context("the model has no graph")?;
     GraphView::new(graph).validate().with_context(|| format!("invalid model {}", model_path.display()))?;
-    let mut model = loaded.proto.clone();
+    let (mut model, prepared) = quantize::prepare::prepare(&loaded.proto)?;
     let mut qopts = opts.quant.clone();
     qopts.method = opts.method.to_string();
     let mut opset_note = None;
-    let mut samples = 0;
+    let samples;
+
+    if opts.dynamic {
+        let (q, report) = quantize::dynamic::quantize_dynamic(&model, &qopts)?;
+        return finish(model_path, out_path, opts, q, report, (None, prepared), Vec::new(), 0, t0);
+    }
 
     if qopts.weights_only {
         if quantize::default_opset(&model) < 13 && qopts.per_channel {
@@ -93,7 +102,7 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
             }
         }
         let (q, report) = quantize::quantize(&model, &BTreeMap::new(), &qopts)?;
-        return finish(model_path, out_path, opts, q, report, opset_note, Vec::new(), 0, t0);
+        return finish(model_path, out_path, opts, q, report, (opset_note, prepared), Vec::new(), 0, t0);
     }
 
     // Opset upgrade for per-channel weights, verified on the samples.
@@ -160,7 +169,7 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
         q = q2;
         report = r2;
     }
-    finish(model_path, out_path, opts, q, report, opset_note, kept, samples, t0)
+    finish(model_path, out_path, opts, q, report, (opset_note, prepared), kept, samples, t0)
 }
 
 /// Quantizes each activation tensor alone and measures the worst-output SQNR it costs;
@@ -203,7 +212,7 @@ fn finish(
     opts: &PipelineOptions,
     q: ModelProto,
     report: Report,
-    opset_note: Option<String>,
+    (opset_note, prepared): (Option<String>, quantize::prepare::Prepared),
     kept: Vec<TensorCost>,
     samples: usize,
     t0: std::time::Instant,
@@ -215,9 +224,16 @@ fn finish(
     Ok(PipelineReport {
         model: model_path.display().to_string(),
         output: out_path.display().to_string(),
-        method: if opts.quant.weights_only { "none".into() } else { opts.method.to_string() },
+        method: if opts.dynamic {
+            "dynamic".into()
+        } else if opts.quant.weights_only {
+            "none".into()
+        } else {
+            opts.method.to_string()
+        },
         samples,
         opset_upgrade: opset_note,
+        prepared,
         kept_float: kept,
         quantization: report,
         seconds: t0.elapsed().as_secs_f64(),

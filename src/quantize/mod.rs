@@ -20,8 +20,10 @@
 //! Weights become `W_quantized` int8 initializers read by `W_dequantized`, biases
 //! `B_quantized` int32.
 
+pub mod dynamic;
 pub mod opset;
 pub mod params;
+pub mod prepare;
 
 use crate::array::dtype;
 use crate::calibrate::TensorEntry;
@@ -132,6 +134,85 @@ pub fn detect_preset(view: &GraphView) -> Preset {
     } else {
         Preset::Cnn
     }
+}
+
+/// Nodes that belong to a decomposed Gelu (`x·0.5·(1+erf(x/√2))`) or LayerNorm
+/// (`ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div` then the affine `Mul`, `Add`): their
+/// values are precision-sensitive and they have no int8 kernels, so they stay float.
+pub fn decomposition_nodes(view: &GraphView) -> BTreeSet<usize> {
+    let nodes = view.nodes();
+    let mut out = BTreeSet::new();
+    let sole_consumer = |i: usize, ops: &[&str]| -> Option<usize> {
+        let o = nodes[i].output.first()?;
+        match view.consumers(o) {
+            [(c, _)] if ops.contains(&nodes[*c].op_type()) => Some(*c),
+            _ => None,
+        }
+    };
+    let with_constant = |i: usize| nodes[i].input.iter().any(|x| view.weight(x).is_some());
+    for (i, n) in nodes.iter().enumerate() {
+        match n.op_type() {
+            "Erf" => {
+                out.insert(i);
+                if let Some(p) = n.input.first().and_then(|x| view.producer_index(x)) {
+                    if matches!(nodes[p].op_type(), "Div" | "Mul") && with_constant(p) {
+                        out.insert(p);
+                    }
+                }
+                let mut cur = i;
+                for _ in 0..3 {
+                    match sole_consumer(cur, &["Add", "Mul"]) {
+                        Some(c) => {
+                            out.insert(c);
+                            cur = c;
+                        }
+                        None => break,
+                    }
+                }
+            }
+            "ReduceMean" => {
+                let Some(x) = n.input.first() else { continue };
+                for &(c, _) in view.consumers(&n.output[0]) {
+                    let sub = &nodes[c];
+                    if sub.op_type() != "Sub" || sub.input.first() != Some(x) {
+                        continue;
+                    }
+                    out.insert(i);
+                    out.insert(c);
+                    let Some(sub_out) = sub.output.first() else { continue };
+                    for &(d, _) in view.consumers(sub_out) {
+                        match nodes[d].op_type() {
+                            "Pow" | "Mul" => {
+                                out.insert(d);
+                                let mut cur = d;
+                                for op in [["ReduceMean"], ["Add"], ["Sqrt"]] {
+                                    match sole_consumer(cur, &op) {
+                                        Some(e) => {
+                                            out.insert(e);
+                                            cur = e;
+                                        }
+                                        None => break,
+                                    }
+                                }
+                            }
+                            "Div" => {
+                                out.insert(d);
+                                if let Some(m) = sole_consumer(d, &["Mul"]).filter(|&m| with_constant(m)) {
+                                    out.insert(m);
+                                    if let Some(a) = sole_consumer(m, &["Add"]).filter(|&a| with_constant(a)) {
+                                        out.insert(a);
+                                    }
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
 }
 
 /// Minimal glob: `*` any run, `?` one character.
@@ -251,7 +332,9 @@ fn weight_axis(n: &NodeProto, slot: usize, rank: usize) -> Result<Option<usize>>
         ("MatMul", 1) if rank >= 2 => Some(rank - 1),
         ("Gemm", 1) => Some(if n.attr_int_or("transB", 0)? != 0 { 0 } else { 1 }),
         _ => None,
-    })
+    }
+    // A malformed weight of too low a rank gets one scale rather than an out-of-range axis.
+    .filter(|&axis| axis < rank))
 }
 
 struct Ctx<'a> {
@@ -302,8 +385,9 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
         skipped: Vec::new(),
         float_readers_keep_float: preset == Preset::Transformer,
     };
+    let decomposed = decomposition_nodes(view);
     let mut blocked: BTreeMap<String, String> = BTreeMap::new();
-    let mut want_act = |p: &mut Plan, blocked: &mut BTreeMap<String, String>, name: &str, src: ActSource| -> bool {
+    let want_act = |p: &mut Plan, blocked: &mut BTreeMap<String, String>, name: &str, src: ActSource| -> bool {
         if name.is_empty() || view.weight(name).is_some() {
             return false;
         }
@@ -327,6 +411,14 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
         if !ops.contains(&op) {
             continue;
         }
+        if decomposed.contains(&i) && opts.op_types.is_none() {
+            p.skipped.push(Skipped {
+                name: n.name().into(),
+                op_type: op.into(),
+                reason: "part of a decomposed LayerNorm/Gelu: kept float".into(),
+            });
+            continue;
+        }
         if opts.exclude_op_types.iter().any(|e| e == op) {
             p.skipped.push(Skipped { name: n.name().into(), op_type: op.into(), reason: "--exclude-op-types".into() });
             continue;
@@ -343,7 +435,9 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
                 }
                 let w = n.input.get(1).map(|s| s.as_str()).unwrap_or("");
                 let wt = view.weight(w);
-                let w_float = wt.is_some_and(|t| t.data_type() == dtype::FLOAT);
+                // A weight with no elements has nothing to quantize (and its other dims may
+                // be huge: [0, 2^40] would mean 2^40 per-channel scales).
+                let w_float = wt.is_some_and(|t| t.data_type() == dtype::FLOAT && crate::dump::element_count(t) > 0);
                 if opts.weights_only {
                     if !w_float {
                         continue;

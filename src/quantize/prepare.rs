@@ -1,0 +1,196 @@
+//! Float-exact graph clean-up before calibration, so every value is quantized once:
+//! - `Identity` nodes are removed (consumers read the Identity's input), except those that
+//!   produce a graph output;
+//! - a `Conv`/`ConvTranspose` followed by an `Add` of a per-channel (or scalar) constant is
+//!   folded into the convolution's bias (exporters such as Paddle's emit the bias as a
+//!   separate Add, which would otherwise put a second quantizer between Conv and Relu and
+//!   keep ONNX Runtime from fusing QLinearConv with an int32 bias).
+//!
+//! Both rewrites are exact in float arithmetic up to the order of one addition.
+
+use crate::array::dtype;
+use crate::onnx::graph::Origin;
+use crate::onnx::pb::ModelProto;
+use crate::onnx::tensor::{from_f32, to_f32};
+use crate::onnx::{GraphView, NameAlloc};
+use anyhow::{Context, Result};
+use ndarray::{ArrayD, IxDyn};
+use serde::Serialize;
+use std::collections::{HashMap, HashSet};
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Prepared {
+    pub identities_removed: usize,
+    pub biases_folded: usize,
+}
+
+/// The per-channel values of a constant that broadcasts along axis 1 of a rank-`rank`
+/// tensor with `c` channels, or None when it does not have that shape.
+fn channel_values(t: &crate::onnx::pb::TensorProto, rank: usize, c: usize) -> Option<Vec<f32>> {
+    if t.data_type() != dtype::FLOAT {
+        return None;
+    }
+    let a = to_f32(t).ok()?;
+    let dims = a.shape();
+    if a.len() == 1 {
+        return Some(vec![a.iter().next().copied()?; c]);
+    }
+    if dims.len() > rank || a.len() != c {
+        return None;
+    }
+    // Right-aligned broadcasting: the channel axis of the output sits at index
+    // dims.len() - (rank - 1) of the constant.
+    let ch = dims.len().checked_sub(rank - 1)?;
+    if dims.iter().enumerate().all(|(i, &d)| if i == ch { d == c } else { d == 1 }) {
+        Some(a.iter().copied().collect())
+    } else {
+        None
+    }
+}
+
+pub fn prepare(model: &ModelProto) -> Result<(ModelProto, Prepared)> {
+    let mut m = model.clone();
+    let mut stats = Prepared::default();
+    let g = m.graph.as_mut().context("the model has no graph")?;
+
+    // 1. Identity removal.
+    let outputs: HashSet<String> = g.output.iter().map(|o| o.name().to_string()).collect();
+    let mut alias: HashMap<String, String> = HashMap::new();
+    g.node.retain(|n| {
+        if n.op_type() == "Identity"
+            && n.domain().is_empty()
+            && n.input.len() == 1
+            && n.output.len() == 1
+            && !outputs.contains(&n.output[0])
+        {
+            alias.insert(n.output[0].clone(), n.input[0].clone());
+            stats.identities_removed += 1;
+            false
+        } else {
+            true
+        }
+    });
+    let resolve = |mut s: String| {
+        while let Some(a) = alias.get(&s) {
+            s = a.clone();
+        }
+        s
+    };
+    for n in g.node.iter_mut() {
+        for i in n.input.iter_mut() {
+            if alias.contains_key(i.as_str()) {
+                *i = resolve(i.clone());
+            }
+        }
+    }
+    g.value_info.retain(|vi| !alias.contains_key(vi.name()));
+
+    // 2. Conv + Add(constant) -> Conv with bias.
+    loop {
+        let snapshot = g.clone();
+        let view = GraphView::new(&snapshot);
+        let mut names = NameAlloc::new(&snapshot);
+        let mut fold: Option<(usize, usize, Vec<f32>, usize)> = None;
+        for (ai, add) in snapshot.node.iter().enumerate() {
+            if add.op_type() != "Add" || add.input.len() != 2 || !add.domain().is_empty() {
+                continue;
+            }
+            for (x, cst) in [(0usize, 1usize), (1, 0)] {
+                let Some(Origin::Node { node: ci, .. }) = view.origin(&add.input[x]) else { continue };
+                let conv = &snapshot.node[ci];
+                if !matches!(conv.op_type(), "Conv" | "ConvTranspose") || !conv.domain().is_empty() {
+                    continue;
+                }
+                let out = &conv.output[0];
+                if view.consumers(out).len() != 1 || view.is_graph_output(out) {
+                    continue;
+                }
+                let Some(w) = conv.input.get(1).and_then(|w| view.weight(w)) else { continue };
+                let c_axis = if conv.op_type() == "Conv" { 0 } else { 1 };
+                let Some(&c) = w.dims.get(c_axis) else { continue };
+                let c = if conv.op_type() == "ConvTranspose" {
+                    let group = crate::onnx::attr::NodeAttrs::attr_int_or(conv, "group", 1).unwrap_or(1).max(1);
+                    (c * group) as usize
+                } else {
+                    c as usize
+                };
+                let rank = w.dims.len();
+                let Some(k) = view.weight(&add.input[cst]) else { continue };
+                let Some(vals) = channel_values(k, rank, c) else { continue };
+                fold = Some((ci, ai, vals, c));
+                break;
+            }
+            if fold.is_some() {
+                break;
+            }
+        }
+        let Some((ci, ai, vals, c)) = fold else { break };
+        let conv = snapshot.node[ci].clone();
+        let add_out = snapshot.node[ai].output[0].clone();
+        let old_bias = match conv.input.get(2).filter(|b| !b.is_empty()) {
+            Some(b) => {
+                let t = view
+                    .weight(b)
+                    .with_context(|| format!("bias '{b}' of {} is not a constant", crate::onnx::describe(&conv)))?;
+                to_f32(t)?.iter().copied().collect::<Vec<f32>>()
+            }
+            None => vec![0.0; c],
+        };
+        if old_bias.len() != c {
+            break;
+        }
+        let bias: Vec<f32> = old_bias.iter().zip(&vals).map(|(a, b)| a + b).collect();
+        let bname = names.fresh(&format!("{}_bias", if conv.name().is_empty() { "conv" } else { conv.name() }));
+        g.initializer.push(from_f32(&bname, &ArrayD::from_shape_vec(IxDyn(&[c]), bias).unwrap_or_default()));
+        let n = &mut g.node[ci];
+        n.input.resize(2, String::new());
+        n.input.push(bname);
+        n.output[0] = add_out;
+        g.node.remove(ai);
+        stats.biases_folded += 1;
+    }
+    // Drop initializers nothing reads any more.
+    let used: HashSet<String> = g
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter().cloned())
+        .chain(g.output.iter().map(|o| o.name().to_string()))
+        .collect();
+    let input_names: HashSet<String> = g.input.iter().map(|i| i.name().to_string()).collect();
+    g.initializer.retain(|t| used.contains(t.name()) || input_names.contains(t.name()));
+    Ok((m, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::builder::{attr_ints, graph, model, node, tensor_info};
+
+    #[test]
+    fn folds_bias_add_and_removes_identity() {
+        let w = from_f32("w", &ArrayD::from_elem(IxDyn(&[2, 1, 1, 1]), 1.0));
+        let b = from_f32("b", &ArrayD::from_shape_vec(IxDyn(&[1, 2, 1, 1]), vec![0.5, -1.0]).unwrap());
+        let g = graph(
+            "g",
+            vec![
+                node("Conv", "c", &["x", "w"], &["c"], vec![attr_ints("kernel_shape", &[1, 1])]),
+                node("Add", "a", &["c", "b"], &["a"], vec![]),
+                node("Identity", "i", &["a"], &["i"], vec![]),
+                node("Relu", "r", &["i"], &["y"], vec![]),
+            ],
+            vec![tensor_info("x", dtype::FLOAT, &[1, 1, 2, 2])],
+            vec![tensor_info("y", dtype::FLOAT, &[1, 2, 2, 2])],
+            vec![w, b],
+        );
+        let (m, s) = prepare(&model(g, 13)).unwrap();
+        assert_eq!(s, Prepared { identities_removed: 1, biases_folded: 1 });
+        let g = m.graph.unwrap();
+        assert_eq!(g.node.len(), 2);
+        assert_eq!(g.node[0].input, vec!["x".to_string(), "w".into(), "c_bias".into()]);
+        assert_eq!(g.node[0].output, vec!["a".to_string()]);
+        assert_eq!(g.node[1].input, vec!["a".to_string()]);
+        let bias = g.initializer.iter().find(|t| t.name() == "c_bias").unwrap();
+        assert_eq!(to_f32(bias).unwrap().iter().copied().collect::<Vec<_>>(), vec![0.5, -1.0]);
+        assert!(!g.initializer.iter().any(|t| t.name() == "b"));
+    }
+}
