@@ -245,12 +245,25 @@ pub fn calibrate(
     targets: &[Target],
     opts: &CalibOptions,
 ) -> Result<Calibration> {
+    calibrate_in(model_bytes, None, specs, set, targets, opts)
+}
+
+/// [`calibrate`] for a model whose external data references resolve against `model_dir`
+/// (see [`crate::onnx::io::runtime_model`]): models over 2 GiB.
+pub fn calibrate_in(
+    model_bytes: &[u8],
+    model_dir: Option<&Path>,
+    specs: &[InputSpec],
+    set: &SampleSet,
+    targets: &[Target],
+    opts: &CalibOptions,
+) -> Result<Calibration> {
     let t0 = Instant::now();
     if set.is_empty() {
         bail!("no calibration samples");
     }
     let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
-    let plan = Plan::load(model_bytes, None, &input_facts(specs, set)?, &names)?;
+    let plan = Plan::load(model_bytes, model_dir, &input_facts(specs, set)?, &names)?;
     let pb = progress(set.len(), opts.quiet, "calibrating");
     let mut acc: Vec<Option<TensorStats>> = vec![None; targets.len()];
     let bins = opts.bins;

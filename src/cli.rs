@@ -25,6 +25,10 @@ pub enum Command {
     /// Compare a candidate model (QDQ models run as their float fake-quant twin) with a
     /// reference model on the same samples: SQNR, cosine, errors, top-1 agreement
     Eval(EvalArgs),
+    /// Find the activation outliers of each MatMul/Gemm layer and the weights that make them
+    Outliers(OutliersArgs),
+    /// Regularize the weights that make activation outliers; writes a float model and a report
+    Regularize(RegularizeArgs),
 }
 
 /// Where calibration or evaluation samples come from.
@@ -79,8 +83,9 @@ pub struct QuantizeArgs {
     /// Where to write the quantized model
     #[arg(short, long, value_name = "FILE")]
     pub output: PathBuf,
-    /// Range method: minmax, percentile:P, entropy, mse
-    #[arg(long, default_value = "minmax")]
+    /// Range method: minmax, percentile:P, entropy, mse (the clipping range with the least
+    /// expected quantization error)
+    #[arg(long, default_value = "mse")]
     pub method: crate::stats::RangeMethod,
     /// Placement preset: auto picks transformer or cnn from the graph
     #[arg(long, default_value = "auto")]
@@ -109,12 +114,114 @@ pub struct QuantizeArgs {
     /// Int8 weights only, activations stay float (no data needed)
     #[arg(long)]
     pub weights_only: bool,
+    /// Dynamic quantization, ONNX Runtime style: int8 weights, activations quantized at run
+    /// time (DynamicQuantizeLinear + MatMulInteger/ConvInteger); no data needed
+    #[arg(long, conflicts_with_all = ["weights_only", "stats", "keep_float", "activations", "method", "data", "random"])]
+    pub dynamic: bool,
     /// Measure each quantized tensor's cost and leave the N most harmful in float
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub keep_float: usize,
     /// Samples used per measurement of --keep-float
     #[arg(long, value_name = "N", default_value_t = 8)]
     pub keep_float_samples: usize,
+    /// Write tensors to an external data file beside the model
+    #[arg(long)]
+    pub external_data: bool,
+    /// Skip the per-channel bias correction (static quantization)
+    #[arg(long)]
+    pub no_bias_correction: bool,
+    /// Outlier-aware weight regularization before quantization: auto (the default with
+    /// --data/--random: keep each layer's edit only if the quantized model gets better on the
+    /// calibration samples), off, or a strength (lambda multiplier, applied without the guard)
+    #[arg(long, value_name = "auto|off|STRENGTH", num_args = 0..=1, default_missing_value = "auto")]
+    pub regularize: Option<crate::outliers::Regularize>,
+    #[command(flatten)]
+    pub outlier: OutlierArgs,
+    /// No progress or summary on stderr
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// The constants of outlier detection and regularization (see `onnxq outliers --help`).
+#[derive(Args, Debug, Clone)]
+pub struct OutlierArgs {
+    /// Outlier threshold: tau = FACTOR x the quantile of |y| (pre-bias layer output)
+    #[arg(long, value_name = "FACTOR", default_value_t = 4.0)]
+    pub outlier_factor: f64,
+    /// The quantile of |y| the threshold is based on
+    #[arg(long, value_name = "Q", default_value_t = 0.999)]
+    pub outlier_quantile: f64,
+    /// Select a weight when its share of its column's outlier excess is at least this
+    #[arg(long, value_name = "SHARE", default_value_t = 0.1)]
+    pub min_share: f64,
+    /// At most this many selected weights per output column
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub max_selected: usize,
+    /// Penalty on the selected weights, in units of tr(XᵀX)/K
+    #[arg(long, value_name = "L", default_value_t = 1.0)]
+    pub reg_lambda: f64,
+    /// Damping toward the original weights, in units of tr(XᵀX)/K
+    #[arg(long, value_name = "D", default_value_t = 1.0)]
+    pub reg_delta: f64,
+    /// solve (damped least squares with clipped targets) or shrink (scale the selected weights)
+    #[arg(long, value_name = "MODE", default_value = "solve", value_parser = ["solve", "shrink"])]
+    pub reg_mode: String,
+    /// Scale factor of the selected weights in shrink mode
+    #[arg(long, value_name = "G", default_value_t = 0.5)]
+    pub shrink_gamma: f64,
+}
+
+impl OutlierArgs {
+    pub fn options(&self, quiet: bool) -> Result<crate::outliers::Options> {
+        let o = crate::outliers::Options {
+            quantile: self.outlier_quantile,
+            tau_factor: self.outlier_factor,
+            min_share: self.min_share,
+            max_per_column: self.max_selected,
+            lambda: self.reg_lambda,
+            delta: self.reg_delta,
+            mode: if self.reg_mode == "shrink" {
+                crate::outliers::Mode::Shrink { gamma: self.shrink_gamma }
+            } else {
+                crate::outliers::Mode::Solve
+            },
+            quiet,
+        };
+        o.validate()?;
+        Ok(o)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct OutliersArgs {
+    /// The float ONNX model
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub outlier: OutlierArgs,
+    /// Machine-readable JSON on stdout
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar on stderr
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RegularizeArgs {
+    /// The float ONNX model
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Where to write the regularized float model
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
+    /// Write the JSON report (every edited weight, float deviation) here
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+    #[command(flatten)]
+    pub outlier: OutlierArgs,
     /// Write tensors to an external data file beside the model
     #[arg(long)]
     pub external_data: bool,
@@ -141,7 +248,7 @@ pub struct CalibrateArgs {
     #[arg(short, long, value_name = "FILE")]
     pub output: PathBuf,
     /// Range method: minmax, percentile:P (e.g. percentile:99.999), entropy, mse
-    #[arg(long, default_value = "minmax")]
+    #[arg(long, default_value = "mse")]
     pub method: crate::stats::RangeMethod,
     /// Calibrate only these tensors (comma-separated or repeated)
     #[arg(long, value_delimiter = ',')]
@@ -197,6 +304,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Calibrate(a) => run_calibrate(a),
         Command::Quantize(a) => run_quantize(a),
         Command::Eval(a) => run_eval(a),
+        Command::Outliers(a) => run_outliers(a),
+        Command::Regularize(a) => run_regularize(a),
     }
 }
 
@@ -237,9 +346,18 @@ fn run_quantize(a: QuantizeArgs) -> Result<()> {
         data: if has_data { Some(a.data.options()?) } else { None },
         stats: a.stats.clone(),
         keep_float: a.keep_float,
+        bias_correction: !a.no_bias_correction,
         keep_float_samples: a.keep_float_samples.max(1),
         save: crate::onnx::SaveOptions { external: a.external_data, threshold: None },
         quiet: a.quiet,
+        dynamic: a.dynamic,
+        // Implicitly auto when there is calibration data to measure with and no --stats.
+        regularize: match a.regularize {
+            Some(r) => r,
+            None if has_data && a.stats.is_none() && !a.weights_only && !a.dynamic => crate::outliers::Regularize::Auto,
+            None => crate::outliers::Regularize::Off,
+        },
+        outlier: a.outlier.options(a.quiet)?,
     };
     let report = pipeline::run(&a.model, &a.output, &opts)?;
     if let Some(p) = &a.report {
@@ -250,6 +368,9 @@ fn run_quantize(a: QuantizeArgs) -> Result<()> {
     if !a.quiet {
         if let Some(n) = &report.opset_upgrade {
             eprintln!("{n}");
+        }
+        if let Some(r) = &report.regularization {
+            eprint!("{}", crate::outliers::render_report(r));
         }
         eprint!("{}", crate::quantize::summary(&report.quantization));
         for k in &report.kept_float {
@@ -284,9 +405,11 @@ fn run_calibrate(a: CalibrateArgs) -> Result<()> {
             .collect::<Result<Vec<_>>>()?
     };
     let specs = cal::input_specs(graph);
-    let set = crate::data::open(&specs, &a.data.options()?)?;
-    let bytes = cal::model_bytes(&model)?;
-    let calib = cal::calibrate(&bytes, &specs, &set, &targets, &cal::CalibOptions { bins: a.bins, quiet: a.quiet })
+    let set = crate::data::open(&specs, &a.data.options()?)
+        .with_context(|| format!("no calibration samples for {}", a.model.display()))?;
+    let rt = crate::onnx::io::runtime_model(&model.proto, &model)?;
+    let copts = cal::CalibOptions { bins: a.bins, quiet: a.quiet };
+    let calib = cal::calibrate_in(&rt.bytes, rt.dir.as_deref(), &specs, &set, &targets, &copts)
         .with_context(|| format!("calibration of {} failed", a.model.display()))?;
     let file = cal::StatsFile::from_calibration(&a.model.display().to_string(), &calib, &a.method);
     let json = serde_json::to_string_pretty(&file)? + "\n";
@@ -299,8 +422,62 @@ fn run_calibrate(a: CalibrateArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_outliers(a: OutliersArgs) -> Result<()> {
+    let opts = a.outlier.options(a.quiet)?;
+    let model = crate::onnx::load(&a.model)?;
+    let graph = model.proto.graph.as_ref().context("the model has no graph")?;
+    crate::onnx::GraphView::new(graph).validate().with_context(|| format!("invalid model {}", a.model.display()))?;
+    let label = a.model.display().to_string();
+    let analysis = crate::outliers::analyze(&model.proto, &label, &a.data.options()?, &opts)
+        .with_context(|| format!("outlier analysis of {label} failed"))?;
+    let text = if a.json {
+        serde_json::to_string_pretty(&analysis)? + "\n"
+    } else {
+        crate::outliers::render_analysis(&analysis)
+    };
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(())
+}
+
+fn run_regularize(a: RegularizeArgs) -> Result<()> {
+    let opts = a.outlier.options(a.quiet)?;
+    let model = crate::onnx::load(&a.model)?;
+    let graph = model.proto.graph.as_ref().context("the model has no graph")?;
+    crate::onnx::GraphView::new(graph).validate().with_context(|| format!("invalid model {}", a.model.display()))?;
+    if let (Ok(x), Ok(y)) = (std::fs::canonicalize(&a.model), std::fs::canonicalize(&a.output)) {
+        if x == y {
+            anyhow::bail!("refusing to overwrite the input model {}: choose another -o", a.model.display());
+        }
+    }
+    let label = a.model.display().to_string();
+    let run = crate::outliers::RunSettings { guard: None, measure_float: true, full_edits: true, label: label.clone() };
+    let outcome = crate::outliers::regularize(&model.proto, &a.data.options()?, &opts, &run)
+        .with_context(|| format!("regularization of {label} failed"))?;
+    let save = crate::onnx::SaveOptions { external: a.external_data, threshold: None };
+    crate::onnx::save(&outcome.model, &a.output, &save)?;
+    let report = serde_json::json!({
+        "model": label,
+        "output": a.output.display().to_string(),
+        "regularization": outcome.report,
+    });
+    if let Some(p) = &a.report {
+        let json = serde_json::to_string_pretty(&report)? + "\n";
+        crate::onnx::io::write_atomic(p, |w| w.write_all(json.as_bytes()).map_err(Into::into))
+            .with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    if !a.quiet {
+        eprint!("{}", crate::outliers::render_report(&outcome.report));
+        eprintln!("wrote {}", a.output.display());
+    }
+    Ok(())
+}
+
 fn run_dump(a: DumpArgs) -> Result<()> {
     let model = crate::onnx::load(&a.model)?;
+    let graph = model.proto.graph.as_ref().context("the model has no graph")?;
+    crate::onnx::GraphView::new(graph).validate().with_context(|| format!("invalid model {}", a.model.display()))?;
     let d = dump::build(&model, &dump::DumpOptions { weights: a.weights, nodes: a.nodes })?;
     let text = if a.json { serde_json::to_string_pretty(&d)? + "\n" } else { dump::render_text(&d) };
     let mut out = std::io::stdout().lock();

@@ -288,7 +288,8 @@ fn random_shape(spec: &InputSpec, dims: &HashMap<String, usize>) -> Result<Vec<u
     let Some(decl) = &spec.dims else {
         bail!("input '{name}' has an unknown rank: random data needs a declared shape");
     };
-    decl.iter()
+    let shape = decl
+        .iter()
         .enumerate()
         .map(|(axis, d)| {
             if let Some(v) = dim_override(dims, spec, axis, d) {
@@ -303,8 +304,19 @@ fn random_shape(spec: &InputSpec, dims: &HashMap<String, usize>) -> Result<Vec<u
                 }
             }
         })
-        .collect()
+        .collect::<Result<Vec<usize>>>()?;
+    // A declared shape is untrusted: never size an allocation from it unchecked.
+    let count = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+    match count {
+        Some(c) if c <= MAX_RANDOM_ELEMENTS => Ok(shape),
+        _ => bail!(
+            "input '{name}' has shape {shape:?}, over {MAX_RANDOM_ELEMENTS} elements: too large for random data (pass --dim or --data)"
+        ),
+    }
 }
+
+/// Largest random input generated (elements), 1 GiB of f32.
+const MAX_RANDOM_ELEMENTS: usize = 1 << 28;
 
 /// Element types the generator produces.
 const RANDOM_TYPES: [i32; 7] =

@@ -15,8 +15,10 @@
 //! the thread count. SQNR = 10·log10(Σref² / Σ(ref−cand)²), relative L2 = sqrt(Σ(ref−cand)² /
 //! Σref²), cosine is the mean over samples of the flattened cosine, top-1 agreement is the
 //! fraction of rows (all axes but the last) whose argmax over the last axis agrees. Element
-//! pairs where either side is NaN or infinite are left out of the sums and counted instead
-//! (equal non-finite values count as matching). A perfect match has an infinite SQNR: `inf` in
+//! pairs where either side is extreme (NaN, infinite, or a mask sentinel of magnitude 1e30 or
+//! more, like the -3.4e38 added to masked attention scores) are left out of the sums: a pair of
+//! the same kind (both NaN, both huge positive, both huge negative) matches, any other pair is
+//! counted as a mismatch. A perfect match has an infinite SQNR: `inf` in
 //! text, `null` with `"identical": true` in JSON, never NaN.
 
 use crate::array::{dtype, ArrayData};
@@ -66,8 +68,9 @@ pub struct Metrics {
     pub top1_agreement: Option<f64>,
     /// Fraction of equal elements (integer tensors only).
     pub exact_match: Option<f64>,
-    /// Element pairs where one side is NaN or infinite and the other differs.
-    pub nonfinite_mismatches: u64,
+    /// Element pairs where one side is extreme (NaN, infinite or a mask sentinel, |v| ≥ 1e30)
+    /// and the other is not the same kind of value.
+    pub extreme_mismatches: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -94,8 +97,9 @@ pub struct LayerRow {
     pub quantized: bool,
     #[serde(flatten)]
     pub metrics: Metrics,
-    /// The best SQNR among the node's activation inputs (graph inputs count as perfect),
-    /// capped at `sqnr_cap_db`; the cap when the node reads only graph inputs and weights.
+    /// The best SQNR among the node's inputs that carry error (an input CAND lacks is traced
+    /// back to its nearest compared ancestors; graph inputs, weights and identical tensors do
+    /// not count), capped at `sqnr_cap_db`; the cap when no input carries error.
     pub input_sqnr_db: f64,
     /// `input_sqnr_db` minus this tensor's (capped) SQNR: the SQNR this node loses.
     pub drop_db: f64,
@@ -160,7 +164,9 @@ struct Acc {
     top1_rows: u64,
     top1_agree: u64,
     exact: u64,
-    nonfinite: u64,
+    extreme_mismatches: u64,
+    /// Extreme pairs of the same kind whose values differ (they break `identical` only).
+    extreme_unequal: u64,
 }
 
 fn float_values(a: &ArrayData) -> Option<Box<dyn Iterator<Item = f64> + '_>> {
@@ -179,6 +185,27 @@ fn int_values(a: &ArrayData) -> Option<Box<dyn Iterator<Item = i64> + '_>> {
         ArrayData::U8(a) => Some(Box::new(a.iter().map(|&v| i64::from(v)))),
         ArrayData::Bool(a) => Some(Box::new(a.iter().map(|&v| i64::from(v)))),
         _ => None,
+    }
+}
+
+/// Magnitudes from here on are mask sentinels, not signal.
+pub const SENTINEL_ABS: f64 = 1e30;
+
+/// NaN, infinite, or a mask sentinel.
+fn is_extreme(v: f64) -> bool {
+    v.is_nan() || v.abs() >= SENTINEL_ABS
+}
+
+/// 0: an ordinary value, 1: NaN, 2: huge positive, 3: huge negative.
+fn extreme_kind(v: f64) -> u8 {
+    if v.is_nan() {
+        1
+    } else if v >= SENTINEL_ABS {
+        2
+    } else if v <= -SENTINEL_ABS {
+        3
+    } else {
+        0
     }
 }
 
@@ -215,15 +242,17 @@ fn compare(r: &ArrayData, c: &ArrayData) -> Compared {
         let (mut dot, mut cand2) = (0f64, 0f64);
         let mut am = (ArgMax { index: 0, value: 0.0 }, ArgMax { index: 0, value: 0.0 });
         for (i, (a, b)) in ri.zip(ci).enumerate() {
-            if a.is_finite() && b.is_finite() {
+            if !is_extreme(a) && !is_extreme(b) {
                 let e = a - b;
                 acc.sum_ref2 += a * a;
                 acc.sum_err2 += e * e;
                 acc.max_abs = acc.max_abs.max(e.abs());
                 dot += a * b;
                 cand2 += b * b;
+            } else if extreme_kind(a) != extreme_kind(b) {
+                acc.extreme_mismatches += 1;
             } else if !(a == b || (a.is_nan() && b.is_nan())) {
-                acc.nonfinite += 1;
+                acc.extreme_unequal += 1;
             }
             if rows {
                 let col = i % last;
@@ -270,7 +299,8 @@ impl Acc {
         self.top1_rows += o.top1_rows;
         self.top1_agree += o.top1_agree;
         self.exact += o.exact;
-        self.nonfinite += o.nonfinite;
+        self.extreme_mismatches += o.extreme_mismatches;
+        self.extreme_unequal += o.extreme_unequal;
     }
 
     fn metrics(&self) -> Metrics {
@@ -284,19 +314,19 @@ impl Acc {
                 rel_l2_error: None,
                 top1_agreement: None,
                 exact_match: Some(ratio(self.exact, self.elements)),
-                nonfinite_mismatches: 0,
+                extreme_mismatches: 0,
             };
         }
         let (sr, se) = (self.sum_ref2, self.sum_err2);
         Metrics {
-            identical: se == 0.0 && self.nonfinite == 0,
+            identical: se == 0.0 && self.extreme_mismatches == 0 && self.extreme_unequal == 0,
             sqnr_db: (se > 0.0 && sr > 0.0).then(|| 10.0 * (sr / se).log10()),
             cosine: Some(if self.samples == 0 { 1.0 } else { self.cos_sum / self.samples as f64 }),
             max_abs_error: self.max_abs,
             rel_l2_error: if se == 0.0 { Some(0.0) } else { (sr > 0.0).then(|| (se / sr).sqrt()) },
             top1_agreement: (self.top1_rows > 0).then(|| ratio(self.top1_agree, self.top1_rows)),
             exact_match: None,
-            nonfinite_mismatches: self.nonfinite,
+            extreme_mismatches: self.extreme_mismatches,
         }
     }
 }
@@ -307,8 +337,6 @@ struct Layer {
     tensor: String,
     node: String,
     op_type: String,
-    /// Non-weight inputs of the REF node.
-    inputs: Vec<String>,
     quantized: bool,
 }
 
@@ -347,12 +375,10 @@ fn match_layers(reference: &GraphProto, twin: &GraphProto, original: &GraphProto
                 unmatched += 1;
                 continue;
             }
-            let inputs = n.input.iter().filter(|s| !s.is_empty() && rv.weight(s).is_none()).cloned().collect();
             layers.push(Layer {
                 tensor: o.clone(),
                 node: n.name().to_string(),
                 op_type: n.op_type().to_string(),
-                inputs,
                 quantized: quantized_producer(&ov, o),
             });
         }
@@ -374,6 +400,8 @@ pub fn evaluate(reference: &Model, candidate: &Model, data: &DataOptions, opts: 
     let (rl, cl) = (model_label(reference), model_label(candidate));
     let rg = reference.proto.graph.as_ref().with_context(|| format!("REF {rl} has no graph"))?;
     let cg = candidate.proto.graph.as_ref().with_context(|| format!("CAND {cl} has no graph"))?;
+    GraphView::new(rg).validate().with_context(|| format!("invalid model {rl}"))?;
+    GraphView::new(cg).validate().with_context(|| format!("invalid model {cl}"))?;
 
     let ro: Vec<&str> = rg.output.iter().map(|o| o.name()).collect();
     let co: Vec<&str> = cg.output.iter().map(|o| o.name()).collect();
@@ -477,7 +505,7 @@ pub fn evaluate(reference: &Model, candidate: &Model, data: &DataOptions, opts: 
             metrics: a.metrics(),
         })
         .collect();
-    let per_layer = opts.per_layer.then(|| layer_report(rg, &layers, layer_accs, unmatched));
+    let per_layer = if opts.per_layer { Some(layer_report(rg, &layers, layer_accs, unmatched)?) } else { None };
     Ok(Report {
         reference: rl,
         candidate: cl,
@@ -541,41 +569,68 @@ fn capped(m: &Metrics) -> f64 {
     v.clamp(-SQNR_CAP_DB, SQNR_CAP_DB)
 }
 
-fn layer_report(reference: &GraphProto, layers: &[Layer], accs: Vec<Compared>, unmatched: usize) -> LayerReport {
+fn layer_report(
+    reference: &GraphProto,
+    layers: &[Layer],
+    accs: Vec<Compared>,
+    unmatched: usize,
+) -> Result<LayerReport> {
     let rv = GraphView::new(reference);
+    let mut compared: HashMap<&str, (&Layer, Compared)> =
+        layers.iter().zip(accs).map(|(l, a)| (l.tensor.as_str(), (l, a))).collect();
     let mut rows: Vec<LayerRow> = Vec::new();
     let mut skipped = Vec::new();
-    let mut sqnr_of: HashMap<&str, f64> = HashMap::new();
-    for (l, acc) in layers.iter().zip(accs) {
-        let acc = match acc {
-            Ok(a) if a.int => Err("integer tensor".to_string()),
-            other => other,
-        };
-        let m = match acc {
-            Ok(a) => a.metrics(),
-            Err(reason) => {
-                skipped.push(Skipped { tensor: l.tensor.clone(), node: l.node.clone(), reason });
-                continue;
-            }
-        };
-        let own = capped(&m);
-        let input_sqnr = l
-            .inputs
+    // The best (capped) SQNR of the error reaching each REF tensor: a compared tensor's own,
+    // and for tensors CAND lacks (a Relu folded into a Q, say) the best of their producer's
+    // inputs, so a drop is measured from the nearest compared ancestors. Tensors without error
+    // (graph inputs, weights, identical tensors) carry none: a node reading only those starts
+    // from the cap, and an Add of a clean branch (attention mask, residual input) and a noisy
+    // one is measured against the noisy one.
+    let mut reach: HashMap<&str, f64> = HashMap::new();
+    for i in rv.topo_order().context("REF")? {
+        let n = &reference.node[i];
+        let best_input = n
+            .input
             .iter()
-            .filter_map(|i| if rv.is_graph_input(i) { Some(SQNR_CAP_DB) } else { sqnr_of.get(i.as_str()).copied() })
-            .fold(None, |best: Option<f64>, v| Some(best.map_or(v, |b| b.max(v))))
-            .unwrap_or(SQNR_CAP_DB);
-        sqnr_of.insert(&l.tensor, own);
-        rows.push(LayerRow {
-            index: rows.len() + 1,
-            tensor: l.tensor.clone(),
-            node: l.node.clone(),
-            op_type: l.op_type.clone(),
-            quantized: l.quantized,
-            metrics: m,
-            input_sqnr_db: input_sqnr,
-            drop_db: input_sqnr - own,
-        });
+            .filter_map(|s| reach.get(s.as_str()).copied())
+            .fold(None, |best: Option<f64>, v| Some(best.map_or(v, |b| b.max(v))));
+        for o in n.output.iter().filter(|o| !o.is_empty()) {
+            let (l, acc) = match compared.remove(o.as_str()) {
+                Some((l, Ok(a))) if a.int => (l, Err("integer tensor".to_string())),
+                Some(x) => x,
+                None => {
+                    if let Some(b) = best_input {
+                        reach.insert(o, b);
+                    }
+                    continue;
+                }
+            };
+            let m = match acc {
+                Ok(a) => a.metrics(),
+                Err(reason) => {
+                    skipped.push(Skipped { tensor: l.tensor.clone(), node: l.node.clone(), reason });
+                    if let Some(b) = best_input {
+                        reach.insert(o, b);
+                    }
+                    continue;
+                }
+            };
+            let own = capped(&m);
+            let input_sqnr = best_input.unwrap_or(SQNR_CAP_DB);
+            if !m.identical {
+                reach.insert(o, own);
+            }
+            rows.push(LayerRow {
+                index: rows.len() + 1,
+                tensor: l.tensor.clone(),
+                node: l.node.clone(),
+                op_type: l.op_type.clone(),
+                quantized: l.quantized,
+                metrics: m,
+                input_sqnr_db: input_sqnr,
+                drop_db: input_sqnr - own,
+            });
+        }
     }
     let mut order: Vec<&LayerRow> = rows.iter().filter(|r| r.drop_db >= MIN_DROP_DB).collect();
     order.sort_by(|a, b| b.drop_db.total_cmp(&a.drop_db).then(a.index.cmp(&b.index)));
@@ -594,7 +649,7 @@ fn layer_report(reference: &GraphProto, layers: &[Layer], accs: Vec<Compared>, u
         .take(WORST_LISTED)
         .map(drop)
         .collect();
-    LayerReport { sqnr_cap_db: SQNR_CAP_DB, unmatched, layers: rows, worst, exclude_candidates, skipped }
+    Ok(LayerReport { sqnr_cap_db: SQNR_CAP_DB, unmatched, layers: rows, worst, exclude_candidates, skipped })
 }
 
 fn sqnr_text(m: &Metrics) -> String {
@@ -683,10 +738,10 @@ pub fn render_text(r: &Report, layers: bool) -> String {
         &[false, false, false, true, true, true, true, true],
     ));
     for o in &r.outputs {
-        if o.metrics.nonfinite_mismatches > 0 {
+        if o.metrics.extreme_mismatches > 0 {
             out.push_str(&format!(
-                "  warning: output '{}': {} element(s) differ with NaN or infinity on one side\n",
-                o.name, o.metrics.nonfinite_mismatches
+                "  warning: output '{}': {} element(s) are NaN, infinite or beyond 1e30 on one side only\n",
+                o.name, o.metrics.extreme_mismatches
             ));
         }
     }
@@ -701,7 +756,7 @@ pub fn render_text(r: &Report, layers: bool) -> String {
 
 fn render_layers(l: &LayerReport) -> String {
     let mut out = format!(
-        "per-layer SQNR in REF topological order ({} tensors; drop = best input SQNR - SQNR, SQNR capped at {} dB)\n",
+        "per-layer SQNR in REF topological order ({} tensors; drop = best SQNR among noisy inputs - SQNR, capped at {} dB)\n",
         l.layers.len(),
         l.sqnr_cap_db
     );
@@ -968,7 +1023,17 @@ mod tests {
         let m = compare(&n, &n).unwrap().metrics();
         assert!(m.identical, "{m:?}");
         let m = compare(&n, &f(&[3], vec![0.0, 1.0, 2.0])).unwrap().metrics();
-        assert_eq!(m.nonfinite_mismatches, 2);
+        assert_eq!(m.extreme_mismatches, 2);
+        // Mask sentinels: same-kind pairs match and stay out of the sums.
+        let r = f(&[4], vec![1.0, -3.4e38, -3.4e38, 2.0]);
+        let m = compare(&r, &f(&[4], vec![1.1, -3.4e38, f32::NEG_INFINITY, 2.0])).unwrap().metrics();
+        let e2 = (1.1f32 as f64 - 1.0).powi(2);
+        assert!((m.sqnr_db.unwrap() - 10.0 * (5.0 / e2).log10()).abs() < 1e-9, "{m:?}");
+        assert_eq!(m.extreme_mismatches, 0);
+        let m = compare(&r, &f(&[4], vec![1.0, -3.4e38, -3.3e38, 2.0])).unwrap().metrics();
+        assert!(!m.identical && m.rel_l2_error == Some(0.0));
+        let m = compare(&r, &f(&[4], vec![1.0, 5.0, -3.4e38, 2.0])).unwrap().metrics();
+        assert_eq!(m.extreme_mismatches, 1);
         assert!(!m.identical);
 
         // Integers: exact-match rate; mismatched shapes and types are reasons, not panics.
@@ -991,7 +1056,7 @@ mod tests {
             rel_l2_error: Some(if identical { 0.0 } else { 0.1 }),
             top1_agreement: None,
             exact_match: None,
-            nonfinite_mismatches: 0,
+            extreme_mismatches: 0,
         };
         let layers: Vec<LayerRow> = [(None, true), (Some(30.0), false), (Some(12.5), false)]
             .into_iter()

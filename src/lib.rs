@@ -14,6 +14,7 @@ pub mod fakequant;
 pub mod fixtures;
 pub mod npy;
 pub mod onnx;
+pub mod outliers;
 pub mod pipeline;
 pub mod quantize;
 pub mod rng;

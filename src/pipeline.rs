@@ -27,6 +27,11 @@ pub struct PipelineOptions {
     pub quiet: bool,
     /// Dynamic quantization (int8 weights, activations quantized at run time): no data.
     pub dynamic: bool,
+    /// Empirical per-channel bias correction after quantization (kept only if it helps).
+    pub bias_correction: bool,
+    /// Outlier-aware weight regularization before static quantization.
+    pub regularize: crate::outliers::Regularize,
+    pub outlier: crate::outliers::Options,
 }
 
 /// One tensor's measured cost for `--keep-float`.
@@ -49,6 +54,10 @@ pub struct PipelineReport {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub kept_float: Vec<TensorCost>,
     pub quantization: Report,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub regularization: Option<crate::outliers::RegularizationReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bias_correction: Option<BiasCorrectionReport>,
     pub seconds: f64,
 }
 
@@ -62,8 +71,8 @@ fn specs_and_set(model: &ModelProto, data: &DataOptions) -> Result<(Vec<crate::d
 /// Worst-output SQNR of `cand` against `reference` over the samples (both run in tract;
 /// `cand` through its fake-quant twin when it holds Q/DQ).
 pub fn output_sqnr(reference: &ModelProto, cand: &ModelProto, data: &DataOptions) -> Result<f64> {
-    let r = Model { proto: reference.clone(), path: None, file_size: 0, external_tensors: 0 };
-    let c = Model { proto: cand.clone(), path: None, file_size: 0, external_tensors: 0 };
+    let r = Model::in_memory(reference.clone());
+    let c = Model::in_memory(cand.clone());
     let rep = crate::eval::evaluate(&r, &c, data, &crate::eval::EvalOptions { per_layer: false, quiet: true })?;
     // Identical outputs count as infinite SQNR; integer outputs are ignored.
     let worst = rep
@@ -131,8 +140,33 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
         }
     }
 
+    // Outlier-aware weight regularization; when guarded it returns the ranges it measured.
+    let mut regularization: Option<crate::outliers::RegularizationReport> = None;
+    let mut reg_ranges = None;
+    let mut plain_alternative = None;
+    if opts.regularize != crate::outliers::Regularize::Off {
+        if opts.stats.is_some() {
+            bail!("--regularize changes weights, so ranges must be recalibrated: pass --data or --random instead of --stats");
+        }
+        let d = data.context("--regularize needs calibration data (--data or --random)")?;
+        let label = model_path.display().to_string();
+        let o = crate::outliers::for_pipeline(&model, d, opts.regularize, &opts.outlier, &qopts, &opts.method, &label)
+            .with_context(|| format!("outlier regularization of {label} failed"))?;
+        if o.report.regularized {
+            plain_alternative = o.baseline_ranges.map(|r| (model.clone(), r));
+        }
+        model = o.model;
+        reg_ranges = o.ranges.map(|r| (r, o.report.samples));
+        regularization = Some(o.report);
+    }
+
     // Ranges: from --stats or a fresh calibration.
-    let ranges: BTreeMap<String, TensorEntry> = match (&opts.stats, data) {
+    let mut ranges: BTreeMap<String, TensorEntry> = match (&opts.stats, data) {
+        _ if reg_ranges.is_some() => {
+            let (r, n) = reg_ranges.take().unwrap_or_default();
+            samples = n;
+            r
+        }
         (Some(p), _) => {
             let f = StatsFile::read(p)?;
             if !opts.quiet {
@@ -145,8 +179,10 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
             let (specs, set) = specs_and_set(&model, d)?;
             let g = model.graph.as_ref().context("the model has no graph")?;
             let targets = cal::default_targets(&GraphView::new(g))?;
-            let bytes = crate::onnx::io::encode(&model)?;
-            let c = cal::calibrate(&bytes, &specs, &set, &targets, &cal::CalibOptions { bins: 2048, quiet: opts.quiet })
+            // Weights still in the input's external data files stay there (models over 2 GiB).
+            let rt = crate::onnx::io::runtime_model(&model, &loaded)?;
+            let copts = cal::CalibOptions { bins: 2048, quiet: opts.quiet };
+            let c = cal::calibrate_in(&rt.bytes, rt.dir.as_deref(), &specs, &set, &targets, &copts)
                 .with_context(|| format!("calibration of {} failed", model_path.display()))?;
             samples = c.samples;
             if !opts.quiet {
@@ -158,22 +194,132 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
     };
 
     let (mut q, mut report) = quantize::quantize(&model, &ranges, &qopts)?;
+    let mut bias_correction = None;
+    if opts.bias_correction && !opts.quant.weights_only {
+        if let Some(d) = data {
+            let r = correct_biases(&model, &ranges, &qopts, &q, &report, d)?;
+            if let Some((m2, q2, r2)) = r.1 {
+                model = m2;
+                q = q2;
+                report = r2;
+            }
+            if !opts.quiet && r.0.corrected > 0 {
+                eprintln!(
+                    "bias correction on {} nodes: {} ({} -> {} dB on calibration samples)",
+                    r.0.corrected,
+                    if r.0.applied { "kept" } else { "discarded" },
+                    fmt_db(r.0.sqnr_before_db),
+                    fmt_db(r.0.sqnr_after_db)
+                );
+            }
+            bias_correction = Some(r.0);
+        }
+    }
+    // Global guard of `--regularize auto` through bias correction: when that step changed
+    // anything, plain quantization takes the same steps and the better model on the
+    // calibration samples wins.
+    if let (Some((plain, plain_ranges)), Some(d), Some(bc)) = (plain_alternative, data, &bias_correction) {
+        if bc.corrected > 0 {
+            let (pq, pr) = quantize::quantize(&plain, &plain_ranges, &qopts)?;
+            let pbc = correct_biases(&plain, &plain_ranges, &qopts, &pq, &pr, d)?;
+            let (pm, pq, pr) = pbc.1.unwrap_or((plain.clone(), pq, pr));
+            let (s_reg, s_plain) = (output_sqnr(&plain, &q, d)?, output_sqnr(&plain, &pq, d)?);
+            if let Some(r) = regularization.as_mut() {
+                r.final_sqnr_db = Some(s_reg.max(s_plain)).filter(|v| v.is_finite());
+                if s_plain >= s_reg {
+                    r.regularized = false;
+                    r.layers.iter_mut().for_each(|l| l.accepted = false);
+                    (model, q, report, ranges) = (pm, pq, pr, plain_ranges);
+                    bias_correction = Some(pbc.0);
+                }
+            }
+        }
+    }
     let mut kept = Vec::new();
     if opts.keep_float > 0 {
         let d =
             data.context("--keep-float needs calibration data (--data or --random) to measure each tensor's cost")?;
-        kept = rank_tensor_costs(&model, &ranges, &qopts, &report, d, opts.keep_float_samples)?;
+        kept = rank_tensor_costs(
+            &model,
+            &ranges,
+            &qopts,
+            &report,
+            d,
+            opts.keep_float_samples,
+            (4 * opts.keep_float).max(12),
+        )?;
         kept.truncate(opts.keep_float);
         qopts.keep_float.extend(kept.iter().map(|c| c.tensor.clone()));
         let (q2, r2) = quantize::quantize(&model, &ranges, &qopts)?;
         q = q2;
         report = r2;
     }
-    finish(model_path, out_path, opts, q, report, (opset_note, prepared), kept, samples, t0)
+    let mut out = finish(model_path, out_path, opts, q, report, (opset_note, prepared), kept, samples, t0)?;
+    out.regularization = regularization;
+    out.bias_correction = bias_correction;
+    Ok(out)
 }
 
-/// Quantizes each activation tensor alone and measures the worst-output SQNR it costs;
-/// returns the tensors sorted from most to least harmful.
+/// What bias correction did.
+#[derive(Debug, Clone, Serialize)]
+pub struct BiasCorrectionReport {
+    pub corrected: usize,
+    pub applied: bool,
+    /// Worst-output SQNR on the calibration samples used, before and after.
+    pub sqnr_before_db: f64,
+    pub sqnr_after_db: f64,
+    pub samples: usize,
+}
+
+type Corrected = (ModelProto, ModelProto, Report);
+
+/// Corrects biases from the per-channel output means of the float model and the quantized
+/// twin on up to 16 calibration samples; keeps the correction only if the worst-output SQNR
+/// on those samples improves.
+fn correct_biases(
+    model: &ModelProto,
+    ranges: &BTreeMap<String, TensorEntry>,
+    qopts: &QuantOptions,
+    q: &ModelProto,
+    report: &Report,
+    data: &DataOptions,
+) -> Result<(BiasCorrectionReport, Option<Corrected>)> {
+    let samples = data.max_samples.unwrap_or(16).min(16);
+    let d = DataOptions { max_samples: Some(samples), ..data.clone() };
+    let _ = report;
+    let (corrected, changes) = quantize::bias_correction::correct(model, q, &d)?;
+    let mut r = BiasCorrectionReport {
+        corrected: changes,
+        applied: false,
+        sqnr_before_db: f64::NAN,
+        sqnr_after_db: f64::NAN,
+        samples,
+    };
+    if changes == 0 {
+        return Ok((r, None));
+    }
+    let (q2, r2) = quantize::quantize(&corrected, ranges, qopts)?;
+    r.sqnr_before_db = output_sqnr(model, q, &d)?;
+    r.sqnr_after_db = output_sqnr(model, &q2, &d)?;
+    r.applied = r.sqnr_after_db > r.sqnr_before_db;
+    Ok(if r.applied { (r, Some((corrected, q2, r2))) } else { (r, None) })
+}
+
+/// Relative rounding noise of quantizing a tensor with `range`: (step²/12) / E[x²].
+fn local_noise(e: &TensorEntry, range: [f32; 2]) -> f64 {
+    let step = (range[1] as f64 - range[0] as f64) / 255.0;
+    let power = e.std * e.std + e.mean * e.mean;
+    if power > 0.0 {
+        step * step / 12.0 / power
+    } else {
+        0.0
+    }
+}
+
+/// Ranks the quantized activations by what each costs the outputs when quantized alone
+/// (worst-output SQNR on up to `max_samples` samples), most harmful first. Only the
+/// `candidates` tensors with the largest relative rounding noise are measured, which keeps
+/// the cost to a few dozen short evaluations on large graphs.
 fn rank_tensor_costs(
     model: &ModelProto,
     ranges: &BTreeMap<String, TensorEntry>,
@@ -181,14 +327,22 @@ fn rank_tensor_costs(
     report: &Report,
     data: &DataOptions,
     max_samples: usize,
+    candidates: usize,
 ) -> Result<Vec<TensorCost>> {
     let d = DataOptions { max_samples: Some(data.max_samples.unwrap_or(max_samples).min(max_samples)), ..data.clone() };
     let acts: Vec<&str> = report.tensors.iter().filter(|t| t.kind == "activation").map(|t| t.name.as_str()).collect();
+    let mut by_noise: Vec<(f64, &str)> = report
+        .tensors
+        .iter()
+        .filter(|t| t.kind == "activation")
+        .filter_map(|t| Some((local_noise(ranges.get(&t.name)?, t.range?), t.name.as_str())))
+        .collect();
+    by_noise.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)));
     let mut costs = Vec::new();
-    for t in &acts {
+    for (_, t) in by_noise.into_iter().take(candidates) {
         // Only this tensor: every other activation is kept float.
         let mut o = qopts.clone();
-        o.keep_float.extend(acts.iter().filter(|a| *a != t).map(|a| a.to_string()));
+        o.keep_float.extend(acts.iter().filter(|a| **a != t).map(|a| a.to_string()));
         let (q, _) = quantize::quantize(model, ranges, &o)?;
         let s = output_sqnr(model, &q, &d)?;
         costs.push(TensorCost { tensor: t.to_string(), sqnr_db: s });
@@ -236,6 +390,8 @@ fn finish(
         prepared,
         kept_float: kept,
         quantization: report,
+        regularization: None,
+        bias_correction: None,
         seconds: t0.elapsed().as_secs_f64(),
     })
 }

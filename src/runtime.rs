@@ -277,9 +277,34 @@ fn prepare(
     Ok(Prepared { model: optimized, input_dts, output_slots, diag })
 }
 
-/// Runs a tract call, turning a panic inside tract into an error.
+thread_local! {
+    /// Set while this thread is inside [`guarded`].
+    static IN_GUARDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Wraps the process's panic hook (once) so that panics inside [`guarded`] calls print
+/// nothing: they become errors carrying the panic message, and the command still ends with
+/// its one-line `error:`. Panics anywhere else are reported as before.
+fn silence_guarded_panics() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !IN_GUARDED.with(|g| g.get()) {
+                previous(info)
+            }
+        }));
+    });
+}
+
+/// Runs a tract call, turning a panic inside tract (e.g. tract-data's "failed to allocate"
+/// on a hostile shape) into an error.
 fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    match catch_unwind(AssertUnwindSafe(f)) {
+    silence_guarded_panics();
+    let outer = IN_GUARDED.with(|g| g.replace(true));
+    let result = catch_unwind(AssertUnwindSafe(f));
+    IN_GUARDED.with(|g| g.set(outer));
+    match result {
         Ok(r) => r,
         Err(payload) => {
             let msg = payload
@@ -287,7 +312,7 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
                 .map(|s| s.to_string())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".to_string());
-            Err(anyhow!("tract panicked while trying to {what} the model: {msg}"))
+            Err(anyhow!("tract failed internally (a panic) while trying to {what} the model: {msg}"))
         }
     }
 }

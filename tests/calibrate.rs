@@ -89,7 +89,8 @@ fn write_sample(dir: &Path, file: &str, arrays: &[(&str, ArrayData)]) {
 fn bad_calibration_data_is_rejected_before_running() {
     use ndarray::{ArrayD, IxDyn};
     let good = || ArrayData::F32(ArrayD::zeros(IxDyn(&[2, 8])));
-    let cases: Vec<(&str, Vec<(&str, ArrayData)>, Vec<&str>)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, ArrayData)>, Vec<&'a str>);
+    let cases: Vec<Case> = vec![
         ("missing.npz", vec![("other", good())], vec!["missing.npz", "'other'"]),
         ("dtype.npz", vec![("x", ArrayData::I64(ArrayD::zeros(IxDyn(&[2, 8]))))], vec!["dtype.npz", "'x'", "int64"]),
         ("rank.npz", vec![("x", ArrayData::F32(ArrayD::zeros(IxDyn(&[16]))))], vec!["rank.npz", "'x'"]),

@@ -313,7 +313,11 @@ fn stats_file_reuse_and_determinism() {
         outs.push(out);
     }
     let from_stats = dir.path().join("qs.onnx");
-    let o = quantize("transformer.onnx", &from_stats, &["--stats", stats.to_str().expect("utf8"), "-q"]);
+    let o = quantize(
+        "transformer.onnx",
+        &from_stats,
+        &["--stats", stats.to_str().expect("utf8"), "--data", &calib("transformer"), "-q"],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let a = std::fs::read(&outs[0]).expect("read");
     assert!(a == std::fs::read(&outs[1]).expect("read"), "same bytes for 1 and 2 threads");

@@ -3,7 +3,10 @@
 
 mod calibrate;
 mod dump;
+mod dynamic;
 mod eval;
 mod fixtures;
+mod hostile;
+mod outliers;
 mod quantize;
 mod util;

@@ -34,6 +34,29 @@ pub struct Model {
     pub file_size: u64,
     /// Number of tensors whose data came from external files.
     pub external_tensors: usize,
+    /// The external data files, whole; those tensors' `raw_data` are slices of them.
+    pub data_files: Vec<DataFile>,
+}
+
+/// One external data file of a loaded model (memory-mapped when large).
+#[derive(Debug, Clone)]
+pub struct DataFile {
+    /// The `location` the tensors named, relative to the model's folder.
+    pub location: String,
+    pub bytes: Bytes,
+}
+
+impl Model {
+    /// A model built in memory (no file, no external data).
+    pub fn in_memory(proto: ModelProto) -> Model {
+        Model { proto, path: None, file_size: 0, external_tensors: 0, data_files: Vec::new() }
+    }
+
+    /// The folder external data locations are relative to.
+    pub fn dir(&self) -> Option<&Path> {
+        let p = self.path.as_deref()?.parent()?;
+        Some(if p.as_os_str().is_empty() { Path::new(".") } else { p })
+    }
 }
 
 /// Maps or reads a whole file into a `Bytes` without copying large files.
@@ -73,10 +96,56 @@ pub fn load_bytes(bytes: Bytes, dir: Option<&Path>) -> Result<Model> {
                 files.resolve(t)?;
                 external_tensors += 1;
             }
+            check_payload(t)
+        })?;
+    }
+    let data_files = files.maps.into_iter().map(|(location, bytes)| DataFile { location, bytes }).collect();
+    Ok(Model { proto, path: None, file_size, external_tensors, data_files })
+}
+
+/// A model serialized for a runtime (tract): `bytes` is a `ModelProto` whose external data
+/// references resolve against `dir`.
+#[derive(Debug, Clone)]
+pub struct RuntimeModel {
+    pub bytes: Bytes,
+    pub dir: Option<PathBuf>,
+}
+
+/// Serializes `proto` — `source` as loaded, or a rewrite of it — for a runtime. Every tensor
+/// whose payload is still a slice of one of `source`'s external data files is written as a
+/// reference to that file again instead of inline, so a model over protobuf's 2 GiB limit
+/// stays encodable, nothing copies its weights on our side, and the runtime reads them from
+/// the files itself. Other tensors (new or rewritten ones) are inline.
+pub fn runtime_model(proto: &ModelProto, source: &Model) -> Result<RuntimeModel> {
+    let Some(dir) = source.dir().filter(|_| !source.data_files.is_empty()) else {
+        return Ok(RuntimeModel { bytes: Bytes::from(encode(proto)?), dir: None });
+    };
+    let mut proto = proto.clone(); // cheap: payloads are shared `Bytes`
+    if let Some(g) = proto.graph.as_mut() {
+        visit_graph_tensors(g, &mut |t| {
+            let Some(raw) = t.raw_data.as_ref().filter(|r| !r.is_empty()) else { return Ok(()) };
+            let start = raw.as_ptr() as usize;
+            // `source` keeps every data file mapped, so an address inside one of them is a
+            // slice of that file (no other allocation can live there meanwhile).
+            let file = source.data_files.iter().find(|f| {
+                let base = f.bytes.as_ptr() as usize;
+                start >= base && start + raw.len() <= base + f.bytes.len()
+            });
+            if let Some(f) = file {
+                let offset = start - f.bytes.as_ptr() as usize;
+                let kv = |k: &str, v: String| StringStringEntryProto { key: Some(k.into()), value: Some(v) };
+                t.external_data = vec![
+                    kv("location", f.location.clone()),
+                    kv("offset", offset.to_string()),
+                    kv("length", raw.len().to_string()),
+                ];
+                t.data_location = Some(DataLocation::External as i32);
+                t.raw_data = None;
+            }
             Ok(())
         })?;
     }
-    Ok(Model { proto, path: None, file_size, external_tensors })
+    Ok(RuntimeModel { bytes: Bytes::from(encode(&proto)?), dir: Some(dir.to_path_buf()) })
 }
 
 /// Loads a model file: decode, check it has a graph and opset imports, resolve external data.
@@ -97,6 +166,78 @@ fn check_structure(proto: &ModelProto) -> Result<()> {
         bail!("the graph is empty (no nodes, no outputs)");
     }
     Ok(())
+}
+
+/// Checks a tensor's declared shape and that its payload has exactly the size the shape and
+/// element type call for, so a corrupt or hostile file (2^40 elements over 48 bytes of data,
+/// dims whose product overflows, negative dims) is rejected at load time, naming the tensor,
+/// before anything sizes an allocation from its dims. Element types without a fixed size
+/// (string, 4-bit) only get their dims checked.
+fn check_payload(t: &TensorProto) -> Result<()> {
+    let name = t.name();
+    let mut count: u64 = 1;
+    for &d in &t.dims {
+        if d < 0 {
+            bail!("tensor '{name}': negative dim in shape {:?}", t.dims);
+        }
+        count = count.checked_mul(d as u64).with_context(|| {
+            format!("tensor '{name}': shape {:?} overflows (its element count does not fit in 64 bits)", t.dims)
+        })?;
+    }
+    let dt = t.data_type();
+    let raw = t.raw_data.as_deref().unwrap_or_default();
+    let typed = [
+        t.float_data.len(),
+        t.int32_data.len(),
+        t.string_data.len(),
+        t.int64_data.len(),
+        t.double_data.len(),
+        t.uint64_data.len(),
+    ]
+    .iter()
+    .sum::<usize>() as u64;
+    let describe = || format!("{} shape {:?}", crate::array::dtype::name(dt), t.dims);
+    if dt == 0 {
+        if raw.is_empty() && typed == 0 && count == 0 {
+            return Ok(());
+        }
+        bail!("tensor '{name}': its element type is undefined (data_type 0)");
+    }
+    // (bits per element in raw_data, elements per value of the typed fields)
+    let (raw_bits, typed_per_value): (u64, u64) = match dt {
+        2 | 3 | 9 | 17..=20 | 24 => (8, 1),
+        4 | 5 | 10 | 16 => (16, 1),
+        1 | 6 | 12 => (32, 1),
+        7 | 11 | 13 => (64, 1),
+        14 => (64, 1),
+        15 => (128, 1),
+        21..=23 => (4, 2),
+        25 | 26 => (2, 4),
+        27 | 28 => (6, 1),
+        8 => (0, 1),
+        _ => return Ok(()), // an element type this build does not know: dims checked only
+    };
+    if !raw.is_empty() {
+        if dt == 8 {
+            bail!("tensor '{name}': a string tensor cannot store its data in raw_data");
+        }
+        let expected = count.checked_mul(raw_bits).map(|bits| bits.div_ceil(8));
+        match expected {
+            Some(e) if raw.len() as u64 == e => return Ok(()),
+            Some(e) => bail!("tensor '{name}': raw_data holds {} bytes, but {} needs {e} bytes", raw.len(), describe()),
+            None => bail!("tensor '{name}': the byte size of {} overflows", describe()),
+        }
+    }
+    // Typed fields: complex numbers take two values per element, 4- and 2-bit types are packed.
+    let expected = match dt {
+        14 | 15 => count.checked_mul(2),
+        _ => Some(count.div_ceil(typed_per_value)),
+    };
+    match expected {
+        Some(e) if typed == e => Ok(()),
+        _ if typed == 0 => bail!("tensor '{name}': no data for the {count} elements of {}", describe()),
+        _ => bail!("tensor '{name}': holds {typed} values, but {} has {count} elements", describe()),
+    }
 }
 
 /// Calls `f` on every tensor of the graph: initializers and tensors in node attributes
@@ -160,8 +301,20 @@ impl ExternalFiles<'_> {
             .with_context(|| format!("{}: the model was not loaded from a file, cannot resolve '{location}'", ctx()))?;
         if !self.maps.contains_key(&location) {
             let path = dir.join(&rel);
+            let real = std::fs::canonicalize(&path)
+                .with_context(|| format!("{}: missing or unreadable data file {}", ctx(), path.display()))?;
+            // A symbolic link must not lead out of the folder either (tract refuses it too).
+            if let Ok(root) = std::fs::canonicalize(dir) {
+                if !real.starts_with(&root) {
+                    bail!(
+                        "{}: location '{location}' leads outside the model folder (to {}) through a symbolic link",
+                        ctx(),
+                        real.display()
+                    );
+                }
+            }
             let bytes =
-                read_file_bytes(&path).with_context(|| format!("{}: missing or unreadable data file", ctx()))?;
+                read_file_bytes(&real).with_context(|| format!("{}: missing or unreadable data file", ctx()))?;
             self.maps.insert(location.clone(), bytes);
         }
         let data = &self.maps[&location];
@@ -228,13 +381,17 @@ pub fn encode(proto: &ModelProto) -> Result<Vec<u8>> {
 }
 
 /// Saves a model atomically, with external data when asked or when it would not fit in 2 GiB.
+///
+/// The protobuf is encoded straight into the file (never into one big buffer first), and with
+/// external data both files are written to temporary files and only renamed into place once
+/// both are complete, so a failure leaves neither behind.
 pub fn save(proto: &ModelProto, path: &Path, opts: &SaveOptions) -> Result<Saved> {
     let ctx = || format!("cannot write {}", path.display());
     let external = opts.external || proto.encoded_len() > PROTOBUF_LIMIT;
     if !external {
-        let bytes = encode(proto).with_context(ctx)?;
-        write_atomic(path, |w| w.write_all(&bytes).map_err(Into::into)).with_context(ctx)?;
-        return Ok(Saved { bytes: bytes.len() as u64, external_file: None, external_bytes: 0 });
+        let len = checked_len(proto).with_context(ctx)?;
+        write_atomic(path, |w| encode_into(proto, w)).with_context(ctx)?;
+        return Ok(Saved { bytes: len as u64, external_file: None, external_bytes: 0 });
     }
     let threshold = opts.threshold.unwrap_or(1024);
     let file_name =
@@ -269,20 +426,138 @@ pub fn save(proto: &ModelProto, path: &Path, opts: &SaveOptions) -> Result<Saved
             Ok(())
         })?;
     }
-    write_atomic(&data_path, |w| {
+    let len = checked_len(&proto).with_context(ctx)?;
+    let data_tmp = write_temp(&data_path, |w| {
         for c in &chunks {
             w.write_all(c)?;
         }
         Ok(())
     })
     .with_context(|| format!("cannot write {}", data_path.display()))?;
-    let bytes = encode(&proto).with_context(ctx)?;
-    write_atomic(path, |w| w.write_all(&bytes).map_err(Into::into)).with_context(ctx)?;
-    Ok(Saved { bytes: bytes.len() as u64, external_file: Some(data_path), external_bytes: offset })
+    drop(chunks);
+    let model_tmp = write_temp(path, |w| encode_into(&proto, w)).with_context(ctx)?;
+    data_tmp
+        .persist(&data_path)
+        .map_err(|e| e.error)
+        .with_context(|| format!("cannot write {}", data_path.display()))?;
+    if let Err(e) = model_tmp.persist(path) {
+        // Without its model file the data file is a partial output.
+        let _ = std::fs::remove_file(&data_path);
+        return Err(e.error).with_context(ctx);
+    }
+    Ok(Saved { bytes: len as u64, external_file: Some(data_path), external_bytes: offset })
+}
+
+/// The encoded length of a model, or an error when it is over protobuf's limit.
+fn checked_len(proto: &ModelProto) -> Result<usize> {
+    let len = proto.encoded_len();
+    if len > PROTOBUF_LIMIT {
+        bail!("the model encodes to {len} bytes, over protobuf's 2 GiB limit: save it with external data");
+    }
+    Ok(len)
+}
+
+/// Encodes a model into a writer through a small buffer (no copy of the whole encoding).
+pub fn encode_into(proto: &ModelProto, w: &mut dyn Write) -> Result<()> {
+    checked_len(proto)?;
+    let mut sink = WriteSink { w, buf: Vec::with_capacity(WriteSink::CAP), err: None };
+    proto.encode(&mut sink).context("protobuf encoding failed")?;
+    sink.flush_buf();
+    match sink.err {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
+/// A `BufMut` that streams into a `Write`: small puts (tags, varints) are gathered in a
+/// buffer, large slices (tensor payloads) go straight through. The first I/O error is kept
+/// and every later write is skipped.
+struct WriteSink<'a> {
+    w: &'a mut dyn Write,
+    buf: Vec<u8>,
+    err: Option<std::io::Error>,
+}
+
+impl WriteSink<'_> {
+    const CAP: usize = 1 << 16;
+
+    fn flush_buf(&mut self) {
+        if self.err.is_none() && !self.buf.is_empty() {
+            if let Err(e) = self.w.write_all(&self.buf) {
+                self.err = Some(e);
+            }
+        }
+        self.buf.clear();
+    }
+}
+
+// SAFETY: `chunk_mut` hands out the vector's spare capacity (never empty: the buffer is
+// flushed when full) and `advance_mut` only extends the length over bytes the caller wrote
+// into that spare capacity.
+unsafe impl bytes::BufMut for WriteSink<'_> {
+    fn remaining_mut(&self) -> usize {
+        isize::MAX as usize - self.buf.len()
+    }
+
+    unsafe fn advance_mut(&mut self, cnt: usize) {
+        let new_len = self.buf.len() + cnt;
+        assert!(new_len <= self.buf.capacity(), "advance_mut past the chunk");
+        // SAFETY: per the trait contract the caller initialized `cnt` bytes of `chunk_mut`.
+        unsafe { self.buf.set_len(new_len) };
+        if self.buf.len() == self.buf.capacity() {
+            self.flush_buf();
+        }
+    }
+
+    fn chunk_mut(&mut self) -> &mut bytes::buf::UninitSlice {
+        if self.buf.len() == self.buf.capacity() {
+            self.flush_buf();
+        }
+        bytes::buf::UninitSlice::uninit(self.buf.spare_capacity_mut())
+    }
+
+    fn put_slice(&mut self, src: &[u8]) {
+        if src.len() <= self.buf.capacity() - self.buf.len() {
+            self.buf.extend_from_slice(src);
+            return;
+        }
+        self.flush_buf();
+        if src.len() < Self::CAP {
+            self.buf.extend_from_slice(src);
+        } else if self.err.is_none() {
+            if let Err(e) = self.w.write_all(src) {
+                self.err = Some(e);
+            }
+        }
+    }
+
+    fn put_u8(&mut self, n: u8) {
+        self.put_slice(&[n]);
+    }
+
+    fn put<T: bytes::Buf>(&mut self, mut src: T)
+    where
+        Self: Sized,
+    {
+        while src.has_remaining() {
+            let chunk = src.chunk();
+            let n = chunk.len();
+            self.put_slice(chunk);
+            src.advance(n);
+        }
+    }
 }
 
 /// Writes a file through a temporary file in the same folder, renamed into place on success.
 pub fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
+    let tmp = write_temp(path, write)?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// Writes a complete temporary file (`.onnxq-tmp-*`) in `path`'s folder, to be persisted as
+/// `path`; dropping it deletes it.
+fn write_temp(path: &Path, write: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<tempfile::NamedTempFile> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -297,8 +572,7 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> Result<()
         w.flush()?;
     }
     tmp.as_file().sync_all().ok();
-    tmp.persist(path).map_err(|e| e.error)?;
-    Ok(())
+    Ok(tmp)
 }
 
 #[cfg(test)]
@@ -313,6 +587,74 @@ mod tests {
         assert!(safe_relative("sub/../../w.bin").is_err());
         assert!(safe_relative("/etc/passwd").is_err());
         assert!(safe_relative("").is_err());
+    }
+
+    #[test]
+    fn streamed_encoding_matches_encode_to_vec() {
+        use crate::onnx::builder::{graph, model, node, tensor_info};
+        use crate::onnx::tensor::{vec_f32, vec_i64};
+        let big: Vec<f32> = (0..100_000).map(|i| i as f32 * 0.5).collect();
+        let g = graph(
+            "g",
+            vec![node("Add", "add", &["x", "big"], &["y"], vec![])],
+            vec![tensor_info("x", 1, &[100_000])],
+            vec![tensor_info("y", 1, &[100_000])],
+            vec![vec_f32("big", &big), vec_i64("small", &[1, 2, 3])],
+        );
+        let m = model(g, 13);
+        let mut out = Vec::new();
+        encode_into(&m, &mut out).unwrap();
+        assert_eq!(out, m.encode_to_vec());
+        struct Failing;
+        impl Write for Failing {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::Error::other("disk full"))
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        assert!(encode_into(&m, &mut Failing).unwrap_err().to_string().contains("disk full"));
+    }
+
+    #[test]
+    fn payload_sizes_are_checked_at_load() {
+        use crate::onnx::builder::{graph, model, node, tensor_info};
+        use crate::onnx::tensor::vec_f32;
+        let load = |t: TensorProto| {
+            let g = graph(
+                "g",
+                vec![node("Add", "add", &["x", "w"], &["y"], vec![])],
+                vec![tensor_info("x", 1, &[2])],
+                vec![tensor_info("y", 1, &[2])],
+                vec![t],
+            );
+            load_bytes(Bytes::from(model(g, 13).encode_to_vec()), None).map(|_| ()).map_err(|e| format!("{e:#}"))
+        };
+        assert!(load(vec_f32("w", &[1.0, 2.0])).is_ok());
+        let mut t = vec_f32("w", &[1.0, 2.0]);
+        t.dims = vec![1 << 20, 1 << 20];
+        let e = load(t).unwrap_err();
+        assert!(e.contains("tensor 'w': raw_data holds 8 bytes, but float shape [1048576, 1048576]"), "{e}");
+        let mut t = vec_f32("w", &[1.0, 2.0]);
+        t.dims = vec![1 << 62, 1 << 62];
+        assert!(load(t).unwrap_err().contains("overflows"));
+        let mut t = vec_f32("w", &[1.0, 2.0]);
+        t.dims = vec![-2];
+        assert!(load(t).unwrap_err().contains("negative dim"));
+        let mut t = vec_f32("w", &[1.0, 2.0]);
+        t.data_type = Some(11);
+        assert!(load(t).unwrap_err().contains("raw_data holds 8 bytes, but double shape [2] needs 16 bytes"));
+        let mut t = vec_f32("w", &[1.0, 2.0]);
+        t.raw_data = None;
+        t.float_data = vec![1.0];
+        assert!(load(t.clone()).unwrap_err().contains("holds 1 values, but float shape [2] has 2 elements"));
+        t.float_data.clear();
+        assert!(load(t).unwrap_err().contains("no data for the 2 elements"));
+        // Zero elements with a huge dim are fine here (nothing to allocate).
+        let mut t = vec_f32("w", &[]);
+        t.dims = vec![0, 1 << 40];
+        assert!(load(t).is_ok());
     }
 
     #[test]

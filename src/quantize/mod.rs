@@ -20,6 +20,7 @@
 //! Weights become `W_quantized` int8 initializers read by `W_dequantized`, biases
 //! `B_quantized` int32.
 
+pub mod bias_correction;
 pub mod dynamic;
 pub mod opset;
 pub mod params;
@@ -171,8 +172,8 @@ pub fn decomposition_nodes(view: &GraphView) -> BTreeSet<usize> {
                 }
             }
             "ReduceMean" => {
-                let Some(x) = n.input.first() else { continue };
-                for &(c, _) in view.consumers(&n.output[0]) {
+                let (Some(x), Some(o)) = (n.input.first(), n.output.first()) else { continue };
+                for &(c, _) in view.consumers(o) {
                     let sub = &nodes[c];
                     if sub.op_type() != "Sub" || sub.input.first() != Some(x) {
                         continue;
@@ -505,19 +506,27 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
             "Relu" => {
                 // Fold into the producer's Q when the producer is a selected node and the
                 // Relu is its only consumer.
-                let (Some(inp), Some(out)) = (n.input.first(), n.output.first()) else { continue };
-                let producer_selected =
-                    view.producer_index(inp).is_some_and(|pi| p.selected.contains(&pi) && p.act_set.contains(inp));
+                // Only a plain one-in, one-out Relu: removing a node with extra outputs would
+                // leave them unproduced.
+                let ([inp], [out]) = (n.input.as_slice(), n.output.as_slice()) else { continue };
+                // A producer that is itself a folded (removed) Relu cannot host a second fold:
+                // nothing would produce this Relu's output.
+                let producer_selected = view
+                    .producer_index(inp)
+                    .is_some_and(|pi| p.selected.contains(&pi) && !p.removed.contains(&pi) && p.act_set.contains(inp));
                 let sole = view.consumers(inp).len() == 1 && !view.is_graph_output(inp);
-                if opts.activations == ActType::U8 && producer_selected && sole && !view.is_graph_output(out) {
-                    if ctx.act_blocker(out).is_none() {
-                        // The producer's own output Q is replaced by the Relu's.
-                        p.act_set.remove(inp.as_str());
-                        p.acts.retain(|(t, _)| t != inp);
-                        want_act(&mut p, &mut blocked, out, ActSource::FoldedRelu { input: inp.clone() });
-                        p.removed.insert(i);
-                        p.selected.insert(i);
-                    }
+                if opts.activations == ActType::U8
+                    && producer_selected
+                    && sole
+                    && !view.is_graph_output(out)
+                    && ctx.act_blocker(out).is_none()
+                {
+                    // The producer's own output Q is replaced by the Relu's.
+                    p.act_set.remove(inp.as_str());
+                    p.acts.retain(|(t, _)| t != inp);
+                    want_act(&mut p, &mut blocked, out, ActSource::FoldedRelu { input: inp.clone() });
+                    p.removed.insert(i);
+                    p.selected.insert(i);
                 }
             }
             _ if MOVE_OPS.contains(&op) => {
@@ -646,6 +655,8 @@ pub fn default_opset(m: &ModelProto) -> i64 {
 }
 
 type Rewritten = (GraphProto, Totals, Vec<TensorReport>);
+/// (quantized, scale, zero point) initializer names and the scales of one quantized weight.
+type WeightNames = (String, String, String, Vec<f32>);
 
 fn rewrite(
     graph: &GraphProto,
@@ -696,7 +707,7 @@ fn rewrite(
     totals.activations_quantized = pl.acts.len();
 
     // 2. Weights: one quantized copy per (weight, axis).
-    let mut wq: HashMap<(String, Option<usize>), (String, String, String, Vec<f32>)> = HashMap::new();
+    let mut wq: HashMap<(String, Option<usize>), WeightNames> = HashMap::new();
     let mut bytes_before: HashSet<String> = HashSet::new();
     for (&(ni, slot), &axis) in &pl.weights {
         let n = &view.nodes()[ni];

@@ -141,7 +141,7 @@ pub fn quantize_bias(b: &[f32], input_scale: f32, weight_scales: &[f32]) -> Opti
             return None;
         }
         let v = (x as f64 / s as f64).round_ties_even();
-        if !(v.abs() < i32::MAX as f64) {
+        if v.is_nan() || v.abs() >= i32::MAX as f64 {
             return None;
         }
         q.push(v as i32);

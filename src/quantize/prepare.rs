@@ -92,7 +92,7 @@ pub fn prepare(model: &ModelProto) -> Result<(ModelProto, Prepared)> {
         let mut names = NameAlloc::new(&snapshot);
         let mut fold: Option<(usize, usize, Vec<f32>, usize)> = None;
         for (ai, add) in snapshot.node.iter().enumerate() {
-            if add.op_type() != "Add" || add.input.len() != 2 || !add.domain().is_empty() {
+            if add.op_type() != "Add" || add.input.len() != 2 || add.output.len() != 1 || !add.domain().is_empty() {
                 continue;
             }
             for (x, cst) in [(0usize, 1usize), (1, 0)] {
@@ -110,7 +110,14 @@ pub fn prepare(model: &ModelProto) -> Result<(ModelProto, Prepared)> {
                 let Some(&c) = w.dims.get(c_axis) else { continue };
                 let c = if conv.op_type() == "ConvTranspose" {
                     let group = crate::onnx::attr::NodeAttrs::attr_int_or(conv, "group", 1).unwrap_or(1).max(1);
-                    (c * group) as usize
+                    // `group` divides the input channels (dims[0]); an attribute claiming more
+                    // would size the bias (2^40 channels from a 1-element weight) from
+                    // untrusted data alone.
+                    if w.dims.first().is_none_or(|&cin| group > cin) {
+                        continue;
+                    }
+                    let Some(c) = c.checked_mul(group).and_then(|c| usize::try_from(c).ok()) else { continue };
+                    c
                 } else {
                     c as usize
                 };

@@ -1,0 +1,43 @@
+//! Calibration cost against plain inference: `cargo run --release --example bench_calibrate --
+//! MODEL DATA [DATA ...]`. Runs the samples once through a tract plan that returns only the
+//! graph outputs, then calibrates every default target (statistics + histograms) on the same
+//! samples with the same threading, and prints one JSON line with both times and their ratio.
+
+use anyhow::{Context, Result};
+use onnxq::calibrate::{self as cal, for_each_sample, input_facts, input_specs};
+use std::time::Instant;
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (model_path, data) = args.split_first().context("usage: bench_calibrate MODEL DATA [DATA ...]")?;
+    let model = onnxq::onnx::load(std::path::Path::new(model_path))?;
+    let g = model.proto.graph.as_ref().context("no graph")?;
+    let specs = input_specs(g);
+    let opts = onnxq::data::DataOptions {
+        sources: data.iter().map(|d| onnxq::data::Source::Path(d.into())).collect(),
+        ..Default::default()
+    };
+    let set = onnxq::data::open(&specs, &opts)?;
+    let bytes = cal::model_bytes(&model)?;
+    let outputs: Vec<String> = g.output.iter().map(|o| o.name().to_string()).collect();
+
+    let t0 = Instant::now();
+    let plan = onnxq::runtime::Plan::load(&bytes, None, &input_facts(&specs, &set)?, &outputs)?;
+    let load_plain = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    for_each_sample(&plan, &set, &indicatif::ProgressBar::hidden(), |_, _| Ok(()), |_, _| Ok(()))?;
+    let plain = t1.elapsed().as_secs_f64();
+
+    let targets = cal::default_targets(&onnxq::onnx::GraphView::new(g))?;
+    let t2 = Instant::now();
+    let c = cal::calibrate(&bytes, &specs, &set, &targets, &cal::CalibOptions::default())?;
+    let calib = t2.elapsed().as_secs_f64();
+    println!(
+        "{{\"model\": \"{model_path}\", \"samples\": {}, \"tensors\": {}, \"plain_load_s\": {load_plain:.3}, \"plain_run_s\": {plain:.3}, \"calibrate_s\": {calib:.3}, \"ratio\": {:.3}, \"threads\": {}}}",
+        set.len(),
+        c.tensors.len(),
+        calib / (load_plain + plain),
+        rayon::current_num_threads()
+    );
+    Ok(())
+}

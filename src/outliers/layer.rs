@@ -1,0 +1,288 @@
+//! Which nodes are regularizable layers, their weights as a `[K, N]` matrix (`y = x·W`), the
+//! bias the output feeds, and writing edited weights and biases back into the model.
+//!
+//! - `MatMul(X, W)` with a 2-D float initializer/Constant `W [K, N]`;
+//! - `Gemm(A, B, C)` with `transA = 0` and a 2-D float constant `B`: `W = α·B` (`α·Bᵀ` when
+//!   `transB = 1`); its bias is `C` scaled by `β`.
+//!
+//! A weight read by anything else than the layer (shared weights) is not edited. The bias of
+//! a MatMul is the constant operand of the single `Add` that reads its output, when that
+//! constant has `N` elements laid out along the last axis and nothing else reads it.
+
+use crate::array::dtype;
+use crate::onnx::attr::{describe, NodeAttrs};
+use crate::onnx::pb::{ModelProto, TensorProto};
+use crate::onnx::tensor::{from_f32, to_f32};
+use crate::onnx::GraphView;
+use anyhow::{bail, Context, Result};
+use ndarray::{Array2, ArrayD, IxDyn};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerKind {
+    MatMul,
+    Gemm,
+}
+
+/// Where a layer's bias lives.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BiasSite {
+    /// The constant tensor holding it.
+    pub tensor: String,
+    /// The node adding it (the Add, or the Gemm itself).
+    pub node: String,
+    /// The bias contributes `scale · b_j` to the output (Gemm's β, 1 for Add).
+    pub scale: f64,
+}
+
+/// A regularizable layer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Layer {
+    /// Node name (or `#index` when unnamed).
+    pub node: String,
+    #[serde(skip)]
+    pub node_index: usize,
+    pub kind: LayerKind,
+    /// Activation input `X`.
+    pub input: String,
+    pub output: String,
+    /// Weight tensor name.
+    pub weight: String,
+    pub k: usize,
+    pub n: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bias: Option<BiasSite>,
+    #[serde(skip)]
+    pub trans_b: bool,
+    #[serde(skip)]
+    pub alpha: f64,
+}
+
+/// A node that looked like a layer but cannot be regularized, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct NotALayer {
+    pub node: String,
+    pub op_type: String,
+    pub reason: String,
+}
+
+fn node_label(view: &GraphView, i: usize) -> String {
+    let n = &view.nodes()[i];
+    if n.name().is_empty() {
+        format!("#{i}")
+    } else {
+        n.name().to_string()
+    }
+}
+
+/// A constant read only by the node `node` (at any slot).
+fn sole_reader(view: &GraphView, name: &str, node: usize) -> bool {
+    !view.is_graph_output(name) && view.consumers(name).iter().all(|&(c, _)| c == node)
+}
+
+/// Finds the regularizable layers, in topological order, and the candidates rejected.
+pub fn find_layers(model: &ModelProto) -> Result<(Vec<Layer>, Vec<NotALayer>)> {
+    let graph = model.graph.as_ref().context("the model has no graph")?;
+    let view = GraphView::new(graph);
+    let order = view.topo_order()?;
+    let mut layers = Vec::new();
+    let mut rejected = Vec::new();
+    for i in order {
+        let n = &view.nodes()[i];
+        let op = n.op_type();
+        let kind = match op {
+            "MatMul" => LayerKind::MatMul,
+            "Gemm" => LayerKind::Gemm,
+            _ => continue,
+        };
+        if !matches!(n.domain(), "" | "ai.onnx") {
+            continue;
+        }
+        let mut reject = |reason: String| {
+            rejected.push(NotALayer { node: node_label(&view, i), op_type: op.to_string(), reason });
+        };
+        let (Some(x), Some(w)) = (n.input.first(), n.input.get(1)) else { continue };
+        let Some(out) = n.output.first().filter(|o| !o.is_empty()) else { continue };
+        let Some(wt) = view.weight(w) else {
+            continue; // activation × activation: not a weighted layer
+        };
+        if view.weight(x).is_some() {
+            reject("both inputs are constants".into());
+            continue;
+        }
+        if wt.data_type() != dtype::FLOAT {
+            reject(format!("weight '{w}' is {}, not float", dtype::name(wt.data_type())));
+            continue;
+        }
+        if wt.dims.len() != 2 {
+            reject(format!("weight '{w}' has rank {}, not 2", wt.dims.len()));
+            continue;
+        }
+        if !sole_reader(&view, w, i) {
+            reject(format!("weight '{w}' is shared with other nodes"));
+            continue;
+        }
+        let (d0, d1) = (wt.dims[0].max(0) as usize, wt.dims[1].max(0) as usize);
+        let (mut trans_b, mut alpha, mut beta) = (false, 1.0f64, 1.0f64);
+        if kind == LayerKind::Gemm {
+            if n.attr_int_or("transA", 0)? != 0 {
+                reject("transA = 1".into());
+                continue;
+            }
+            trans_b = n.attr_int_or("transB", 0)? != 0;
+            alpha = f64::from(n.attr_float_or("alpha", 1.0)?);
+            beta = f64::from(n.attr_float_or("beta", 1.0)?);
+            if alpha == 0.0 || !alpha.is_finite() {
+                reject(format!("alpha = {alpha}"));
+                continue;
+            }
+        }
+        let (k, nn) = if trans_b { (d1, d0) } else { (d0, d1) };
+        if k == 0 || nn == 0 {
+            reject(format!("weight '{w}' is empty"));
+            continue;
+        }
+        let bias = match kind {
+            LayerKind::Gemm => n.input.get(2).filter(|c| !c.is_empty()).and_then(|c| {
+                let t = view.weight(c)?;
+                let ok = t.data_type() == dtype::FLOAT
+                    && beta != 0.0
+                    && bias_layout(&t.dims, nn)
+                    && sole_reader(&view, c, i);
+                ok.then(|| BiasSite { tensor: c.clone(), node: node_label(&view, i), scale: beta })
+            }),
+            LayerKind::MatMul => matmul_bias(&view, out, nn),
+        };
+        layers.push(Layer {
+            node: node_label(&view, i),
+            node_index: i,
+            kind,
+            input: x.clone(),
+            output: out.clone(),
+            weight: w.clone(),
+            k,
+            n: nn,
+            bias,
+            trans_b,
+            alpha,
+        });
+    }
+    Ok((layers, rejected))
+}
+
+/// `[N]` or `[1, .., 1, N]`.
+fn bias_layout(dims: &[i64], n: usize) -> bool {
+    match dims.split_last() {
+        Some((&last, rest)) => last == n as i64 && rest.iter().all(|&d| d == 1),
+        None => false,
+    }
+}
+
+fn matmul_bias(view: &GraphView, out: &str, n: usize) -> Option<BiasSite> {
+    if view.is_graph_output(out) {
+        return None;
+    }
+    let consumers = view.consumers(out);
+    let [(add, slot)] = consumers else { return None };
+    let add_node = view.nodes().get(*add)?;
+    if add_node.op_type() != "Add" || add_node.input.len() != 2 || *slot > 1 {
+        return None;
+    }
+    let other = &add_node.input[1 - *slot];
+    let t = view.weight(other)?;
+    (t.data_type() == dtype::FLOAT && bias_layout(&t.dims, n) && sole_reader(view, other, *add)).then(|| BiasSite {
+        tensor: other.clone(),
+        node: node_label(view, *add),
+        scale: 1.0,
+    })
+}
+
+/// The layer's effective weight `[K, N]` (`y = x·W`, Gemm's α folded in).
+pub fn weight_matrix(model: &ModelProto, layer: &Layer) -> Result<Array2<f32>> {
+    let graph = model.graph.as_ref().context("the model has no graph")?;
+    let view = GraphView::new(graph);
+    let t = view.weight(&layer.weight).with_context(|| format!("weight '{}' not found", layer.weight))?;
+    let a = to_f32(t).with_context(|| format!("layer {}: reading weight '{}'", layer.node, layer.weight))?;
+    let a = a.into_dimensionality::<ndarray::Ix2>().with_context(|| format!("weight '{}' is not 2-D", layer.weight))?;
+    let mut w = if layer.trans_b { a.t().to_owned() } else { a };
+    if layer.alpha != 1.0 {
+        let alpha = layer.alpha as f32;
+        w.mapv_inplace(|v| v * alpha);
+    }
+    if w.dim() != (layer.k, layer.n) {
+        bail!(
+            "layer {}: weight '{}' has shape {:?}, expected [{}, {}]",
+            layer.node,
+            layer.weight,
+            w.dim(),
+            layer.k,
+            layer.n
+        );
+    }
+    Ok(w.as_standard_layout().to_owned())
+}
+
+/// The layer's bias values (`scale` folded in), `[N]`.
+pub fn bias_values(model: &ModelProto, layer: &Layer) -> Result<Option<Vec<f32>>> {
+    let Some(site) = &layer.bias else { return Ok(None) };
+    let graph = model.graph.as_ref().context("the model has no graph")?;
+    let view = GraphView::new(graph);
+    let t = view.weight(&site.tensor).with_context(|| format!("bias '{}' not found", site.tensor))?;
+    let a = to_f32(t).with_context(|| format!("layer {}: reading bias '{}'", layer.node, site.tensor))?;
+    Ok(Some(a.iter().map(|&v| (f64::from(v) * site.scale) as f32).collect()))
+}
+
+/// Finds a constant tensor (initializer or Constant node value) for editing.
+fn constant_mut<'a>(model: &'a mut ModelProto, name: &str) -> Result<&'a mut TensorProto> {
+    let graph = model.graph.as_mut().context("the model has no graph")?;
+    if let Some(pos) = graph.initializer.iter().position(|t| t.name() == name) {
+        return Ok(&mut graph.initializer[pos]);
+    }
+    for n in graph.node.iter_mut() {
+        if n.op_type() == "Constant" && n.output.first().is_some_and(|o| o == name) {
+            let label = describe(n);
+            let attr = n
+                .attribute
+                .iter_mut()
+                .find(|a| a.name() == "value")
+                .with_context(|| format!("{label}: no 'value' attribute to edit"))?;
+            return attr.t.as_mut().with_context(|| format!("{label}: 'value' holds no tensor"));
+        }
+    }
+    bail!("constant '{name}' not found")
+}
+
+/// Replaces a constant's values, keeping its name and dims.
+fn replace(model: &mut ModelProto, name: &str, values: Vec<f32>) -> Result<()> {
+    let t = constant_mut(model, name)?;
+    let dims: Vec<usize> = t.dims.iter().map(|&d| d.max(0) as usize).collect();
+    let tensor_name = t.name().to_string();
+    let a = ArrayD::from_shape_vec(IxDyn(&dims), values)
+        .with_context(|| format!("tensor '{name}': new values do not fit shape {dims:?}"))?;
+    let mut new = from_f32(&tensor_name, &a);
+    new.doc_string = t.doc_string.take();
+    *t = new;
+    Ok(())
+}
+
+/// Writes the effective weight `[K, N]` back (undoing α and transB).
+pub fn write_weight(model: &mut ModelProto, layer: &Layer, w: &Array2<f32>) -> Result<()> {
+    if w.dim() != (layer.k, layer.n) {
+        bail!("layer {}: new weight has shape {:?}, expected [{}, {}]", layer.node, w.dim(), layer.k, layer.n);
+    }
+    let inv = (1.0 / layer.alpha) as f32;
+    let stored = if layer.trans_b { w.t().to_owned() } else { w.clone() };
+    let values: Vec<f32> =
+        stored.as_standard_layout().iter().map(|&v| if layer.alpha != 1.0 { v * inv } else { v }).collect();
+    replace(model, &layer.weight, values)
+        .with_context(|| format!("layer {}: writing weight '{}'", layer.node, layer.weight))
+}
+
+/// Writes the bias back; `b` is the effective bias (scale folded in), `[N]`.
+pub fn write_bias(model: &mut ModelProto, layer: &Layer, b: &[f32]) -> Result<()> {
+    let Some(site) = &layer.bias else { bail!("layer {} has no bias to edit", layer.node) };
+    let values: Vec<f32> = b.iter().map(|&v| (f64::from(v) / site.scale) as f32).collect();
+    replace(model, &site.tensor, values)
+        .with_context(|| format!("layer {}: writing bias '{}'", layer.node, site.tensor))
+}

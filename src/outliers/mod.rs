@@ -1,0 +1,1030 @@
+//! Outlier-aware weight regularization: find the activation outliers a layer outputs, find
+//! the few weight elements that make them, shrink those weights while keeping the layer's
+//! function on the calibration data, then quantize.
+//!
+//! # Why
+//! A per-tensor int8 activation scale is `max |y| / 127`. Real transformers produce a few
+//! massive elements (MiniLM-L6: an FFN output reaches |y| = 194 at 173× its 99.9th
+//! percentile, one token, one channel), which wipes out the resolution of every other value of
+//! that tensor. Such an element is typically one product `x_ik·w_kj` of one large input and
+//! one large weight, so editing a handful of weights removes it.
+//!
+//! # Method (per layer, in graph order, constants are flags)
+//! For each layer `y = x·W` (`W` is `[K, N]`; MatMul with a 2-D constant weight, Gemm with
+//! `transB` and `α` folded in) with input rows `x_i` (leading dims flattened):
+//!
+//! 1. **Statistics** (streamed over the samples, see [`collect`]): the exact
+//!    `q = quantile_0.999(|Y|)` over all calibration elements of the layer (pre-bias), the
+//!    Gram matrix `G = XᵀX` (f64), the column sums `Σ_i x_i`, and the input rows of the
+//!    outliers only.
+//! 2. **Outliers**: `O = {(i, j) : |y_ij| > τ}`, `τ = c·q`, `c = 4`. Not `k` standard
+//!    deviations: those flag Gaussian tails everywhere. Layers without outliers are left alone.
+//! 3. **Relevance** ([`solve::relevance`]): each outlier's main contributor
+//!    `k* = argmax_k x_ik·w_kj·sign(y_ij)`; with the excess `e_ij = |y_ij| − τ`,
+//!    `R_kj = Σ_{outliers of j with k* = k} e_ij / Σ_{outliers of j} e_ij`, and the selected set
+//!    `S_j = {k : R_kj ≥ 0.1}` (at most 8, largest first).
+//! 4. **Regularization** of every column `j` with outliers:
+//!    `w'_j = argmin_w ‖X w − t_j‖² + λ Σ_{k∈S_j} w_k² + δ ‖w − w_j‖²`,
+//!    `t_j = clip(X w_j, −τ, τ)`, `λ = δ = tr(G)/K` (times `--reg-lambda`, `--reg-delta`).
+//!    Closed form: `w'_j = w_j − (G + δI + λE_S E_Sᵀ)⁻¹ (λE_S w_S + Xᵀr_j)` with
+//!    `r_j = X w_j − t_j`, non-zero only on outlier rows, so `Xᵀr_j = Σ_{i∈O_j} x_i r_ij`.
+//!    `G + δI` is factored once per layer (Cholesky) and the rank-`|S_j|` term is applied per
+//!    column with the Woodbury identity. The damping `δ` keeps the fit from overfitting the
+//!    low-rank calibration rows, and the target clips the outliers instead of preserving them
+//!    (a ridge that preserves `X w_j` would keep them by construction). Then
+//!    `b_j += mean_{i∉O_j} x_i·(w_j − w'_j)` when the layer feeds a constant bias (the Add
+//!    after a MatMul, Gemm's `C`); no bias is created otherwise. `shrink` mode instead scales
+//!    the selected weights by `γ = 0.5`.
+//! 5. The next layer's statistics are computed on the model with the edits so far:
+//!    [`segment`] runs the graph piece by piece with a cached frontier, so the whole sequence
+//!    costs one forward pass (plus one to find which layers have outliers at all).
+//! 6. **Guard** (`--regularize auto`): an edit is kept only if the quantized model
+//!    (recalibrated ranges, fake-quant twin) gets a higher worst-output SQNR against the
+//!    original float model on the calibration samples than without it; the final model is
+//!    compared with plain quantization once more. `auto` is therefore never worse than plain
+//!    quantization on the calibration data.
+
+pub mod collect;
+pub mod guard;
+pub mod layer;
+pub mod segment;
+pub mod solve;
+
+use crate::array::ArrayData;
+use crate::calibrate::{self as cal, Calibration, Target, TensorEntry};
+use crate::data::{DataOptions, InputSpec, SampleSet};
+use crate::onnx::pb::ModelProto;
+use crate::onnx::GraphView;
+use crate::quantize::QuantOptions;
+use crate::runtime::Plan;
+use crate::stats::{RangeMethod, TensorStats};
+use anyhow::{bail, Context, Result};
+use collect::{LayerAcc, LayerStats};
+use layer::{Layer, NotALayer};
+use ndarray::Array2;
+use serde::Serialize;
+use solve::{Cholesky, Outlier};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::RwLock;
+use std::time::Instant;
+
+/// How selected weights are regularized.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "lowercase", tag = "mode")]
+pub enum Mode {
+    /// The damped least-squares solve of the module docs.
+    Solve,
+    /// Scale the selected weights by `gamma`.
+    Shrink { gamma: f64 },
+}
+
+/// The tuning constants of the method (module docs), with their defaults.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Options {
+    /// The quantile of `|y|` the threshold is based on (0.999).
+    pub quantile: f64,
+    /// `τ = tau_factor · quantile` (4).
+    pub tau_factor: f64,
+    /// Minimum relevance share `R_kj` for selection (0.1).
+    pub min_share: f64,
+    /// At most this many selected weights per column (8).
+    pub max_per_column: usize,
+    /// `λ = lambda · tr(G)/K` (1).
+    pub lambda: f64,
+    /// `δ = delta · tr(G)/K` (1).
+    pub delta: f64,
+    pub mode: Mode,
+    #[serde(skip)]
+    pub quiet: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            quantile: 0.999,
+            tau_factor: 4.0,
+            min_share: 0.1,
+            max_per_column: 8,
+            lambda: 1.0,
+            delta: 1.0,
+            mode: Mode::Solve,
+            quiet: true,
+        }
+    }
+}
+
+impl Options {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.quantile > 0.0 && self.quantile < 1.0) {
+            bail!("the outlier quantile must be in (0, 1), got {}", self.quantile);
+        }
+        if !(self.tau_factor >= 1.0 && self.tau_factor.is_finite()) {
+            bail!("the outlier threshold factor must be at least 1, got {}", self.tau_factor);
+        }
+        if !(0.0..=1.0).contains(&self.min_share) {
+            bail!("the relevance share must be in [0, 1], got {}", self.min_share);
+        }
+        if self.max_per_column == 0 {
+            bail!("at least one weight per column must be selectable");
+        }
+        if !(self.lambda >= 0.0 && self.lambda.is_finite()) {
+            bail!("the regularization strength must be a non-negative number, got {}", self.lambda);
+        }
+        if !(self.delta > 0.0 && self.delta.is_finite()) {
+            bail!("the damping must be positive, got {}", self.delta);
+        }
+        if let Mode::Shrink { gamma } = self.mode {
+            if !(0.0..=1.0).contains(&gamma) {
+                bail!("the shrink factor must be in [0, 1], got {gamma}");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `--regularize`: off, auto (guarded), or a forced strength (`λ` multiplier, unguarded).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Regularize {
+    Off,
+    Auto,
+    Strength(f64),
+}
+
+impl std::str::FromStr for Regularize {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "off" | "none" => Ok(Regularize::Off),
+            "auto" | "on" => Ok(Regularize::Auto),
+            _ => match s.parse::<f64>() {
+                Ok(v) if v >= 0.0 && v.is_finite() => Ok(Regularize::Strength(v)),
+                _ => Err(format!("'{s}' is not auto, off or a non-negative strength")),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Regularize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Regularize::Off => write!(f, "off"),
+            Regularize::Auto => write!(f, "auto"),
+            Regularize::Strength(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- reports
+
+/// Outliers of one output column.
+#[derive(Debug, Clone, Serialize)]
+pub struct ColumnOutliers {
+    pub j: usize,
+    pub count: usize,
+    pub max_abs: f64,
+    /// `Σ e_ij` over the column's outliers.
+    pub excess: f64,
+}
+
+/// A weight element and its share of a column's outlier excess.
+#[derive(Debug, Clone, Serialize)]
+pub struct Contributor {
+    /// Input index.
+    pub k: usize,
+    /// Output index.
+    pub j: usize,
+    /// `w_kj` (effective: Gemm's α and transB applied).
+    pub weight: f32,
+    /// `R_kj`.
+    pub share: f64,
+    /// `R_kj · Σ e_ij` of the column.
+    pub excess: f64,
+}
+
+/// One layer's outlier analysis.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerOutliers {
+    #[serde(flatten)]
+    pub layer: Layer,
+    pub rows: u64,
+    pub elements: u64,
+    /// `quantile(|y|)` (pre-bias).
+    pub quantile: f64,
+    pub tau: f64,
+    pub abs_max: f64,
+    /// `abs_max / τ`.
+    pub max_over_tau: f64,
+    pub outliers: usize,
+    /// Columns with outliers, largest excess first.
+    pub columns: Vec<ColumnOutliers>,
+    /// Main contributing weights, largest excess first.
+    pub top: Vec<Contributor>,
+}
+
+/// `onnxq outliers` output.
+#[derive(Debug, Clone, Serialize)]
+pub struct Analysis {
+    pub model: String,
+    pub samples: usize,
+    pub quantile: f64,
+    pub tau_factor: f64,
+    pub layers: Vec<LayerOutliers>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_regularizable: Vec<NotALayer>,
+}
+
+/// One changed weight element.
+#[derive(Debug, Clone, Serialize)]
+pub struct WeightEdit {
+    pub k: usize,
+    pub j: usize,
+    pub old: f32,
+    pub new: f32,
+}
+
+/// A selected weight (`k ∈ S_j`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Selected {
+    pub k: usize,
+    pub share: f64,
+    pub old: f32,
+    pub new: f32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ColumnEdit {
+    pub j: usize,
+    pub outliers: usize,
+    /// Largest `|y_ij|` over the column's outliers, before and after (same input rows).
+    pub peak_before: f64,
+    pub peak_after: f64,
+    pub selected: Vec<Selected>,
+    /// Elements of the column that changed.
+    pub changed: usize,
+    /// `‖w_j − w'_j‖ / ‖w_j‖`.
+    pub relative_change: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bias_delta: Option<f32>,
+    /// Every changed element, largest change first (omitted from the quantize report).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub edits: Vec<WeightEdit>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerEdit {
+    pub node: String,
+    pub weight: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bias: Option<String>,
+    pub tau: f64,
+    pub abs_max: f64,
+    pub outliers: usize,
+    pub mode: Mode,
+    pub lambda: f64,
+    pub delta: f64,
+    pub columns: Vec<ColumnEdit>,
+}
+
+/// What happened to one layer with outliers.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerDecision {
+    pub node: String,
+    pub accepted: bool,
+    /// Quantized worst-output SQNR with this edit (guarded runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantized_sqnr_db: Option<f64>,
+    pub reason: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub edit: Option<LayerEdit>,
+}
+
+/// The regularization section of a report.
+#[derive(Debug, Clone, Serialize)]
+pub struct RegularizationReport {
+    pub mode: String,
+    pub options: Options,
+    pub samples: usize,
+    pub candidate_layers: usize,
+    pub layers_with_outliers: usize,
+    /// Plain quantization's worst-output SQNR on the calibration samples (guarded runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline_sqnr_db: Option<f64>,
+    /// The returned model's (guarded runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub final_sqnr_db: Option<f64>,
+    /// Worst-output SQNR of the regularized float model against the original float model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub float_sqnr_db: Option<f64>,
+    /// Whether the returned model differs from the input.
+    pub regularized: bool,
+    pub layers: Vec<LayerDecision>,
+    /// Forward passes over the samples (statistics, pieces, guard).
+    pub passes: usize,
+    pub pieces: usize,
+    pub seconds: f64,
+}
+
+// ---------------------------------------------------------------- forward pass
+
+struct PassOut {
+    calibration: Option<Calibration>,
+    outputs: Vec<Vec<ArrayData>>,
+    layers: Vec<LayerStats>,
+}
+
+/// One forward pass of `model_bytes` collecting, as asked: calibration statistics of
+/// `targets`, the values of `outputs` per sample, and outlier statistics (no Gram) of `layers`.
+#[allow(clippy::too_many_arguments)]
+fn forward_pass(
+    model_bytes: &[u8],
+    specs: &[InputSpec],
+    set: &SampleSet,
+    targets: &[Target],
+    layers: &[(&Layer, &Array2<f32>)],
+    outputs: &[String],
+    opts: &Options,
+    what: &str,
+) -> Result<PassOut> {
+    let t0 = Instant::now();
+    let mut names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
+    let layer_base = names.len();
+    names.extend(layers.iter().map(|(l, _)| l.input.clone()));
+    let out_base = names.len();
+    names.extend(outputs.iter().cloned());
+    let plan = Plan::load(model_bytes, None, &cal::input_facts(specs, set)?, &names)?;
+    let accs = RwLock::new(
+        layers.iter().map(|_| LayerAcc::new(set.len(), opts.quantile, opts.tau_factor, false)).collect::<Vec<_>>(),
+    );
+    let mut stats: Vec<Option<TensorStats>> = vec![None; targets.len()];
+    let mut kept: Vec<Vec<ArrayData>> = Vec::with_capacity(set.len());
+    let pb = cal::progress(set.len(), opts.quiet, what);
+    cal::for_each_sample(
+        &plan,
+        set,
+        &pb,
+        |_, outs| {
+            let per_target: Vec<Option<TensorStats>> = outs
+                .iter()
+                .zip(targets)
+                .map(|(o, t)| {
+                    let ArrayData::F32(a) = o else { return None };
+                    let axis = t.channel_axis.and_then(|ax| match ax {
+                        cal::ChannelAxis::One => (a.ndim() >= 2).then_some(1),
+                        cal::ChannelAxis::Last => a.ndim().checked_sub(1),
+                    });
+                    let mut s = TensorStats::new(2048, axis);
+                    s.update(a.view());
+                    Some(s)
+                })
+                .collect();
+            let guard = accs.read().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?;
+            let mut per_layer = Vec::with_capacity(layers.len());
+            for (k, ((l, w), acc)) in layers.iter().zip(guard.iter()).enumerate() {
+                let x = outs.get(layer_base + k).context("internal error: missing layer input")?;
+                let ArrayData::F32(x) = x else { bail!("layer {}: input '{}' is not float", l.node, l.input) };
+                per_layer.push(acc.sample(x, w).with_context(|| format!("layer {}", l.node))?);
+            }
+            let out_vals: Vec<ArrayData> = outs.get(out_base..).map(|s| s.to_vec()).unwrap_or_default();
+            Ok((per_target, per_layer, out_vals))
+        },
+        |_, (per_target, per_layer, out_vals)| {
+            for (slot, s) in stats.iter_mut().zip(per_target) {
+                if let Some(s) = s {
+                    match slot {
+                        Some(a) => a.merge(&s),
+                        None => *slot = Some(s),
+                    }
+                }
+            }
+            let mut guard = accs.write().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?;
+            for (acc, s) in guard.iter_mut().zip(per_layer) {
+                acc.merge(s)?;
+            }
+            if !outputs.is_empty() {
+                kept.push(out_vals);
+            }
+            Ok(())
+        },
+    )?;
+    let calibration = (!targets.is_empty()).then(|| Calibration {
+        tensors: targets.iter().zip(stats).filter_map(|(t, s)| s.map(|s| (t.name.clone(), s))).collect(),
+        samples: set.len(),
+        seconds: t0.elapsed().as_secs_f64(),
+    });
+    let accs = accs.into_inner().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?;
+    Ok(PassOut { calibration, outputs: kept, layers: accs.into_iter().map(LayerAcc::finish).collect() })
+}
+
+// ---------------------------------------------------------------- analysis
+
+fn by_column(outliers: &[Outlier]) -> BTreeMap<usize, Vec<&Outlier>> {
+    let mut m: BTreeMap<usize, Vec<&Outlier>> = BTreeMap::new();
+    for o in outliers {
+        m.entry(o.j).or_default().push(o);
+    }
+    m
+}
+
+/// The analysis of one layer from its statistics.
+pub fn describe_layer(layer: &Layer, st: &LayerStats, w: &Array2<f32>, opts: &Options) -> Result<LayerOutliers> {
+    let mut columns: Vec<ColumnOutliers> = by_column(&st.outliers)
+        .into_iter()
+        .map(|(j, os)| ColumnOutliers {
+            j,
+            count: os.len(),
+            max_abs: os.iter().map(|o| f64::from(o.y.abs())).fold(0.0, f64::max),
+            excess: os.iter().map(|o| (f64::from(o.y.abs()) - st.tau).max(0.0)).sum(),
+        })
+        .collect();
+    columns.sort_by(|a, b| b.excess.total_cmp(&a.excess).then(a.j.cmp(&b.j)));
+    let rel = solve::relevance(&st.outliers, &st.xrows, w, st.tau).with_context(|| format!("layer {}", layer.node))?;
+    let mut top: Vec<Contributor> = rel
+        .values()
+        .flatten()
+        .map(|r| Contributor {
+            k: r.k,
+            j: r.j,
+            weight: w[[r.k, r.j]],
+            share: r.share,
+            excess: r.share * r.column_excess,
+        })
+        .collect();
+    top.sort_by(|a, b| b.excess.total_cmp(&a.excess).then(a.j.cmp(&b.j)).then(a.k.cmp(&b.k)));
+    top.truncate(opts.max_per_column.max(8) * 2);
+    Ok(LayerOutliers {
+        layer: layer.clone(),
+        rows: st.rows,
+        elements: st.elements,
+        quantile: st.q,
+        tau: st.tau,
+        abs_max: st.abs_max,
+        max_over_tau: if st.tau > 0.0 { st.abs_max / st.tau } else { 0.0 },
+        outliers: st.outliers.len(),
+        columns,
+        top,
+    })
+}
+
+fn specs_and_set(model: &ModelProto, data: &DataOptions) -> Result<(Vec<InputSpec>, SampleSet)> {
+    let g = model.graph.as_ref().context("the model has no graph")?;
+    let specs = cal::input_specs(g);
+    let set = crate::data::open(&specs, data)?;
+    Ok((specs, set))
+}
+
+/// `onnxq outliers`: one forward pass, every regularizable layer analysed.
+pub fn analyze(model: &ModelProto, label: &str, data: &DataOptions, opts: &Options) -> Result<Analysis> {
+    opts.validate()?;
+    let (specs, set) = specs_and_set(model, data)?;
+    let (layers, rejected) = layer::find_layers(model)?;
+    let weights: Vec<Array2<f32>> = layers.iter().map(|l| layer::weight_matrix(model, l)).collect::<Result<_>>()?;
+    let mut out = Analysis {
+        model: label.to_string(),
+        samples: set.len(),
+        quantile: opts.quantile,
+        tau_factor: opts.tau_factor,
+        layers: Vec::new(),
+        not_regularizable: rejected,
+    };
+    if layers.is_empty() {
+        return Ok(out);
+    }
+    let pairs: Vec<(&Layer, &Array2<f32>)> = layers.iter().zip(&weights).collect();
+    let bytes = crate::onnx::io::encode(model)?;
+    let pass = forward_pass(&bytes, &specs, &set, &[], &pairs, &[], opts, "outlier statistics")?;
+    for ((l, w), st) in pairs.iter().zip(&pass.layers) {
+        out.layers.push(describe_layer(l, st, w, opts)?);
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------- regularization
+
+struct Edit {
+    w: Array2<f32>,
+    bias: Option<Vec<f32>>,
+    report: LayerEdit,
+}
+
+/// Computes the regularized weights (and bias) of one layer from its statistics.
+fn compute_edit(
+    layer: &Layer,
+    st: &LayerStats,
+    w: &Array2<f32>,
+    bias: Option<Vec<f32>>,
+    opts: &Options,
+    full_edits: bool,
+) -> Result<Edit> {
+    let (kdim, _) = w.dim();
+    let rel = solve::relevance(&st.outliers, &st.xrows, w, st.tau)?;
+    let mut new_w = w.clone();
+    let mut new_b = bias.clone();
+    let (mut lambda, mut delta) = (0.0, 0.0);
+    let chol = match opts.mode {
+        Mode::Solve => {
+            let g = st.gram.as_ref().context("internal error: no Gram matrix")?;
+            let scale = (0..kdim).map(|i| g[[i, i]]).sum::<f64>() / kdim as f64;
+            if !(scale > 0.0 && scale.is_finite()) {
+                bail!("the layer's input has no energy (tr(G)/K = {scale})");
+            }
+            lambda = opts.lambda * scale;
+            delta = opts.delta * scale;
+            Some(Cholesky::new(&solve::damped(g, delta))?)
+        }
+        Mode::Shrink { .. } => None,
+    };
+    let mut inv_cols = BTreeMap::new();
+    let mut columns = Vec::new();
+    for (j, outs) in by_column(&st.outliers) {
+        let s = rel.get(&j).map(|r| solve::select(r, opts.min_share, opts.max_per_column)).unwrap_or_default();
+        let wj: Vec<f64> = (0..kdim).map(|k| f64::from(w[[k, j]])).collect();
+        let d: Vec<f64> = match (opts.mode, &chol) {
+            (Mode::Solve, Some(chol)) => {
+                let mut xtr = vec![0f64; kdim];
+                for o in &outs {
+                    let x = st.xrows.get(&o.row).context("internal error: outlier row missing")?;
+                    let r = f64::from(o.y.signum()) * (f64::from(o.y.abs()) - st.tau);
+                    for (acc, &xv) in xtr.iter_mut().zip(x) {
+                        *acc += f64::from(xv) * r;
+                    }
+                }
+                solve::column_update(chol, &mut inv_cols, &s, lambda, &wj, &xtr)?
+            }
+            (Mode::Shrink { gamma }, _) => {
+                let mut d = vec![0f64; kdim];
+                for &k in &s {
+                    d[k] = (1.0 - gamma) * wj[k];
+                }
+                d
+            }
+            _ => bail!("internal error: solve mode without a factorization"),
+        };
+        for k in 0..kdim {
+            new_w[[k, j]] = (wj[k] - d[k]) as f32;
+        }
+        // Bias: the mean change on the rows that are not outliers of this column.
+        let rows_out: BTreeSet<u64> = outs.iter().map(|o| o.row).collect();
+        let bias_delta = match (&mut new_b, st.colsum.len() == kdim) {
+            (Some(b), true) if st.rows > rows_out.len() as u64 => {
+                let mut mean = st.colsum.clone();
+                for r in &rows_out {
+                    let x = st.xrows.get(r).context("internal error: outlier row missing")?;
+                    for (m, &xv) in mean.iter_mut().zip(x) {
+                        *m -= f64::from(xv);
+                    }
+                }
+                let count = (st.rows - rows_out.len() as u64) as f64;
+                let delta_b: f64 = mean.iter().zip(&d).map(|(m, dk)| m / count * dk).sum();
+                if let Some(bj) = b.get_mut(j) {
+                    *bj = (f64::from(*bj) + delta_b) as f32;
+                }
+                Some(delta_b as f32)
+            }
+            _ => None,
+        };
+        let peak = |col: &dyn Fn(usize) -> f64| -> f64 {
+            rows_out
+                .iter()
+                .filter_map(|r| st.xrows.get(r))
+                .map(|x| x.iter().enumerate().map(|(k, &xv)| f64::from(xv) * col(k)).sum::<f64>().abs())
+                .fold(0.0, f64::max)
+        };
+        let peak_before = outs.iter().map(|o| f64::from(o.y.abs())).fold(0.0, f64::max);
+        let peak_after = peak(&|k| f64::from(new_w[[k, j]]));
+        let norm: f64 = wj.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let dnorm: f64 = (0..kdim).map(|k| (wj[k] - f64::from(new_w[[k, j]])).powi(2)).sum::<f64>().sqrt();
+        let share_of = |k: usize| rel.get(&j).and_then(|r| r.iter().find(|x| x.k == k)).map_or(0.0, |x| x.share);
+        let selected =
+            s.iter().map(|&k| Selected { k, share: share_of(k), old: w[[k, j]], new: new_w[[k, j]] }).collect();
+        let mut edits: Vec<WeightEdit> = (0..kdim)
+            .filter(|&k| new_w[[k, j]] != w[[k, j]])
+            .map(|k| WeightEdit { k, j, old: w[[k, j]], new: new_w[[k, j]] })
+            .collect();
+        let changed = edits.len();
+        edits.sort_by(|a, b| (b.new - b.old).abs().total_cmp(&(a.new - a.old).abs()).then(a.k.cmp(&b.k)));
+        if !full_edits {
+            edits.clear();
+        }
+        columns.push(ColumnEdit {
+            j,
+            outliers: outs.len(),
+            peak_before,
+            peak_after,
+            selected,
+            changed,
+            relative_change: if norm > 0.0 { dnorm / norm } else { 0.0 },
+            bias_delta,
+            edits,
+        });
+    }
+    Ok(Edit {
+        w: new_w,
+        bias: new_b,
+        report: LayerEdit {
+            node: layer.node.clone(),
+            weight: layer.weight.clone(),
+            bias: layer.bias.as_ref().map(|b| b.tensor.clone()),
+            tau: st.tau,
+            abs_max: st.abs_max,
+            outliers: st.outliers.len(),
+            mode: opts.mode,
+            lambda,
+            delta,
+            columns,
+        },
+    })
+}
+
+/// Quantization settings for the guard.
+#[derive(Debug, Clone)]
+pub struct GuardSettings {
+    pub quant: QuantOptions,
+    pub method: RangeMethod,
+}
+
+/// The result of [`regularize`].
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub model: ModelProto,
+    /// Calibrated ranges of the returned model (guarded runs: the ones the guard measured).
+    pub ranges: Option<BTreeMap<String, TensorEntry>>,
+    /// Calibrated ranges of the input model (guarded runs), for a final comparison with
+    /// plain quantization through later pipeline steps.
+    pub baseline_ranges: Option<BTreeMap<String, TensorEntry>>,
+    pub report: RegularizationReport,
+}
+
+/// What [`regularize`] should do besides editing.
+#[derive(Debug, Clone, Default)]
+pub struct RunSettings {
+    /// Keep an edit only if the quantized SQNR improves (`--regularize auto`).
+    pub guard: Option<GuardSettings>,
+    /// Measure the float deviation of the result (one more pass).
+    pub measure_float: bool,
+    /// List every changed element in the report.
+    pub full_edits: bool,
+    pub label: String,
+}
+
+fn fmt_db(v: f64) -> String {
+    if v.is_infinite() {
+        if v > 0.0 { "inf" } else { "-inf" }.to_string()
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn finite(v: f64) -> Option<f64> {
+    v.is_finite().then_some(v)
+}
+
+/// Regularizes the layers with outliers (module docs), in graph order.
+pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &RunSettings) -> Result<Outcome> {
+    opts.validate()?;
+    let t0 = Instant::now();
+    let (specs, set) = specs_and_set(model, data)?;
+    let facts = cal::input_facts(&specs, &set)?;
+    let graph = model.graph.as_ref().context("the model has no graph")?;
+    let output_names: Vec<String> = graph.output.iter().map(|o| o.name().to_string()).collect();
+    let (layers, _) = layer::find_layers(model)?;
+    let mut report = RegularizationReport {
+        mode: match &run.guard {
+            Some(_) => "auto".into(),
+            None => format!("forced (lambda {})", opts.lambda),
+        },
+        options: opts.clone(),
+        samples: set.len(),
+        candidate_layers: layers.len(),
+        layers_with_outliers: 0,
+        baseline_sqnr_db: None,
+        final_sqnr_db: None,
+        float_sqnr_db: None,
+        regularized: false,
+        layers: Vec::new(),
+        passes: 0,
+        pieces: 0,
+        seconds: 0.0,
+    };
+    if layers.is_empty() {
+        report.seconds = t0.elapsed().as_secs_f64();
+        return Ok(Outcome { model: model.clone(), ranges: None, baseline_ranges: None, report });
+    }
+    let weights: Vec<Array2<f32>> = layers.iter().map(|l| layer::weight_matrix(model, l)).collect::<Result<_>>()?;
+    let pairs: Vec<(&Layer, &Array2<f32>)> = layers.iter().zip(&weights).collect();
+    let targets = match &run.guard {
+        Some(_) => cal::default_targets(&GraphView::new(graph))?,
+        None => Vec::new(),
+    };
+    let want_outputs = run.guard.is_some() || run.measure_float;
+    let bytes = crate::onnx::io::encode(model)?;
+    let first = forward_pass(
+        &bytes,
+        &specs,
+        &set,
+        &targets,
+        &pairs,
+        if want_outputs { &output_names } else { &[] },
+        opts,
+        if run.guard.is_some() { "calibrating" } else { "outlier statistics" },
+    )
+    .with_context(|| format!("statistics of {}", run.label))?;
+    report.passes += 1;
+    let flagged: Vec<&Layer> =
+        layers.iter().zip(&first.layers).filter(|(_, st)| !st.outliers.is_empty()).map(|(l, _)| l).collect();
+    report.layers_with_outliers = flagged.len();
+    let base_cal = first.calibration;
+    let reference = first.outputs;
+
+    let mut guard = run.guard.as_ref().map(|g| guard::Guard {
+        specs: &specs,
+        set: &set,
+        facts: facts.clone(),
+        targets: targets.clone(),
+        qopts: g.quant.clone(),
+        method: g.method.clone(),
+        bins: 2048,
+        quiet: opts.quiet,
+        output_names: output_names.clone(),
+        reference: reference.clone(),
+        passes: 0,
+    });
+
+    let base_ranges = |c: &Option<Calibration>, g: &Option<GuardSettings>| match (c, g) {
+        (Some(c), Some(g)) => Some(guard::ranges(c, &g.method)),
+        _ => None,
+    };
+    if flagged.is_empty() {
+        report.seconds = t0.elapsed().as_secs_f64();
+        let ranges = base_ranges(&base_cal, &run.guard);
+        return Ok(Outcome { model: model.clone(), baseline_ranges: ranges.clone(), ranges, report });
+    }
+
+    let mut best_model = model.clone();
+    let mut best_cal = base_cal.clone();
+    let mut baseline = None;
+    if let (Some(g), Some(c)) = (guard.as_mut(), &base_cal) {
+        let s = g.sqnr_of(model, c)?;
+        if !opts.quiet {
+            eprintln!("plain quantization: {} dB worst-output SQNR on the calibration samples", fmt_db(s));
+        }
+        baseline = Some(s);
+    }
+    let mut best_sqnr = baseline;
+    let mut seg = segment::Segmenter::new(&specs, &set, opts.quiet);
+    let later: Vec<usize> = flagged.iter().map(|l| l.node_index).collect();
+    for (idx, l) in flagged.iter().enumerate() {
+        let w = layer::weight_matrix(&best_model, l)?;
+        let acc = RwLock::new(LayerAcc::new(set.len(), opts.quantile, opts.tau_factor, opts.mode == Mode::Solve));
+        seg.advance(
+            &best_model,
+            l.node_index,
+            &l.input,
+            &later[idx + 1..],
+            |_, x| {
+                let ArrayData::F32(x) = x else { bail!("input '{}' is not float", l.input) };
+                let a = acc.read().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?;
+                a.sample(x, &w)
+            },
+            |_, s| acc.write().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?.merge(s),
+        )
+        .with_context(|| format!("statistics of layer {}", l.node))?;
+        let st = acc.into_inner().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?.finish();
+        if st.outliers.is_empty() {
+            report.layers.push(LayerDecision {
+                node: l.node.clone(),
+                accepted: false,
+                quantized_sqnr_db: None,
+                reason: "no outliers once the earlier layers were regularized".into(),
+                edit: None,
+            });
+            continue;
+        }
+        let bias = layer::bias_values(&best_model, l)?;
+        let edit = match compute_edit(l, &st, &w, bias, opts, run.full_edits) {
+            Ok(e) => e,
+            Err(e) => {
+                report.layers.push(LayerDecision {
+                    node: l.node.clone(),
+                    accepted: false,
+                    quantized_sqnr_db: None,
+                    reason: format!("not regularized: {e:#}"),
+                    edit: None,
+                });
+                continue;
+            }
+        };
+        let mut cand = best_model.clone();
+        layer::write_weight(&mut cand, l, &edit.w)?;
+        if let Some(b) = &edit.bias {
+            layer::write_bias(&mut cand, l, b)?;
+        }
+        let decision = match (guard.as_mut(), &best_cal, best_sqnr) {
+            (Some(g), Some(c), Some(prev)) => {
+                let scored =
+                    g.score(&cand, c, &[l.node_index]).with_context(|| format!("guard of layer {}", l.node))?;
+                let accepted = scored.sqnr_db > prev;
+                let reason = format!(
+                    "quantized SQNR {} dB -> {} dB: {}",
+                    fmt_db(prev),
+                    fmt_db(scored.sqnr_db),
+                    if accepted { "kept" } else { "reverted" }
+                );
+                let q = finite(scored.sqnr_db);
+                if accepted {
+                    best_model = cand;
+                    best_sqnr = Some(scored.sqnr_db);
+                    best_cal = Some(scored.calibration);
+                }
+                LayerDecision { node: l.node.clone(), accepted, quantized_sqnr_db: q, reason, edit: Some(edit.report) }
+            }
+            _ => {
+                best_model = cand;
+                LayerDecision {
+                    node: l.node.clone(),
+                    accepted: true,
+                    quantized_sqnr_db: None,
+                    reason: "applied (unguarded)".into(),
+                    edit: Some(edit.report),
+                }
+            }
+        };
+        if !opts.quiet {
+            eprintln!(
+                "layer {}: {} outliers (max/tau {:.1}): {}",
+                l.node,
+                st.outliers.len(),
+                st.abs_max / st.tau.max(f64::MIN_POSITIVE),
+                decision.reason
+            );
+        }
+        report.layers.push(decision);
+    }
+    report.pieces = seg.pieces;
+    report.passes += 1 + guard.as_ref().map_or(0, |g| g.passes);
+    report.baseline_sqnr_db = baseline.and_then(finite);
+
+    // Global guard: the result must beat plain quantization.
+    let mut regularized = report.layers.iter().any(|d| d.accepted);
+    if let (Some(b), Some(f)) = (baseline, best_sqnr) {
+        if regularized && f <= b {
+            regularized = false;
+        }
+        report.final_sqnr_db = finite(if regularized { f } else { b });
+    }
+    let baseline_ranges = base_ranges(&base_cal, &run.guard);
+    let (out_model, out_cal) = if regularized { (best_model, best_cal) } else { (model.clone(), base_cal) };
+    report.regularized = regularized;
+    if run.measure_float && regularized {
+        let bytes = crate::onnx::io::encode(&out_model)?;
+        let pass = forward_pass(&bytes, &specs, &set, &[], &[], &output_names, opts, "float deviation")?;
+        report.passes += 1;
+        let mut sums = vec![(0f64, 0f64, false); output_names.len()];
+        for (r, c) in reference.iter().zip(&pass.outputs) {
+            for ((acc, r), c) in sums.iter_mut().zip(r).zip(c) {
+                if let Some((r2, e2)) = guard::error_sums(r, c) {
+                    acc.0 += r2;
+                    acc.1 += e2;
+                    acc.2 = true;
+                }
+            }
+        }
+        report.float_sqnr_db = Some(guard::worst_sqnr(&sums)).and_then(finite);
+    }
+    report.seconds = t0.elapsed().as_secs_f64();
+    let ranges = base_ranges(&out_cal, &run.guard);
+    Ok(Outcome { model: out_model, ranges, baseline_ranges, report })
+}
+
+// ---------------------------------------------------------------- text
+
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut width: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let parts: Vec<String> = cells.iter().zip(&width).map(|(c, &w)| format!("{c:<w$}")).collect();
+        format!("  {}\n", parts.join("  ").trim_end())
+    };
+    let mut out = line(&header.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    for r in rows {
+        out.push_str(&line(r));
+    }
+    out
+}
+
+fn list<T>(items: &[T], max: usize, f: impl Fn(&T) -> String) -> String {
+    let mut s: Vec<String> = items.iter().take(max).map(f).collect();
+    if items.len() > max {
+        s.push(format!("+{}", items.len() - max));
+    }
+    s.join(" ")
+}
+
+/// The `onnxq outliers` table.
+pub fn render_analysis(a: &Analysis) -> String {
+    let mut out = format!(
+        "{}: {} regularizable layers, {} samples; outlier: |y| > tau = {} x quantile {} of |y| (pre-bias)\n\n",
+        a.model,
+        a.layers.len(),
+        a.samples,
+        a.tau_factor,
+        a.quantile
+    );
+    let rows: Vec<Vec<String>> = a
+        .layers
+        .iter()
+        .map(|l| {
+            vec![
+                l.layer.node.clone(),
+                format!("{}x{}", l.layer.k, l.layer.n),
+                format!("{:.4}", l.quantile),
+                format!("{:.4}", l.tau),
+                format!("{:.4}", l.abs_max),
+                if l.outliers > 0 { format!("{:.1}", l.max_over_tau) } else { "-".into() },
+                l.outliers.to_string(),
+                list(&l.columns, 6, |c| c.j.to_string()),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["layer", "KxN", "quantile", "tau", "abs max", "max/tau", "outliers", "columns"], &rows));
+    let with: Vec<&LayerOutliers> = a.layers.iter().filter(|l| l.outliers > 0).collect();
+    if with.is_empty() {
+        out.push_str("\nno layer has outliers\n");
+    } else {
+        out.push_str("\ntop contributing weights (input k, output j, weight, share of the column's outlier excess):\n");
+        for l in with {
+            out.push_str(&format!(
+                "  {}: {}\n",
+                l.layer.node,
+                list(&l.top, 6, |c| format!("w[{},{}]={:.4} ({:.0}%)", c.k, c.j, c.weight, c.share * 100.0))
+            ));
+        }
+    }
+    for r in &a.not_regularizable {
+        out.push_str(&format!("not regularizable: {} ({}): {}\n", r.node, r.op_type, r.reason));
+    }
+    out
+}
+
+/// Human summary of a regularization report (one line per layer with outliers).
+pub fn render_report(r: &RegularizationReport) -> String {
+    let mut out = format!(
+        "regularization ({}): {} of {} layers have outliers\n",
+        r.mode, r.layers_with_outliers, r.candidate_layers
+    );
+    for d in &r.layers {
+        let detail = d.edit.as_ref().map_or(String::new(), |e| {
+            let sel: usize = e.columns.iter().map(|c| c.selected.len()).sum();
+            let peak_after = e.columns.iter().map(|c| c.peak_after).fold(0.0, f64::max);
+            format!(
+                "{} outliers in {} columns, {} weights selected, outlier peak {:.3} -> {:.3}; ",
+                e.outliers,
+                e.columns.len(),
+                sel,
+                e.abs_max,
+                peak_after
+            )
+        });
+        out.push_str(&format!("  {}: {}{}\n", d.node, detail, d.reason));
+    }
+    if let (Some(b), Some(f)) = (r.baseline_sqnr_db, r.final_sqnr_db) {
+        out.push_str(&format!(
+            "  quantized SQNR on the calibration samples: plain {} dB, {} {} dB\n",
+            fmt_db(b),
+            if r.regularized { "regularized" } else { "kept plain" },
+            fmt_db(f)
+        ));
+    }
+    if let Some(f) = r.float_sqnr_db {
+        out.push_str(&format!("  float deviation of the regularized model: {} dB SQNR\n", fmt_db(f)));
+    }
+    out
+}
+
+/// The `onnxq quantize --regularize` step: `auto` runs the guarded regularization, a
+/// strength runs it unguarded with `λ = strength · tr(G)/K`.
+pub fn for_pipeline(
+    model: &ModelProto,
+    data: &DataOptions,
+    mode: Regularize,
+    opts: &Options,
+    quant: &QuantOptions,
+    method: &RangeMethod,
+    label: &str,
+) -> Result<Outcome> {
+    let label = label.to_string();
+    match mode {
+        Regularize::Off => bail!("internal error: regularization is off"),
+        Regularize::Auto => {
+            let guard = Some(GuardSettings { quant: quant.clone(), method: method.clone() });
+            regularize(model, data, opts, &RunSettings { guard, measure_float: false, full_edits: false, label })
+        }
+        Regularize::Strength(s) => {
+            let o = Options { lambda: s, ..opts.clone() };
+            regularize(model, data, &o, &RunSettings { guard: None, measure_float: false, full_edits: false, label })
+        }
+    }
+}

@@ -1,0 +1,544 @@
+//! Sequential calibration in one forward pass: the graph (in topological order) is cut before
+//! each layer to regularize, and each piece runs on all samples as its own small model whose
+//! inputs are the cached *frontier* of the previous pieces. After a layer's statistics are
+//! folded its weights may change, and the next piece (which starts with that layer's node)
+//! sees the new weights. Every node therefore runs once per sample, instead of once per
+//! layer as re-running the whole model after each change would.
+//!
+//! Frontier rules: a tensor crossing a cut is cached when it depends on the graph inputs and
+//! is (statically inferred to be) float; integer/boolean tensors (shapes, masks, indices) and
+//! constant-only tensors are recomputed instead, by pulling their producing nodes into the
+//! piece that needs them, so tract still sees constant shapes. Graph inputs are fed from the
+//! samples to every piece that reads them.
+
+use crate::array::{dtype, ArrayData};
+use crate::calibrate::progress;
+use crate::data::{InputSpec, SampleSet};
+use crate::onnx::attr::NodeAttrs;
+use crate::onnx::builder::value_info;
+use crate::onnx::pb::{GraphProto, ModelProto, NodeProto};
+use crate::onnx::GraphView;
+use crate::runtime::{InputFact, Plan};
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+/// Static element-type inference (0 = unknown, treated as float).
+struct Types<'a> {
+    view: &'a GraphView<'a>,
+    memo: HashMap<String, i32>,
+}
+
+impl<'a> Types<'a> {
+    fn new(view: &'a GraphView<'a>) -> Self {
+        Types { view, memo: HashMap::new() }
+    }
+
+    fn of(&mut self, name: &str) -> i32 {
+        if let Some(&t) = self.memo.get(name) {
+            return t;
+        }
+        // Guard against cycles (invalid graphs) while recursing.
+        self.memo.insert(name.to_string(), 0);
+        let declared = self.view.elem_type(name);
+        let t = if declared != 0 { declared } else { self.infer(name) };
+        self.memo.insert(name.to_string(), t);
+        t
+    }
+
+    fn infer(&mut self, name: &str) -> i32 {
+        let view = self.view;
+        let Some(crate::onnx::graph::Origin::Node { node, slot }) = view.origin(name) else { return 0 };
+        let n = &view.nodes()[node];
+        let first = |s: &mut Self, k: usize| n.input.get(k).filter(|i| !i.is_empty()).map_or(0, |i| s.of(i));
+        match n.op_type() {
+            "Shape" | "Size" | "NonZero" | "ArgMax" | "ArgMin" => dtype::INT64,
+            "TopK" if slot == 1 => dtype::INT64,
+            "Cast" => n.attr_int_or("to", 0).map_or(0, |v| v as i32),
+            "CastLike" => first(self, 1),
+            "Equal" | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "Not" | "And" | "Or" | "Xor"
+            | "IsNaN" | "IsInf" => dtype::BOOL,
+            "Constant" => n.attr_tensor("value").ok().flatten().map_or(0, |t| t.data_type()),
+            "ConstantOfShape" => n.attr_tensor("value").ok().flatten().map_or(dtype::FLOAT, |t| t.data_type()),
+            "Where" => first(self, 1),
+            "QuantizeLinear" | "DynamicQuantizeLinear" => dtype::UINT8,
+            "DequantizeLinear" => dtype::FLOAT,
+            "MatMulInteger" | "ConvInteger" => dtype::INT32,
+            _ => (0..n.input.len()).map(|k| first(self, k)).find(|&t| t != 0).unwrap_or(0),
+        }
+    }
+}
+
+/// Static facts about the graph the pieces are cut from.
+struct Layout<'a> {
+    view: &'a GraphView<'a>,
+    /// Position of each node in the topological order.
+    pos: Vec<usize>,
+    order: Vec<usize>,
+    cacheable: HashMap<String, bool>,
+    /// Implicit (subgraph) inputs of each node.
+    implicit: HashMap<usize, Vec<String>>,
+}
+
+impl<'a> Layout<'a> {
+    fn new(view: &'a GraphView<'a>) -> Result<Self> {
+        let order = view.topo_order()?;
+        let nodes = view.nodes();
+        let mut pos = vec![0usize; nodes.len()];
+        for (p, &i) in order.iter().enumerate() {
+            pos[i] = p;
+        }
+        let mut implicit: HashMap<usize, Vec<String>> = HashMap::new();
+        let mut dynamic = vec![false; nodes.len()];
+        for &i in &order {
+            let n = &nodes[i];
+            let mut free = Vec::new();
+            for a in &n.attribute {
+                for g in a.g.iter().chain(&a.graphs) {
+                    subgraph_free(g, &mut free);
+                }
+            }
+            let reads = n.input.iter().filter(|s| !s.is_empty()).chain(free.iter());
+            let mut dy = false;
+            for t in reads {
+                dy |= match view.origin(t) {
+                    Some(crate::onnx::graph::Origin::GraphInput) => true,
+                    Some(crate::onnx::graph::Origin::Node { node, .. }) => dynamic[node],
+                    _ => false,
+                };
+            }
+            dynamic[i] = dy;
+            if !free.is_empty() {
+                implicit.insert(i, free);
+            }
+        }
+        let mut types = Types::new(view);
+        let mut cacheable = HashMap::new();
+        for &i in &order {
+            for o in nodes[i].output.iter().filter(|o| !o.is_empty()) {
+                let t = types.of(o);
+                let float = matches!(t, 0 | dtype::FLOAT);
+                cacheable.insert(o.clone(), dynamic[i] && float && nodes[i].op_type() != "Constant");
+            }
+        }
+        Ok(Layout { view, pos, order, cacheable, implicit })
+    }
+
+    fn reads(&self, i: usize) -> Vec<String> {
+        let n = &self.view.nodes()[i];
+        let mut v: Vec<String> = n.input.iter().filter(|s| !s.is_empty()).cloned().collect();
+        if let Some(f) = self.implicit.get(&i) {
+            v.extend(f.iter().cloned());
+        }
+        v
+    }
+
+    fn producer(&self, t: &str) -> Option<usize> {
+        match self.view.origin(t)? {
+            crate::onnx::graph::Origin::Node { node, .. } => Some(node),
+            _ => None,
+        }
+    }
+
+    /// Resolves what tensor `t`, read at or after position `cut`, needs from before `cut`:
+    /// cached tensors go to `cached`, recomputed producers to `pulled`.
+    fn resolve(&self, t: &str, cut: usize, cached: &mut BTreeSet<String>, pulled: &mut BTreeSet<usize>) {
+        let Some(p) = self.producer(t) else { return };
+        if self.pos[p] >= cut {
+            return;
+        }
+        if self.cacheable.get(t).copied().unwrap_or(false) {
+            cached.insert(t.to_string());
+            return;
+        }
+        if pulled.insert(p) {
+            for r in self.reads(p) {
+                self.resolve(&r, cut, cached, pulled);
+            }
+        }
+    }
+}
+
+/// Names a subgraph reads from enclosing scopes.
+fn subgraph_free(g: &GraphProto, out: &mut Vec<String>) {
+    let mut defined: HashSet<&str> = g.initializer.iter().map(|t| t.name()).collect();
+    defined.extend(g.input.iter().map(|v| v.name()));
+    for n in &g.node {
+        defined.extend(n.output.iter().map(|s| s.as_str()));
+    }
+    for n in &g.node {
+        for i in n.input.iter().filter(|i| !i.is_empty()) {
+            if !defined.contains(i.as_str()) && !out.contains(i) {
+                out.push(i.clone());
+            }
+        }
+        for a in &n.attribute {
+            for sg in a.g.iter().chain(&a.graphs) {
+                let mut inner = Vec::new();
+                subgraph_free(sg, &mut inner);
+                for name in inner {
+                    if !defined.contains(name.as_str()) && !out.contains(&name) {
+                        out.push(name);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One sample's mapped value and the frontier tensors it produced.
+type PieceResult<T> = (T, Vec<(String, ArrayData)>);
+
+/// Runs a model piece by piece over the samples.
+pub struct Segmenter<'a> {
+    specs: &'a [InputSpec],
+    set: &'a SampleSet,
+    /// Per sample: cached frontier tensors.
+    cache: Vec<HashMap<String, ArrayData>>,
+    /// Topological position where the next piece starts.
+    start: usize,
+    quiet: bool,
+    /// Pieces run so far.
+    pub pieces: usize,
+}
+
+impl<'a> Segmenter<'a> {
+    pub fn new(specs: &'a [InputSpec], set: &'a SampleSet, quiet: bool) -> Self {
+        Segmenter { specs, set, cache: (0..set.len()).map(|_| HashMap::new()).collect(), start: 0, quiet, pieces: 0 }
+    }
+
+    /// Runs the model from where the previous call stopped up to (not including) node
+    /// `upto`, and hands each sample's value of the tensor `want` (an input of `upto`) to
+    /// `map` (in parallel); `fold` receives the results in sample order. `later` are the node
+    /// indices of layers still to come (what must stay cached). `model` must keep the same
+    /// graph structure between calls (only constant values may change).
+    pub fn advance<T: Send>(
+        &mut self,
+        model: &ModelProto,
+        upto: usize,
+        want: &str,
+        later: &[usize],
+        map: impl Fn(usize, &ArrayData) -> Result<T> + Sync,
+        mut fold: impl FnMut(usize, T) -> Result<()>,
+    ) -> Result<()> {
+        let graph = model.graph.as_ref().context("the model has no graph")?;
+        let view = GraphView::new(graph);
+        let lay = Layout::new(&view)?;
+        let end = *lay.pos.get(upto).context("internal error: layer node out of range")?;
+        if end < self.start {
+            bail!("internal error: layers must be visited in topological order");
+        }
+        let last = later.iter().filter_map(|&i| lay.pos.get(i).copied()).max().unwrap_or(end).max(end);
+
+        // What must be cached after this piece: everything read at positions [end, last].
+        let mut keep = BTreeSet::new();
+        let mut scratch = BTreeSet::new();
+        for &i in &lay.order[end..=last] {
+            for r in lay.reads(i) {
+                lay.resolve(&r, end, &mut keep, &mut scratch);
+            }
+        }
+
+        // The piece: nodes at [start, end) plus the producers pulled in for recomputation.
+        let mut cached_in = BTreeSet::new();
+        let mut pulled = BTreeSet::new();
+        let range: Vec<usize> = lay.order[self.start..end].to_vec();
+        for &i in &range {
+            for r in lay.reads(i) {
+                lay.resolve(&r, self.start, &mut cached_in, &mut pulled);
+            }
+        }
+        // `want` itself may come from before the piece.
+        let mut want_cached = false;
+        if lay.producer(want).is_some_and(|p| lay.pos[p] < self.start) {
+            if lay.cacheable.get(want).copied().unwrap_or(false) {
+                want_cached = true;
+            } else {
+                lay.resolve(want, self.start, &mut cached_in, &mut pulled);
+            }
+        }
+        let want_from_input = view.is_graph_input(want);
+        let mut nodes: Vec<usize> = pulled.iter().copied().chain(range.iter().copied()).collect();
+        nodes.sort_by_key(|&i| lay.pos[i]);
+        nodes.dedup();
+        let produced: HashSet<&str> =
+            nodes.iter().flat_map(|&i| view.nodes()[i].output.iter().map(|s| s.as_str())).collect();
+        let mut outputs: Vec<String> = Vec::new();
+        let want_computed = !want_cached && !want_from_input && produced.contains(want);
+        if !want_cached && !want_from_input && !want_computed {
+            bail!("internal error: tensor '{want}' is neither computed, cached nor a graph input");
+        }
+        if want_computed {
+            outputs.push(want.to_string());
+        }
+        let new_cached: Vec<String> = keep
+            .iter()
+            .filter(|t| range.iter().any(|&i| view.nodes()[i].output.iter().any(|o| o == *t)))
+            .cloned()
+            .collect();
+        for t in &new_cached {
+            if !outputs.contains(t) {
+                outputs.push(t.clone());
+            }
+        }
+
+        // Inputs: graph inputs read by the piece (spec order), then cached tensors.
+        let mut reads: HashSet<String> = HashSet::new();
+        for &i in &nodes {
+            reads.extend(lay.reads(i));
+        }
+        let graph_inputs: Vec<usize> = (0..self.specs.len()).filter(|&k| reads.contains(&self.specs[k].name)).collect();
+        let cache_inputs: Vec<String> = cached_in.iter().cloned().collect();
+        for t in &cache_inputs {
+            if self.cache.first().is_some_and(|c| !c.contains_key(t)) {
+                bail!("internal error: tensor '{t}' was not cached");
+            }
+        }
+
+        let plan = if outputs.is_empty() {
+            None
+        } else {
+            let (bytes, facts) = self.piece(model, &view, &nodes, &graph_inputs, &cache_inputs, &outputs)?;
+            let plan = Plan::load(&bytes, None, &facts, &outputs).with_context(|| {
+                format!("cannot run the model piece ending before node '{}'", view.nodes()[upto].name())
+            })?;
+            self.pieces += 1;
+            Some(plan)
+        };
+        let need_sample = want_from_input || !graph_inputs.is_empty();
+        let pb = progress(self.set.len(), self.quiet, "outlier statistics");
+        let chunk = (rayon::current_num_threads() * 2).max(1);
+        let n = self.set.len();
+        let mut s0 = 0;
+        while s0 < n {
+            let s1 = (s0 + chunk).min(n);
+            let cache = &self.cache;
+            let results: Vec<Result<PieceResult<T>>> = (s0..s1)
+                .into_par_iter()
+                .map(|i| {
+                    let sample = if need_sample { Some(self.set.load(i)?) } else { None };
+                    let source = self.set.source(i).unwrap_or_default();
+                    let mut outs = Vec::new();
+                    if let Some(plan) = &plan {
+                        let mut inputs = Vec::with_capacity(graph_inputs.len() + cache_inputs.len());
+                        for &k in &graph_inputs {
+                            let s = sample.as_ref().context("internal error: sample not loaded")?;
+                            inputs.push(s.inputs[k].clone());
+                        }
+                        for t in &cache_inputs {
+                            inputs.push(
+                                cache[i]
+                                    .get(t)
+                                    .cloned()
+                                    .with_context(|| format!("sample {source}: tensor '{t}' was not cached"))?,
+                            );
+                        }
+                        outs = plan.run(&inputs).with_context(|| format!("sample {source}"))?;
+                    }
+                    let value = if want_computed {
+                        outs.first().context("internal error: missing output")?
+                    } else if want_cached {
+                        cache[i]
+                            .get(want)
+                            .with_context(|| format!("sample {source}: tensor '{want}' was not cached"))?
+                    } else {
+                        let k = self.specs.iter().position(|s| s.name == want).context("internal error: input spec")?;
+                        &sample.as_ref().context("internal error: sample not loaded")?.inputs[k]
+                    };
+                    let r = map(i, value).with_context(|| format!("sample {source}: tensor '{want}'"))?;
+                    let names = plan.as_ref().map(|p| p.outputs()).unwrap_or(&[]);
+                    let fresh: Vec<(String, ArrayData)> = names
+                        .iter()
+                        .zip(outs)
+                        .filter(|(name, _)| new_cached.contains(name))
+                        .map(|(name, v)| (name.clone(), v))
+                        .collect();
+                    pb.inc(1);
+                    Ok((r, fresh))
+                })
+                .collect();
+            for (k, r) in results.into_iter().enumerate() {
+                let i = s0 + k;
+                let (value, fresh) = r?;
+                fold(i, value)?;
+                let c = &mut self.cache[i];
+                c.retain(|name, _| keep.contains(name));
+                c.extend(fresh);
+            }
+            s0 = s1;
+        }
+        pb.finish_and_clear();
+        self.start = end;
+        Ok(())
+    }
+
+    /// Serializes the piece as a model and its input facts.
+    fn piece(
+        &self,
+        model: &ModelProto,
+        view: &GraphView,
+        nodes: &[usize],
+        graph_inputs: &[usize],
+        cache_inputs: &[String],
+        outputs: &[String],
+    ) -> Result<(Vec<u8>, Vec<InputFact>)> {
+        let graph = view.graph;
+        let node_list: Vec<NodeProto> = nodes.iter().map(|&i| graph.node[i].clone()).collect();
+        let mut needed: HashSet<String> = HashSet::new();
+        for n in &node_list {
+            needed.extend(n.input.iter().filter(|s| !s.is_empty()).cloned());
+            for a in &n.attribute {
+                let mut free = Vec::new();
+                for g in a.g.iter().chain(&a.graphs) {
+                    subgraph_free(g, &mut free);
+                }
+                needed.extend(free);
+            }
+        }
+        let initializer = graph
+            .initializer
+            .iter()
+            .filter(|t| needed.contains(t.name()) && view.weight(t.name()).is_some())
+            .cloned()
+            .collect();
+        let shapes = self.set.shapes();
+        let mut facts = Vec::new();
+        let mut inputs = Vec::new();
+        for &k in graph_inputs {
+            let s = &self.specs[k];
+            let shape = shapes.get(k).cloned().context("internal error: sample shapes")?;
+            let dims: Vec<crate::onnx::builder::Dim> =
+                shape.iter().map(|&d| crate::onnx::builder::Dim::Fixed(d as i64)).collect();
+            inputs.push(value_info(&s.name, s.elem_type, Some(&dims)));
+            facts.push(InputFact { name: s.name.clone(), elem_type: s.elem_type, shape });
+        }
+        let first = self.cache.first();
+        for t in cache_inputs {
+            let a =
+                first.and_then(|c| c.get(t)).with_context(|| format!("internal error: tensor '{t}' was not cached"))?;
+            let dims: Vec<crate::onnx::builder::Dim> =
+                a.shape().iter().map(|&d| crate::onnx::builder::Dim::Fixed(d as i64)).collect();
+            inputs.push(value_info(t, a.elem_type(), Some(&dims)));
+            facts.push(InputFact { name: t.clone(), elem_type: a.elem_type(), shape: a.shape().to_vec() });
+        }
+        let out_infos = outputs.iter().map(|o| value_info(o, 0, None)).collect();
+        let sub = GraphProto {
+            name: Some(format!("{}_piece", graph.name())),
+            node: node_list,
+            input: inputs,
+            output: out_infos,
+            initializer,
+            ..Default::default()
+        };
+        let mut m = ModelProto { graph: None, ..model.clone() };
+        m.graph = Some(sub);
+        let bytes = crate::onnx::io::encode(&m)?;
+        Ok((bytes, facts))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::builder::{graph, model, node, tensor_info};
+    use crate::onnx::tensor::{from_f32, vec_i64};
+    use ndarray::{ArrayD, IxDyn};
+
+    /// x → MatMul(W1) → Relu → Shape/Reshape round trip → MatMul(W2) → Add(x-derived) → MatMul(W3)
+    fn chain() -> ModelProto {
+        let w = |name: &str, s: f32| {
+            from_f32(
+                name,
+                &ArrayD::from_shape_vec(IxDyn(&[4, 4]), (0..16).map(|v| (v as f32 - 7.0) * s).collect()).expect("w"),
+            )
+        };
+        let g = graph(
+            "chain",
+            vec![
+                node("MatMul", "m1", &["x", "W1"], &["a"], vec![]),
+                node("Relu", "r", &["a"], &["b"], vec![]),
+                node("Shape", "sh", &["b"], &["s"], vec![]),
+                node("Reshape", "rs", &["b", "flat"], &["bf"], vec![]),
+                node("Reshape", "back", &["bf", "s"], &["c"], vec![]),
+                node("MatMul", "m2", &["c", "W2"], &["d"], vec![]),
+                node("Add", "res", &["d", "x"], &["e"], vec![]),
+                node("MatMul", "m3", &["e", "W3"], &["y"], vec![]),
+            ],
+            vec![tensor_info("x", dtype::FLOAT, &[2, 4])],
+            vec![tensor_info("y", dtype::FLOAT, &[2, 4])],
+            vec![w("W1", 0.1), w("W2", -0.05), w("W3", 0.2), vec_i64("flat", &[-1])],
+        );
+        model(g, 13)
+    }
+
+    #[test]
+    fn pieces_reproduce_the_full_model_and_see_edits() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut rng = crate::rng::Rng::new(1);
+        for i in 0..3 {
+            let x =
+                ArrayData::F32(ArrayD::from_shape_vec(IxDyn(&[2, 4]), (0..8).map(|_| rng.normal() as f32).collect())?);
+            crate::npy::write_npz(&dir.path().join(format!("{i}.npz")), &[("x", &x)])?;
+        }
+        let mut m = chain();
+        let specs = crate::calibrate::input_specs(m.graph.as_ref().context("g")?);
+        let set = crate::data::open(
+            &specs,
+            &crate::data::DataOptions {
+                sources: vec![crate::data::Source::Path(dir.path().into())],
+                ..Default::default()
+            },
+        )?;
+        // Reference: the full model with all intermediates.
+        let full = |m: &ModelProto| -> Result<Vec<Vec<ArrayData>>> {
+            let bytes = crate::onnx::io::encode(m)?;
+            let facts = crate::calibrate::input_facts(&specs, &set)?;
+            let names: Vec<String> = ["c", "e"].iter().map(|s| s.to_string()).collect();
+            let plan = Plan::load(&bytes, None, &facts, &names)?;
+            (0..set.len()).map(|i| plan.run(&set.load(i)?.inputs)).collect()
+        };
+        let before = full(&m)?;
+        let g = m.graph.as_ref().context("g")?;
+        let idx = |name: &str| g.node.iter().position(|n| n.name() == name).expect("node");
+        let (m2, m3) = (idx("m2"), idx("m3"));
+        let mut seg = Segmenter::new(&specs, &set, true);
+        let mut got_c = Vec::new();
+        seg.advance(
+            &m,
+            m2,
+            "c",
+            &[m3],
+            |_, v| Ok(v.clone()),
+            |_, v| {
+                got_c.push(v);
+                Ok(())
+            },
+        )?;
+        assert_eq!(got_c.len(), 3);
+        for (g, b) in got_c.iter().zip(&before) {
+            assert_eq!(g, &b[0]);
+        }
+        // Edit W2 between pieces: the next piece must see it.
+        let gm = m.graph.as_mut().context("g")?;
+        let w2 = gm.initializer.iter_mut().find(|t| t.name() == "W2").context("W2")?;
+        *w2 = from_f32("W2", &ArrayD::from_elem(IxDyn(&[4, 4]), 0.5f32));
+        let after = full(&m)?;
+        let mut got_e = Vec::new();
+        seg.advance(
+            &m,
+            m3,
+            "e",
+            &[],
+            |_, v| Ok(v.clone()),
+            |_, v| {
+                got_e.push(v);
+                Ok(())
+            },
+        )?;
+        for (g, a) in got_e.iter().zip(&after) {
+            assert_eq!(g, &a[1]);
+        }
+        assert_ne!(after[0][1], before[0][1]);
+        Ok(())
+    }
+}
