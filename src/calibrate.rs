@@ -229,30 +229,19 @@ impl Calibration {
     }
 }
 
-/// Serialized bytes of the model for tract: the file itself when unchanged, else re-encoded.
+/// Serialized bytes of the model for tract: the file itself when it holds every weight, else
+/// re-encoded with its external data left in its files (models over 2 GiB).
 pub fn model_bytes(model: &crate::onnx::Model) -> Result<bytes::Bytes> {
     match &model.path {
         Some(p) if model.external_tensors == 0 => crate::onnx::io::read_file_bytes(p),
-        _ => Ok(bytes::Bytes::from(crate::onnx::io::encode(&model.proto)?)),
+        _ => Ok(bytes::Bytes::from(crate::onnx::io::encode_for_runtime(&model.proto)?)),
     }
 }
 
-/// Calibrates `targets` of the model given as serialized bytes.
+/// Calibrates `targets` of the model given as serialized bytes (see [`model_bytes`] and
+/// [`crate::onnx::io::encode_for_runtime`]).
 pub fn calibrate(
     model_bytes: &[u8],
-    specs: &[InputSpec],
-    set: &SampleSet,
-    targets: &[Target],
-    opts: &CalibOptions,
-) -> Result<Calibration> {
-    calibrate_in(model_bytes, None, specs, set, targets, opts)
-}
-
-/// [`calibrate`] for a model whose external data references resolve against `model_dir`
-/// (see [`crate::onnx::io::runtime_model`]): models over 2 GiB.
-pub fn calibrate_in(
-    model_bytes: &[u8],
-    model_dir: Option<&Path>,
     specs: &[InputSpec],
     set: &SampleSet,
     targets: &[Target],
@@ -263,7 +252,7 @@ pub fn calibrate_in(
         bail!("no calibration samples");
     }
     let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
-    let plan = Plan::load(model_bytes, model_dir, &input_facts(specs, set)?, &names)?;
+    let plan = Plan::load(model_bytes, None, &input_facts(specs, set)?, &names)?;
     let pb = progress(set.len(), opts.quiet, "calibrating");
     let mut acc: Vec<Option<TensorStats>> = vec![None; targets.len()];
     let bins = opts.bins;

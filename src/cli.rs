@@ -407,9 +407,8 @@ fn run_calibrate(a: CalibrateArgs) -> Result<()> {
     let specs = cal::input_specs(graph);
     let set = crate::data::open(&specs, &a.data.options()?)
         .with_context(|| format!("no calibration samples for {}", a.model.display()))?;
-    let rt = crate::onnx::io::runtime_model(&model.proto, &model)?;
-    let copts = cal::CalibOptions { bins: a.bins, quiet: a.quiet };
-    let calib = cal::calibrate_in(&rt.bytes, rt.dir.as_deref(), &specs, &set, &targets, &copts)
+    let bytes = cal::model_bytes(&model)?;
+    let calib = cal::calibrate(&bytes, &specs, &set, &targets, &cal::CalibOptions { bins: a.bins, quiet: a.quiet })
         .with_context(|| format!("calibration of {} failed", a.model.display()))?;
     let file = cal::StatsFile::from_calibration(&a.model.display().to_string(), &calib, &a.method);
     let json = serde_json::to_string_pretty(&file)? + "\n";

@@ -439,7 +439,7 @@ pub fn evaluate(reference: &Model, candidate: &Model, data: &DataOptions, opts: 
 
     let rbytes = crate::calibrate::model_bytes(reference)?;
     let cbytes: bytes::Bytes = if candidate_twin {
-        crate::onnx::io::encode(&cand_proto)?.into()
+        crate::onnx::io::encode_for_runtime(&cand_proto)?.into()
     } else {
         crate::calibrate::model_bytes(candidate)?
     };

@@ -180,9 +180,8 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
             let g = model.graph.as_ref().context("the model has no graph")?;
             let targets = cal::default_targets(&GraphView::new(g))?;
             // Weights still in the input's external data files stay there (models over 2 GiB).
-            let rt = crate::onnx::io::runtime_model(&model, &loaded)?;
-            let copts = cal::CalibOptions { bins: 2048, quiet: opts.quiet };
-            let c = cal::calibrate_in(&rt.bytes, rt.dir.as_deref(), &specs, &set, &targets, &copts)
+            let bytes = crate::onnx::io::encode_for_runtime(&model)?;
+            let c = cal::calibrate(&bytes, &specs, &set, &targets, &cal::CalibOptions { bins: 2048, quiet: opts.quiet })
                 .with_context(|| format!("calibration of {} failed", model_path.display()))?;
             samples = c.samples;
             if !opts.quiet {

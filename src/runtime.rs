@@ -195,6 +195,14 @@ fn prepare(
     let graph = proto.graph.as_ref().context("the ONNX model has no graph")?;
     check_graph_outputs_produced(graph)?;
 
+    // Without an explicit folder, the one `encode_for_runtime` recorded for its external data
+    // references (tract still refuses any location that leads outside it).
+    let recorded = proto
+        .metadata_props
+        .iter()
+        .find(|p| p.key == crate::onnx::io::RUNTIME_DIR_KEY)
+        .map(|p| std::path::PathBuf::from(&p.value));
+    let model_dir = model_dir.or(recorded.as_deref());
     let dir = model_dir
         .map(|d| d.to_str().with_context(|| format!("model directory {} is not valid UTF-8", d.display())))
         .transpose()?;

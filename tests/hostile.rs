@@ -326,13 +326,14 @@ fn external_data_models_calibrate_like_inline_ones() {
     onnxq::onnx::save(&model.proto, &ext, &opts).expect("save");
 
     let loaded = onnxq::onnx::load(&ext).expect("reload");
-    assert_eq!(loaded.data_files.len(), 1);
     let mut edited = loaded.proto.clone();
     let g = edited.graph.as_mut().expect("graph");
     g.initializer[0] = onnxq::onnx::tensor::vec_f32(g.initializer[0].name(), &[1.0]);
-    let rt = onnxq::onnx::io::runtime_model(&edited, &loaded).expect("runtime model");
-    assert_eq!(rt.dir.as_deref(), Some(dir.path()));
-    let back = onnxq::onnx::io::decode(rt.bytes.clone()).expect("decode");
+    let bytes = onnxq::onnx::io::encode_for_runtime(&edited).expect("runtime encoding");
+    let back = onnxq::onnx::io::decode(bytes.into()).expect("decode");
+    let recorded = back.metadata_props.iter().find(|p| p.key() == onnxq::onnx::io::RUNTIME_DIR_KEY);
+    let canonical = std::fs::canonicalize(dir.path()).expect("canonical");
+    assert_eq!(recorded.map(|p| p.value()), canonical.to_str());
     let locs: Vec<bool> =
         back.graph.expect("graph").initializer.iter().map(|t| t.data_location() == DataLocation::External).collect();
     assert_eq!(
@@ -340,6 +341,9 @@ fn external_data_models_calibrate_like_inline_ones() {
         vec![false, true, true, true, true, true],
         "the edited tensor is inline, the others stay external"
     );
+    // Without external data it is the plain encoding.
+    let plain = onnxq::onnx::load(&inline).expect("load");
+    assert_eq!(onnxq::onnx::io::encode_for_runtime(&plain.proto).expect("encode"), plain.proto.encode_to_vec());
 
     let calibrate = |m: &Path, out: &Path| {
         let o = onnxq([

@@ -18,6 +18,7 @@ use prost::Message;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
 
 /// Files at least this large are memory-mapped instead of read.
 const MMAP_MIN: u64 = 1 << 20;
@@ -34,45 +35,130 @@ pub struct Model {
     pub file_size: u64,
     /// Number of tensors whose data came from external files.
     pub external_tensors: usize,
-    /// The external data files, whole; those tensors' `raw_data` are slices of them.
-    pub data_files: Vec<DataFile>,
-}
-
-/// One external data file of a loaded model (memory-mapped when large).
-#[derive(Debug, Clone)]
-pub struct DataFile {
-    /// The `location` the tensors named, relative to the model's folder.
-    pub location: String,
-    pub bytes: Bytes,
 }
 
 impl Model {
     /// A model built in memory (no file, no external data).
     pub fn in_memory(proto: ModelProto) -> Model {
-        Model { proto, path: None, file_size: 0, external_tensors: 0, data_files: Vec::new() }
-    }
-
-    /// The folder external data locations are relative to.
-    pub fn dir(&self) -> Option<&Path> {
-        let p = self.path.as_deref()?.parent()?;
-        Some(if p.as_os_str().is_empty() { Path::new(".") } else { p })
+        Model { proto, path: None, file_size: 0, external_tensors: 0 }
     }
 }
 
-/// Maps or reads a whole file into a `Bytes` without copying large files.
-pub fn read_file_bytes(path: &Path) -> Result<Bytes> {
+/// A whole file's bytes (memory-mapped when large), shared by every `Bytes` slice of it.
+enum FileBuf {
+    Map(memmap2::Mmap),
+    Heap(Vec<u8>),
+}
+
+impl FileBuf {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            FileBuf::Map(m) => m,
+            FileBuf::Heap(v) => v,
+        }
+    }
+}
+
+struct SharedFile(Arc<FileBuf>);
+
+impl AsRef<[u8]> for SharedFile {
+    fn as_ref(&self) -> &[u8] {
+        self.0.bytes()
+    }
+}
+
+/// Maps or reads a whole file; the `Weak` tells whether any slice of it is still alive.
+fn read_shared(path: &Path) -> Result<(Bytes, Weak<FileBuf>)> {
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let len = file.metadata().with_context(|| format!("cannot stat {}", path.display()))?.len();
-    if len >= MMAP_MIN {
+    let buf = if len >= MMAP_MIN {
         // SAFETY: the mapping is read-only; onnxq never writes to its input files. Another
         // process truncating the file while we run is outside what any reader can defend.
         let map =
             unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot memory-map {}", path.display()))?;
-        Ok(Bytes::from_owner(map))
+        FileBuf::Map(map)
     } else {
-        let data = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        Ok(Bytes::from(data))
+        FileBuf::Heap(std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?)
+    };
+    let buf = Arc::new(buf);
+    let weak = Arc::downgrade(&buf);
+    Ok((Bytes::from_owner(SharedFile(buf)), weak))
+}
+
+/// Maps or reads a whole file into a `Bytes` without copying large files.
+pub fn read_file_bytes(path: &Path) -> Result<Bytes> {
+    Ok(read_shared(path)?.0)
+}
+
+/// The external data files of loaded models, for as long as any tensor still uses them: a
+/// tensor whose payload lies inside one is a slice of that file (see [`encode_for_runtime`]).
+struct Registered {
+    /// The model's folder, canonical.
+    dir: PathBuf,
+    location: String,
+    file: Weak<FileBuf>,
+}
+
+static DATA_FILES: Mutex<Vec<Registered>> = Mutex::new(Vec::new());
+
+fn register(dir: PathBuf, location: String, file: Weak<FileBuf>) {
+    let mut files = DATA_FILES.lock().unwrap_or_else(|e| e.into_inner());
+    files.retain(|f| f.file.strong_count() > 0);
+    files.push(Registered { dir, location, file });
+}
+
+/// Metadata key under which [`encode_for_runtime`] records the folder its external data
+/// references resolve against; [`crate::runtime`] hands that folder to tract.
+pub const RUNTIME_DIR_KEY: &str = "onnxq.runtime_dir";
+
+/// Serializes a model for the runtime (tract). Every tensor whose payload is still a slice of
+/// an external data file of a loaded model is written as a reference to that file again
+/// instead of inline, so a model over protobuf's 2 GiB limit stays encodable, nothing copies
+/// its weights on our side, and tract reads them from the file itself (resolved against the
+/// folder recorded under [`RUNTIME_DIR_KEY`]). New or rewritten tensors are inline. Without
+/// external data this is [`encode`].
+pub fn encode_for_runtime(proto: &ModelProto) -> Result<Vec<u8>> {
+    // Strong references keep every candidate file alive (so its address range is its own)
+    // while the tensors are matched against it.
+    let live: Vec<(Arc<FileBuf>, PathBuf, String)> = DATA_FILES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter_map(|f| Some((f.file.upgrade()?, f.dir.clone(), f.location.clone())))
+        .collect();
+    let mut proto = proto.clone(); // cheap: payloads are shared `Bytes`
+    proto.metadata_props.retain(|p| p.key() != RUNTIME_DIR_KEY);
+    let mut dir: Option<PathBuf> = None;
+    if let (Some(g), false) = (proto.graph.as_mut(), live.is_empty()) {
+        visit_graph_tensors(g, &mut |t| {
+            let Some(raw) = t.raw_data.as_ref().filter(|r| !r.is_empty()) else { return Ok(()) };
+            let start = raw.as_ptr() as usize;
+            let found = live.iter().find(|(f, d, _)| {
+                let (base, len) = (f.bytes().as_ptr() as usize, f.bytes().len());
+                start >= base && start + raw.len() <= base + len && dir.as_ref().is_none_or(|x| x == d)
+            });
+            if let Some((f, d, location)) = found {
+                let offset = start - f.bytes().as_ptr() as usize;
+                let kv = |k: &str, v: String| StringStringEntryProto { key: Some(k.into()), value: Some(v) };
+                t.external_data = vec![
+                    kv("location", location.clone()),
+                    kv("offset", offset.to_string()),
+                    kv("length", raw.len().to_string()),
+                ];
+                t.data_location = Some(DataLocation::External as i32);
+                t.raw_data = None;
+                dir.get_or_insert_with(|| d.clone());
+            }
+            Ok(())
+        })?;
     }
+    if let Some(d) = dir {
+        let value = d.to_str().with_context(|| format!("model folder {} is not valid UTF-8", d.display()))?;
+        proto
+            .metadata_props
+            .push(StringStringEntryProto { key: Some(RUNTIME_DIR_KEY.into()), value: Some(value.into()) });
+    }
+    encode(&proto)
 }
 
 /// Decodes model bytes without resolving external data or checking structure.
@@ -99,53 +185,7 @@ pub fn load_bytes(bytes: Bytes, dir: Option<&Path>) -> Result<Model> {
             check_payload(t)
         })?;
     }
-    let data_files = files.maps.into_iter().map(|(location, bytes)| DataFile { location, bytes }).collect();
-    Ok(Model { proto, path: None, file_size, external_tensors, data_files })
-}
-
-/// A model serialized for a runtime (tract): `bytes` is a `ModelProto` whose external data
-/// references resolve against `dir`.
-#[derive(Debug, Clone)]
-pub struct RuntimeModel {
-    pub bytes: Bytes,
-    pub dir: Option<PathBuf>,
-}
-
-/// Serializes `proto` — `source` as loaded, or a rewrite of it — for a runtime. Every tensor
-/// whose payload is still a slice of one of `source`'s external data files is written as a
-/// reference to that file again instead of inline, so a model over protobuf's 2 GiB limit
-/// stays encodable, nothing copies its weights on our side, and the runtime reads them from
-/// the files itself. Other tensors (new or rewritten ones) are inline.
-pub fn runtime_model(proto: &ModelProto, source: &Model) -> Result<RuntimeModel> {
-    let Some(dir) = source.dir().filter(|_| !source.data_files.is_empty()) else {
-        return Ok(RuntimeModel { bytes: Bytes::from(encode(proto)?), dir: None });
-    };
-    let mut proto = proto.clone(); // cheap: payloads are shared `Bytes`
-    if let Some(g) = proto.graph.as_mut() {
-        visit_graph_tensors(g, &mut |t| {
-            let Some(raw) = t.raw_data.as_ref().filter(|r| !r.is_empty()) else { return Ok(()) };
-            let start = raw.as_ptr() as usize;
-            // `source` keeps every data file mapped, so an address inside one of them is a
-            // slice of that file (no other allocation can live there meanwhile).
-            let file = source.data_files.iter().find(|f| {
-                let base = f.bytes.as_ptr() as usize;
-                start >= base && start + raw.len() <= base + f.bytes.len()
-            });
-            if let Some(f) = file {
-                let offset = start - f.bytes.as_ptr() as usize;
-                let kv = |k: &str, v: String| StringStringEntryProto { key: Some(k.into()), value: Some(v) };
-                t.external_data = vec![
-                    kv("location", f.location.clone()),
-                    kv("offset", offset.to_string()),
-                    kv("length", raw.len().to_string()),
-                ];
-                t.data_location = Some(DataLocation::External as i32);
-                t.raw_data = None;
-            }
-            Ok(())
-        })?;
-    }
-    Ok(RuntimeModel { bytes: Bytes::from(encode(&proto)?), dir: Some(dir.to_path_buf()) })
+    Ok(Model { proto, path: None, file_size, external_tensors })
 }
 
 /// Loads a model file: decode, check it has a graph and opset imports, resolve external data.
@@ -313,8 +353,11 @@ impl ExternalFiles<'_> {
                     );
                 }
             }
-            let bytes =
-                read_file_bytes(&real).with_context(|| format!("{}: missing or unreadable data file", ctx()))?;
+            let (bytes, file) =
+                read_shared(&real).with_context(|| format!("{}: missing or unreadable data file", ctx()))?;
+            if let Ok(root) = std::fs::canonicalize(dir) {
+                register(root, location.clone(), file);
+            }
             self.maps.insert(location.clone(), bytes);
         }
         let data = &self.maps[&location];

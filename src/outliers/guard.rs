@@ -42,6 +42,9 @@ pub struct Guard<'a> {
     pub reference: Vec<Vec<ArrayData>>,
     /// Forward passes run by the guard.
     pub passes: usize,
+    /// The activations plain quantization wanted a range for (quantized or blocked by their
+    /// range); only those are recalibrated. `None`: every target.
+    pub wanted: Option<HashSet<String>>,
 }
 
 /// Ranges of a calibration, as the pipeline derives them.
@@ -76,8 +79,10 @@ impl Guard<'_> {
     /// `accepted` only in the nodes `changed` (every tensor is recalibrated when `None`).
     pub fn score(&mut self, candidate: &ModelProto, accepted: &Calibration, changed: &[usize]) -> Result<Scored> {
         let down = downstream(candidate, changed)?;
-        let targets: Vec<Target> = self.targets.iter().filter(|t| down.contains(&t.name)).cloned().collect();
-        let bytes = crate::onnx::io::encode(candidate)?;
+        let wanted = |n: &str| self.wanted.as_ref().is_none_or(|w| w.contains(n));
+        let targets: Vec<Target> =
+            self.targets.iter().filter(|t| down.contains(&t.name) && wanted(&t.name)).cloned().collect();
+        let bytes = crate::onnx::io::encode_for_runtime(candidate)?;
         let mut calibration = accepted.clone();
         if !targets.is_empty() {
             let fresh = cal::calibrate(
@@ -106,9 +111,15 @@ impl Guard<'_> {
     /// Quantizes `model` with the ranges of `calibration` and measures its worst-output SQNR.
     pub fn sqnr_of(&mut self, model: &ModelProto, calibration: &Calibration) -> Result<f64> {
         let r = ranges(calibration, &self.method);
-        let (q, _) = quantize::quantize(model, &r, &self.qopts).context("quantizing the regularized model")?;
+        let (q, report) = quantize::quantize(model, &r, &self.qopts).context("quantizing the regularized model")?;
+        if self.wanted.is_none() {
+            let mut w: HashSet<String> =
+                report.tensors.iter().filter(|t| t.kind == "activation").map(|t| t.name.clone()).collect();
+            w.extend(report.skipped.iter().map(|s| s.name.clone()));
+            self.wanted = Some(w);
+        }
         let twin = crate::fakequant::twin(&q).context("building the fake-quant twin")?;
-        let bytes = crate::onnx::io::encode(&twin)?;
+        let bytes = crate::onnx::io::encode_for_runtime(&twin)?;
         let plan =
             Plan::load(&bytes, None, &self.facts, &self.output_names).context("cannot run the quantized model")?;
         let pb = cal::progress(self.set.len(), self.quiet, "guard");

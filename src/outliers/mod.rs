@@ -490,7 +490,7 @@ pub fn analyze(model: &ModelProto, label: &str, data: &DataOptions, opts: &Optio
         return Ok(out);
     }
     let pairs: Vec<(&Layer, &Array2<f32>)> = layers.iter().zip(&weights).collect();
-    let bytes = crate::onnx::io::encode(model)?;
+    let bytes = crate::onnx::io::encode_for_runtime(model)?;
     let pass = forward_pass(&bytes, &specs, &set, &[], &pairs, &[], opts, "outlier statistics")?;
     for ((l, w), st) in pairs.iter().zip(&pass.layers) {
         out.layers.push(describe_layer(l, st, w, opts)?);
@@ -617,6 +617,9 @@ fn compute_edit(
             edits,
         });
     }
+    if new_w.iter().chain(new_b.iter().flatten()).any(|v| !v.is_finite()) {
+        bail!("the solve produced non-finite weights (non-finite calibration inputs?)");
+    }
     Ok(Edit {
         w: new_w,
         bias: new_b,
@@ -716,7 +719,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         None => Vec::new(),
     };
     let want_outputs = run.guard.is_some() || run.measure_float;
-    let bytes = crate::onnx::io::encode(model)?;
+    let bytes = crate::onnx::io::encode_for_runtime(model)?;
     let first = forward_pass(
         &bytes,
         &specs,
@@ -747,6 +750,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         output_names: output_names.clone(),
         reference: reference.clone(),
         passes: 0,
+        wanted: None,
     });
 
     let base_ranges = |c: &Option<Calibration>, g: &Option<GuardSettings>| match (c, g) {
@@ -875,7 +879,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
     let (out_model, out_cal) = if regularized { (best_model, best_cal) } else { (model.clone(), base_cal) };
     report.regularized = regularized;
     if run.measure_float && regularized {
-        let bytes = crate::onnx::io::encode(&out_model)?;
+        let bytes = crate::onnx::io::encode_for_runtime(&out_model)?;
         let pass = forward_pass(&bytes, &specs, &set, &[], &[], &output_names, opts, "float deviation")?;
         report.passes += 1;
         let mut sums = vec![(0f64, 0f64, false); output_names.len()];

@@ -432,7 +432,7 @@ impl<'a> Segmenter<'a> {
         };
         let mut m = ModelProto { graph: None, ..model.clone() };
         m.graph = Some(sub);
-        let bytes = crate::onnx::io::encode(&m)?;
+        let bytes = crate::onnx::io::encode_for_runtime(&m)?;
         Ok((bytes, facts))
     }
 }
@@ -491,7 +491,7 @@ mod tests {
         )?;
         // Reference: the full model with all intermediates.
         let full = |m: &ModelProto| -> Result<Vec<Vec<ArrayData>>> {
-            let bytes = crate::onnx::io::encode(m)?;
+            let bytes = crate::onnx::io::encode_for_runtime(m)?;
             let facts = crate::calibrate::input_facts(&specs, &set)?;
             let names: Vec<String> = ["c", "e"].iter().map(|s| s.to_string()).collect();
             let plan = Plan::load(&bytes, None, &facts, &names)?;

@@ -79,7 +79,7 @@ fn channel_means(
     let g = twin.graph.as_ref().context("the model has no graph")?;
     let specs = input_specs(g);
     let set = crate::data::open(&specs, data)?;
-    let plan = Plan::load(&crate::onnx::io::encode(twin)?, None, &input_facts(&specs, &set)?, names)?;
+    let plan = Plan::load(&crate::onnx::io::encode_for_runtime(twin)?, None, &input_facts(&specs, &set)?, names)?;
     let mut acc: Vec<(Vec<f64>, u64)> = vec![(Vec::new(), 0); names.len()];
     let sums = |outs: Vec<ArrayData>| -> Vec<(Vec<f64>, u64)> {
         outs.iter()
