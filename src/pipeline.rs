@@ -196,7 +196,7 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
     let mut bias_correction = None;
     if opts.bias_correction && !opts.quant.weights_only {
         if let Some(d) = data {
-            let r = correct_biases(&model, &ranges, &qopts, &q, &report, d)?;
+            let r = correct_biases(&model, &ranges, &qopts, &q, d)?;
             if let Some((m2, q2, r2)) = r.1 {
                 model = m2;
                 q = q2;
@@ -220,7 +220,7 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
     if let (Some((plain, plain_ranges)), Some(d), Some(bc)) = (plain_alternative, data, &bias_correction) {
         if bc.corrected > 0 {
             let (pq, pr) = quantize::quantize(&plain, &plain_ranges, &qopts)?;
-            let pbc = correct_biases(&plain, &plain_ranges, &qopts, &pq, &pr, d)?;
+            let pbc = correct_biases(&plain, &plain_ranges, &qopts, &pq, d)?;
             let (pm, pq, pr) = pbc.1.unwrap_or((plain.clone(), pq, pr));
             let (s_reg, s_plain) = (output_sqnr(&plain, &q, d)?, output_sqnr(&plain, &pq, d)?);
             if let Some(r) = regularization.as_mut() {
@@ -280,12 +280,10 @@ fn correct_biases(
     ranges: &BTreeMap<String, TensorEntry>,
     qopts: &QuantOptions,
     q: &ModelProto,
-    report: &Report,
     data: &DataOptions,
 ) -> Result<(BiasCorrectionReport, Option<Corrected>)> {
     let samples = data.max_samples.unwrap_or(16).min(16);
     let d = DataOptions { max_samples: Some(samples), ..data.clone() };
-    let _ = report;
     let (corrected, changes) = quantize::bias_correction::correct(model, q, &d)?;
     let mut r = BiasCorrectionReport {
         corrected: changes,

@@ -782,7 +782,6 @@ fn rewrite(
             _ => None,
         })
         .collect();
-    let mut dq_cache_weight: HashMap<String, ()> = HashMap::new();
     let mut bias_inits_added = 0usize;
     let order = view.topo_order()?;
     for &ni in &order {
@@ -806,7 +805,6 @@ fn rewrite(
                     None => vec![],
                 };
                 out_nodes.push(node("DequantizeLinear", &node_name, &[qn, sn, zn], &[&dqn], attrs));
-                dq_cache_weight.insert(inp.clone(), ());
                 n.input[slot] = dqn;
                 continue;
             }
