@@ -253,6 +253,23 @@ impl<'a> GraphView<'a> {
     }
 }
 
+/// Every tensor name the graph reads: node inputs, names its nodes' subgraphs read from this
+/// scope, and graph outputs. Initializers outside this set are dead.
+pub fn used_names(g: &GraphProto) -> HashSet<String> {
+    let mut used: HashSet<String> = g.output.iter().map(|o| o.name().to_string()).collect();
+    for n in &g.node {
+        used.extend(n.input.iter().filter(|i| !i.is_empty()).cloned());
+        for a in &n.attribute {
+            for sg in a.g.iter().chain(&a.graphs) {
+                let mut outer = Vec::new();
+                subgraph_free_names(sg, &mut outer);
+                used.extend(outer.into_iter().map(str::to_string));
+            }
+        }
+    }
+    used
+}
+
 /// Names a subgraph reads but does not define (they come from enclosing scopes).
 fn subgraph_free_names<'a>(g: &'a GraphProto, out: &mut Vec<&'a str>) {
     let mut defined: HashSet<&str> = HashSet::new();

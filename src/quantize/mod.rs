@@ -877,12 +877,7 @@ fn rewrite(
     // 4. Initializers: keep the ones still read, add the new ones.
     let mut g = graph.clone();
     g.node = out_nodes;
-    let used: HashSet<String> = g
-        .node
-        .iter()
-        .flat_map(|n| n.input.iter().cloned())
-        .chain(g.output.iter().map(|o| o.name().to_string()))
-        .collect();
+    let used = crate::onnx::graph::used_names(&g);
     g.initializer.retain(|t| used.contains(t.name()));
     g.initializer.extend(new_inits);
     // Constant nodes whose weight is no longer read are dropped.

@@ -157,12 +157,7 @@ pub fn prepare(model: &ModelProto) -> Result<(ModelProto, Prepared)> {
         stats.biases_folded += 1;
     }
     // Drop initializers nothing reads any more.
-    let used: HashSet<String> = g
-        .node
-        .iter()
-        .flat_map(|n| n.input.iter().cloned())
-        .chain(g.output.iter().map(|o| o.name().to_string()))
-        .collect();
+    let used = crate::onnx::graph::used_names(g);
     let input_names: HashSet<String> = g.input.iter().map(|i| i.name().to_string()).collect();
     g.initializer.retain(|t| used.contains(t.name()) || input_names.contains(t.name()));
     Ok((m, stats))
