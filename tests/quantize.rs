@@ -35,6 +35,17 @@ fn sqnr(name: &str, cand: &Path) -> f64 {
     onnxq::pipeline::output_sqnr(&reference, &c, &data).expect("eval")
 }
 
+/// The first node whose data input is `tensor` (e.g. the DequantizeLinear of a weight).
+fn first_reader<'a>(m: &'a ModelProto, tensor: &str) -> &'a onnxq::onnx::pb::NodeProto {
+    m.graph
+        .as_ref()
+        .expect("graph")
+        .node
+        .iter()
+        .find(|n| n.input.first().map(|s| s.as_str()) == Some(tensor))
+        .unwrap_or_else(|| panic!("no node reads {tensor}"))
+}
+
 fn ops(m: &ModelProto, op: &str) -> usize {
     m.graph.as_ref().expect("graph").node.iter().filter(|n| n.op_type() == op).count()
 }
@@ -95,14 +106,7 @@ fn conv_weights_are_per_channel_int8_and_biases_int32() {
     let w = init(&q, "conv1.weight_quantized");
     assert_eq!(w.data_type(), dtype::INT8);
     assert_eq!(init(&q, "conv1.weight_scale").dims, vec![8]);
-    let dq = q
-        .graph
-        .as_ref()
-        .expect("graph")
-        .node
-        .iter()
-        .find(|n| n.input.first().map(|s| s.as_str()) == Some("conv1.weight_quantized"))
-        .expect("weight DQ");
+    let dq = first_reader(&q, "conv1.weight_quantized");
     assert_eq!(dq.attr_int("axis").expect("int"), Some(0));
     // Bias: int32, scale = input scale x weight scale, zero point 0.
     let b = init(&q, "conv1.bias_quantized");
@@ -114,14 +118,7 @@ fn conv_weights_are_per_channel_int8_and_biases_int32() {
         assert!((bs[c] - xs[[]] * ws[c]).abs() <= 1e-6 * bs[c].abs(), "bias scale channel {c}");
     }
     // Gemm with transB=1: per-channel on axis 0 of B.
-    let dq = q
-        .graph
-        .as_ref()
-        .expect("graph")
-        .node
-        .iter()
-        .find(|n| n.input.first().map(|s| s.as_str()) == Some("fc.weight_quantized"))
-        .expect("fc DQ");
+    let dq = first_reader(&q, "fc.weight_quantized");
     assert_eq!(dq.attr_int("axis").expect("int"), Some(0));
     // Relu folded into the Q after each Conv: ONNX Runtime fuses Conv+Q into QLinearConv.
     assert_eq!(ops(&q, "Relu"), 0);
