@@ -63,6 +63,48 @@ pub enum ChannelAxis {
 pub struct Target {
     pub name: String,
     pub channel_axis: Option<ChannelAxis>,
+    /// The tensor this one is a pure rearrangement of (the data input of a Reshape,
+    /// Transpose, Flatten, Squeeze or Unsqueeze): both hold the same multiset of values in
+    /// every sample, so when that tensor is calibrated too its statistics are copied instead
+    /// of pinning this one as an extra tract output (pinned outputs stop tract from fusing).
+    pub same_values_as: Option<String>,
+}
+
+/// Ops whose output holds exactly the values of their first input, rearranged.
+const REARRANGING_OPS: &[&str] = &["Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"];
+
+/// For each target, the index of the target whose statistics it takes (itself when it is
+/// calibrated directly). A target is an alias only without a channel axis (per-channel
+/// abs-max depends on the layout) and when its source is itself calibrated.
+fn stats_sources(targets: &[Target]) -> Vec<usize> {
+    let index: std::collections::HashMap<&str, usize> =
+        targets.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect();
+    let direct = |i: usize| -> Option<usize> {
+        let t = &targets[i];
+        if t.channel_axis.is_some() {
+            return None;
+        }
+        index.get(t.same_values_as.as_deref()?).copied().filter(|&j| j != i)
+    };
+    (0..targets.len())
+        .map(|i| {
+            let mut cur = i;
+            // A chain never needs more hops than there are targets; a cycle (impossible in a
+            // valid graph) ends at the starting target.
+            for _ in 0..targets.len() {
+                match direct(cur) {
+                    Some(j) if j != i => cur = j,
+                    Some(_) => return i,
+                    None => break,
+                }
+            }
+            if direct(cur).is_some() {
+                i
+            } else {
+                cur
+            }
+        })
+        .collect()
 }
 
 /// Graph inputs (excluding those backed by initializers), as sample specs.
@@ -101,7 +143,7 @@ pub fn default_targets(view: &GraphView) -> Result<Vec<Target>> {
         if et != 0 && et != dtype::FLOAT {
             return;
         }
-        out.push(Target { name: name.to_string(), channel_axis: axis });
+        out.push(Target { name: name.to_string(), channel_axis: axis, same_values_as: None });
     };
     for i in order {
         let n = &view.nodes()[i];
@@ -118,6 +160,13 @@ pub fn default_targets(view: &GraphView) -> Result<Vec<Target>> {
         };
         for o in &n.output {
             add(o, axis, &mut out);
+        }
+        if REARRANGING_OPS.contains(&n.op_type()) {
+            if let (Some(src), Some(o)) = (n.input.first(), n.output.first()) {
+                if let Some(t) = out.iter_mut().find(|t| &t.name == o) {
+                    t.same_values_as = Some(src.clone());
+                }
+            }
         }
     }
     for o in &view.graph.output {
@@ -251,10 +300,13 @@ pub fn calibrate(
     if set.is_empty() {
         bail!("no calibration samples");
     }
-    let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
+    let sources = stats_sources(targets);
+    // Only the targets that are their own source become tract outputs.
+    let direct: Vec<usize> = (0..targets.len()).filter(|&i| sources[i] == i).collect();
+    let names: Vec<String> = direct.iter().map(|&i| targets[i].name.clone()).collect();
     let plan = Plan::load(model_bytes, None, &input_facts(specs, set)?, &names)?;
     let pb = progress(set.len(), opts.quiet, "calibrating");
-    let mut acc: Vec<Option<TensorStats>> = vec![None; targets.len()];
+    let mut acc: Vec<Option<TensorStats>> = vec![None; direct.len()];
     let bins = opts.bins;
     for_each_sample(
         &plan,
@@ -263,10 +315,10 @@ pub fn calibrate(
         |_, outs| {
             Ok(outs
                 .iter()
-                .zip(targets)
-                .map(|(o, t)| {
+                .zip(&direct)
+                .map(|(o, &ti)| {
                     let ArrayData::F32(a) = o else { return None };
-                    let axis = t.channel_axis.and_then(|ax| match ax {
+                    let axis = targets[ti].channel_axis.and_then(|ax| match ax {
                         ChannelAxis::One => (a.ndim() >= 2).then_some(1),
                         ChannelAxis::Last => a.ndim().checked_sub(1),
                     });
@@ -288,7 +340,15 @@ pub fn calibrate(
             Ok(())
         },
     )?;
-    let tensors = names.into_iter().zip(acc).filter_map(|(n, s)| s.map(|s| (n, s))).collect();
+    let slot_of: std::collections::HashMap<usize, usize> = direct.iter().enumerate().map(|(k, &i)| (i, k)).collect();
+    let tensors = targets
+        .iter()
+        .zip(&sources)
+        .filter_map(|(t, src)| {
+            let s = acc[*slot_of.get(src)?].as_ref()?;
+            Some((t.name.clone(), if t.channel_axis.is_none() { s.without_channels() } else { s.clone() }))
+        })
+        .collect();
     Ok(Calibration { tensors, samples: set.len(), seconds: t0.elapsed().as_secs_f64() })
 }
 

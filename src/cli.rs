@@ -400,7 +400,11 @@ fn run_calibrate(a: CalibrateArgs) -> Result<()> {
                 if view.origin(t).is_none() {
                     anyhow::bail!("--tensors: no tensor named '{t}' in the model");
                 }
-                Ok(all.iter().find(|x| &x.name == t).cloned().unwrap_or(Target { name: t.clone(), channel_axis: None }))
+                Ok(all.iter().find(|x| &x.name == t).cloned().unwrap_or(Target {
+                    name: t.clone(),
+                    channel_axis: None,
+                    same_values_as: None,
+                }))
             })
             .collect::<Result<Vec<_>>>()?
     };

@@ -417,6 +417,11 @@ impl TensorStats {
         self.hist_exp = exp;
     }
 
+    /// The same statistics without the per-channel abs-max (and its axis).
+    pub fn without_channels(&self) -> TensorStats {
+        TensorStats { channel_axis: None, channel_absmax: Vec::new(), ..self.clone() }
+    }
+
     /// Number of histogram bins (a multiple of 4).
     pub fn bins(&self) -> usize {
         self.bins

@@ -123,3 +123,34 @@ fn bad_calibration_data_is_rejected_before_running() {
     let o = calibrate("shared.onnx", dir.path(), &dir.path().join("s.json"), &[]);
     assert_clean_error(&o, &["broken.npz"]);
 }
+
+/// Tensors that only rearrange another calibrated tensor (Reshape, Transpose, ...) take its
+/// statistics instead of becoming extra tract outputs; the result must be exactly what
+/// calibrating them directly gives.
+#[test]
+fn rearranged_tensors_share_statistics_exactly() {
+    use onnxq::calibrate as cal;
+    let model = onnxq::onnx::load(&fixture("transformer.onnx")).expect("load");
+    let g = model.proto.graph.as_ref().expect("graph");
+    let targets = cal::default_targets(&onnxq::onnx::GraphView::new(g)).expect("targets");
+    let aliased = targets.iter().filter(|t| t.same_values_as.is_some()).count();
+    assert!(aliased >= 4, "the transformer fixture has Reshape/Transpose outputs to share ({aliased})");
+    let direct: Vec<cal::Target> = targets.iter().map(|t| cal::Target { same_values_as: None, ..t.clone() }).collect();
+    let specs = cal::input_specs(g);
+    let opts = onnxq::data::DataOptions {
+        sources: vec![onnxq::data::Source::Path(fixture("transformer/calib"))],
+        ..Default::default()
+    };
+    let set = onnxq::data::open(&specs, &opts).expect("samples");
+    let bytes = cal::model_bytes(&model).expect("bytes");
+    let run =
+        |t: &[cal::Target]| cal::calibrate(&bytes, &specs, &set, t, &cal::CalibOptions::default()).expect("calibrate");
+    let (shared, computed) = (run(&targets), run(&direct));
+    assert_eq!(shared.tensors.len(), computed.tensors.len());
+    for ((na, a), (nb, b)) in shared.tensors.iter().zip(&computed.tensors) {
+        assert_eq!(na, nb);
+        assert_eq!(a.histogram(), b.histogram(), "{na}");
+        assert_eq!((a.count(), a.min(), a.max(), a.sum_sq()), (b.count(), b.min(), b.max(), b.sum_sq()), "{na}");
+        assert_eq!(a.channel_absmax(), b.channel_absmax(), "{na}");
+    }
+}
