@@ -18,19 +18,6 @@ use std::path::PathBuf;
 
 const FLOAT: i32 = 1;
 
-/// splitmix64
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let mut dir: Option<PathBuf> = None;
@@ -53,7 +40,7 @@ fn main() -> Result<()> {
 
     let t0 = std::time::Instant::now();
     let mut data = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(&data_path)?);
-    let mut rng = Rng(0x5eed);
+    let mut rng = onnxq::rng::Rng::new(0x5eed);
     let bound = (6.0 / width as f64).sqrt() as f32; // He-uniform keeps Relu activations stable
     let mut layer = vec![0u8; width * width * 4];
     let mut offset = 0u64;
@@ -61,7 +48,7 @@ fn main() -> Result<()> {
     let mut prev = "x".to_string();
     for l in 0..layers {
         for chunk in layer.chunks_exact_mut(8) {
-            let r = rng.next();
+            let r = rng.next_u64();
             for (k, half) in [r as u32, (r >> 32) as u32].into_iter().enumerate() {
                 let u = (half >> 8) as f32 / (1u32 << 24) as f32; // [0, 1)
                 chunk[k * 4..k * 4 + 4].copy_from_slice(&((u * 2.0 - 1.0) * bound).to_le_bytes());

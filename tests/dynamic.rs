@@ -4,11 +4,11 @@
 //! Runtime fuses, per-column and per-tensor weights, Gemm and Conv rewrites, selection flags,
 //! stable names, determinism and clean errors.
 
-use crate::util::{assert_clean_error, fixture, onnxq, stderr, stdout, tempdir};
+use crate::util::{assert_clean_error, fixture, init, onnxq, stderr, stdout, tempdir};
 use onnxq::array::dtype;
 use onnxq::onnx::attr::NodeAttrs;
 use onnxq::onnx::builder::{attr_float, attr_int, graph, model, node, tensor_info};
-use onnxq::onnx::pb::{ModelProto, NodeProto, TensorProto};
+use onnxq::onnx::pb::{ModelProto, NodeProto};
 use onnxq::onnx::tensor::{from_f32, to_f32};
 use std::ffi::OsString;
 use std::path::Path;
@@ -46,16 +46,6 @@ fn sqnr(reference: &Path, cand: &Path, data: &[&str]) -> f64 {
 
 fn nodes<'a>(m: &'a ModelProto, op: &str) -> Vec<&'a NodeProto> {
     m.graph.as_ref().expect("graph").node.iter().filter(|n| n.op_type() == op).collect()
-}
-
-fn init<'a>(m: &'a ModelProto, name: &str) -> &'a TensorProto {
-    m.graph
-        .as_ref()
-        .expect("graph")
-        .initializer
-        .iter()
-        .find(|t| t.name() == name)
-        .unwrap_or_else(|| panic!("initializer {name} missing"))
 }
 
 fn producer<'a>(m: &'a ModelProto, tensor: &str) -> &'a NodeProto {

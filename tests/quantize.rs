@@ -2,7 +2,7 @@
 //! SQNR bound a broken quantizer could not meet; formats (per-channel int8 weights, int32
 //! bias, uint8/int8 activations), placement, selection flags, determinism, and errors.
 
-use crate::util::{assert_clean_error, fixture, onnxq, stderr, tempdir};
+use crate::util::{assert_clean_error, fixture, init, onnxq, stderr, tempdir};
 use onnxq::array::dtype;
 use onnxq::onnx::attr::NodeAttrs;
 use onnxq::onnx::pb::ModelProto;
@@ -48,16 +48,6 @@ fn first_reader<'a>(m: &'a ModelProto, tensor: &str) -> &'a onnxq::onnx::pb::Nod
 
 fn ops(m: &ModelProto, op: &str) -> usize {
     m.graph.as_ref().expect("graph").node.iter().filter(|n| n.op_type() == op).count()
-}
-
-fn init<'a>(m: &'a ModelProto, name: &str) -> &'a onnxq::onnx::pb::TensorProto {
-    m.graph
-        .as_ref()
-        .expect("graph")
-        .initializer
-        .iter()
-        .find(|t| t.name() == name)
-        .unwrap_or_else(|| panic!("initializer {name} missing"))
 }
 
 #[test]

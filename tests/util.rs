@@ -49,3 +49,14 @@ pub fn tempdir() -> tempfile::TempDir {
 pub fn write(path: &Path, bytes: &[u8]) {
     std::fs::write(path, bytes).expect("write test file");
 }
+
+/// The initializer `name` of a model (panics with the name when it is missing).
+pub fn init<'a>(m: &'a onnxq::onnx::pb::ModelProto, name: &str) -> &'a onnxq::onnx::pb::TensorProto {
+    m.graph
+        .as_ref()
+        .expect("graph")
+        .initializer
+        .iter()
+        .find(|t| t.name() == name)
+        .unwrap_or_else(|| panic!("initializer {name} missing"))
+}
