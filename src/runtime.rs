@@ -300,6 +300,7 @@ impl tract_onnx::data_resolver::ModelDataResolver for TableResolver {
             bail!("runtime weight #{offset} has {} bytes, not {length:?}", t.len());
         }
         buf.extend_from_slice(t);
+        crate::onnx::io::release_pages(t);
         Ok(())
     }
 }

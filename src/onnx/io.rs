@@ -61,14 +61,25 @@ enum FileBuf {
     Heap(Vec<u8>),
 }
 
-impl AsRef<[u8]> for FileBuf {
-    fn as_ref(&self) -> &[u8] {
+impl FileBuf {
+    fn bytes(&self) -> &[u8] {
         match self {
             FileBuf::Map(m) => m,
             FileBuf::Heap(v) => v,
         }
     }
 }
+
+struct SharedFile(Arc<FileBuf>);
+
+impl AsRef<[u8]> for SharedFile {
+    fn as_ref(&self) -> &[u8] {
+        self.0.bytes()
+    }
+}
+
+/// The memory maps still in use, for [`release_pages`].
+static MAPS: Mutex<Vec<Weak<FileBuf>>> = Mutex::new(Vec::new());
 
 /// Maps or reads a whole file into a `Bytes` without copying large files.
 pub fn read_file_bytes(path: &Path) -> Result<Bytes> {
@@ -83,7 +94,36 @@ pub fn read_file_bytes(path: &Path) -> Result<Bytes> {
     } else {
         FileBuf::Heap(std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?)
     };
-    Ok(Bytes::from_owner(buf))
+    let buf = Arc::new(buf);
+    if matches!(*buf, FileBuf::Map(_)) {
+        let mut maps = MAPS.lock().unwrap_or_else(|e| e.into_inner());
+        maps.retain(|m| m.strong_count() > 0);
+        maps.push(Arc::downgrade(&buf));
+    }
+    Ok(Bytes::from_owner(SharedFile(buf)))
+}
+
+/// Drops the pages of `data` from the process's resident memory when `data` lies in a
+/// memory-mapped input file (they are read back from the file if touched again); otherwise
+/// does nothing. Called once a weight has been copied or converted, so that reading every
+/// weight of a big model once does not leave all of them resident on top of the copies.
+pub fn release_pages(data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    let maps: Vec<Arc<FileBuf>> =
+        MAPS.lock().unwrap_or_else(|e| e.into_inner()).iter().filter_map(Weak::upgrade).collect();
+    let start = data.as_ptr() as usize;
+    for buf in maps {
+        let FileBuf::Map(m) = &*buf else { continue };
+        let base = m.as_ptr() as usize;
+        if start >= base && start + data.len() <= base + m.len() {
+            // SAFETY: a read-only file mapping: MADV_DONTNEED only drops its page table entries,
+            // the same bytes are faulted back in from the file on the next access.
+            let _ = unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start - base, data.len()) };
+            return;
+        }
+    }
 }
 
 /// Tensor payloads at least this large reach the runtime by reference, outside the protobuf.
