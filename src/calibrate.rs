@@ -278,13 +278,10 @@ impl Calibration {
     }
 }
 
-/// Serialized bytes of the model for tract: the file itself when it holds every weight, else
-/// re-encoded with its external data left in its files (models over 2 GiB).
-pub fn model_bytes(model: &crate::onnx::Model) -> Result<bytes::Bytes> {
-    match &model.path {
-        Some(p) if model.external_tensors == 0 => crate::onnx::io::read_file_bytes(p),
-        _ => Ok(bytes::Bytes::from(crate::onnx::io::encode_for_runtime(&model.proto)?)),
-    }
+/// Serialized bytes of the model for tract (weights by reference, see
+/// [`crate::onnx::io::encode_for_runtime`]).
+pub fn model_bytes(model: &crate::onnx::Model) -> Result<crate::onnx::io::RuntimeBytes> {
+    crate::onnx::io::encode_for_runtime(&model.proto)
 }
 
 /// Calibrates `targets` of the model given as serialized bytes (see [`model_bytes`] and

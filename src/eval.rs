@@ -438,11 +438,7 @@ pub fn evaluate(reference: &Model, candidate: &Model, data: &DataOptions, opts: 
     requested.extend(layers.iter().map(|l| l.tensor.clone()));
 
     let rbytes = crate::calibrate::model_bytes(reference)?;
-    let cbytes: bytes::Bytes = if candidate_twin {
-        crate::onnx::io::encode_for_runtime(&cand_proto)?.into()
-    } else {
-        crate::calibrate::model_bytes(candidate)?
-    };
+    let cbytes = crate::onnx::io::encode_for_runtime(&cand_proto)?;
     let plans = build_plans(&set, &rspecs, &cmap, &rbytes, &cbytes, &requested, (&rl, &cl))?;
 
     let n_out = ro.len();

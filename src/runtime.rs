@@ -190,22 +190,24 @@ fn prepare(
     outputs: Option<&[String]>,
 ) -> Result<Prepared> {
     let proto = tpb::ModelProto::decode(model_bytes).context("tract could not decode the ONNX model (ModelProto)")?;
-    let onnx = tract_onnx::onnx().with_ignore_value_info(true);
+    let mut onnx = tract_onnx::onnx().with_ignore_value_info(true);
     let diag = Diagnostics::new(&proto, &onnx);
     let graph = proto.graph.as_ref().context("the ONNX model has no graph")?;
     check_graph_outputs_produced(graph)?;
 
-    // Without an explicit folder, the one `encode_for_runtime` recorded for its external data
-    // references (tract still refuses any location that leads outside it).
-    let recorded = proto
-        .metadata_props
-        .iter()
-        .find(|p| p.key == crate::onnx::io::RUNTIME_DIR_KEY)
-        .map(|p| std::path::PathBuf::from(&p.value));
-    let model_dir = model_dir.or(recorded.as_deref());
-    let dir = model_dir
-        .map(|d| d.to_str().with_context(|| format!("model directory {} is not valid UTF-8", d.display())))
-        .transpose()?;
+    // The weights of `encode_for_runtime` are served from its table (see `TableResolver`).
+    let table = proto.metadata_props.iter().find(|p| p.key == crate::onnx::io::RUNTIME_WEIGHTS_KEY);
+    let dir = match table {
+        Some(p) => {
+            let weights = crate::onnx::io::runtime_weights(&p.value)
+                .context("the model's runtime weights are no longer in memory (internal error)")?;
+            onnx.provider = std::sync::Arc::new(TableResolver(weights));
+            Some("/")
+        }
+        None => model_dir
+            .map(|d| d.to_str().with_context(|| format!("model directory {} is not valid UTF-8", d.display())))
+            .transpose()?,
+    };
     let ParseResult { mut model, unresolved_inputs, outlets_by_name } =
         guarded("load", || onnx.parse(&proto, dir)).map_err(|e| diag.explain(e, "tract could not load the model"))?;
     if !unresolved_inputs.is_empty() {
@@ -283,6 +285,24 @@ fn prepare(
         bail!("tract's optimized model lost some requested outputs");
     }
     Ok(Prepared { model: optimized, input_dts, output_slots, diag })
+}
+
+/// Serves the external data references of [`crate::onnx::io::encode_for_runtime`]: location
+/// [`crate::onnx::io::RUNTIME_LOCATION`] (the model folder itself, which tract's path check
+/// accepts for any existing folder, `/` here), `offset` = index in the table, `length` = the
+/// payload's length. Nothing is read from disk.
+struct TableResolver(std::sync::Arc<crate::onnx::io::RuntimeWeights>);
+
+impl tract_onnx::data_resolver::ModelDataResolver for TableResolver {
+    fn read_bytes_from_path(&self, buf: &mut Vec<u8>, _: &Path, offset: usize, length: Option<usize>) -> Result<()> {
+        let t = self.0.tensors.get(offset).with_context(|| format!("no runtime weight #{offset}"))?;
+        if length.is_some_and(|l| l != t.len()) {
+            bail!("runtime weight #{offset} has {} bytes, not {length:?}", t.len());
+        }
+        buf.extend_from_slice(t);
+        crate::onnx::io::release_pages(t);
+        Ok(())
+    }
 }
 
 thread_local! {

@@ -226,3 +226,43 @@ fn bad_arguments_are_clean_errors() {
     let o = eval(&m, &missing, &[]);
     assert_clean_error(&o, &["nope.onnx"]);
 }
+
+/// The code path of models over 2 GiB (issue #7), on a small model: with the protobuf limit
+/// lowered (`ONNXQ_PROTOBUF_LIMIT`) below the size of the float twin of a quantized model with
+/// external data, `eval` still runs and reports exactly what it reports without the limit,
+/// because the runtime never gets weights inside a protobuf.
+#[test]
+fn eval_never_serializes_weights_past_the_protobuf_limit() {
+    use prost::Message;
+    let dir = tempdir();
+    let q = dir.path().join("q.onnx");
+    let o = onnxq([
+        "quantize".as_ref(),
+        fixture("cnn.onnx").as_os_str(),
+        "--data".as_ref(),
+        fixture("cnn/calib").as_os_str(),
+        "--external-data".as_ref(),
+        "-q".as_ref(),
+        "-o".as_ref(),
+        q.as_os_str(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let loaded = onnxq::onnx::load(&q).expect("load");
+    assert!(loaded.external_tensors > 0, "the test needs weights in external data");
+    let twin = onnxq::fakequant::twin(&loaded.proto).expect("twin");
+    let runtime = |m: &ModelProto| onnxq::onnx::io::encode_for_runtime(m).expect("runtime encoding").len();
+    let limit = runtime(&twin).max(runtime(&cnn()));
+    assert!(
+        limit < twin.encoded_len() && limit < cnn().encoded_len(),
+        "the limit ({limit} bytes) must be below what encoding the weights inline takes"
+    );
+
+    let with_limit = std::process::Command::new(env!("CARGO_BIN_EXE_onnxq"))
+        .env("ONNXQ_PROTOBUF_LIMIT", limit.to_string())
+        .args(["eval".as_ref(), fixture("cnn.onnx").as_os_str(), q.as_os_str(), "--data".as_ref()])
+        .args([fixture("cnn/eval").as_os_str(), "-q".as_ref(), "--json".as_ref(), "--per-layer".as_ref()])
+        .output()
+        .expect("onnxq runs");
+    let plain = eval(&fixture("cnn.onnx"), &q, &["--json", "--per-layer"]);
+    assert_eq!(json(&with_limit), json(&plain));
+}

@@ -25,6 +25,17 @@ const MMAP_MIN: u64 = 1 << 20;
 /// Protobuf cannot encode a message of 2 GiB or more; keep a margin for framing.
 pub const PROTOBUF_LIMIT: usize = (1usize << 31) - (1 << 20);
 
+/// The encoding limit in force: [`PROTOBUF_LIMIT`], or a lower one from the environment
+/// variable `ONNXQ_PROTOBUF_LIMIT` (bytes), a test knob that sends small models down the code
+/// paths of models over 2 GiB.
+pub fn protobuf_limit() -> usize {
+    static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        let knob = std::env::var("ONNXQ_PROTOBUF_LIMIT").ok().and_then(|v| v.parse::<usize>().ok());
+        knob.map_or(PROTOBUF_LIMIT, |k| k.min(PROTOBUF_LIMIT))
+    })
+}
+
 /// A decoded model and where it came from.
 #[derive(Debug, Clone)]
 pub struct Model {
@@ -67,8 +78,11 @@ impl AsRef<[u8]> for SharedFile {
     }
 }
 
-/// Maps or reads a whole file; the `Weak` tells whether any slice of it is still alive.
-fn read_shared(path: &Path) -> Result<(Bytes, Weak<FileBuf>)> {
+/// The memory maps still in use, for [`release_pages`].
+static MAPS: Mutex<Vec<Weak<FileBuf>>> = Mutex::new(Vec::new());
+
+/// Maps or reads a whole file into a `Bytes` without copying large files.
+pub fn read_file_bytes(path: &Path) -> Result<Bytes> {
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let len = file.metadata().with_context(|| format!("cannot stat {}", path.display()))?.len();
     let buf = if len >= MMAP_MIN {
@@ -81,84 +95,145 @@ fn read_shared(path: &Path) -> Result<(Bytes, Weak<FileBuf>)> {
         FileBuf::Heap(std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?)
     };
     let buf = Arc::new(buf);
-    let weak = Arc::downgrade(&buf);
-    Ok((Bytes::from_owner(SharedFile(buf)), weak))
-}
-
-/// Maps or reads a whole file into a `Bytes` without copying large files.
-pub fn read_file_bytes(path: &Path) -> Result<Bytes> {
-    Ok(read_shared(path)?.0)
-}
-
-/// The external data files of loaded models, for as long as any tensor still uses them: a
-/// tensor whose payload lies inside one is a slice of that file (see [`encode_for_runtime`]).
-struct Registered {
-    /// The model's folder, canonical.
-    dir: PathBuf,
-    location: String,
-    file: Weak<FileBuf>,
-}
-
-static DATA_FILES: Mutex<Vec<Registered>> = Mutex::new(Vec::new());
-
-fn register(dir: PathBuf, location: String, file: Weak<FileBuf>) {
-    let mut files = DATA_FILES.lock().unwrap_or_else(|e| e.into_inner());
-    files.retain(|f| f.file.strong_count() > 0);
-    files.push(Registered { dir, location, file });
-}
-
-/// Metadata key under which [`encode_for_runtime`] records the folder its external data
-/// references resolve against; [`crate::runtime`] hands that folder to tract.
-pub const RUNTIME_DIR_KEY: &str = "onnxq.runtime_dir";
-
-/// Serializes a model for the runtime (tract). Every tensor whose payload is still a slice of
-/// an external data file of a loaded model is written as a reference to that file again
-/// instead of inline, so a model over protobuf's 2 GiB limit stays encodable, nothing copies
-/// its weights on our side, and tract reads them from the file itself (resolved against the
-/// folder recorded under [`RUNTIME_DIR_KEY`]). New or rewritten tensors are inline. Without
-/// external data this is [`encode`].
-pub fn encode_for_runtime(proto: &ModelProto) -> Result<Vec<u8>> {
-    // Strong references keep every candidate file alive (so its address range is its own)
-    // while the tensors are matched against it.
-    let live: Vec<(Arc<FileBuf>, PathBuf, String)> = DATA_FILES
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .filter_map(|f| Some((f.file.upgrade()?, f.dir.clone(), f.location.clone())))
-        .collect();
-    let mut proto = proto.clone(); // cheap: payloads are shared `Bytes`
-    proto.metadata_props.retain(|p| p.key() != RUNTIME_DIR_KEY);
-    let mut dir: Option<PathBuf> = None;
-    if let (Some(g), false) = (proto.graph.as_mut(), live.is_empty()) {
-        visit_graph_tensors(g, &mut |t| {
-            let Some(raw) = t.raw_data.as_ref().filter(|r| !r.is_empty()) else { return Ok(()) };
-            let start = raw.as_ptr() as usize;
-            let found = live.iter().find(|(f, d, _)| {
-                let (base, len) = (f.bytes().as_ptr() as usize, f.bytes().len());
-                start >= base && start + raw.len() <= base + len && dir.as_ref().is_none_or(|x| x == d)
-            });
-            if let Some((f, d, location)) = found {
-                let offset = start - f.bytes().as_ptr() as usize;
-                let kv = |k: &str, v: String| StringStringEntryProto { key: Some(k.into()), value: Some(v) };
-                t.external_data = vec![
-                    kv("location", location.clone()),
-                    kv("offset", offset.to_string()),
-                    kv("length", raw.len().to_string()),
-                ];
-                t.data_location = Some(DataLocation::External as i32);
-                t.raw_data = None;
-                dir.get_or_insert_with(|| d.clone());
-            }
-            Ok(())
-        })?;
+    if matches!(*buf, FileBuf::Map(_)) {
+        let mut maps = MAPS.lock().unwrap_or_else(|e| e.into_inner());
+        maps.retain(|m| m.strong_count() > 0);
+        maps.push(Arc::downgrade(&buf));
     }
-    if let Some(d) = dir {
-        let value = d.to_str().with_context(|| format!("model folder {} is not valid UTF-8", d.display()))?;
+    Ok(Bytes::from_owner(SharedFile(buf)))
+}
+
+/// Drops the pages of `data` from the process's resident memory when `data` lies in a
+/// memory-mapped input file (they are read back from the file if touched again); otherwise
+/// does nothing. Called once a weight has been copied or converted, so that reading every
+/// weight of a big model once does not leave all of them resident on top of the copies.
+pub fn release_pages(data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    let maps: Vec<Arc<FileBuf>> =
+        MAPS.lock().unwrap_or_else(|e| e.into_inner()).iter().filter_map(Weak::upgrade).collect();
+    let start = data.as_ptr() as usize;
+    for buf in maps {
+        let FileBuf::Map(m) = &*buf else { continue };
+        let base = m.as_ptr() as usize;
+        if start >= base && start + data.len() <= base + m.len() {
+            // SAFETY: a read-only file mapping: MADV_DONTNEED only drops its page table entries,
+            // the same bytes are faulted back in from the file on the next access.
+            let _ = unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start - base, data.len()) };
+            return;
+        }
+    }
+}
+
+/// Tensor payloads at least this large reach the runtime by reference, outside the protobuf.
+const RUNTIME_INLINE_MAX: usize = 1024;
+
+/// Metadata key under which [`encode_for_runtime`] records which [`RuntimeWeights`] table its
+/// external data references point into; [`crate::runtime`] serves them from that table.
+pub const RUNTIME_WEIGHTS_KEY: &str = "onnxq.runtime_weights";
+
+/// The location every external reference of [`encode_for_runtime`] names: the model folder
+/// itself, so it resolves inside any folder; the reference's `offset` is an index into the
+/// [`RuntimeWeights`] table and its `length` the payload's byte length.
+pub const RUNTIME_LOCATION: &str = ".";
+
+/// The payloads a runtime encoding references, shared with the model they came from (slices of
+/// memory-mapped files or of in-memory tensors, never copies).
+#[derive(Debug, Default)]
+pub struct RuntimeWeights {
+    pub tensors: Vec<Bytes>,
+}
+
+/// A model serialized for the runtime (see [`encode_for_runtime`]): derefs to the protobuf
+/// bytes and keeps the weights they reference alive.
+#[derive(Debug)]
+pub struct RuntimeBytes {
+    bytes: Vec<u8>,
+    weights: Arc<RuntimeWeights>,
+}
+
+impl std::ops::Deref for RuntimeBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl RuntimeBytes {
+    /// The weights the encoding references.
+    pub fn weights(&self) -> &RuntimeWeights {
+        &self.weights
+    }
+}
+
+/// Live weight tables by id; an entry dies with its [`RuntimeBytes`].
+static RUNTIME_TABLES: Mutex<Vec<(u64, Weak<RuntimeWeights>)>> = Mutex::new(Vec::new());
+
+/// The weights table recorded in a runtime encoding's metadata (`RUNTIME_WEIGHTS_KEY` value).
+pub fn runtime_weights(id: &str) -> Option<Arc<RuntimeWeights>> {
+    let id: u64 = id.parse().ok()?;
+    let tables = RUNTIME_TABLES.lock().unwrap_or_else(|e| e.into_inner());
+    tables.iter().find(|(i, _)| *i == id).and_then(|(_, w)| w.upgrade())
+}
+
+/// Serializes a model for the runtime (tract) without putting its weights in the protobuf:
+/// every initializer (subgraphs included) and `Constant` value of at least 1 KiB becomes an
+/// external data reference into a [`RuntimeWeights`] table that shares the payloads with
+/// `proto`. So no model is too large for the runtime (protobuf stops at 2 GiB), nothing copies
+/// weights on our side, and tract does not decode a second copy of them; it copies each one
+/// once, into its own tensor. The protobuf is small and only valid while the returned value
+/// lives.
+pub fn encode_for_runtime(proto: &ModelProto) -> Result<RuntimeBytes> {
+    static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut proto = proto.clone(); // cheap: payloads are shared `Bytes`
+    proto.metadata_props.retain(|p| p.key() != RUNTIME_WEIGHTS_KEY);
+    let mut tensors = Vec::new();
+    let mut externalize = |t: &mut TensorProto| {
+        let Some(raw) = t.raw_data.take_if(|r| r.len() >= RUNTIME_INLINE_MAX) else { return };
+        let kv = |k: &str, v: String| StringStringEntryProto { key: Some(k.into()), value: Some(v) };
+        t.external_data = vec![
+            kv("location", RUNTIME_LOCATION.into()),
+            kv("offset", tensors.len().to_string()),
+            kv("length", raw.len().to_string()),
+        ];
+        t.data_location = Some(DataLocation::External as i32);
+        tensors.push(raw);
+    };
+    if let Some(g) = proto.graph.as_mut() {
+        externalize_graph(g, &mut externalize);
+    }
+    if !tensors.is_empty() {
         proto
             .metadata_props
-            .push(StringStringEntryProto { key: Some(RUNTIME_DIR_KEY.into()), value: Some(value.into()) });
+            .push(StringStringEntryProto { key: Some(RUNTIME_WEIGHTS_KEY.into()), value: Some(id.to_string()) });
     }
-    encode(&proto)
+    let bytes = encode(&proto)?;
+    let weights = Arc::new(RuntimeWeights { tensors });
+    let mut tables = RUNTIME_TABLES.lock().unwrap_or_else(|e| e.into_inner());
+    tables.retain(|(_, w)| w.strong_count() > 0);
+    tables.push((id, Arc::downgrade(&weights)));
+    Ok(RuntimeBytes { bytes, weights })
+}
+
+/// The tensors tract loads through its data resolver: initializers and `Constant` values, in
+/// subgraphs too.
+fn externalize_graph(g: &mut GraphProto, f: &mut dyn FnMut(&mut TensorProto)) {
+    g.initializer.iter_mut().for_each(&mut *f);
+    for n in &mut g.node {
+        let constant = n.op_type() == "Constant" && matches!(n.domain(), "" | "ai.onnx");
+        for a in &mut n.attribute {
+            if constant && a.name() == "value" {
+                if let Some(t) = a.t.as_mut() {
+                    f(t);
+                }
+            }
+            for sub in a.g.iter_mut().chain(a.graphs.iter_mut()) {
+                externalize_graph(sub, f);
+            }
+        }
+    }
 }
 
 /// Decodes model bytes without resolving external data or checking structure.
@@ -353,11 +428,8 @@ impl ExternalFiles<'_> {
                     );
                 }
             }
-            let (bytes, file) =
-                read_shared(&real).with_context(|| format!("{}: missing or unreadable data file", ctx()))?;
-            if let Ok(root) = std::fs::canonicalize(dir) {
-                register(root, location.clone(), file);
-            }
+            let bytes =
+                read_file_bytes(&real).with_context(|| format!("{}: missing or unreadable data file", ctx()))?;
             self.maps.insert(location.clone(), bytes);
         }
         let data = &self.maps[&location];
@@ -416,10 +488,7 @@ pub struct Saved {
 
 /// Encodes a model to bytes (only for models that fit in one protobuf).
 pub fn encode(proto: &ModelProto) -> Result<Vec<u8>> {
-    let len = proto.encoded_len();
-    if len > PROTOBUF_LIMIT {
-        bail!("the model encodes to {len} bytes, over protobuf's 2 GiB limit: save it with external data");
-    }
+    checked_len(proto)?;
     Ok(proto.encode_to_vec())
 }
 
@@ -430,7 +499,7 @@ pub fn encode(proto: &ModelProto) -> Result<Vec<u8>> {
 /// both are complete, so a failure leaves neither behind.
 pub fn save(proto: &ModelProto, path: &Path, opts: &SaveOptions) -> Result<Saved> {
     let ctx = || format!("cannot write {}", path.display());
-    let external = opts.external || proto.encoded_len() > PROTOBUF_LIMIT;
+    let external = opts.external || proto.encoded_len() > protobuf_limit();
     if !external {
         let len = checked_len(proto).with_context(ctx)?;
         write_atomic(path, |w| encode_into(proto, w)).with_context(ctx)?;
@@ -494,7 +563,7 @@ pub fn save(proto: &ModelProto, path: &Path, opts: &SaveOptions) -> Result<Saved
 /// The encoded length of a model, or an error when it is over protobuf's limit.
 fn checked_len(proto: &ModelProto) -> Result<usize> {
     let len = proto.encoded_len();
-    if len > PROTOBUF_LIMIT {
+    if len > protobuf_limit() {
         bail!("the model encodes to {len} bytes, over protobuf's 2 GiB limit: save it with external data");
     }
     Ok(len)

@@ -249,8 +249,10 @@ fn encode_le<T: Copy, const N: usize>(
     f: impl Fn(T) -> [u8; N],
 ) -> pb::TensorProto {
     let mut raw = Vec::with_capacity(a.len() * N);
-    for &v in a.iter() {
-        raw.extend_from_slice(&f(v));
+    match a.as_slice() {
+        // Contiguous (the usual case): a slice walk, much faster than ndarray's IxDyn iterator.
+        Some(s) => s.iter().for_each(|&v| raw.extend_from_slice(&f(v))),
+        None => a.iter().for_each(|&v| raw.extend_from_slice(&f(v))),
     }
     build(name, a.shape(), data_type, raw)
 }

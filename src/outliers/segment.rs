@@ -381,7 +381,7 @@ impl<'a> Segmenter<'a> {
         graph_inputs: &[usize],
         cache_inputs: &[String],
         outputs: &[String],
-    ) -> Result<(Vec<u8>, Vec<InputFact>)> {
+    ) -> Result<(crate::onnx::io::RuntimeBytes, Vec<InputFact>)> {
         let graph = view.graph;
         let node_list: Vec<NodeProto> = nodes.iter().map(|&i| graph.node[i].clone()).collect();
         let mut needed: HashSet<String> = HashSet::new();

@@ -718,6 +718,7 @@ fn rewrite(
         }
         let t = view.weight(w).with_context(|| format!("{}: weight '{w}' not found", describe(n)))?;
         let a = to_f32(t).with_context(|| format!("{}: weight '{w}'", describe(n)))?;
+        crate::onnx::io::release_pages(t.raw_data.as_deref().unwrap_or_default());
         if bytes_before.insert(w.clone()) {
             totals.weight_bytes_before += crate::dump::tensor_bytes(t);
         }

@@ -80,26 +80,68 @@ fn symmetric_scale(abs_max: f32) -> f32 {
     }
 }
 
+/// `clamp(round_half_even(x / scale), -127, 127)`. Clamping first to the integer bounds gives
+/// the same result, and then `(y + 1.5·2^23) - 1.5·2^23` rounds half to even in the default
+/// rounding mode (the sum lies in [2^23, 2^24), where the f32 step is 1): unlike
+/// `round_ties_even`, which is a libm call without SSE4.1, it vectorizes. NaN stays NaN (→ 0).
 fn q8(x: f32, scale: f32) -> i8 {
-    (x / scale).round_ties_even().clamp(-127.0, 127.0) as i8
+    const SHIFT: f32 = 12_582_912.0; // 1.5 * 2^23
+    let y = (x / scale).clamp(-127.0, 127.0);
+    ((y + SHIFT) - SHIFT) as i8
 }
 
 /// Quantizes a float weight to int8, per channel along `axis` or per tensor.
 pub fn quantize_weight(w: &ArrayD<f32>, axis: Option<usize>) -> QuantWeight {
     match axis {
         Some(ax) if ax < w.ndim() => {
-            let scales: Vec<f32> =
-                w.axis_iter(Axis(ax)).map(|c| symmetric_scale(c.iter().fold(0f32, |m, v| m.max(v.abs())))).collect();
-            let mut values = ArrayD::<i8>::zeros(w.raw_dim());
-            for (c, (mut out, inp)) in values.axis_iter_mut(Axis(ax)).zip(w.axis_iter(Axis(ax))).enumerate() {
-                let s = scales[c];
-                out.zip_mut_with(&inp, |o, &x| *o = q8(x, s));
+            let channels = w.shape()[ax];
+            let inner: usize = w.shape()[ax + 1..].iter().product();
+            let standard = w.as_standard_layout();
+            let data = standard.as_slice().unwrap_or_default();
+            // One pass in memory order: element k belongs to channel (k / inner) % channels.
+            // With the channels last (MatMul weights), rows of `channels` elements vectorize.
+            let mut abs_max = vec![0f32; channels];
+            let mut values = Vec::with_capacity(data.len());
+            if inner == 1 {
+                for row in data.chunks(channels) {
+                    abs_max.iter_mut().zip(row).for_each(|(m, v)| *m = m.max(v.abs()));
+                }
+            } else {
+                for_each_channel_run(data, channels, inner, |c, run| {
+                    abs_max[c] = run.iter().fold(abs_max[c], |m, v| m.max(v.abs()));
+                });
             }
+            let scales: Vec<f32> = abs_max.into_iter().map(symmetric_scale).collect();
+            if inner == 1 {
+                for row in data.chunks(channels) {
+                    values.extend(row.iter().zip(&scales).map(|(&x, &s)| q8(x, s)));
+                }
+            } else {
+                for_each_channel_run(data, channels, inner, |c, run| {
+                    let s = scales[c];
+                    values.extend(run.iter().map(|&x| q8(x, s)));
+                });
+            }
+            let values = ArrayD::from_shape_vec(w.raw_dim(), values).unwrap_or_else(|_| ArrayD::zeros(w.raw_dim()));
             QuantWeight { values, scales, axis: Some(ax) }
         }
         _ => {
             let s = symmetric_scale(w.iter().fold(0f32, |m, v| m.max(v.abs())));
             QuantWeight { values: w.mapv(|x| q8(x, s)), scales: vec![s], axis: None }
+        }
+    }
+}
+
+/// Calls `f(channel, run)` on consecutive runs of `data` (a standard-layout tensor whose
+/// channel axis has `channels` entries and `inner` elements per entry after it), in memory
+/// order, so a per-channel pass reads memory sequentially whatever the axis.
+fn for_each_channel_run(data: &[f32], channels: usize, inner: usize, mut f: impl FnMut(usize, &[f32])) {
+    if channels == 0 || inner == 0 {
+        return;
+    }
+    for block in data.chunks(channels * inner) {
+        for (c, run) in block.chunks(inner).enumerate() {
+            f(c, run);
         }
     }
 }
@@ -174,6 +216,19 @@ mod tests {
         assert!((p.scale - 2.0 / 127.0).abs() < 1e-9);
         let degenerate = ActParams::from_range(0.0, 0.0, ActType::S8);
         assert_eq!(degenerate.scale, 1.0);
+    }
+
+    #[test]
+    fn q8_matches_round_ties_even_and_clamp() {
+        let scale = 0.37f32;
+        let mut xs: Vec<f32> = (-40_000..40_000).map(|i| i as f32 * 0.00137 * scale).collect();
+        // Exact midpoints, the clamp bounds and beyond, non-finite values.
+        xs.extend((-260..260).map(|k| (k as f32 + 0.5) * scale));
+        xs.extend([f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e30, -1e30, -0.0, 126.5 * scale, -126.5 * scale]);
+        for x in xs {
+            let want = (x / scale).round_ties_even().clamp(-127.0, 127.0) as i8;
+            assert_eq!(q8(x, scale), want, "x = {x}");
+        }
     }
 
     #[test]
