@@ -237,6 +237,17 @@ pub fn for_each_sample<T: Send>(
     set: &SampleSet,
     pb: &indicatif::ProgressBar,
     map: impl Fn(usize, Vec<ArrayData>) -> Result<T> + Sync,
+    fold: impl FnMut(usize, T) -> Result<()>,
+) -> Result<()> {
+    for_each_sample_with(set, pb, |i, inputs| map(i, plan.run(inputs)?), fold)
+}
+
+/// Like [`for_each_sample`], with the running of a sample left to `run` (given the sample
+/// index and its inputs), e.g. to look at outputs in place with [`Plan::run_visit_f32`].
+pub fn for_each_sample_with<T: Send>(
+    set: &SampleSet,
+    pb: &indicatif::ProgressBar,
+    run: impl Fn(usize, &[ArrayData]) -> Result<T> + Sync,
     mut fold: impl FnMut(usize, T) -> Result<()>,
 ) -> Result<()> {
     let chunk = (rayon::current_num_threads() * 2).max(1);
@@ -248,8 +259,7 @@ pub fn for_each_sample<T: Send>(
             .into_par_iter()
             .map(|i| {
                 let sample = set.load(i)?;
-                let outs = plan.run(&sample.inputs).with_context(|| format!("sample {}", sample.source))?;
-                let r = map(i, outs).with_context(|| format!("sample {}", sample.source));
+                let r = run(i, &sample.inputs).with_context(|| format!("sample {}", sample.source));
                 pb.inc(1);
                 r
             })
@@ -305,25 +315,21 @@ pub fn calibrate(
     let pb = progress(set.len(), opts.quiet, "calibrating");
     let mut acc: Vec<Option<TensorStats>> = vec![None; direct.len()];
     let bins = opts.bins;
-    for_each_sample(
-        &plan,
+    for_each_sample_with(
         set,
         &pb,
-        |_, outs| {
-            Ok(outs
-                .iter()
-                .zip(&direct)
-                .map(|(o, &ti)| {
-                    let ArrayData::F32(a) = o else { return None };
-                    let axis = targets[ti].channel_axis.and_then(|ax| match ax {
-                        ChannelAxis::One => (a.ndim() >= 2).then_some(1),
-                        ChannelAxis::Last => a.ndim().checked_sub(1),
-                    });
-                    let mut s = TensorStats::new(bins, axis);
-                    s.update(a.view());
-                    Some(s)
-                })
-                .collect::<Vec<_>>())
+        |_, inputs| {
+            // Statistics straight from tract's buffers: no copy of the (many, large) outputs.
+            plan.run_visit_f32(inputs, |p, view| {
+                let a = view?;
+                let axis = targets[direct[p]].channel_axis.and_then(|ax| match ax {
+                    ChannelAxis::One => (a.ndim() >= 2).then_some(1),
+                    ChannelAxis::Last => a.ndim().checked_sub(1),
+                });
+                let mut s = TensorStats::new(bins, axis);
+                s.update(a);
+                Some(s)
+            })
         },
         |_, per_sample| {
             for (slot, s) in acc.iter_mut().zip(per_sample) {

@@ -43,6 +43,7 @@ use tract_onnx::prelude::{
 };
 
 use crate::array::{dtype, ArrayData};
+use ndarray::ArrayViewD;
 
 /// A concrete fact (element type and shape) for one graph input.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,6 +114,56 @@ impl Plan {
     /// shapes given there; data whose element type differs from the input's is cast (e.g. `F32`
     /// data for a float16 input). Returns one array per requested output, in order.
     pub fn run(&self, inputs: &[ArrayData]) -> Result<Vec<ArrayData>> {
+        let results = self.run_raw(inputs)?;
+        let mut converted = Vec::with_capacity(results.len());
+        for (ix, value) in results.iter().enumerate() {
+            let name = self
+                .output_slots
+                .iter()
+                .position(|&s| s == ix)
+                .and_then(|p| self.outputs.get(p))
+                .map_or("?", String::as_str);
+            converted.push(to_array(value).with_context(|| format!("converting output tensor '{name}'"))?);
+        }
+        if self.output_slots.iter().copied().eq(0..converted.len()) {
+            return Ok(converted);
+        }
+        self.output_slots
+            .iter()
+            .map(|&s| converted.get(s).cloned().ok_or_else(|| anyhow!("missing output {s}")))
+            .collect()
+    }
+
+    /// Runs one sample and hands each requested output that tract holds as plain `f32` to
+    /// `visit` as a view into tract's own buffer (no copy; float16 is widened into a temporary,
+    /// other element types give `None`).
+    /// Returns `visit`'s results in the order of [`Plan::outputs`].
+    pub fn run_visit_f32<T>(
+        &self,
+        inputs: &[ArrayData],
+        mut visit: impl FnMut(usize, Option<ArrayViewD<'_, f32>>) -> T,
+    ) -> Result<Vec<T>> {
+        let results = self.run_raw(inputs)?;
+        self.output_slots
+            .iter()
+            .enumerate()
+            .map(|(p, &slot)| {
+                let value = results.get(slot).ok_or_else(|| anyhow!("missing output {slot}"))?;
+                Ok(match value.datum_type().unquantized() {
+                    DatumType::F32 => visit(p, value.to_plain_array_view::<f32>().ok()),
+                    // float16 outputs are widened, as `run` does.
+                    DatumType::F16 => {
+                        let wide = value.cast_to::<f32>().ok();
+                        visit(p, wide.as_ref().and_then(|t| t.to_plain_array_view::<f32>().ok()))
+                    }
+                    _ => visit(p, None),
+                })
+            })
+            .collect()
+    }
+
+    /// Checks and converts the inputs, runs the plan, and checks the number of results.
+    fn run_raw(&self, inputs: &[ArrayData]) -> Result<TVec<TValue>> {
         if inputs.len() != self.inputs.len() {
             bail!(
                 "the plan takes {} inputs ({}), got {}",
@@ -149,23 +200,7 @@ impl Plan {
         if results.len() != unique {
             bail!("tract returned {} outputs, expected {unique}", results.len());
         }
-        let mut converted = Vec::with_capacity(results.len());
-        for (ix, value) in results.iter().enumerate() {
-            let name = self
-                .output_slots
-                .iter()
-                .position(|&s| s == ix)
-                .and_then(|p| self.outputs.get(p))
-                .map_or("?", String::as_str);
-            converted.push(to_array(value).with_context(|| format!("converting output tensor '{name}'"))?);
-        }
-        if self.output_slots.iter().copied().eq(0..converted.len()) {
-            return Ok(converted);
-        }
-        self.output_slots
-            .iter()
-            .map(|&s| converted.get(s).cloned().ok_or_else(|| anyhow!("missing output {s}")))
-            .collect()
+        Ok(results)
     }
 }
 
