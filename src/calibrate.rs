@@ -238,6 +238,30 @@ pub fn model_bytes(model: &crate::onnx::Model) -> Result<bytes::Bytes> {
     }
 }
 
+/// One sample's statistics of the target `t` (`None` for non-float values).
+pub fn sample_stats(value: &ArrayData, t: &Target, bins: usize) -> Option<TensorStats> {
+    let ArrayData::F32(a) = value else { return None };
+    let axis = t.channel_axis.and_then(|ax| match ax {
+        ChannelAxis::One => (a.ndim() >= 2).then_some(1),
+        ChannelAxis::Last => a.ndim().checked_sub(1),
+    });
+    let mut s = TensorStats::new(bins, axis);
+    s.update(a.view());
+    Some(s)
+}
+
+/// Folds one sample's statistics into the accumulators (call in sample order).
+pub fn fold_stats(acc: &mut [Option<TensorStats>], per_sample: Vec<Option<TensorStats>>) {
+    for (slot, s) in acc.iter_mut().zip(per_sample) {
+        if let Some(s) = s {
+            match slot {
+                Some(a) => a.merge(&s),
+                None => *slot = Some(s),
+            }
+        }
+    }
+}
+
 /// Calibrates `targets` of the model given as serialized bytes (see [`model_bytes`] and
 /// [`crate::onnx::io::encode_for_runtime`]).
 pub fn calibrate(
@@ -261,30 +285,10 @@ pub fn calibrate(
         set,
         &pb,
         |_, outs| {
-            Ok(outs
-                .iter()
-                .zip(targets)
-                .map(|(o, t)| {
-                    let ArrayData::F32(a) = o else { return None };
-                    let axis = t.channel_axis.and_then(|ax| match ax {
-                        ChannelAxis::One => (a.ndim() >= 2).then_some(1),
-                        ChannelAxis::Last => a.ndim().checked_sub(1),
-                    });
-                    let mut s = TensorStats::new(bins, axis);
-                    s.update(a.view());
-                    Some(s)
-                })
-                .collect::<Vec<_>>())
+            Ok(outs.iter().zip(targets).map(|(o, t)| sample_stats(o, t, bins)).collect::<Vec<_>>())
         },
         |_, per_sample| {
-            for (slot, s) in acc.iter_mut().zip(per_sample) {
-                if let Some(s) = s {
-                    match slot {
-                        Some(a) => a.merge(&s),
-                        None => *slot = Some(s),
-                    }
-                }
-            }
+            fold_stats(&mut acc, per_sample);
             Ok(())
         },
     )?;
