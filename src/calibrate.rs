@@ -316,6 +316,28 @@ pub struct TensorEntry {
     pub channel_abs_max: Vec<f32>,
 }
 
+impl TensorEntry {
+    /// The entry of one tensor's statistics, ranges by `method`.
+    pub fn from_stats(s: &TensorStats, method: &RangeMethod) -> TensorEntry {
+        let (lo, hi) = s.range(method, 256, false);
+        let (slo, shi) = s.range(method, 256, true);
+        TensorEntry {
+            count: s.count(),
+            min: s.min(),
+            max: s.max(),
+            mean: s.mean(),
+            std: s.std(),
+            abs_max: s.abs_max(),
+            p99_9: s.quantile_abs(0.999),
+            nan: s.nan_count(),
+            inf: s.inf_count(),
+            range: [lo, hi],
+            range_symmetric: [slo, shi],
+            channel_abs_max: s.channel_absmax().to_vec(),
+        }
+    }
+}
+
 /// The stats file written by `onnxq calibrate` (schema documented in README).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatsFile {
@@ -328,28 +350,13 @@ pub struct StatsFile {
 
 impl StatsFile {
     pub fn from_calibration(model: &str, cal: &Calibration, method: &RangeMethod) -> Self {
+        // Range searches (mse, entropy) dominate: one tensor per task, collected in order.
         let tensors = cal
             .tensors
-            .iter()
-            .map(|(name, s)| {
-                let (lo, hi) = s.range(method, 256, false);
-                let (slo, shi) = s.range(method, 256, true);
-                let e = TensorEntry {
-                    count: s.count(),
-                    min: s.min(),
-                    max: s.max(),
-                    mean: s.mean(),
-                    std: s.std(),
-                    abs_max: s.abs_max(),
-                    p99_9: s.quantile_abs(0.999),
-                    nan: s.nan_count(),
-                    inf: s.inf_count(),
-                    range: [lo, hi],
-                    range_symmetric: [slo, shi],
-                    channel_abs_max: s.channel_absmax().to_vec(),
-                };
-                (name.clone(), e)
-            })
+            .par_iter()
+            .map(|(name, s)| (name.clone(), TensorEntry::from_stats(s, method)))
+            .collect::<Vec<_>>()
+            .into_iter()
             .collect();
         StatsFile {
             onnxq_stats_version: 1,

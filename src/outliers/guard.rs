@@ -18,7 +18,6 @@ pub struct Guard<'a> {
     pub set: &'a SampleSet,
     pub facts: Vec<InputFact>,
     pub qopts: QuantOptions,
-    pub method: RangeMethod,
     pub quiet: bool,
     /// Graph output names of the original model.
     pub output_names: Vec<String>,
@@ -34,10 +33,9 @@ pub fn ranges(calibration: &Calibration, method: &RangeMethod) -> BTreeMap<Strin
 }
 
 impl Guard<'_> {
-    /// Quantizes `model` with the ranges of `calibration` and measures its worst-output SQNR.
-    pub fn sqnr_of(&mut self, model: &ModelProto, calibration: &Calibration) -> Result<f64> {
-        let r = ranges(calibration, &self.method);
-        let (q, _) = quantize::quantize(model, &r, &self.qopts).context("quantizing the regularized model")?;
+    /// Quantizes `model` with `ranges` and measures its worst-output SQNR.
+    pub fn sqnr_of(&mut self, model: &ModelProto, ranges: &BTreeMap<String, cal::TensorEntry>) -> Result<f64> {
+        let (q, _) = quantize::quantize(model, ranges, &self.qopts).context("quantizing the regularized model")?;
         let twin = crate::fakequant::twin(&q).context("building the fake-quant twin")?;
         let bytes = crate::onnx::io::encode_for_runtime(&twin)?;
         let plan =

@@ -66,6 +66,7 @@ use ndarray::Array2;
 use serde::Serialize;
 use solve::{Cholesky, Outlier};
 use std::collections::{BTreeMap, BTreeSet};
+use rayon::prelude::*;
 use std::sync::RwLock;
 use std::time::Instant;
 
@@ -328,8 +329,10 @@ pub struct RegularizationReport {
     /// Whether the returned model differs from the input.
     pub regularized: bool,
     pub layers: Vec<LayerDecision>,
-    /// Forward passes over the samples (statistics, pieces, guard).
+    /// Forward passes over the samples (statistics, sequential pass, guard).
     pub passes: usize,
+    /// Wall time of each phase (s).
+    pub phase_seconds: BTreeMap<String, f64>,
     pub pieces: usize,
     pub seconds: f64,
 }
@@ -770,6 +773,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         regularized: false,
         layers: Vec::new(),
         passes: 0,
+        phase_seconds: BTreeMap::new(),
         pieces: 0,
         seconds: 0.0,
     };
@@ -797,20 +801,22 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
     )
     .with_context(|| format!("statistics of {}", run.label))?;
     report.passes += 1;
+    report.phase_seconds.insert("1 statistics pass".into(), t0.elapsed().as_secs_f64());
+    let t1 = Instant::now();
     let flagged: Vec<&Layer> =
         layers.iter().zip(&first.layers).filter(|(_, st)| !st.outliers.is_empty()).map(|(l, _)| l).collect();
     report.layers_with_outliers = flagged.len();
     let base_cal = first.calibration;
     let reference = first.outputs;
 
-    let base_ranges = |c: &Option<Calibration>, g: &Option<GuardSettings>| match (c, g) {
+    // Plain quantization's ranges (guarded runs), computed once.
+    let plain_ranges = match (&base_cal, &run.guard) {
         (Some(c), Some(g)) => Some(guard::ranges(c, &g.method)),
         _ => None,
     };
     if flagged.is_empty() {
         report.seconds = t0.elapsed().as_secs_f64();
-        let ranges = base_ranges(&base_cal, &run.guard);
-        return Ok(Outcome { model: model.clone(), baseline_ranges: ranges.clone(), ranges, report });
+        return Ok(Outcome { model: model.clone(), baseline_ranges: plain_ranges.clone(), ranges: plain_ranges, report });
     }
 
     // The sequential pass: statistics (with Gram and kept rows) of each flagged layer on the
@@ -957,31 +963,38 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
     }
     report.pieces = seg.pieces;
     report.passes += 1;
+    report.phase_seconds.insert("2 sequential pass".into(), t1.elapsed().as_secs_f64());
+    let t2 = Instant::now();
 
     // Global guard: the regularized model's quantized SQNR must beat plain quantization's.
-    let mut reg_cal = base_cal.clone();
-    if let (Some(c), true) = (reg_cal.as_mut(), regularized) {
-        let mut by_name: BTreeMap<&String, TensorStats> =
-            collect.iter().zip(fresh).filter_map(|(n, s)| s.map(|s| (n, s))).collect();
-        for (name, stats) in c.tensors.iter_mut() {
-            if let Some(s) = by_name.remove(name) {
-                *stats = s;
+    // Its ranges are plain quantization's except for the tensors recalibrated above.
+    let mut reg_ranges = plain_ranges.clone();
+    if let (Some(r), Some(g), true) = (reg_ranges.as_mut(), &run.guard, regularized) {
+        let entries: Vec<(String, TensorEntry)> = collect
+            .iter()
+            .zip(&fresh)
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .filter_map(|(n, s)| s.as_ref().map(|s| (n.clone(), TensorEntry::from_stats(s, &g.method))))
+            .collect();
+        for (name, e) in entries {
+            if let Some(slot) = r.get_mut(&name) {
+                *slot = e;
             }
         }
     }
-    if let (Some(g), Some(bc), Some(rc), true) = (&run.guard, &base_cal, &reg_cal, regularized) {
+    if let (Some(g), Some(pr), Some(rr), true) = (&run.guard, &plain_ranges, &reg_ranges, regularized) {
         let mut guard = guard::Guard {
             set: &set,
             facts: facts.clone(),
             qopts: g.quant.clone(),
-            method: g.method.clone(),
             quiet: opts.quiet,
             output_names: output_names.clone(),
             reference: &reference,
             passes: 0,
         };
-        let b = guard.sqnr_of(model, bc)?;
-        let f = guard.sqnr_of(&cur, rc)?;
+        let b = guard.sqnr_of(model, pr)?;
+        let f = guard.sqnr_of(&cur, rr)?;
         report.passes += guard.passes;
         if !opts.quiet {
             eprintln!(
@@ -996,10 +1009,9 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
             report.layers.iter_mut().for_each(|d| d.accepted = false);
         }
         report.final_sqnr_db = finite(if regularized { f } else { b });
+        report.phase_seconds.insert("3 guard".into(), t2.elapsed().as_secs_f64());
     }
-    let (best_model, best_cal) = (cur, reg_cal);
-    let baseline_ranges = base_ranges(&base_cal, &run.guard);
-    let (out_model, out_cal) = if regularized { (best_model, best_cal) } else { (model.clone(), base_cal) };
+    let (out_model, ranges) = if regularized { (cur, reg_ranges) } else { (model.clone(), plain_ranges.clone()) };
     report.regularized = regularized;
     if run.measure_float && regularized {
         let bytes = crate::onnx::io::encode_for_runtime(&out_model)?;
@@ -1018,8 +1030,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         report.float_sqnr_db = Some(guard::worst_sqnr(&sums)).and_then(finite);
     }
     report.seconds = t0.elapsed().as_secs_f64();
-    let ranges = base_ranges(&out_cal, &run.guard);
-    Ok(Outcome { model: out_model, ranges, baseline_ranges, report })
+    Ok(Outcome { model: out_model, ranges, baseline_ranges: plain_ranges, report })
 }
 
 // ---------------------------------------------------------------- text

@@ -262,7 +262,11 @@ impl<'a> Segmenter<'a> {
         if end < self.start {
             bail!("internal error: layers must be visited in topological order");
         }
-        let last = later.iter().filter_map(|&i| lay.pos.get(i).copied()).max().unwrap_or(end).max(end);
+        let mut last = later.iter().filter_map(|&i| lay.pos.get(i).copied()).max().unwrap_or(end).max(end);
+        if !collect.is_empty() {
+            // The rest of the graph runs later (`finish`): keep what it reads.
+            last = last.max(lay.order.len().saturating_sub(1));
+        }
 
         // What must be cached after this piece: everything read at positions [end, last].
         let mut keep = BTreeSet::new();
