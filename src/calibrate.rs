@@ -284,9 +284,7 @@ pub fn calibrate(
         &plan,
         set,
         &pb,
-        |_, outs| {
-            Ok(outs.iter().zip(targets).map(|(o, t)| sample_stats(o, t, bins)).collect::<Vec<_>>())
-        },
+        |_, outs| Ok(outs.iter().zip(targets).map(|(o, t)| sample_stats(o, t, bins)).collect::<Vec<_>>()),
         |_, per_sample| {
             fold_stats(&mut acc, per_sample);
             Ok(())

@@ -252,10 +252,10 @@ mod tests {
                         for c in 0..cg {
                             for ky in 0..g.kernel[0] {
                                 for kx in 0..g.kernel[1] {
-                                    let iy = (oy * g.strides[0] + ky * g.dilations[0]) as isize
-                                        - r.pad_begin[0] as isize;
-                                    let ix = (ox * g.strides[1] + kx * g.dilations[1]) as isize
-                                        - r.pad_begin[1] as isize;
+                                    let iy =
+                                        (oy * g.strides[0] + ky * g.dilations[0]) as isize - r.pad_begin[0] as isize;
+                                    let ix =
+                                        (ox * g.strides[1] + kx * g.dilations[1]) as isize - r.pad_begin[1] as isize;
                                     if iy < 0 || ix < 0 || iy as usize >= r.in_hw[0] || ix as usize >= r.in_hw[1] {
                                         continue;
                                     }
@@ -286,7 +286,15 @@ mod tests {
             (4, 6, 2, [3, 2], vec![attr_ints("strides", &[2, 1]), attr_ints("pads", &[1, 0, 2, 1])], 7, 6),
             (4, 4, 4, [3, 3], vec![attr_ints("dilations", &[2, 2]), attr_ints("pads", &[2, 2, 2, 2])], 6, 7),
             (6, 3, 3, [2, 3], vec![attr_ints("strides", &[2, 2])], 9, 8),
-            (2, 2, 1, [3, 3], vec![crate::onnx::builder::attr_string("auto_pad", "SAME_UPPER"), attr_ints("strides", &[2, 2])], 6, 5),
+            (
+                2,
+                2,
+                1,
+                [3, 3],
+                vec![crate::onnx::builder::attr_string("auto_pad", "SAME_UPPER"), attr_ints("strides", &[2, 2])],
+                6,
+                5,
+            ),
             (2, 2, 1, [2, 2], vec![crate::onnx::builder::attr_string("auto_pad", "SAME_LOWER")], 5, 5),
             (5, 10, 1, [1, 1], vec![], 3, 4),
         ];
@@ -312,7 +320,8 @@ mod tests {
                 });
                 let y = rows.dot(&wg);
                 for (p, yrow) in y.outer_iter().enumerate() {
-                    let (nn, oy, ox) = (p / (r.out_hw[0] * r.out_hw[1]), (p / r.out_hw[1]) % r.out_hw[0], p % r.out_hw[1]);
+                    let (nn, oy, ox) =
+                        (p / (r.out_hw[0] * r.out_hw[1]), (p / r.out_hw[1]) % r.out_hw[0], p % r.out_hw[1]);
                     for (j, &v) in yrow.iter().enumerate() {
                         let e = want[[nn, gi * mg + j, oy, ox]];
                         assert!((v - e).abs() < 1e-4 * (1.0 + e.abs()), "group {gi} pos {p} ch {j}: {v} vs {e}");
@@ -334,7 +343,8 @@ mod tests {
         let g = ConvGeometry::from_node(&n, &[2, 3, 5, 5]).expect("geometry");
         assert!(g.resolve(&[1, 3, 4, 4]).is_err()); // input smaller than the kernel
         assert!(g.resolve(&[1, 2, 9, 9]).is_err()); // channel mismatch
-        assert!(g.rows(&Array4::<f32>::zeros((1, 3, 5, 5)).view(), 0, &[1]).is_err()); // position out of range
+        assert!(g.rows(&Array4::<f32>::zeros((1, 3, 5, 5)).view(), 0, &[1]).is_err());
+        // position out of range
     }
 
     #[test]

@@ -116,7 +116,14 @@ fn min_of(v: &[f32]) -> f32 {
 impl LayerAcc {
     /// `samples`: how many samples will be folded (all share the same shapes); `groups`: how
     /// many row matrices each sample gives; `keep_rows`: rows per sample and group to keep.
-    pub fn new(samples: usize, quantile: f64, factor: f64, want_gram: bool, groups: usize, keep_rows: usize) -> LayerAcc {
+    pub fn new(
+        samples: usize,
+        quantile: f64,
+        factor: f64,
+        want_gram: bool,
+        groups: usize,
+        keep_rows: usize,
+    ) -> LayerAcc {
         LayerAcc {
             samples,
             quantile,
@@ -310,6 +317,38 @@ mod tests {
     use super::*;
     use crate::rng::Rng;
     use ndarray::{ArrayD, IxDyn};
+
+    /// Two groups: group `gi`'s rows meet only its own columns, row ids are `i·g + gi`, and
+    /// the per-group Grams are those of each group's rows.
+    #[test]
+    fn groups_are_block_diagonal() -> Result<()> {
+        let mut r = Rng::new(5);
+        let (k, n, rows) = (3usize, 4usize, 6usize);
+        let w = Array2::from_shape_fn((k, n), |_| r.normal() as f32);
+        let mut xs: Vec<Array2<f32>> =
+            (0..2).map(|_| Array2::from_shape_fn((rows, k), |_| r.normal() as f32)).collect();
+        xs[1][[4, 2]] = 50.0; // an outlier in group 1, row 4
+        let mut acc = LayerAcc::new(1, 0.9, 3.0, true, 2, 2);
+        let s = acc.sample(&xs, &w)?;
+        acc.merge(s)?;
+        let st = acc.finish()?;
+        assert!(!st.outliers.is_empty());
+        for o in &st.outliers {
+            assert_eq!(o.row, 4 * 2 + 1);
+            assert!(o.j >= 2, "group 1 owns columns 2 and 3");
+            let y: f32 = (0..k).map(|kk| xs[1][[4, kk]] * w[[kk, o.j]]).sum();
+            assert!((o.y - y).abs() < 1e-4 * (1.0 + y.abs()), "{} vs {y}", o.y);
+        }
+        assert_eq!(st.xrows[&9], xs[1].row(4).to_vec());
+        let grams = st.gram.expect("gram");
+        for (gi, x) in xs.iter().enumerate() {
+            assert_eq!(grams[gi], x.t().dot(x).mapv(f64::from), "group {gi}");
+        }
+        assert_eq!(st.kept.len(), 2);
+        assert_eq!(st.kept[1].0.len(), 2);
+        assert!(st.kept[1].0.iter().all(|id| id % 2 == 1));
+        Ok(())
+    }
 
     #[test]
     fn top_count_is_the_order_statistic_of_the_quantile() {

@@ -11,12 +11,15 @@
 //!
 //! # Method (per layer, in graph order, constants are flags)
 //! For each layer `y = x·W` (`W` is `[K, N]`; MatMul with a 2-D constant weight, Gemm with
-//! `transB` and `α` folded in) with input rows `x_i` (leading dims flattened):
+//! `transB` and `α` folded in, 2-D Conv with `W [M, C/g, kh, kw]` as `[K = C/g·kh·kw, M]`)
+//! with input rows `x_i` (leading dims flattened; for Conv the im2col patches of each group
+//! on a deterministic subsample of output positions, [`crate::im2col`], and every formula
+//! below holds per group with the group's rows and columns; see [`layer`]):
 //!
 //! 1. **Statistics** (streamed over the samples, see [`collect`]): the exact
 //!    `q = quantile_0.999(|Y|)` over all calibration elements of the layer (pre-bias), the
-//!    Gram matrix `G = XᵀX` (f64), the column sums `Σ_i x_i`, and the input rows of the
-//!    outliers only.
+//!    Gram matrix `G = XᵀX` (f64), the column sums `Σ_i x_i`, the input rows of the outliers,
+//!    and (guarded runs) a bounded, evenly spaced subset of all input rows.
 //! 2. **Outliers**: `O = {(i, j) : |y_ij| > τ}`, `τ = c·q`, `c = 4`. Not `k` standard
 //!    deviations: those flag Gaussian tails everywhere. Layers without outliers are left alone.
 //! 3. **Relevance** ([`solve::relevance`]): each outlier's main contributor
@@ -28,21 +31,40 @@
 //!    `t_j = clip(X w_j, −τ, τ)`, `λ = δ = tr(G)/K` (times `--reg-lambda`, `--reg-delta`).
 //!    Closed form: `w'_j = w_j − (G + δI + λE_S E_Sᵀ)⁻¹ (λE_S w_S + Xᵀr_j)` with
 //!    `r_j = X w_j − t_j`, non-zero only on outlier rows, so `Xᵀr_j = Σ_{i∈O_j} x_i r_ij`.
-//!    `G + δI` is factored once per layer (Cholesky) and the rank-`|S_j|` term is applied per
-//!    column with the Woodbury identity. The damping `δ` keeps the fit from overfitting the
-//!    low-rank calibration rows, and the target clips the outliers instead of preserving them
-//!    (a ridge that preserves `X w_j` would keep them by construction). Then
+//!    `G + δI` is factored once per layer (per group) (Cholesky) and the rank-`|S_j|` term is
+//!    applied per column with the Woodbury identity. The damping `δ` keeps the fit from
+//!    overfitting the low-rank calibration rows, and the target clips the outliers instead of
+//!    preserving them (a ridge that preserves `X w_j` would keep them by construction). Then
 //!    `b_j += mean_{i∉O_j} x_i·(w_j − w'_j)` when the layer feeds a constant bias (the Add
-//!    after a MatMul, Gemm's `C`); no bias is created otherwise. `shrink` mode instead scales
-//!    the selected weights by `γ = 0.5`.
-//! 5. The next layer's statistics are computed on the model with the edits so far:
+//!    after a MatMul, Gemm's `C`, Conv's `B`); no bias is created otherwise. `shrink` mode
+//!    instead scales the selected weights by `γ = 0.5`.
+//! 5. **Local acceptance** (`--regularize auto`, [`LocalError`]): with `z = x·W + b` the
+//!    original layer's float output and `z' = x·W' + b'` the edited one on the kept rows,
+//!    `Q` / `Q'` uint8 fake quantization with the range of `z` / `z'` over the kept and the
+//!    outlier rows, the edit is kept iff
+//!    `Σ_{(i,j)∉O} (Q'(z'_ij) − z_ij)² < Σ_{(i,j)∉O} (Q(z_ij) − z_ij)²`: the ordinary values
+//!    of the layer's output come out of int8 closer to the original float values, the float
+//!    change of the edit included. The outlier elements themselves are left out (clipping
+//!    them is the point; whether the model tolerates it is the global guard's question).
+//! 6. The next layer's statistics are computed on the model with the edits kept so far:
 //!    [`segment`] runs the graph piece by piece with a cached frontier, so the whole sequence
-//!    costs one forward pass (plus one to find which layers have outliers at all).
-//! 6. **Guard** (`--regularize auto`): an edit is kept only if the quantized model
-//!    (recalibrated ranges, fake-quant twin) gets a higher worst-output SQNR against the
-//!    original float model on the calibration samples than without it; the final model is
-//!    compared with plain quantization once more. `auto` is therefore never worse than plain
-//!    quantization on the calibration data.
+//!    costs one forward pass, which also gathers the calibration statistics of every tensor
+//!    at or after the first layer with outliers (the earlier ones cannot change), i.e. the
+//!    recalibration of the regularized model.
+//! 7. **Global guard** ([`guard`], `--regularize auto`): plain quantization (ranges of the
+//!    first pass) and the regularized model (ranges of step 6) are each quantized, run as
+//!    fake-quant twins on the calibration samples and compared with the original float
+//!    outputs (kept from the first pass); the regularized model is returned only if its
+//!    worst-output SQNR is strictly higher, else the input model. `auto` is therefore never
+//!    worse than plain quantization on the calibration data. The pipeline quantizes the
+//!    returned model with the returned ranges (no further calibration).
+//!
+//! # Cost
+//! `auto`: one statistics pass (the calibration plain quantization needs anyway, plus the
+//! layers' outlier statistics and the float outputs), nothing more when no layer has
+//! outliers; else one sequential pass (statistics, Gram matrices, recalibration) and, when an
+//! edit was kept, two fake-quant forward passes for the guard. A forced strength and
+//! `onnxq regularize` run the first two passes without calibration statistics.
 
 pub mod collect;
 pub mod guard;
@@ -52,10 +74,10 @@ pub mod solve;
 
 use crate::array::ArrayData;
 use crate::calibrate::{self as cal, Calibration, Target, TensorEntry};
-use crate::quantize::params::{ActParams, ActType};
 use crate::data::{DataOptions, InputSpec, SampleSet};
 use crate::onnx::pb::ModelProto;
 use crate::onnx::GraphView;
+use crate::quantize::params::{ActParams, ActType};
 use crate::quantize::QuantOptions;
 use crate::runtime::Plan;
 use crate::stats::{RangeMethod, TensorStats};
@@ -63,10 +85,10 @@ use anyhow::{bail, Context, Result};
 use collect::{LayerAcc, LayerStats};
 use layer::{Layer, NotALayer};
 use ndarray::Array2;
+use rayon::prelude::*;
 use serde::Serialize;
 use solve::{Cholesky, Outlier};
 use std::collections::{BTreeMap, BTreeSet};
-use rayon::prelude::*;
 use std::sync::RwLock;
 use std::time::Instant;
 
@@ -282,6 +304,7 @@ pub struct LayerEdit {
     pub abs_max: f64,
     pub outliers: usize,
     pub mode: Mode,
+    /// `λ` and `δ` (of the first group with outliers for grouped Conv).
     pub lambda: f64,
     pub delta: f64,
     pub columns: Vec<ColumnEdit>,
@@ -816,7 +839,12 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
     };
     if flagged.is_empty() {
         report.seconds = t0.elapsed().as_secs_f64();
-        return Ok(Outcome { model: model.clone(), baseline_ranges: plain_ranges.clone(), ranges: plain_ranges, report });
+        return Ok(Outcome {
+            model: model.clone(),
+            baseline_ranges: plain_ranges.clone(),
+            ranges: plain_ranges,
+            report,
+        });
     }
 
     // The sequential pass: statistics (with Gram and kept rows) of each flagged layer on the
@@ -835,12 +863,13 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         .filter(|t| view.producer_index(&t.name).is_some_and(|p| pos.get(p).is_some_and(|&q| q >= first_pos)))
         .map(|t| t.name.clone())
         .collect();
-    let collect_targets: Vec<&Target> =
-        collect.iter().filter_map(|n| targets.iter().find(|t| &t.name == n)).collect();
+    let collect_targets: Vec<&Target> = collect.iter().filter_map(|n| targets.iter().find(|t| &t.name == n)).collect();
     let mut fresh: Vec<Option<TensorStats>> = vec![None; collect.len()];
     let stats_of = |got: &[(usize, ArrayData)]| -> Vec<(usize, TensorStats)> {
         got.iter()
-            .filter_map(|(ci, v)| collect_targets.get(*ci).and_then(|t| cal::sample_stats(v, t, 2048)).map(|s| (*ci, s)))
+            .filter_map(|(ci, v)| {
+                collect_targets.get(*ci).and_then(|t| cal::sample_stats(v, t, 2048)).map(|s| (*ci, s))
+            })
             .collect()
     };
     let mut fold_fresh = |per: Vec<(usize, TensorStats)>| {

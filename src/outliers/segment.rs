@@ -353,11 +353,11 @@ impl<'a> Segmenter<'a> {
             None
         } else {
             let (bytes, facts) = self.piece(model, &view, &nodes, &graph_inputs, &cache_inputs, &outputs)?;
-            let plan = Plan::load(&bytes, None, &facts, &outputs).with_context(|| {
-                match upto {
-                    Some((node, _)) => format!("cannot run the model piece ending before node '{}'", view.nodes()[node].name()),
-                    None => "cannot run the last model piece".to_string(),
+            let plan = Plan::load(&bytes, None, &facts, &outputs).with_context(|| match upto {
+                Some((node, _)) => {
+                    format!("cannot run the model piece ending before node '{}'", view.nodes()[node].name())
                 }
+                None => "cannot run the last model piece".to_string(),
             })?;
             self.pieces += 1;
             Some(plan)
@@ -406,10 +406,8 @@ impl<'a> Segmenter<'a> {
                         let k = self.specs.iter().position(|s| s.name == want).context("internal error: input spec")?;
                         Some(&sample.as_ref().context("internal error: sample not loaded")?.inputs[k])
                     };
-                    let got: Vec<(usize, ArrayData)> = collected
-                        .iter()
-                        .filter_map(|&(at, ci)| outs.get(at).map(|v| (ci, v.clone())))
-                        .collect();
+                    let got: Vec<(usize, ArrayData)> =
+                        collected.iter().filter_map(|&(at, ci)| outs.get(at).map(|v| (ci, v.clone()))).collect();
                     let r = map(i, value, &got).with_context(|| format!("sample {source}: tensor '{want}'"))?;
                     let names = plan.as_ref().map(|p| p.outputs()).unwrap_or(&[]);
                     let fresh: Vec<(String, ArrayData)> = names
