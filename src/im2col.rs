@@ -281,7 +281,8 @@ mod tests {
     fn rows_times_weights_is_the_convolution() -> Result<()> {
         let mut rng = Rng::new(7);
         // (C, M, group, kernel, attrs, H, W)
-        let cases: Vec<(usize, usize, i64, [usize; 2], Vec<crate::onnx::pb::AttributeProto>, usize, usize)> = vec![
+        type Case = (usize, usize, i64, [usize; 2], Vec<crate::onnx::pb::AttributeProto>, usize, usize);
+        let cases: Vec<Case> = vec![
             (3, 4, 1, [3, 3], vec![], 6, 5),
             (4, 6, 2, [3, 2], vec![attr_ints("strides", &[2, 1]), attr_ints("pads", &[1, 0, 2, 1])], 7, 6),
             (4, 4, 4, [3, 3], vec![attr_ints("dilations", &[2, 2]), attr_ints("pads", &[2, 2, 2, 2])], 6, 7),

@@ -552,7 +552,7 @@ fn compute_edit(
         let wj: Vec<f64> = (0..kdim).map(|k| f64::from(w[[k, j]])).collect();
         let d: Vec<f64> = match opts.mode {
             Mode::Solve => {
-                if !factors.contains_key(&gi) {
+                if let std::collections::btree_map::Entry::Vacant(slot) = factors.entry(gi) {
                     let grams = st.gram.as_ref().context("internal error: no Gram matrix")?;
                     let g = grams.get(gi).context("internal error: no Gram matrix for the group")?;
                     let scale = (0..kdim).map(|i| g[[i, i]]).sum::<f64>() / kdim as f64;
@@ -563,7 +563,7 @@ fn compute_edit(
                         (lambda, delta) = (opts.lambda * scale, opts.delta * scale);
                     }
                     let chol = Cholesky::new(&solve::damped(g, opts.delta * scale))?;
-                    factors.insert(gi, (chol, BTreeMap::new(), opts.lambda * scale));
+                    slot.insert((chol, BTreeMap::new(), opts.lambda * scale));
                 }
                 let (chol, inv_cols, lam) = factors.get_mut(&gi).context("internal error: no factorization")?;
                 let mut xtr = vec![0f64; kdim];
