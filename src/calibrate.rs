@@ -294,6 +294,35 @@ pub fn model_bytes(model: &crate::onnx::Model) -> Result<crate::onnx::io::Runtim
     crate::onnx::io::encode_for_runtime(&model.proto)
 }
 
+/// One sample's statistics of the target `t` (`None` for non-float values).
+pub fn sample_stats(value: &ArrayData, t: &Target, bins: usize) -> Option<TensorStats> {
+    let ArrayData::F32(a) = value else { return None };
+    Some(view_stats(a.view(), t, bins))
+}
+
+/// One sample's statistics of the target `t` from a view of its value.
+pub fn view_stats(a: ndarray::ArrayViewD<'_, f32>, t: &Target, bins: usize) -> TensorStats {
+    let axis = t.channel_axis.and_then(|ax| match ax {
+        ChannelAxis::One => (a.ndim() >= 2).then_some(1),
+        ChannelAxis::Last => a.ndim().checked_sub(1),
+    });
+    let mut s = TensorStats::new(bins, axis);
+    s.update(a);
+    s
+}
+
+/// Folds one sample's statistics into the accumulators (call in sample order).
+pub fn fold_stats(acc: &mut [Option<TensorStats>], per_sample: Vec<Option<TensorStats>>) {
+    for (slot, s) in acc.iter_mut().zip(per_sample) {
+        if let Some(s) = s {
+            match slot {
+                Some(a) => a.merge(&s),
+                None => *slot = Some(s),
+            }
+        }
+    }
+}
+
 /// Calibrates `targets` of the model given as serialized bytes (see [`model_bytes`] and
 /// [`crate::onnx::io::encode_for_runtime`]).
 pub fn calibrate(
@@ -320,26 +349,10 @@ pub fn calibrate(
         &pb,
         |_, inputs| {
             // Statistics straight from tract's buffers: no copy of the (many, large) outputs.
-            plan.run_visit_f32(inputs, |p, view| {
-                let a = view?;
-                let axis = targets[direct[p]].channel_axis.and_then(|ax| match ax {
-                    ChannelAxis::One => (a.ndim() >= 2).then_some(1),
-                    ChannelAxis::Last => a.ndim().checked_sub(1),
-                });
-                let mut s = TensorStats::new(bins, axis);
-                s.update(a);
-                Some(s)
-            })
+            plan.run_visit_f32(inputs, |p, view| Some(view_stats(view?, &targets[direct[p]], bins)))
         },
         |_, per_sample| {
-            for (slot, s) in acc.iter_mut().zip(per_sample) {
-                if let Some(s) = s {
-                    match slot {
-                        Some(a) => a.merge(&s),
-                        None => *slot = Some(s),
-                    }
-                }
-            }
+            fold_stats(&mut acc, per_sample);
             Ok(())
         },
     )?;
@@ -375,6 +388,28 @@ pub struct TensorEntry {
     pub channel_abs_max: Vec<f32>,
 }
 
+impl TensorEntry {
+    /// The entry of one tensor's statistics, ranges by `method`.
+    pub fn from_stats(s: &TensorStats, method: &RangeMethod) -> TensorEntry {
+        let (lo, hi) = s.range(method, 256, false);
+        let (slo, shi) = s.range(method, 256, true);
+        TensorEntry {
+            count: s.count(),
+            min: s.min(),
+            max: s.max(),
+            mean: s.mean(),
+            std: s.std(),
+            abs_max: s.abs_max(),
+            p99_9: s.quantile_abs(0.999),
+            nan: s.nan_count(),
+            inf: s.inf_count(),
+            range: [lo, hi],
+            range_symmetric: [slo, shi],
+            channel_abs_max: s.channel_absmax().to_vec(),
+        }
+    }
+}
+
 /// The stats file written by `onnxq calibrate` (schema documented in README).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatsFile {
@@ -387,28 +422,13 @@ pub struct StatsFile {
 
 impl StatsFile {
     pub fn from_calibration(model: &str, cal: &Calibration, method: &RangeMethod) -> Self {
+        // Range searches (mse, entropy) dominate: one tensor per task, collected in order.
         let tensors = cal
             .tensors
-            .iter()
-            .map(|(name, s)| {
-                let (lo, hi) = s.range(method, 256, false);
-                let (slo, shi) = s.range(method, 256, true);
-                let e = TensorEntry {
-                    count: s.count(),
-                    min: s.min(),
-                    max: s.max(),
-                    mean: s.mean(),
-                    std: s.std(),
-                    abs_max: s.abs_max(),
-                    p99_9: s.quantile_abs(0.999),
-                    nan: s.nan_count(),
-                    inf: s.inf_count(),
-                    range: [lo, hi],
-                    range_symmetric: [slo, shi],
-                    channel_abs_max: s.channel_absmax().to_vec(),
-                };
-                (name.clone(), e)
-            })
+            .par_iter()
+            .map(|(name, s)| (name.clone(), TensorEntry::from_stats(s, method)))
+            .collect::<Vec<_>>()
+            .into_iter()
             .collect();
         StatsFile {
             onnxq_stats_version: 1,

@@ -12,6 +12,7 @@ pub mod dump;
 pub mod eval;
 pub mod fakequant;
 pub mod fixtures;
+pub mod im2col;
 pub mod npy;
 pub mod onnx;
 pub mod outliers;

@@ -395,3 +395,129 @@ fn gemm_layers_are_regularized_and_auto_still_never_loses() {
     }
     assert_ne!(weight(&m0, "b2")[3], weight(&m1, "b2")[3]);
 }
+
+/// A CNN with a planted massive activation: pixel (0, 0) of input channel 0 drives channel 5
+/// of `conv1` (centre tap only), which meets a large weight of the grouped `conv2` (2 groups;
+/// channel 5 is input 1 of group 1, output 6), then a depthwise `conv3`.
+fn conv_net(dir: &Path) -> std::path::PathBuf {
+    use onnxq::array::{dtype, ArrayData};
+    use onnxq::onnx::builder::{attr_int, attr_ints, graph, model, node, tensor_info};
+    use onnxq::onnx::tensor::from_f32;
+    let (c, m, hw) = (4usize, 8usize, 12usize);
+    let mut rng = onnxq::rng::Rng::new(33);
+    let mut randn = |n: usize, s: f64| -> Vec<f32> { (0..n).map(|_| (rng.normal() * s) as f32).collect() };
+    let arr = |shape: &[usize], v: Vec<f32>| ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(shape), v).expect("shape");
+    // conv1: [8, 4, 3, 3]
+    let mut w1 = randn(m * c * 9, 0.2);
+    for v in &mut w1[5 * c * 9..6 * c * 9] {
+        *v *= 0.05;
+    }
+    w1[5 * c * 9 + 4] = 2.0; // channel 5 ← input channel 0, centre tap
+    let mut b1 = randn(m, 0.02);
+    b1[5] = -2.5;
+    // conv2: [8, 4, 3, 3], group 2
+    let mut w2 = randn(m * 4 * 9, 0.18);
+    w2[6 * 36 + 9 + 4] = 12.0; // output 6 ← group input 1 (channel 5), centre tap: k = 13
+    let (b2, w3, b3) = (randn(m, 0.02), randn(m * 9, 0.3), randn(m, 0.02));
+    let inits = vec![
+        from_f32("w1", &arr(&[m, c, 3, 3], w1)),
+        from_f32("b1", &arr(&[m], b1)),
+        from_f32("w2", &arr(&[m, 4, 3, 3], w2)),
+        from_f32("b2", &arr(&[m], b2)),
+        from_f32("w3", &arr(&[m, 1, 3, 3], w3)),
+        from_f32("b3", &arr(&[m], b3)),
+    ];
+    let pads = || attr_ints("pads", &[1, 1, 1, 1]);
+    let nodes = vec![
+        node("Conv", "conv1", &["x", "w1", "b1"], &["h"], vec![pads()]),
+        node("Relu", "r1", &["h"], &["hr"], vec![]),
+        node("Conv", "conv2", &["hr", "w2", "b2"], &["y"], vec![pads(), attr_int("group", 2)]),
+        node("Relu", "r2", &["y"], &["yr"], vec![]),
+        node("Conv", "conv3", &["yr", "w3", "b3"], &["out"], vec![pads(), attr_int("group", m as i64)]),
+    ];
+    let g = graph(
+        "conv_net",
+        nodes,
+        vec![tensor_info("x", dtype::FLOAT, &[1, c as i64, hw as i64, hw as i64])],
+        vec![tensor_info("out", dtype::FLOAT, &[1, m as i64, hw as i64, hw as i64])],
+        inits,
+    );
+    let path = dir.join("conv.onnx");
+    onnxq::onnx::save(&model(g, 13), &path, &Default::default()).expect("save");
+    for split in ["calib", "eval"] {
+        let sd = dir.join(split);
+        std::fs::create_dir_all(&sd).expect("mkdir");
+        for i in 0..8 {
+            let mut x = randn(c * hw * hw, 1.0);
+            for v in &mut x[..hw * hw] {
+                *v = v.min(1.0);
+            }
+            x[0] = 5.0 + i as f32 * 0.1;
+            let a = ArrayData::F32(arr(&[1, c, hw, hw], x));
+            onnxq::npy::write_npz(&sd.join(format!("{i}.npz")), &[("x", &a)]).expect("npz");
+        }
+    }
+    path
+}
+
+#[test]
+fn conv_layers_are_regularized_and_auto_still_never_loses() {
+    let dir = tempdir();
+    let model = conv_net(dir.path());
+    let calib = dir.path().join("calib");
+    let eval = dir.path().join("eval");
+    let o = run(&[&"outliers", &model, &"--data", &calib, &"--json", &"-q"]);
+    ok(&o);
+    let v: Value = serde_json::from_str(&stdout(&o)).expect("JSON");
+    let layers = v["layers"].as_array().expect("layers");
+    assert_eq!(layers.len(), 3, "{v}");
+    let conv2 = layers.iter().find(|l| l["node"] == "conv2").expect("conv2").clone();
+    assert_eq!(conv2["kind"], "conv");
+    assert_eq!((conv2["k"].as_u64(), conv2["n"].as_u64(), conv2["groups"].as_u64()), (Some(36), Some(8), Some(2)));
+    assert!(conv2["outliers"].as_u64().expect("count") >= 8, "{conv2}");
+    // Patch element 13 of group 1 (channel 5, centre tap) times output channel 6.
+    assert_eq!((conv2["top"][0]["k"].as_u64(), conv2["top"][0]["j"].as_u64()), (Some(13), Some(6)), "{conv2}");
+    assert_eq!(conv2["top"][0]["weight"], 12.0);
+    assert_eq!(conv2["bias"]["tensor"], "b2");
+    let depthwise = layers.iter().find(|l| l["node"] == "conv3").expect("conv3");
+    assert_eq!((depthwise["k"].as_u64(), depthwise["groups"].as_u64()), (Some(9), Some(8)));
+
+    let sqnr = |cand: &Path| -> f64 {
+        let o = run(&[&"eval", &model, &cand, &"--data", &eval, &"--json", &"-q"]);
+        ok(&o);
+        let v: Value = serde_json::from_str(&stdout(&o)).expect("eval JSON");
+        v["outputs"][0]["sqnr_db"].as_f64().unwrap_or(f64::INFINITY)
+    };
+    let mut results = Vec::new();
+    for mode in ["off", "auto"] {
+        let out = dir.path().join(format!("{mode}.onnx"));
+        let rep = dir.path().join(format!("{mode}.json"));
+        ok(&run(&[
+            &"quantize",
+            &model,
+            &"--data",
+            &calib,
+            &"-o",
+            &out,
+            &"--report",
+            &rep,
+            &"--regularize",
+            &mode,
+            &"-q",
+        ]));
+        results.push((sqnr(&out), json_file(&rep)));
+    }
+    let ((p, _), (a, _)) = (&results[0], &results[1]);
+    assert!(a >= p, "auto {a:.2} dB < plain {p:.2} dB");
+    // The float regularization rewrites the 4-D weight in place and the bias.
+    let out = dir.path().join("reg.onnx");
+    ok(&run(&[&"regularize", &model, &"--data", &calib, &"-o", &out, &"-q"]));
+    let (m0, m1) = (onnxq::onnx::load(&model).expect("m0").proto, onnxq::onnx::load(&out).expect("m1").proto);
+    let (w0, w1) = (weight(&m0, "w2"), weight(&m1, "w2"));
+    assert_eq!(w0.shape(), w1.shape());
+    assert!(w1[[6, 1, 1, 1]].abs() < 0.7 * w0[[6, 1, 1, 1]].abs(), "{} -> {}", w0[[6, 1, 1, 1]], w1[[6, 1, 1, 1]]);
+    for j in (0..8).filter(|j| *j != 6) {
+        assert_eq!(w0.index_axis(ndarray::Axis(0), j), w1.index_axis(ndarray::Axis(0), j), "channel {j}");
+    }
+    assert_ne!(weight(&m0, "b2")[6], weight(&m1, "b2")[6]);
+}

@@ -1,6 +1,8 @@
 //! Streaming per-layer statistics over the calibration samples, with bounded memory.
 //!
-//! For a layer `y = x·W` and its input rows (all leading dims flattened, `[.., K] → [rows, K]`):
+//! For a layer `y = x·W` and its input rows (all leading dims flattened, `[.., K] → [rows, K]`;
+//! for a Conv with `g` groups one `[rows, K]` matrix of im2col patches per group, and group
+//! `gi` owns the output columns `gi·N/g .. (gi+1)·N/g`):
 //! - the exact `q`-quantile of `|y|` over all `n` elements as an order statistic: with
 //!   `M = n − ⌈q·n⌉ + 1`, `quantile_q(|Y|)` is the `M`-th largest `|y|`. Each sample keeps only
 //!   its `M` largest values and the fold keeps the global `M` largest, so memory is `M` floats;
@@ -8,11 +10,17 @@
 //!   largest value of any subset with at least `M` elements (a single sample) or of the values
 //!   folded so far. Each sample keeps the elements above that bound with their input rows
 //!   `x_i`, the fold prunes them as the bound rises; the exact `τ` filters them at the end;
-//! - optionally the Gram matrix `G = XᵀX` (f64) and the column sums `Σ_i x_i`.
+//! - optionally, per group, the Gram matrix `G = XᵀX` (each sample's in f32, summed over
+//!   samples in f64) and the column sums `Σ_i x_i`;
+//! - optionally a bounded, evenly spaced subset of the input rows of every sample (for the
+//!   local acceptance test of an edit).
+//!
+//! Row ids: position `i` (counted over all samples) of group `gi` is row `i·g + gi`, so an
+//! outlier's row id names the patch that made it.
 
 use super::solve::Outlier;
 use anyhow::{bail, Result};
-use ndarray::{Array2, ArrayD, Axis};
+use ndarray::{s, Array2, Axis};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -27,8 +35,10 @@ pub struct SampleStats {
     /// (local row, column, y)
     cands: Vec<(usize, usize, f32)>,
     xrows: BTreeMap<usize, Vec<f32>>,
-    gram: Option<Array2<f64>>,
-    colsum: Vec<f64>,
+    gram: Option<Vec<Array2<f64>>>,
+    colsum: Vec<Vec<f64>>,
+    /// Per group: the kept rows (local row ids and values).
+    kept: Vec<(Vec<usize>, Array2<f32>)>,
 }
 
 /// The accumulator of one layer.
@@ -38,6 +48,9 @@ pub struct LayerAcc {
     quantile: f64,
     factor: f64,
     want_gram: bool,
+    /// Rows kept per sample and group (0: none).
+    keep_rows: usize,
+    groups: usize,
     /// `c · (M-th largest so far)` as f32 bits: a lower bound of the final τ.
     bound: AtomicU32,
     rows: u64,
@@ -48,8 +61,9 @@ pub struct LayerAcc {
     top: Vec<f32>,
     cands: Vec<Outlier>,
     xrows: BTreeMap<u64, Vec<f32>>,
-    gram: Option<Array2<f64>>,
-    colsum: Vec<f64>,
+    gram: Option<Vec<Array2<f64>>>,
+    colsum: Vec<Vec<f64>>,
+    kept: Vec<(Vec<u64>, Vec<f32>)>,
 }
 
 /// A layer's finished statistics.
@@ -65,10 +79,15 @@ pub struct LayerStats {
     pub tau: f64,
     /// Outliers sorted by (row, column).
     pub outliers: Vec<Outlier>,
-    /// Input rows of the outliers.
+    /// Input rows of the outliers (by row id).
     pub xrows: BTreeMap<u64, Vec<f32>>,
-    pub gram: Option<Array2<f64>>,
-    pub colsum: Vec<f64>,
+    /// Per group (when asked for).
+    pub gram: Option<Vec<Array2<f64>>>,
+    /// Per group (with the Gram).
+    pub colsum: Vec<Vec<f64>>,
+    /// Per group: the kept rows, their row ids and values `[rows, K]` (when asked for).
+    pub kept: Vec<(Vec<u64>, Array2<f32>)>,
+    pub groups: usize,
 }
 
 /// `M = n − ⌈q·n⌉ + 1` (at least 1, at most n).
@@ -95,13 +114,23 @@ fn min_of(v: &[f32]) -> f32 {
 }
 
 impl LayerAcc {
-    /// `samples`: how many samples will be folded (all share the same shapes).
-    pub fn new(samples: usize, quantile: f64, factor: f64, want_gram: bool) -> LayerAcc {
+    /// `samples`: how many samples will be folded (all share the same shapes); `groups`: how
+    /// many row matrices each sample gives; `keep_rows`: rows per sample and group to keep.
+    pub fn new(
+        samples: usize,
+        quantile: f64,
+        factor: f64,
+        want_gram: bool,
+        groups: usize,
+        keep_rows: usize,
+    ) -> LayerAcc {
         LayerAcc {
             samples,
             quantile,
             factor,
             want_gram,
+            keep_rows,
+            groups: groups.max(1),
             bound: AtomicU32::new(0),
             rows: 0,
             elements: 0,
@@ -113,24 +142,31 @@ impl LayerAcc {
             xrows: BTreeMap::new(),
             gram: None,
             colsum: Vec::new(),
+            kept: Vec::new(),
         }
     }
 
-    /// Computes one sample's statistics from the layer input `x` (`[.., K]`) and `w` (`[K, N]`).
-    /// Thread safe: only reads the accumulator.
-    pub fn sample(&self, x: &ArrayD<f32>, w: &Array2<f32>) -> Result<SampleStats> {
+    /// Computes one sample's statistics from the layer's input rows (one `[rows, K]` matrix
+    /// per group, the same rows for every group) and `w` (`[K, N]`). Thread safe: only reads
+    /// the accumulator.
+    pub fn sample(&self, xg: &[Array2<f32>], w: &Array2<f32>) -> Result<SampleStats> {
         let (k, n) = w.dim();
-        if x.ndim() == 0 || x.shape()[x.ndim() - 1] != k {
-            bail!("input of shape {:?} does not end with the weight's K = {k}", x.shape());
+        let g = self.groups;
+        if xg.len() != g || n % g != 0 {
+            bail!("{} input matrices for {g} groups and {n} output columns", xg.len());
         }
-        let rows = x.len() / k;
-        let x2 = x.as_standard_layout().into_owned().into_shape_with_order((rows, k))?;
-        let y = x2.dot(w);
+        let ng = n / g;
+        let rows = xg.first().map_or(0, |x| x.nrows());
+        if xg.iter().any(|x| x.dim() != (rows, k)) {
+            bail!("input rows do not have the weight's K = {k} columns");
+        }
         let elements = (rows * n) as u64;
         let m = top_count(elements * self.samples as u64, self.quantile);
+        let ys: Vec<Array2<f32>> =
+            xg.iter().enumerate().map(|(gi, x)| x.dot(&w.slice(s![.., gi * ng..(gi + 1) * ng]))).collect();
         let mut nonfinite = 0u64;
-        let mut abs: Vec<f32> = Vec::with_capacity(y.len());
-        for &v in y.iter() {
+        let mut abs: Vec<f32> = Vec::with_capacity(rows * n);
+        for &v in ys.iter().flat_map(|y| y.iter()) {
             if v.is_finite() {
                 abs.push(v.abs());
             } else {
@@ -149,24 +185,38 @@ impl LayerAcc {
         let bound = own_bound.max(shared);
         let mut cands = Vec::new();
         let mut xrows = BTreeMap::new();
-        for ((i, j), &v) in y.indexed_iter() {
-            if v.is_finite() && f64::from(v.abs()) > bound {
-                cands.push((i, j, v));
-                xrows.entry(i).or_insert_with(|| x2.row(i).to_vec());
+        for (gi, (y, x)) in ys.iter().zip(xg).enumerate() {
+            for ((i, j), &v) in y.indexed_iter() {
+                if v.is_finite() && f64::from(v.abs()) > bound {
+                    cands.push((i * g + gi, gi * ng + j, v));
+                    xrows.entry(i * g + gi).or_insert_with(|| x.row(i).to_vec());
+                }
             }
         }
         let (gram, colsum) = if self.want_gram {
-            let x64 = x2.mapv(f64::from);
-            (Some(x64.t().dot(&x64)), x64.sum_axis(Axis(0)).to_vec())
+            let (mut gs, mut cs) = (Vec::with_capacity(g), Vec::with_capacity(g));
+            // One sample's Gram in f32 (few rows), accumulated over samples in f64.
+            for x in xg {
+                gs.push(x.t().dot(x).mapv(f64::from));
+                cs.push(x.mapv(f64::from).sum_axis(Axis(0)).to_vec());
+            }
+            (Some(gs), cs)
         } else {
             (None, Vec::new())
         };
-        Ok(SampleStats { rows, elements, nonfinite, abs_max, top: abs, cands, xrows, gram, colsum })
+        let kept = if self.keep_rows > 0 {
+            let pick = crate::im2col::subsample(rows, self.keep_rows);
+            xg.iter().map(|x| (pick.clone(), x.select(Axis(0), &pick))).collect()
+        } else {
+            Vec::new()
+        };
+        Ok(SampleStats { rows, elements, nonfinite, abs_max, top: abs, cands, xrows, gram, colsum, kept })
     }
 
     /// Folds one sample (call in sample order for reproducible results).
     pub fn merge(&mut self, s: SampleStats) -> Result<()> {
-        let base = self.rows;
+        let g = self.groups as u64;
+        let base = self.rows * g;
         self.rows += s.rows as u64;
         self.elements += s.elements;
         self.nonfinite += s.nonfinite;
@@ -182,19 +232,34 @@ impl LayerAcc {
         for (i, x) in s.xrows {
             self.xrows.insert(base + i as u64, x);
         }
-        if let Some(g) = s.gram {
+        if let Some(gs) = s.gram {
             match &mut self.gram {
-                Some(acc) if acc.dim() == g.dim() => *acc += &g,
-                Some(acc) => bail!("Gram matrices of different shapes {:?} and {:?}", acc.dim(), g.dim()),
-                None => self.gram = Some(g),
+                Some(acc) => {
+                    for (a, b) in acc.iter_mut().zip(&gs) {
+                        if a.dim() != b.dim() {
+                            bail!("Gram matrices of different shapes {:?} and {:?}", a.dim(), b.dim());
+                        }
+                        *a += b;
+                    }
+                }
+                None => self.gram = Some(gs),
             }
             if self.colsum.is_empty() {
                 self.colsum = s.colsum;
             } else {
                 for (a, b) in self.colsum.iter_mut().zip(s.colsum) {
-                    *a += b;
+                    for (a, b) in a.iter_mut().zip(b) {
+                        *a += b;
+                    }
                 }
             }
+        }
+        if self.kept.is_empty() {
+            self.kept = vec![(Vec::new(), Vec::new()); s.kept.len()];
+        }
+        for (gi, ((ids, vals), (pick, x))) in self.kept.iter_mut().zip(s.kept).enumerate() {
+            ids.extend(pick.iter().map(|&i| base + i as u64 * g + gi as u64));
+            vals.extend(x.iter());
         }
         // Raise the shared bound and prune.
         if self.top.len() >= self.m {
@@ -213,7 +278,7 @@ impl LayerAcc {
         self.xrows.retain(|r, _| used.contains(r));
     }
 
-    pub fn finish(mut self) -> LayerStats {
+    pub fn finish(mut self) -> Result<LayerStats> {
         keep_largest(&mut self.top, self.m.max(1));
         let q = if self.top.is_empty() { 0.0 } else { f64::from(min_of(&self.top)) };
         let tau = self.factor * q;
@@ -225,7 +290,12 @@ impl LayerAcc {
         }
         self.cands.sort_by(|a, b| a.row.cmp(&b.row).then(a.j.cmp(&b.j)));
         self.prune_rows();
-        LayerStats {
+        let mut kept = Vec::with_capacity(self.kept.len());
+        for (ids, vals) in self.kept {
+            let k = if ids.is_empty() { 0 } else { vals.len() / ids.len() };
+            kept.push((ids.clone(), Array2::from_shape_vec((ids.len(), k), vals)?));
+        }
+        Ok(LayerStats {
             rows: self.rows,
             elements: self.elements,
             nonfinite: self.nonfinite,
@@ -236,7 +306,9 @@ impl LayerAcc {
             xrows: self.xrows,
             gram: self.gram,
             colsum: self.colsum,
-        }
+            kept,
+            groups: self.groups,
+        })
     }
 }
 
@@ -244,7 +316,39 @@ impl LayerAcc {
 mod tests {
     use super::*;
     use crate::rng::Rng;
-    use ndarray::IxDyn;
+    use ndarray::{ArrayD, IxDyn};
+
+    /// Two groups: group `gi`'s rows meet only its own columns, row ids are `i·g + gi`, and
+    /// the per-group Grams are those of each group's rows.
+    #[test]
+    fn groups_are_block_diagonal() -> Result<()> {
+        let mut r = Rng::new(5);
+        let (k, n, rows) = (3usize, 4usize, 6usize);
+        let w = Array2::from_shape_fn((k, n), |_| r.normal() as f32);
+        let mut xs: Vec<Array2<f32>> =
+            (0..2).map(|_| Array2::from_shape_fn((rows, k), |_| r.normal() as f32)).collect();
+        xs[1][[4, 2]] = 50.0; // an outlier in group 1, row 4
+        let mut acc = LayerAcc::new(1, 0.9, 3.0, true, 2, 2);
+        let s = acc.sample(&xs, &w)?;
+        acc.merge(s)?;
+        let st = acc.finish()?;
+        assert!(!st.outliers.is_empty());
+        for o in &st.outliers {
+            assert_eq!(o.row, 4 * 2 + 1);
+            assert!(o.j >= 2, "group 1 owns columns 2 and 3");
+            let y: f32 = (0..k).map(|kk| xs[1][[4, kk]] * w[[kk, o.j]]).sum();
+            assert!((o.y - y).abs() < 1e-4 * (1.0 + y.abs()), "{} vs {y}", o.y);
+        }
+        assert_eq!(st.xrows[&9], xs[1].row(4).to_vec());
+        let grams = st.gram.expect("gram");
+        for (gi, x) in xs.iter().enumerate() {
+            assert_eq!(grams[gi], x.t().dot(x).mapv(f64::from), "group {gi}");
+        }
+        assert_eq!(st.kept.len(), 2);
+        assert_eq!(st.kept[1].0.len(), 2);
+        assert!(st.kept[1].0.iter().all(|id| id % 2 == 1));
+        Ok(())
+    }
 
     #[test]
     fn top_count_is_the_order_statistic_of_the_quantile() {
@@ -269,12 +373,12 @@ mod tests {
                 ArrayD::from_shape_vec(IxDyn(&[1, rows, k]), v).expect("shape")
             })
             .collect();
-        let mut acc = LayerAcc::new(samples, 0.9, 2.0, true);
+        let mut acc = LayerAcc::new(samples, 0.9, 2.0, true, 1, 0);
         for x in &xs {
-            let s = acc.sample(x, &w)?;
+            let s = acc.sample(&[x.clone().into_shape_with_order((rows, k))?], &w)?;
             acc.merge(s)?;
         }
-        let st = acc.finish();
+        let st = acc.finish()?;
         // Batch reference.
         let mut all: Vec<f32> = Vec::new();
         let mut outs = Vec::new();
@@ -300,8 +404,9 @@ mod tests {
         assert_eq!(got, want);
         assert!(st.outliers.iter().all(|o| st.xrows.contains_key(&o.row)));
         assert_eq!(st.rows, (samples * rows) as u64);
-        let diff = (st.gram.expect("gram") - g).mapv(f64::abs).sum();
-        assert!(diff < 1e-9, "{diff}");
+        // Each sample's Gram is summed in f32.
+        let diff = (&st.gram.expect("gram")[0] - &g).mapv(f64::abs).sum();
+        assert!(diff < 1e-6 * g.mapv(f64::abs).sum(), "{diff}");
         Ok(())
     }
 }

@@ -3,13 +3,19 @@
 //!
 //! - `MatMul(X, W)` with a 2-D float initializer/Constant `W [K, N]`;
 //! - `Gemm(A, B, C)` with `transA = 0` and a 2-D float constant `B`: `W = α·B` (`α·Bᵀ` when
-//!   `transB = 1`); its bias is `C` scaled by `β`.
+//!   `transB = 1`); its bias is `C` scaled by `β`;
+//! - 2-D `Conv(X, W, B)` with a float constant `W [M, C/g, kh, kw]`: `W` is `[K, M]` with
+//!   `K = C/g·kh·kw` and `W[k, m] = W[m, k]` (flattened); the rows of `X` are the im2col
+//!   patches ([`crate::im2col`]) of each group on a deterministic subsample of output
+//!   positions, and group `gi` owns the columns `gi·M/g .. (gi+1)·M/g` (depthwise: `K =
+//!   kh·kw`, one column per group). Its bias is the constant `B [M]`.
 //!
 //! A weight read by anything else than the layer (shared weights) is not edited. The bias of
 //! a MatMul is the constant operand of the single `Add` that reads its output, when that
 //! constant has `N` elements laid out along the last axis and nothing else reads it.
 
 use crate::array::dtype;
+use crate::im2col::{subsample, ConvGeometry};
 use crate::onnx::attr::{describe, NodeAttrs};
 use crate::onnx::pb::{ModelProto, TensorProto};
 use crate::onnx::tensor::{from_f32, to_f32};
@@ -23,6 +29,7 @@ use serde::Serialize;
 pub enum LayerKind {
     MatMul,
     Gemm,
+    Conv,
 }
 
 /// Where a layer's bias lives.
@@ -57,6 +64,10 @@ pub struct Layer {
     pub trans_b: bool,
     #[serde(skip)]
     pub alpha: f64,
+    /// Groups (1 except for grouped Conv).
+    pub groups: usize,
+    #[serde(skip)]
+    pub conv: Option<ConvGeometry>,
 }
 
 /// A node that looked like a layer but cannot be regularized, and why.
@@ -94,6 +105,7 @@ pub fn find_layers(model: &ModelProto) -> Result<(Vec<Layer>, Vec<NotALayer>)> {
         let kind = match op {
             "MatMul" => LayerKind::MatMul,
             "Gemm" => LayerKind::Gemm,
+            "Conv" => LayerKind::Conv,
             _ => continue,
         };
         if !matches!(n.domain(), "" | "ai.onnx") {
@@ -115,12 +127,43 @@ pub fn find_layers(model: &ModelProto) -> Result<(Vec<Layer>, Vec<NotALayer>)> {
             reject(format!("weight '{w}' is {}, not float", dtype::name(wt.data_type())));
             continue;
         }
-        if wt.dims.len() != 2 {
-            reject(format!("weight '{w}' has rank {}, not 2", wt.dims.len()));
-            continue;
-        }
         if !sole_reader(&view, w, i) {
             reject(format!("weight '{w}' is shared with other nodes"));
+            continue;
+        }
+        if kind == LayerKind::Conv {
+            let geo = match ConvGeometry::from_node(n, &wt.dims) {
+                Ok(g) => g,
+                Err(e) => {
+                    reject(format!("{e:#}"));
+                    continue;
+                }
+            };
+            let m = geo.out_channels;
+            let bias = n.input.get(2).filter(|c| !c.is_empty()).and_then(|c| {
+                let t = view.weight(c)?;
+                (t.data_type() == dtype::FLOAT && bias_layout(&t.dims, m) && sole_reader(&view, c, i))
+                    .then(|| BiasSite { tensor: c.clone(), node: node_label(&view, i), scale: 1.0 })
+            });
+            layers.push(Layer {
+                node: node_label(&view, i),
+                node_index: i,
+                kind,
+                input: x.clone(),
+                output: out.clone(),
+                weight: w.clone(),
+                k: geo.k(),
+                n: m,
+                bias,
+                trans_b: false,
+                alpha: 1.0,
+                groups: geo.groups,
+                conv: Some(geo),
+            });
+            continue;
+        }
+        if wt.dims.len() != 2 {
+            reject(format!("weight '{w}' has rank {}, not 2", wt.dims.len()));
             continue;
         }
         let (d0, d1) = (wt.dims[0].max(0) as usize, wt.dims[1].max(0) as usize);
@@ -153,6 +196,7 @@ pub fn find_layers(model: &ModelProto) -> Result<(Vec<Layer>, Vec<NotALayer>)> {
                 ok.then(|| BiasSite { tensor: c.clone(), node: node_label(&view, i), scale: beta })
             }),
             LayerKind::MatMul => matmul_bias(&view, out, nn),
+            LayerKind::Conv => None,
         };
         layers.push(Layer {
             node: node_label(&view, i),
@@ -166,6 +210,8 @@ pub fn find_layers(model: &ModelProto) -> Result<(Vec<Layer>, Vec<NotALayer>)> {
             bias,
             trans_b,
             alpha,
+            groups: 1,
+            conv: None,
         });
     }
     Ok((layers, rejected))
@@ -204,8 +250,16 @@ pub fn weight_matrix(model: &ModelProto, layer: &Layer) -> Result<Array2<f32>> {
     let view = GraphView::new(graph);
     let t = view.weight(&layer.weight).with_context(|| format!("weight '{}' not found", layer.weight))?;
     let a = to_f32(t).with_context(|| format!("layer {}: reading weight '{}'", layer.node, layer.weight))?;
-    let a = a.into_dimensionality::<ndarray::Ix2>().with_context(|| format!("weight '{}' is not 2-D", layer.weight))?;
-    let mut w = if layer.trans_b { a.t().to_owned() } else { a };
+    let a = if layer.kind == LayerKind::Conv {
+        // [M, C/g, kh, kw] → [M, K]
+        let len = a.len();
+        a.as_standard_layout().into_owned().into_shape_with_order((layer.n, len / layer.n.max(1))).with_context(
+            || format!("layer {}: weight '{}' does not have {} output channels", layer.node, layer.weight, layer.n),
+        )?
+    } else {
+        a.into_dimensionality::<ndarray::Ix2>().with_context(|| format!("weight '{}' is not 2-D", layer.weight))?
+    };
+    let mut w = if layer.trans_b || layer.kind == LayerKind::Conv { a.t().to_owned() } else { a };
     if layer.alpha != 1.0 {
         let alpha = layer.alpha as f32;
         w.mapv_inplace(|v| v * alpha);
@@ -272,7 +326,7 @@ pub fn write_weight(model: &mut ModelProto, layer: &Layer, w: &Array2<f32>) -> R
         bail!("layer {}: new weight has shape {:?}, expected [{}, {}]", layer.node, w.dim(), layer.k, layer.n);
     }
     let inv = (1.0 / layer.alpha) as f32;
-    let stored = if layer.trans_b { w.t().to_owned() } else { w.clone() };
+    let stored = if layer.trans_b || layer.kind == LayerKind::Conv { w.t().to_owned() } else { w.clone() };
     let values: Vec<f32> =
         stored.as_standard_layout().iter().map(|&v| if layer.alpha != 1.0 { v * inv } else { v }).collect();
     replace(model, &layer.weight, values)
@@ -285,4 +339,35 @@ pub fn write_bias(model: &mut ModelProto, layer: &Layer, b: &[f32]) -> Result<()
     let values: Vec<f32> = b.iter().map(|&v| (f64::from(v) / site.scale) as f32).collect();
     replace(model, &site.tensor, values)
         .with_context(|| format!("layer {}: writing bias '{}'", layer.node, site.tensor))
+}
+
+/// Conv output positions per sample whose patches are statistics rows: enough for the Gram
+/// matrices (cost `rows·K²·g`) and outputs (`rows·K·M`) to stay near 2²⁵ flops per sample.
+pub fn conv_positions(layer: &Layer) -> usize {
+    let (k, g, m) = (layer.k.max(1), layer.groups.max(1), layer.n.max(1));
+    (1usize << 25).checked_div(k * k * g + k * m).unwrap_or(1).clamp(128, 4096)
+}
+
+/// A sample's input rows of the layer: `[rows, K]` (leading dims flattened) for MatMul and
+/// Gemm; for Conv the im2col patches of each group at the positions [`conv_positions`] picks.
+pub fn input_rows(layer: &Layer, x: &ArrayD<f32>) -> Result<Vec<Array2<f32>>> {
+    match &layer.conv {
+        Some(geo) => {
+            let x4 = x
+                .view()
+                .into_dimensionality::<ndarray::Ix4>()
+                .with_context(|| format!("conv input of shape {:?} is not [N, C, H, W]", x.shape()))?;
+            let r = geo.resolve(x4.shape())?;
+            let pos = subsample(r.positions(), conv_positions(layer));
+            (0..geo.groups).map(|gi| geo.rows(&x4, gi, &pos)).collect()
+        }
+        None => {
+            let k = layer.k;
+            if x.ndim() == 0 || x.shape()[x.ndim() - 1] != k {
+                bail!("input of shape {:?} does not end with the weight's K = {k}", x.shape());
+            }
+            let rows = x.len() / k;
+            Ok(vec![x.as_standard_layout().into_owned().into_shape_with_order((rows, k))?])
+        }
+    }
 }

@@ -11,12 +11,15 @@
 //!
 //! # Method (per layer, in graph order, constants are flags)
 //! For each layer `y = x·W` (`W` is `[K, N]`; MatMul with a 2-D constant weight, Gemm with
-//! `transB` and `α` folded in) with input rows `x_i` (leading dims flattened):
+//! `transB` and `α` folded in, 2-D Conv with `W [M, C/g, kh, kw]` as `[K = C/g·kh·kw, M]`)
+//! with input rows `x_i` (leading dims flattened; for Conv the im2col patches of each group
+//! on a deterministic subsample of output positions, [`crate::im2col`], and every formula
+//! below holds per group with the group's rows and columns; see [`layer`]):
 //!
 //! 1. **Statistics** (streamed over the samples, see [`collect`]): the exact
 //!    `q = quantile_0.999(|Y|)` over all calibration elements of the layer (pre-bias), the
-//!    Gram matrix `G = XᵀX` (f64), the column sums `Σ_i x_i`, and the input rows of the
-//!    outliers only.
+//!    Gram matrix `G = XᵀX` (f64), the column sums `Σ_i x_i`, the input rows of the outliers,
+//!    and (guarded runs) a bounded, evenly spaced subset of all input rows.
 //! 2. **Outliers**: `O = {(i, j) : |y_ij| > τ}`, `τ = c·q`, `c = 4`. Not `k` standard
 //!    deviations: those flag Gaussian tails everywhere. Layers without outliers are left alone.
 //! 3. **Relevance** ([`solve::relevance`]): each outlier's main contributor
@@ -28,21 +31,40 @@
 //!    `t_j = clip(X w_j, −τ, τ)`, `λ = δ = tr(G)/K` (times `--reg-lambda`, `--reg-delta`).
 //!    Closed form: `w'_j = w_j − (G + δI + λE_S E_Sᵀ)⁻¹ (λE_S w_S + Xᵀr_j)` with
 //!    `r_j = X w_j − t_j`, non-zero only on outlier rows, so `Xᵀr_j = Σ_{i∈O_j} x_i r_ij`.
-//!    `G + δI` is factored once per layer (Cholesky) and the rank-`|S_j|` term is applied per
-//!    column with the Woodbury identity. The damping `δ` keeps the fit from overfitting the
-//!    low-rank calibration rows, and the target clips the outliers instead of preserving them
-//!    (a ridge that preserves `X w_j` would keep them by construction). Then
+//!    `G + δI` is factored once per layer (per group) (Cholesky) and the rank-`|S_j|` term is
+//!    applied per column with the Woodbury identity. The damping `δ` keeps the fit from
+//!    overfitting the low-rank calibration rows, and the target clips the outliers instead of
+//!    preserving them (a ridge that preserves `X w_j` would keep them by construction). Then
 //!    `b_j += mean_{i∉O_j} x_i·(w_j − w'_j)` when the layer feeds a constant bias (the Add
-//!    after a MatMul, Gemm's `C`); no bias is created otherwise. `shrink` mode instead scales
-//!    the selected weights by `γ = 0.5`.
-//! 5. The next layer's statistics are computed on the model with the edits so far:
+//!    after a MatMul, Gemm's `C`, Conv's `B`); no bias is created otherwise. `shrink` mode
+//!    instead scales the selected weights by `γ = 0.5`.
+//! 5. **Local acceptance** (`--regularize auto`, [`LocalError`]): with `z = x·W + b` the
+//!    original layer's float output and `z' = x·W' + b'` the edited one on the kept rows,
+//!    `Q` / `Q'` uint8 fake quantization with the range of `z` / `z'` over the kept and the
+//!    outlier rows, the edit is kept iff
+//!    `Σ_{(i,j)∉O} (Q'(z'_ij) − z_ij)² < Σ_{(i,j)∉O} (Q(z_ij) − z_ij)²`: the ordinary values
+//!    of the layer's output come out of int8 closer to the original float values, the float
+//!    change of the edit included. The outlier elements themselves are left out (clipping
+//!    them is the point; whether the model tolerates it is the global guard's question).
+//! 6. The next layer's statistics are computed on the model with the edits kept so far:
 //!    [`segment`] runs the graph piece by piece with a cached frontier, so the whole sequence
-//!    costs one forward pass (plus one to find which layers have outliers at all).
-//! 6. **Guard** (`--regularize auto`): an edit is kept only if the quantized model
-//!    (recalibrated ranges, fake-quant twin) gets a higher worst-output SQNR against the
-//!    original float model on the calibration samples than without it; the final model is
-//!    compared with plain quantization once more. `auto` is therefore never worse than plain
-//!    quantization on the calibration data.
+//!    costs one forward pass, which also gathers the calibration statistics of every tensor
+//!    at or after the first layer with outliers (the earlier ones cannot change), i.e. the
+//!    recalibration of the regularized model.
+//! 7. **Global guard** ([`guard`], `--regularize auto`): plain quantization (ranges of the
+//!    first pass) and the regularized model (ranges of step 6) are each quantized, run as
+//!    fake-quant twins on the calibration samples and compared with the original float
+//!    outputs (kept from the first pass); the regularized model is returned only if its
+//!    worst-output SQNR is strictly higher, else the input model. `auto` is therefore never
+//!    worse than plain quantization on the calibration data. The pipeline quantizes the
+//!    returned model with the returned ranges (no further calibration).
+//!
+//! # Cost
+//! `auto`: one statistics pass (the calibration plain quantization needs anyway, plus the
+//! layers' outlier statistics and the float outputs), nothing more when no layer has
+//! outliers; else one sequential pass (statistics, Gram matrices, recalibration) and, when an
+//! edit was kept, two fake-quant forward passes for the guard. A forced strength and
+//! `onnxq regularize` run the first two passes without calibration statistics.
 
 pub mod collect;
 pub mod guard;
@@ -55,6 +77,7 @@ use crate::calibrate::{self as cal, Calibration, Target, TensorEntry};
 use crate::data::{DataOptions, InputSpec, SampleSet};
 use crate::onnx::pb::ModelProto;
 use crate::onnx::GraphView;
+use crate::quantize::params::{ActParams, ActType};
 use crate::quantize::QuantOptions;
 use crate::runtime::Plan;
 use crate::stats::{RangeMethod, TensorStats};
@@ -62,6 +85,7 @@ use anyhow::{bail, Context, Result};
 use collect::{LayerAcc, LayerStats};
 use layer::{Layer, NotALayer};
 use ndarray::Array2;
+use rayon::prelude::*;
 use serde::Serialize;
 use solve::{Cholesky, Outlier};
 use std::collections::{BTreeMap, BTreeSet};
@@ -280,9 +304,19 @@ pub struct LayerEdit {
     pub abs_max: f64,
     pub outliers: usize,
     pub mode: Mode,
+    /// `λ` and `δ` (of the first group with outliers for grouped Conv).
     pub lambda: f64,
     pub delta: f64,
     pub columns: Vec<ColumnEdit>,
+}
+
+/// The local acceptance test of an edit: the squared error of the layer's int8-quantized
+/// output against the original layer's float output, summed over the kept rows' elements that
+/// are not outliers, without and with the edit.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct LocalError {
+    pub before: f64,
+    pub after: f64,
 }
 
 /// What happened to one layer with outliers.
@@ -290,9 +324,9 @@ pub struct LayerEdit {
 pub struct LayerDecision {
     pub node: String,
     pub accepted: bool,
-    /// Quantized worst-output SQNR with this edit (guarded runs).
+    /// The local acceptance test (guarded runs).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub quantized_sqnr_db: Option<f64>,
+    pub local_error: Option<LocalError>,
     pub reason: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub edit: Option<LayerEdit>,
@@ -318,8 +352,10 @@ pub struct RegularizationReport {
     /// Whether the returned model differs from the input.
     pub regularized: bool,
     pub layers: Vec<LayerDecision>,
-    /// Forward passes over the samples (statistics, pieces, guard).
+    /// Forward passes over the samples (statistics, sequential pass, guard).
     pub passes: usize,
+    /// Wall time of each phase (s).
+    pub phase_seconds: BTreeMap<String, f64>,
     pub pieces: usize,
     pub seconds: f64,
 }
@@ -353,7 +389,10 @@ fn forward_pass(
     names.extend(outputs.iter().cloned());
     let plan = Plan::load(model_bytes, None, &cal::input_facts(specs, set)?, &names)?;
     let accs = RwLock::new(
-        layers.iter().map(|_| LayerAcc::new(set.len(), opts.quantile, opts.tau_factor, false)).collect::<Vec<_>>(),
+        layers
+            .iter()
+            .map(|(l, _)| LayerAcc::new(set.len(), opts.quantile, opts.tau_factor, false, l.groups, 0))
+            .collect::<Vec<_>>(),
     );
     let mut stats: Vec<Option<TensorStats>> = vec![None; targets.len()];
     let mut kept: Vec<Vec<ArrayData>> = Vec::with_capacity(set.len());
@@ -363,39 +402,21 @@ fn forward_pass(
         set,
         &pb,
         |_, outs| {
-            let per_target: Vec<Option<TensorStats>> = outs
-                .iter()
-                .zip(targets)
-                .map(|(o, t)| {
-                    let ArrayData::F32(a) = o else { return None };
-                    let axis = t.channel_axis.and_then(|ax| match ax {
-                        cal::ChannelAxis::One => (a.ndim() >= 2).then_some(1),
-                        cal::ChannelAxis::Last => a.ndim().checked_sub(1),
-                    });
-                    let mut s = TensorStats::new(2048, axis);
-                    s.update(a.view());
-                    Some(s)
-                })
-                .collect();
+            let per_target: Vec<Option<TensorStats>> =
+                outs.iter().zip(targets).map(|(o, t)| cal::sample_stats(o, t, 2048)).collect();
             let guard = accs.read().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?;
             let mut per_layer = Vec::with_capacity(layers.len());
             for (k, ((l, w), acc)) in layers.iter().zip(guard.iter()).enumerate() {
                 let x = outs.get(layer_base + k).context("internal error: missing layer input")?;
                 let ArrayData::F32(x) = x else { bail!("layer {}: input '{}' is not float", l.node, l.input) };
-                per_layer.push(acc.sample(x, w).with_context(|| format!("layer {}", l.node))?);
+                let rows = layer::input_rows(l, x).with_context(|| format!("layer {}", l.node))?;
+                per_layer.push(acc.sample(&rows, w).with_context(|| format!("layer {}", l.node))?);
             }
             let out_vals: Vec<ArrayData> = outs.get(out_base..).map(|s| s.to_vec()).unwrap_or_default();
             Ok((per_target, per_layer, out_vals))
         },
         |_, (per_target, per_layer, out_vals)| {
-            for (slot, s) in stats.iter_mut().zip(per_target) {
-                if let Some(s) = s {
-                    match slot {
-                        Some(a) => a.merge(&s),
-                        None => *slot = Some(s),
-                    }
-                }
-            }
+            cal::fold_stats(&mut stats, per_target);
             let mut guard = accs.write().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?;
             for (acc, s) in guard.iter_mut().zip(per_layer) {
                 acc.merge(s)?;
@@ -412,7 +433,7 @@ fn forward_pass(
         seconds: t0.elapsed().as_secs_f64(),
     });
     let accs = accs.into_inner().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?;
-    Ok(PassOut { calibration, outputs: kept, layers: accs.into_iter().map(LayerAcc::finish).collect() })
+    Ok(PassOut { calibration, outputs: kept, layers: accs.into_iter().map(LayerAcc::finish).collect::<Result<_>>()? })
 }
 
 // ---------------------------------------------------------------- analysis
@@ -515,31 +536,36 @@ fn compute_edit(
     opts: &Options,
     full_edits: bool,
 ) -> Result<Edit> {
-    let (kdim, _) = w.dim();
+    let (kdim, ndim) = w.dim();
+    let ng = ndim / st.groups.max(1);
     let rel = solve::relevance(&st.outliers, &st.xrows, w, st.tau)?;
     let mut new_w = w.clone();
     let mut new_b = bias.clone();
-    let (mut lambda, mut delta) = (0.0, 0.0);
-    let chol = match opts.mode {
-        Mode::Solve => {
-            let g = st.gram.as_ref().context("internal error: no Gram matrix")?;
-            let scale = (0..kdim).map(|i| g[[i, i]]).sum::<f64>() / kdim as f64;
-            if !(scale > 0.0 && scale.is_finite()) {
-                bail!("the layer's input has no energy (tr(G)/K = {scale})");
-            }
-            lambda = opts.lambda * scale;
-            delta = opts.delta * scale;
-            Some(Cholesky::new(&solve::damped(g, delta))?)
-        }
-        Mode::Shrink { .. } => None,
-    };
-    let mut inv_cols = BTreeMap::new();
+    let (mut lambda, mut delta) = (f64::NAN, f64::NAN);
+    // Per group with outliers: the factorization of `G + δI`, the Woodbury cache, λ and δ.
+    type Factor = (Cholesky, BTreeMap<usize, Vec<f64>>, f64);
+    let mut factors: BTreeMap<usize, Factor> = BTreeMap::new();
     let mut columns = Vec::new();
     for (j, outs) in by_column(&st.outliers) {
+        let gi = j / ng.max(1);
         let s = rel.get(&j).map(|r| solve::select(r, opts.min_share, opts.max_per_column)).unwrap_or_default();
         let wj: Vec<f64> = (0..kdim).map(|k| f64::from(w[[k, j]])).collect();
-        let d: Vec<f64> = match (opts.mode, &chol) {
-            (Mode::Solve, Some(chol)) => {
+        let d: Vec<f64> = match opts.mode {
+            Mode::Solve => {
+                if let std::collections::btree_map::Entry::Vacant(slot) = factors.entry(gi) {
+                    let grams = st.gram.as_ref().context("internal error: no Gram matrix")?;
+                    let g = grams.get(gi).context("internal error: no Gram matrix for the group")?;
+                    let scale = (0..kdim).map(|i| g[[i, i]]).sum::<f64>() / kdim as f64;
+                    if !(scale > 0.0 && scale.is_finite()) {
+                        bail!("the layer's input has no energy (tr(G)/K = {scale})");
+                    }
+                    if lambda.is_nan() {
+                        (lambda, delta) = (opts.lambda * scale, opts.delta * scale);
+                    }
+                    let chol = Cholesky::new(&solve::damped(g, opts.delta * scale))?;
+                    slot.insert((chol, BTreeMap::new(), opts.lambda * scale));
+                }
+                let (chol, inv_cols, lam) = factors.get_mut(&gi).context("internal error: no factorization")?;
                 let mut xtr = vec![0f64; kdim];
                 for o in &outs {
                     let x = st.xrows.get(&o.row).context("internal error: outlier row missing")?;
@@ -548,25 +574,25 @@ fn compute_edit(
                         *acc += f64::from(xv) * r;
                     }
                 }
-                solve::column_update(chol, &mut inv_cols, &s, lambda, &wj, &xtr)?
+                solve::column_update(chol, inv_cols, &s, *lam, &wj, &xtr)?
             }
-            (Mode::Shrink { gamma }, _) => {
+            Mode::Shrink { gamma } => {
                 let mut d = vec![0f64; kdim];
                 for &k in &s {
                     d[k] = (1.0 - gamma) * wj[k];
                 }
                 d
             }
-            _ => bail!("internal error: solve mode without a factorization"),
         };
         for k in 0..kdim {
             new_w[[k, j]] = (wj[k] - d[k]) as f32;
         }
         // Bias: the mean change on the rows that are not outliers of this column.
         let rows_out: BTreeSet<u64> = outs.iter().map(|o| o.row).collect();
-        let bias_delta = match (&mut new_b, st.colsum.len() == kdim) {
-            (Some(b), true) if st.rows > rows_out.len() as u64 => {
-                let mut mean = st.colsum.clone();
+        let colsum = st.colsum.get(gi).filter(|c| c.len() == kdim);
+        let bias_delta = match (&mut new_b, colsum) {
+            (Some(b), Some(colsum)) if st.rows > rows_out.len() as u64 => {
+                let mut mean = colsum.clone();
                 for r in &rows_out {
                     let x = st.xrows.get(r).context("internal error: outlier row missing")?;
                     for (m, &xv) in mean.iter_mut().zip(x) {
@@ -631,11 +657,76 @@ fn compute_edit(
             abs_max: st.abs_max,
             outliers: st.outliers.len(),
             mode: opts.mode,
-            lambda,
-            delta,
+            lambda: if lambda.is_nan() { 0.0 } else { lambda },
+            delta: if delta.is_nan() { 0.0 } else { delta },
             columns,
         },
     })
+}
+
+/// The local acceptance test ([`LocalError`], module docs) of `edit` from the layer's
+/// statistics: the kept input rows give the outputs `z = x·W + b` and `z' = x·W' + b'`; each
+/// is fake-quantized to uint8 with the range of its own values over the kept rows and the
+/// outlier rows; the errors against `z` are summed over the kept rows' non-outlier elements.
+fn local_error(st: &LayerStats, w: &Array2<f32>, bias: Option<&[f32]>, edit: &Edit) -> Result<(f64, f64)> {
+    let (_, n) = w.dim();
+    let g = st.groups.max(1);
+    let ng = n / g;
+    let outlier: BTreeSet<(u64, usize)> = st.outliers.iter().map(|o| (o.row, o.j)).collect();
+    let b_old = |j: usize| bias.and_then(|b| b.get(j)).copied().unwrap_or(0.0);
+    let b_new = |j: usize| edit.bias.as_ref().and_then(|b| b.get(j)).copied().unwrap_or(b_old(j));
+    // Per group: (row ids, z, z') on the kept rows, and z, z' on the outlier rows.
+    let mut kept = Vec::with_capacity(g);
+    let (mut lo, mut hi) = ([0f32; 2], [0f32; 2]);
+    let mut extend = |z: &Array2<f32>, zn: &Array2<f32>| {
+        for (v, vn) in z.iter().zip(zn.iter()) {
+            (lo[0], hi[0]) = (lo[0].min(*v), hi[0].max(*v));
+            (lo[1], hi[1]) = (lo[1].min(*vn), hi[1].max(*vn));
+        }
+    };
+    for gi in 0..g {
+        let cols = gi * ng..(gi + 1) * ng;
+        let (wo, wn) = (w.slice(ndarray::s![.., cols.clone()]), edit.w.slice(ndarray::s![.., cols.clone()]));
+        let outputs = |x: &Array2<f32>| -> (Array2<f32>, Array2<f32>) {
+            let mut z = x.dot(&wo);
+            let mut zn = x.dot(&wn);
+            for (c, j) in cols.clone().enumerate() {
+                z.column_mut(c).mapv_inplace(|v| v + b_old(j));
+                zn.column_mut(c).mapv_inplace(|v| v + b_new(j));
+            }
+            (z, zn)
+        };
+        let rows: Vec<&Vec<f32>> =
+            st.xrows.iter().filter(|(id, _)| (**id % g as u64) as usize == gi).map(|(_, x)| x).collect();
+        if !rows.is_empty() {
+            let k = rows[0].len();
+            let xo = Array2::from_shape_vec((rows.len(), k), rows.into_iter().flatten().copied().collect())?;
+            let (z, zn) = outputs(&xo);
+            extend(&z, &zn);
+        }
+        let (ids, x) = st.kept.get(gi).context("internal error: no kept rows for the group")?;
+        let (z, zn) = outputs(x);
+        extend(&z, &zn);
+        kept.push((ids, z, zn));
+    }
+    let (p0, p1) = (ActParams::from_range(lo[0], hi[0], ActType::U8), ActParams::from_range(lo[1], hi[1], ActType::U8));
+    let (mut before, mut after) = (0f64, 0f64);
+    for (gi, (ids, z, zn)) in kept.iter().enumerate() {
+        for ((&id, zr), znr) in ids.iter().zip(z.outer_iter()).zip(zn.outer_iter()) {
+            for (c, (&v, &vn)) in zr.iter().zip(znr.iter()).enumerate() {
+                if outlier.contains(&(id, gi * ng + c)) || !(v.is_finite() && vn.is_finite()) {
+                    continue;
+                }
+                before += f64::from(p0.fake(v) - v).powi(2);
+                after += f64::from(p1.fake(vn) - v).powi(2);
+            }
+        }
+    }
+    Ok((before, after))
+}
+
+fn fmt_err(v: f64) -> String {
+    format!("{v:.4e}")
 }
 
 /// Quantization settings for the guard.
@@ -705,6 +796,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         regularized: false,
         layers: Vec::new(),
         passes: 0,
+        phase_seconds: BTreeMap::new(),
         pieces: 0,
         seconds: 0.0,
     };
@@ -732,126 +824,148 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
     )
     .with_context(|| format!("statistics of {}", run.label))?;
     report.passes += 1;
+    report.phase_seconds.insert("1 statistics pass".into(), t0.elapsed().as_secs_f64());
+    let t1 = Instant::now();
     let flagged: Vec<&Layer> =
         layers.iter().zip(&first.layers).filter(|(_, st)| !st.outliers.is_empty()).map(|(l, _)| l).collect();
     report.layers_with_outliers = flagged.len();
     let base_cal = first.calibration;
     let reference = first.outputs;
 
-    let mut guard = run.guard.as_ref().map(|g| guard::Guard {
-        specs: &specs,
-        set: &set,
-        facts: facts.clone(),
-        targets: targets.clone(),
-        qopts: g.quant.clone(),
-        method: g.method.clone(),
-        bins: 2048,
-        quiet: opts.quiet,
-        output_names: output_names.clone(),
-        reference: reference.clone(),
-        passes: 0,
-        wanted: None,
-    });
-
-    let base_ranges = |c: &Option<Calibration>, g: &Option<GuardSettings>| match (c, g) {
+    // Plain quantization's ranges (guarded runs), computed once.
+    let plain_ranges = match (&base_cal, &run.guard) {
         (Some(c), Some(g)) => Some(guard::ranges(c, &g.method)),
         _ => None,
     };
     if flagged.is_empty() {
         report.seconds = t0.elapsed().as_secs_f64();
-        let ranges = base_ranges(&base_cal, &run.guard);
-        return Ok(Outcome { model: model.clone(), baseline_ranges: ranges.clone(), ranges, report });
+        return Ok(Outcome {
+            model: model.clone(),
+            baseline_ranges: plain_ranges.clone(),
+            ranges: plain_ranges,
+            report,
+        });
     }
 
-    let mut best_model = model.clone();
-    let mut best_cal = base_cal.clone();
-    let mut baseline = None;
-    if let (Some(g), Some(c)) = (guard.as_mut(), &base_cal) {
-        let s = g.sqnr_of(model, c)?;
-        if !opts.quiet {
-            eprintln!("plain quantization: {} dB worst-output SQNR on the calibration samples", fmt_db(s));
-        }
-        baseline = Some(s);
+    // The sequential pass: statistics (with Gram and kept rows) of each flagged layer on the
+    // model edited so far, solve, local acceptance, and (guarded) the calibration statistics
+    // of every target at or after the first flagged layer, which are then those of the
+    // returned model.
+    let view = GraphView::new(graph);
+    let order = view.topo_order()?;
+    let mut pos = vec![usize::MAX; graph.node.len()];
+    for (p, &i) in order.iter().enumerate() {
+        pos[i] = p;
     }
-    let mut best_sqnr = baseline;
+    let first_pos = flagged.iter().map(|l| pos[l.node_index]).min().unwrap_or(0);
+    let collect: Vec<String> = targets
+        .iter()
+        .filter(|t| view.producer_index(&t.name).is_some_and(|p| pos.get(p).is_some_and(|&q| q >= first_pos)))
+        .map(|t| t.name.clone())
+        .collect();
+    let collect_targets: Vec<&Target> = collect.iter().filter_map(|n| targets.iter().find(|t| &t.name == n)).collect();
+    let mut fresh: Vec<Option<TensorStats>> = vec![None; collect.len()];
+    let stats_of = |got: &[(usize, ArrayData)]| -> Vec<(usize, TensorStats)> {
+        got.iter()
+            .filter_map(|(ci, v)| {
+                collect_targets.get(*ci).and_then(|t| cal::sample_stats(v, t, 2048)).map(|s| (*ci, s))
+            })
+            .collect()
+    };
+    let mut fold_fresh = |per: Vec<(usize, TensorStats)>| {
+        for (ci, s) in per {
+            if let Some(slot) = fresh.get_mut(ci) {
+                match slot {
+                    Some(a) => a.merge(&s),
+                    None => *slot = Some(s),
+                }
+            }
+        }
+    };
+    let mut cur = model.clone();
     let mut seg = segment::Segmenter::new(&specs, &set, opts.quiet);
     let later: Vec<usize> = flagged.iter().map(|l| l.node_index).collect();
+    let keep_budget = 1usize << 23;
     for (idx, l) in flagged.iter().enumerate() {
-        let w = layer::weight_matrix(&best_model, l)?;
-        let acc = RwLock::new(LayerAcc::new(set.len(), opts.quantile, opts.tau_factor, opts.mode == Mode::Solve));
+        let w = layer::weight_matrix(&cur, l)?;
+        let keep = if run.guard.is_some() { (keep_budget / (set.len().max(1) * l.k * l.groups)).max(1) } else { 0 };
+        let acc = RwLock::new(LayerAcc::new(
+            set.len(),
+            opts.quantile,
+            opts.tau_factor,
+            opts.mode == Mode::Solve,
+            l.groups,
+            keep,
+        ));
         seg.advance(
-            &best_model,
+            &cur,
             l.node_index,
             &l.input,
             &later[idx + 1..],
-            |_, x| {
-                let ArrayData::F32(x) = x else { bail!("input '{}' is not float", l.input) };
+            &collect,
+            |_, x, got| {
+                let Some(ArrayData::F32(x)) = x else { bail!("input '{}' is not float", l.input) };
+                let rows = layer::input_rows(l, x)?;
                 let a = acc.read().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?;
-                a.sample(x, &w)
+                Ok((a.sample(&rows, &w)?, stats_of(got)))
             },
-            |_, s| acc.write().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?.merge(s),
+            |_, (s, per)| {
+                fold_fresh(per);
+                acc.write().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?.merge(s)
+            },
         )
         .with_context(|| format!("statistics of layer {}", l.node))?;
-        let st = acc.into_inner().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?.finish();
+        let st = acc.into_inner().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?.finish()?;
+        let decline = |reason: String| LayerDecision {
+            node: l.node.clone(),
+            accepted: false,
+            local_error: None,
+            reason,
+            edit: None,
+        };
         if st.outliers.is_empty() {
-            report.layers.push(LayerDecision {
-                node: l.node.clone(),
-                accepted: false,
-                quantized_sqnr_db: None,
-                reason: "no outliers once the earlier layers were regularized".into(),
-                edit: None,
-            });
+            report.layers.push(decline("no outliers once the earlier layers were regularized".into()));
             continue;
         }
-        let bias = layer::bias_values(&best_model, l)?;
-        let edit = match compute_edit(l, &st, &w, bias, opts, run.full_edits) {
+        let bias = layer::bias_values(&cur, l)?;
+        let edit = match compute_edit(l, &st, &w, bias.clone(), opts, run.full_edits) {
             Ok(e) => e,
             Err(e) => {
-                report.layers.push(LayerDecision {
-                    node: l.node.clone(),
-                    accepted: false,
-                    quantized_sqnr_db: None,
-                    reason: format!("not regularized: {e:#}"),
-                    edit: None,
-                });
+                report.layers.push(decline(format!("not regularized: {e:#}")));
                 continue;
             }
         };
-        let mut cand = best_model.clone();
-        layer::write_weight(&mut cand, l, &edit.w)?;
-        if let Some(b) = &edit.bias {
-            layer::write_bias(&mut cand, l, b)?;
-        }
-        let decision = match (guard.as_mut(), &best_cal, best_sqnr) {
-            (Some(g), Some(c), Some(prev)) => {
-                let scored =
-                    g.score(&cand, c, &[l.node_index]).with_context(|| format!("guard of layer {}", l.node))?;
-                let accepted = scored.sqnr_db > prev;
-                let reason = format!(
-                    "quantized SQNR {} dB -> {} dB: {}",
-                    fmt_db(prev),
-                    fmt_db(scored.sqnr_db),
+        let decision = if run.guard.is_some() {
+            let (before, after) =
+                local_error(&st, &w, bias.as_deref(), &edit).with_context(|| format!("layer {}", l.node))?;
+            let accepted = after < before;
+            LayerDecision {
+                node: l.node.clone(),
+                accepted,
+                local_error: Some(LocalError { before, after }),
+                reason: format!(
+                    "int8 output error {} -> {}: {}",
+                    fmt_err(before),
+                    fmt_err(after),
                     if accepted { "kept" } else { "reverted" }
-                );
-                let q = finite(scored.sqnr_db);
-                if accepted {
-                    best_model = cand;
-                    best_sqnr = Some(scored.sqnr_db);
-                    best_cal = Some(scored.calibration);
-                }
-                LayerDecision { node: l.node.clone(), accepted, quantized_sqnr_db: q, reason, edit: Some(edit.report) }
+                ),
+                edit: Some(edit.report.clone()),
             }
-            _ => {
-                best_model = cand;
-                LayerDecision {
-                    node: l.node.clone(),
-                    accepted: true,
-                    quantized_sqnr_db: None,
-                    reason: "applied (unguarded)".into(),
-                    edit: Some(edit.report),
-                }
+        } else {
+            LayerDecision {
+                node: l.node.clone(),
+                accepted: true,
+                local_error: None,
+                reason: "applied (unguarded)".into(),
+                edit: Some(edit.report.clone()),
             }
         };
+        if decision.accepted {
+            layer::write_weight(&mut cur, l, &edit.w)?;
+            if let Some(b) = &edit.bias {
+                layer::write_bias(&mut cur, l, b)?;
+            }
+        }
         if !opts.quiet {
             eprintln!(
                 "layer {}: {} outliers (max/tau {:.1}): {}",
@@ -863,20 +977,70 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         }
         report.layers.push(decision);
     }
-    report.pieces = seg.pieces;
-    report.passes += 1 + guard.as_ref().map_or(0, |g| g.passes);
-    report.baseline_sqnr_db = baseline.and_then(finite);
-
-    // Global guard: the result must beat plain quantization.
     let mut regularized = report.layers.iter().any(|d| d.accepted);
-    if let (Some(b), Some(f)) = (baseline, best_sqnr) {
-        if regularized && f <= b {
+    if regularized && !collect.is_empty() {
+        seg.finish(
+            &cur,
+            &collect,
+            |_, _, got| Ok(stats_of(got)),
+            |_, per| {
+                fold_fresh(per);
+                Ok(())
+            },
+        )
+        .context("calibrating the regularized model")?;
+    }
+    report.pieces = seg.pieces;
+    report.passes += 1;
+    report.phase_seconds.insert("2 sequential pass".into(), t1.elapsed().as_secs_f64());
+    let t2 = Instant::now();
+
+    // Global guard: the regularized model's quantized SQNR must beat plain quantization's.
+    // Its ranges are plain quantization's except for the tensors recalibrated above.
+    let mut reg_ranges = plain_ranges.clone();
+    if let (Some(r), Some(g), true) = (reg_ranges.as_mut(), &run.guard, regularized) {
+        let entries: Vec<(String, TensorEntry)> = collect
+            .iter()
+            .zip(&fresh)
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .filter_map(|(n, s)| s.as_ref().map(|s| (n.clone(), TensorEntry::from_stats(s, &g.method))))
+            .collect();
+        for (name, e) in entries {
+            if let Some(slot) = r.get_mut(&name) {
+                *slot = e;
+            }
+        }
+    }
+    if let (Some(g), Some(pr), Some(rr), true) = (&run.guard, &plain_ranges, &reg_ranges, regularized) {
+        let mut guard = guard::Guard {
+            set: &set,
+            facts: facts.clone(),
+            qopts: g.quant.clone(),
+            quiet: opts.quiet,
+            output_names: output_names.clone(),
+            reference: &reference,
+            passes: 0,
+        };
+        let b = guard.sqnr_of(model, pr)?;
+        let f = guard.sqnr_of(&cur, rr)?;
+        report.passes += guard.passes;
+        if !opts.quiet {
+            eprintln!(
+                "quantized worst-output SQNR on the calibration samples: plain {} dB, regularized {} dB",
+                fmt_db(b),
+                fmt_db(f)
+            );
+        }
+        report.baseline_sqnr_db = finite(b);
+        if f <= b {
             regularized = false;
+            report.layers.iter_mut().for_each(|d| d.accepted = false);
         }
         report.final_sqnr_db = finite(if regularized { f } else { b });
+        report.phase_seconds.insert("3 guard".into(), t2.elapsed().as_secs_f64());
     }
-    let baseline_ranges = base_ranges(&base_cal, &run.guard);
-    let (out_model, out_cal) = if regularized { (best_model, best_cal) } else { (model.clone(), base_cal) };
+    let (out_model, ranges) = if regularized { (cur, reg_ranges) } else { (model.clone(), plain_ranges.clone()) };
     report.regularized = regularized;
     if run.measure_float && regularized {
         let bytes = crate::onnx::io::encode_for_runtime(&out_model)?;
@@ -895,8 +1059,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         report.float_sqnr_db = Some(guard::worst_sqnr(&sums)).and_then(finite);
     }
     report.seconds = t0.elapsed().as_secs_f64();
-    let ranges = base_ranges(&out_cal, &run.guard);
-    Ok(Outcome { model: out_model, ranges, baseline_ranges, report })
+    Ok(Outcome { model: out_model, ranges, baseline_ranges: plain_ranges, report })
 }
 
 // ---------------------------------------------------------------- text

@@ -10,6 +10,11 @@
 //! constant-only tensors are recomputed instead, by pulling their producing nodes into the
 //! piece that needs them, so tract still sees constant shapes. Graph inputs are fed from the
 //! samples to every piece that reads them.
+//!
+//! Besides the tensor a layer reads, each piece can hand out *collected* tensors (those among
+//! a given list that the piece's own nodes produce), so that calibration statistics of the
+//! edited model are gathered in the same pass; [`Segmenter::finish`] runs the rest of the
+//! graph after the last layer for them.
 
 use crate::array::{dtype, ArrayData};
 use crate::calibrate::progress;
@@ -208,32 +213,65 @@ impl<'a> Segmenter<'a> {
     }
 
     /// Runs the model from where the previous call stopped up to (not including) node
-    /// `upto`, and hands each sample's value of the tensor `want` (an input of `upto`) to
-    /// `map` (in parallel); `fold` receives the results in sample order. `later` are the node
-    /// indices of layers still to come (what must stay cached). `model` must keep the same
-    /// graph structure between calls (only constant values may change).
+    /// `upto`, and hands each sample's value of the tensor `want` (an input of `upto`) and of
+    /// the `collect` tensors the piece produces (with their index in `collect`) to `map` (in
+    /// parallel); `fold` receives the results in sample order. `later` are the node indices
+    /// of layers still to come (what must stay cached). `model` must keep the same graph
+    /// structure between calls (only constant values may change).
+    #[allow(clippy::too_many_arguments)]
     pub fn advance<T: Send>(
         &mut self,
         model: &ModelProto,
         upto: usize,
         want: &str,
         later: &[usize],
-        map: impl Fn(usize, &ArrayData) -> Result<T> + Sync,
+        collect: &[String],
+        map: impl Fn(usize, Option<&ArrayData>, &[(usize, ArrayData)]) -> Result<T> + Sync,
+        fold: impl FnMut(usize, T) -> Result<()>,
+    ) -> Result<()> {
+        self.run(model, Some((upto, want)), later, collect, map, fold)
+    }
+
+    /// Runs the rest of the graph (after the last `advance`) for the `collect` tensors.
+    pub fn finish<T: Send>(
+        &mut self,
+        model: &ModelProto,
+        collect: &[String],
+        map: impl Fn(usize, Option<&ArrayData>, &[(usize, ArrayData)]) -> Result<T> + Sync,
+        fold: impl FnMut(usize, T) -> Result<()>,
+    ) -> Result<()> {
+        self.run(model, None, &[], collect, map, fold)
+    }
+
+    fn run<T: Send>(
+        &mut self,
+        model: &ModelProto,
+        upto: Option<(usize, &str)>,
+        later: &[usize],
+        collect: &[String],
+        map: impl Fn(usize, Option<&ArrayData>, &[(usize, ArrayData)]) -> Result<T> + Sync,
         mut fold: impl FnMut(usize, T) -> Result<()>,
     ) -> Result<()> {
         let graph = model.graph.as_ref().context("the model has no graph")?;
         let view = GraphView::new(graph);
         let lay = Layout::new(&view)?;
-        let end = *lay.pos.get(upto).context("internal error: layer node out of range")?;
+        let end = match upto {
+            Some((node, _)) => *lay.pos.get(node).context("internal error: layer node out of range")?,
+            None => lay.order.len(),
+        };
         if end < self.start {
             bail!("internal error: layers must be visited in topological order");
         }
-        let last = later.iter().filter_map(|&i| lay.pos.get(i).copied()).max().unwrap_or(end).max(end);
+        let mut last = later.iter().filter_map(|&i| lay.pos.get(i).copied()).max().unwrap_or(end).max(end);
+        if !collect.is_empty() {
+            // The rest of the graph runs later (`finish`): keep what it reads.
+            last = last.max(lay.order.len().saturating_sub(1));
+        }
 
         // What must be cached after this piece: everything read at positions [end, last].
         let mut keep = BTreeSet::new();
         let mut scratch = BTreeSet::new();
-        for &i in &lay.order[end..=last] {
+        for &i in lay.order.get(end..=last).unwrap_or(&[]) {
             for r in lay.reads(i) {
                 lay.resolve(&r, end, &mut keep, &mut scratch);
             }
@@ -249,23 +287,24 @@ impl<'a> Segmenter<'a> {
             }
         }
         // `want` itself may come from before the piece.
+        let want = upto.map_or("", |u| u.1);
         let mut want_cached = false;
-        if lay.producer(want).is_some_and(|p| lay.pos[p] < self.start) {
+        if upto.is_some() && lay.producer(want).is_some_and(|p| lay.pos[p] < self.start) {
             if lay.cacheable.get(want).copied().unwrap_or(false) {
                 want_cached = true;
             } else {
                 lay.resolve(want, self.start, &mut cached_in, &mut pulled);
             }
         }
-        let want_from_input = view.is_graph_input(want);
+        let want_from_input = upto.is_some() && view.is_graph_input(want);
         let mut nodes: Vec<usize> = pulled.iter().copied().chain(range.iter().copied()).collect();
         nodes.sort_by_key(|&i| lay.pos[i]);
         nodes.dedup();
         let produced: HashSet<&str> =
             nodes.iter().flat_map(|&i| view.nodes()[i].output.iter().map(|s| s.as_str())).collect();
         let mut outputs: Vec<String> = Vec::new();
-        let want_computed = !want_cached && !want_from_input && produced.contains(want);
-        if !want_cached && !want_from_input && !want_computed {
+        let want_computed = upto.is_some() && !want_cached && !want_from_input && produced.contains(want);
+        if upto.is_some() && !want_cached && !want_from_input && !want_computed {
             bail!("internal error: tensor '{want}' is neither computed, cached nor a graph input");
         }
         if want_computed {
@@ -280,6 +319,21 @@ impl<'a> Segmenter<'a> {
             if !outputs.contains(t) {
                 outputs.push(t.clone());
             }
+        }
+        // Collected tensors the piece's own nodes produce: (position in `outputs`, index).
+        let mut collected: Vec<(usize, usize)> = Vec::new();
+        for (ci, t) in collect.iter().enumerate() {
+            if !range.iter().any(|&i| view.nodes()[i].output.iter().any(|o| o == t)) {
+                continue;
+            }
+            let at = match outputs.iter().position(|o| o == t) {
+                Some(at) => at,
+                None => {
+                    outputs.push(t.clone());
+                    outputs.len() - 1
+                }
+            };
+            collected.push((at, ci));
         }
 
         // Inputs: graph inputs read by the piece (spec order), then cached tensors.
@@ -299,8 +353,11 @@ impl<'a> Segmenter<'a> {
             None
         } else {
             let (bytes, facts) = self.piece(model, &view, &nodes, &graph_inputs, &cache_inputs, &outputs)?;
-            let plan = Plan::load(&bytes, None, &facts, &outputs).with_context(|| {
-                format!("cannot run the model piece ending before node '{}'", view.nodes()[upto].name())
+            let plan = Plan::load(&bytes, None, &facts, &outputs).with_context(|| match upto {
+                Some((node, _)) => {
+                    format!("cannot run the model piece ending before node '{}'", view.nodes()[node].name())
+                }
+                None => "cannot run the last model piece".to_string(),
             })?;
             self.pieces += 1;
             Some(plan)
@@ -335,17 +392,23 @@ impl<'a> Segmenter<'a> {
                         }
                         outs = plan.run(&inputs).with_context(|| format!("sample {source}"))?;
                     }
-                    let value = if want_computed {
-                        outs.first().context("internal error: missing output")?
+                    let value = if upto.is_none() {
+                        None
+                    } else if want_computed {
+                        Some(outs.first().context("internal error: missing output")?)
                     } else if want_cached {
-                        cache[i]
-                            .get(want)
-                            .with_context(|| format!("sample {source}: tensor '{want}' was not cached"))?
+                        Some(
+                            cache[i]
+                                .get(want)
+                                .with_context(|| format!("sample {source}: tensor '{want}' was not cached"))?,
+                        )
                     } else {
                         let k = self.specs.iter().position(|s| s.name == want).context("internal error: input spec")?;
-                        &sample.as_ref().context("internal error: sample not loaded")?.inputs[k]
+                        Some(&sample.as_ref().context("internal error: sample not loaded")?.inputs[k])
                     };
-                    let r = map(i, value).with_context(|| format!("sample {source}: tensor '{want}'"))?;
+                    let got: Vec<(usize, ArrayData)> =
+                        collected.iter().filter_map(|&(at, ci)| outs.get(at).map(|v| (ci, v.clone()))).collect();
+                    let r = map(i, value, &got).with_context(|| format!("sample {source}: tensor '{want}'"))?;
                     let names = plan.as_ref().map(|p| p.outputs()).unwrap_or(&[]);
                     let fresh: Vec<(String, ArrayData)> = names
                         .iter()
@@ -508,7 +571,8 @@ mod tests {
             m2,
             "c",
             &[m3],
-            |_, v| Ok(v.clone()),
+            &[],
+            |_, v, _| v.cloned().context("value"),
             |_, v| {
                 got_c.push(v);
                 Ok(())
@@ -529,7 +593,11 @@ mod tests {
             m3,
             "e",
             &[],
-            |_, v| Ok(v.clone()),
+            &["y".to_string()],
+            |_, v, got| {
+                assert_eq!(got.len(), 0, "y is produced by m3, after this piece");
+                v.cloned().context("value")
+            },
             |_, v| {
                 got_e.push(v);
                 Ok(())
@@ -539,6 +607,29 @@ mod tests {
             assert_eq!(g, &a[1]);
         }
         assert_ne!(after[0][1], before[0][1]);
+        // The rest of the graph, collecting the output.
+        let mut got_y = Vec::new();
+        seg.finish(
+            &m,
+            &["y".to_string()],
+            |_, v, got| {
+                assert!(v.is_none());
+                Ok(got.to_vec())
+            },
+            |_, v| {
+                got_y.push(v);
+                Ok(())
+            },
+        )?;
+        let bytes = crate::onnx::io::encode_for_runtime(&m)?;
+        let facts = crate::calibrate::input_facts(&specs, &set)?;
+        let plan = Plan::load(&bytes, None, &facts, &["y".to_string()])?;
+        for (i, g) in got_y.iter().enumerate() {
+            let want = plan.run(&set.load(i)?.inputs)?;
+            assert_eq!(g.len(), 1);
+            assert_eq!(g[0].0, 0);
+            assert_eq!(g[0].1, want[0]);
+        }
         Ok(())
     }
 }

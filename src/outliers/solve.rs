@@ -89,6 +89,21 @@ pub fn select(rel: &[Relevance], min_share: f64, max_count: usize) -> Vec<usize>
     rel.iter().filter(|r| r.share >= min_share).take(max_count).map(|r| r.k).collect()
 }
 
+/// `Σ a_i b_i` with eight independent partial sums (vectorizable; fixed order, so
+/// deterministic).
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0f64; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let tail: f64 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f64>() + tail
+}
+
 /// Lower Cholesky factor `L` (row-major, `L Lᵀ = A`) of a symmetric positive definite matrix.
 #[derive(Debug, Clone)]
 pub struct Cholesky {
@@ -108,7 +123,7 @@ impl Cholesky {
             for j in 0..=i {
                 // s = a_ij − Σ_{p<j} l_ip l_jp (rows i and j are contiguous: cache friendly)
                 let (ri, rj) = (&l[i * n..i * n + j], &l[j * n..j * n + j]);
-                let dot: f64 = ri.iter().zip(rj).map(|(x, y)| x * y).sum();
+                let dot = dot(ri, rj);
                 let s = a[[i, j]] - dot;
                 if i == j {
                     if s.is_nan() || s <= 0.0 {
@@ -133,7 +148,7 @@ impl Cholesky {
         let mut z = b.to_vec();
         for i in 0..n {
             let row = &self.l[i * n..i * n + i];
-            let s: f64 = row.iter().zip(&z[..i]).map(|(x, y)| x * y).sum();
+            let s = dot(row, &z[..i]);
             z[i] = (z[i] - s) / self.l[i * n + i];
         }
         for i in (0..n).rev() {
