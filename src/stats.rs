@@ -96,26 +96,60 @@ impl Moments {
     const LANES: usize = 8;
 
     fn of(data: &[f32]) -> Moments {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { Self::of_avx2(data) };
+        }
+        Self::of_portable(data)
+    }
+
+    /// The same code compiled for AVX2 (twice the vector width; no FMA contraction in Rust,
+    /// so the results are bit-identical to the portable build).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn of_avx2(data: &[f32]) -> Moments {
+        Self::of_portable(data)
+    }
+
+    fn empty() -> Moments {
+        Moments { n: 0, nan: 0, inf: 0, min: f64::INFINITY, max: f64::NEG_INFINITY, sum: 0.0, sum_sq: 0.0 }
+    }
+
+    fn add(&mut self, o: &Moments) {
+        self.n += o.n;
+        self.nan += o.nan;
+        self.inf += o.inf;
+        self.min = self.min.min(o.min);
+        self.max = self.max.max(o.max);
+        self.sum += o.sum;
+        self.sum_sq += o.sum_sq;
+    }
+
+    #[inline(always)]
+    fn of_portable(data: &[f32]) -> Moments {
         const L: usize = Moments::LANES;
         let mut non_finite = 0u64;
         let (mut mn, mut mx) = ([f32::INFINITY; L], [f32::NEG_INFINITY; L]);
         let (mut s, mut ss) = ([0.0f64; L], [0.0f64; L]);
-        let mut chunks = data.chunks_exact(L);
-        for c in &mut chunks {
-            let mut bad = 0u32;
+        let (body, rest) = data.split_at(data.len() - data.len() % L);
+        let mut bad = [0u64; L];
+        for c in body.chunks_exact(L) {
             for l in 0..L {
                 let v = c[l];
-                bad += u32::from(v.to_bits() & 0x7f80_0000 == 0x7f80_0000);
-                mn[l] = mn[l].min(v);
-                mx[l] = mx[l].max(v);
+                bad[l] += u64::from(v.to_bits() & 0x7f80_0000 == 0x7f80_0000);
+                // Plain compare-and-select (maps to vector min/max instructions); only used
+                // when no NaN is present, where it equals f32::min / f32::max.
+                mn[l] = if v < mn[l] { v } else { mn[l] };
+                mx[l] = if v > mx[l] { v } else { mx[l] };
                 let d = f64::from(v);
                 s[l] += d;
                 ss[l] += d * d;
             }
-            non_finite += u64::from(bad);
         }
-        if non_finite == 0 && chunks.remainder().iter().all(|v| v.is_finite()) {
-            for (l, &v) in chunks.remainder().iter().enumerate() {
+        non_finite += bad.iter().sum::<u64>();
+        if non_finite == 0 && rest.iter().all(|v| v.is_finite()) {
+            for (l, &v) in rest.iter().enumerate() {
                 mn[l] = mn[l].min(v);
                 mx[l] = mx[l].max(v);
                 let d = f64::from(v);
@@ -152,6 +186,60 @@ impl Moments {
         m.sum = s.iter().sum();
         m.sum_sq = ss.iter().sum();
         m
+    }
+}
+
+/// Histogram bin arithmetic for one range: bin of a finite `v` = `floor(v·scale) + half`,
+/// clamped to `[0, top]`.
+struct BinGrid {
+    scale: f64,
+    half: i64,
+    top: i64,
+}
+
+impl BinGrid {
+    /// Bins of `block` into `idx` (same length); non-finite elements get `u32::MAX` unless
+    /// `finite_only` promises there are none.
+    fn bins_of(&self, block: &[f32], idx: &mut [u32], finite_only: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { self.bins_of_avx2(block, idx, finite_only) };
+        }
+        self.bins_of_portable(block, idx, finite_only)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn bins_of_avx2(&self, block: &[f32], idx: &mut [u32], finite_only: bool) {
+        self.bins_of_portable(block, idx, finite_only)
+    }
+
+    /// `v·scale` is exact (scale is a power of two and |v·scale| < B/2 <= 2^27). Adding and
+    /// subtracting 1.5·2^52 rounds it to the nearest integer `r` exactly; `r − [r > t]` is
+    /// the floor, and adding 1.5·2^52 once more puts that integer in the low mantissa bits
+    /// (two's complement). No libm call and no saturating float→int conversion, so the loop
+    /// vectorizes.
+    #[inline(always)]
+    fn bins_of_portable(&self, block: &[f32], idx: &mut [u32], finite_only: bool) {
+        const MAGIC: f64 = 6_755_399_441_055_744.0;
+        let (scale, half) = (self.scale, self.half);
+        let (lo_t, hi_t) = (-(half as f64), (self.top - half) as f64);
+        let bin = |v: f32| -> u32 {
+            let t = (f64::from(v) * scale).clamp(lo_t, hi_t);
+            let r = (t + MAGIC) - MAGIC;
+            let floor = r - if r > t { 1.0 } else { 0.0 };
+            ((floor + MAGIC).to_bits() as u32).wrapping_add(half as u32)
+        };
+        if finite_only {
+            for (j, &v) in idx.iter_mut().zip(block) {
+                *j = bin(v);
+            }
+        } else {
+            for (j, &v) in idx.iter_mut().zip(block) {
+                *j = if v.is_finite() { bin(v) } else { u32::MAX };
+            }
+        }
     }
 }
 
@@ -220,7 +308,32 @@ impl TensorStats {
                 }
             }
         };
-        let moments = Moments::of(data);
+        // With a channel axis and a C-order layout, the moments are taken per channel block:
+        // a block's abs-max is max(|min|, |max|), so no separate pass is needed.
+        let shape = x.shape();
+        let blocks = self
+            .channel_axis
+            .filter(|&a| a < x.ndim())
+            .map(|a| (shape[a], shape[a + 1..].iter().product::<usize>()))
+            .filter(|&(channels, inner)| channels > 0 && inner >= 16 && x.as_slice().is_some());
+        let moments = match blocks {
+            Some((channels, inner)) => {
+                if self.channel_absmax.len() < channels {
+                    self.channel_absmax.resize(channels, 0.0);
+                }
+                let mut total = Moments::empty();
+                for (k, block) in data.chunks_exact(inner).enumerate() {
+                    let m = Moments::of(block);
+                    if m.n > 0 {
+                        let slot = &mut self.channel_absmax[k % channels];
+                        *slot = slot.max(m.min.abs().max(m.max.abs()) as f32);
+                    }
+                    total.add(&m);
+                }
+                total
+            }
+            None => Moments::of(data),
+        };
         self.nan_count += moments.nan;
         self.inf_count += moments.inf;
         let finite_only = moments.nan == 0 && moments.inf == 0;
@@ -233,7 +346,7 @@ impl TensorStats {
             self.grow_to(exp_above(moments.min.abs().max(moments.max.abs())));
             self.add_to_histogram(data, finite_only);
         }
-        if let Some(axis) = self.channel_axis {
+        if let (Some(axis), None) = (self.channel_axis, blocks) {
             if axis < x.ndim() {
                 // `as_slice_memory_order` may be in Fortran order; per-channel blocks need C order.
                 let c_order;
@@ -247,7 +360,6 @@ impl TensorStats {
                         }
                     }
                 };
-                let shape = x.shape();
                 self.update_channel_absmax(data, shape[axis], shape[axis + 1..].iter().product(), finite_only);
             }
         }
@@ -259,35 +371,14 @@ impl TensorStats {
         let scale = self.bins as f64 / pow2(self.hist_exp + 1);
         let half = (self.bins / 2) as i64;
         let top = self.bins as i64 - 1;
-        // Bin of a finite v: floor(v·scale) + B/2. v·scale is exact (scale is a power of two
-        // and |v·scale| < B/2 <= 2^27). Adding and subtracting 1.5·2^52 rounds it to the
-        // nearest integer `r` exactly; `r − [r > t]` is the floor, and adding 1.5·2^52 once more
-        // puts that integer in the low mantissa bits (two's complement). No libm call and no
-        // saturating float→int conversion, so the loop vectorizes.
-        const MAGIC: f64 = 6_755_399_441_055_744.0;
-        let (lo_t, hi_t) = (-(half as f64), (top - half) as f64);
-        let bin = |v: f32| -> u32 {
-            let t = (f64::from(v) * scale).clamp(lo_t, hi_t);
-            let r = (t + MAGIC) - MAGIC;
-            let floor = r - if r > t { 1.0 } else { 0.0 };
-            ((floor + MAGIC).to_bits() as u32).wrapping_add(half as u32)
-        };
+        let grid = BinGrid { scale, half, top };
         let interleave = data.len() >= 4 * self.bins && data.len() >= 4 * BLOCK;
         let mut sub = if interleave { vec![0u32; 4 * self.bins] } else { Vec::new() };
         let mut idx = [0u32; BLOCK];
         let mut pending = 0usize;
         for block in data.chunks(BLOCK) {
             let idx = &mut idx[..block.len()];
-            if finite_only {
-                for (j, &v) in idx.iter_mut().zip(block) {
-                    *j = bin(v);
-                }
-            } else {
-                // Non-finite elements get the out-of-range marker `u32::MAX`.
-                for (j, &v) in idx.iter_mut().zip(block) {
-                    *j = if v.is_finite() { bin(v) } else { u32::MAX };
-                }
-            }
+            grid.bins_of(block, idx, finite_only);
             if interleave {
                 let mut quads = idx.chunks_exact(4);
                 for q in &mut quads {
