@@ -179,7 +179,7 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
             let (specs, set) = specs_and_set(&model, d)?;
             let g = model.graph.as_ref().context("the model has no graph")?;
             let targets = cal::default_targets(&GraphView::new(g))?;
-            // Weights still in the input's external data files stay there (models over 2 GiB).
+            // Weights reach tract by reference (no copy, no 2 GiB protobuf limit).
             let bytes = crate::onnx::io::encode_for_runtime(&model)?;
             let c = cal::calibrate(&bytes, &specs, &set, &targets, &cal::CalibOptions { bins: 2048, quiet: opts.quiet })
                 .with_context(|| format!("calibration of {} failed", model_path.display()))?;

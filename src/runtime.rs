@@ -3,7 +3,9 @@
 //! The rest of the crate speaks ONNX through our own prost types (`crate::onnx::pb`, proto2)
 //! and tensors through [`ArrayData`]. tract has its own generated proto types, so the model
 //! crosses the boundary as serialized `ModelProto` bytes only, and tensors cross as ndarray
-//! arrays (tract re-exports the same ndarray 0.17 the crate uses).
+//! arrays (tract re-exports the same ndarray 0.17 the crate uses). The bytes of
+//! [`crate::onnx::io::encode_for_runtime`] carry no large weights: they are external data
+//! references that [`TableResolver`], installed as tract's data resolver, serves from memory.
 //!
 //! Known tract 0.23.9 facts this module relies on:
 //! - The loader must be `tract_onnx::onnx().with_ignore_value_info(true)`: real exports carry
@@ -116,14 +118,16 @@ impl Plan {
     pub fn run(&self, inputs: &[ArrayData]) -> Result<Vec<ArrayData>> {
         let results = self.run_raw(inputs)?;
         let mut converted = Vec::with_capacity(results.len());
-        for (ix, value) in results.iter().enumerate() {
+        // Consumed one by one: each tract tensor is freed right after its copy is made, so a
+        // sample's activations are not held twice.
+        for (ix, value) in results.into_iter().enumerate() {
             let name = self
                 .output_slots
                 .iter()
                 .position(|&s| s == ix)
                 .and_then(|p| self.outputs.get(p))
                 .map_or("?", String::as_str);
-            converted.push(to_array(value).with_context(|| format!("converting output tensor '{name}'"))?);
+            converted.push(to_array(&value).with_context(|| format!("converting output tensor '{name}'"))?);
         }
         if self.output_slots.iter().copied().eq(0..converted.len()) {
             return Ok(converted);
