@@ -130,6 +130,10 @@ pub struct QuantizeArgs {
     /// Skip the per-channel bias correction (static quantization)
     #[arg(long)]
     pub no_bias_correction: bool,
+    /// Quantize graph inputs as they are: no shift of lattice-valued inputs (e.g. normalized
+    /// 8-bit images) onto the uint8 grid of their first Conv
+    #[arg(long)]
+    pub no_input_grid: bool,
     /// Outlier-aware weight regularization before quantization: auto (the default with
     /// --data/--random: keep each layer's edit only if the quantized model gets better on the
     /// calibration samples), off, or a strength (lambda multiplier, applied without the guard)
@@ -347,6 +351,7 @@ fn run_quantize(a: QuantizeArgs) -> Result<()> {
         stats: a.stats.clone(),
         keep_float: a.keep_float,
         bias_correction: !a.no_bias_correction,
+        input_grid: !a.no_input_grid,
         keep_float_samples: a.keep_float_samples.max(1),
         save: crate::onnx::SaveOptions { external: a.external_data, threshold: None },
         quiet: a.quiet,

@@ -1,6 +1,7 @@
 //! The `onnxq quantize` pipeline, end to end: load → (opset upgrade, checked on the samples)
-//! → calibrate (or read `--stats`) → place and insert Q/DQ → optionally leave the most
-//! harmful tensors float (`--keep-float N`) → save atomically with a JSON report.
+//! → lattice graph inputs shifted onto the uint8 grid (`quantize::input_grid`) → calibrate
+//! (or read `--stats`) → place and insert Q/DQ → optionally leave the most harmful tensors float
+//! (`--keep-float N`) → save atomically with a JSON report.
 //! `--dynamic` skips calibration: load → int8 weights + run-time activation quantization → save.
 
 use crate::calibrate::{self as cal, StatsFile, TensorEntry};
@@ -29,6 +30,8 @@ pub struct PipelineOptions {
     pub dynamic: bool,
     /// Empirical per-channel bias correction after quantization (kept only if it helps).
     pub bias_correction: bool,
+    /// Shift lattice-valued graph inputs onto the uint8 grid (`quantize::input_grid`).
+    pub input_grid: bool,
     /// Outlier-aware weight regularization before static quantization.
     pub regularize: crate::outliers::Regularize,
     pub outlier: crate::outliers::Options,
@@ -51,6 +54,8 @@ pub struct PipelineReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub opset_upgrade: Option<String>,
     pub prepared: quantize::prepare::Prepared,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub input_grid: Vec<quantize::input_grid::AlignedInput>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub kept_float: Vec<TensorCost>,
     pub quantization: Report,
@@ -140,6 +145,34 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
         }
     }
 
+    // Lattice-valued inputs (normalized 8-bit images) moved onto the uint8 grid; the ranges
+    // of the shifted tensors are fixed, so this needs fresh calibration (not --stats).
+    let mut grid_ranges = BTreeMap::new();
+    let mut grid_inputs = Vec::new();
+    if let (true, quantize::params::ActType::U8, None, Some(d)) =
+        (opts.input_grid, qopts.activations, &opts.stats, data)
+    {
+        let (_, set) = specs_and_set(&model, d)?;
+        if let Some(a) = quantize::input_grid::align_inputs(&model, &set)? {
+            if !opts.quiet {
+                for i in &a.inputs {
+                    eprintln!(
+                        "input '{}' is a lattice of step {:.6e}: shifted by {:.6e} onto the uint8 grid (zero point {}) for {} Conv",
+                        i.input,
+                        i.step,
+                        i.shift,
+                        i.zero_point,
+                        i.convs.len()
+                    );
+                }
+            }
+            qopts.exclude.extend(a.inputs.iter().flat_map(|i| i.float_nodes.iter().cloned()));
+            model = a.model;
+            grid_ranges = a.ranges;
+            grid_inputs = a.inputs;
+        }
+    }
+
     // Outlier-aware weight regularization; when guarded it returns the ranges it measured.
     let mut regularization: Option<crate::outliers::RegularizationReport> = None;
     let mut reg_ranges = None;
@@ -192,6 +225,18 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
         (None, None) => bail!("static quantization needs calibration data: pass --data PATH, --random N, --stats FILE, or use --weights-only"),
     };
 
+    for (name, r) in &grid_ranges {
+        if let Some(e) = ranges.get_mut(name) {
+            e.range = *r;
+        }
+    }
+    if let Some((_, plain_ranges)) = plain_alternative.as_mut() {
+        for (name, r) in &grid_ranges {
+            if let Some(e) = plain_ranges.get_mut(name) {
+                e.range = *r;
+            }
+        }
+    }
     let (mut q, mut report) = quantize::quantize(&model, &ranges, &qopts)?;
     let mut bias_correction = None;
     if opts.bias_correction && !opts.quant.weights_only {
@@ -256,6 +301,7 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
     let mut out = finish(model_path, out_path, opts, q, report, (opset_note, prepared), kept, samples, t0)?;
     out.regularization = regularization;
     out.bias_correction = bias_correction;
+    out.input_grid = grid_inputs;
     Ok(out)
 }
 
@@ -385,6 +431,7 @@ fn finish(
         samples,
         opset_upgrade: opset_note,
         prepared,
+        input_grid: Vec::new(),
         kept_float: kept,
         quantization: report,
         regularization: None,

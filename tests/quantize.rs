@@ -366,3 +366,59 @@ fn errors_are_clean_and_leave_no_output() {
     let o = quantize("cnn.onnx", &out, &["--data", &calib("cnn"), "--method", "percentile:200x"]);
     assert!(o.status.code() == Some(2), "clap usage error");
 }
+
+/// Normalized 8-bit images, `(p/255 − 0.5)/0.5`, quantize exactly: the input is shifted onto
+/// the uint8 grid (Add + Pad in float, Conv bias compensated) instead of rounding every pixel
+/// by half a step; `--no-input-grid` keeps the plain quantizer.
+#[test]
+fn lattice_image_inputs_are_shifted_onto_the_uint8_grid() {
+    let dir = tempdir();
+    let data = dir.path().join("calib");
+    std::fs::create_dir_all(&data).expect("mkdir");
+    let mut seed = 7u64;
+    for i in 0..4 {
+        let x: Vec<f32> = (0..3 * 16 * 16)
+            .map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((seed >> 33) % 256) as f32 / 255.0 * 2.0 - 1.0
+            })
+            .collect();
+        let a =
+            onnxq::array::ArrayData::F32(ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[1, 3, 16, 16]), x).unwrap());
+        onnxq::npy::write_npz(&data.join(format!("{i}.npz")), &[("image", &a)]).expect("npz");
+    }
+    let data = data.display().to_string();
+    let (out, report) = (dir.path().join("q.onnx"), dir.path().join("r.json"));
+    let o = quantize("cnn.onnx", &out, &["--data", &data, "--report", report.to_str().unwrap(), "-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).expect("report")).expect("JSON");
+    let g = &r["input_grid"][0];
+    assert_eq!((g["input"].as_str(), g["zero_point"].as_i64()), (Some("image"), Some(128)), "{r}");
+    assert_eq!(g["convs"], serde_json::json!(["conv1"]));
+    let m = load(&out);
+    assert_eq!((ops(&m, "Add"), ops(&m, "Pad")), (1, 1));
+    let q = first_reader(&m, "image_grid_padded");
+    assert_eq!(q.op_type(), "QuantizeLinear");
+    let scale = onnxq::onnx::tensor::to_f32(init(&m, &q.input[1])).expect("scale");
+    assert!((scale.iter().next().copied().unwrap_or(0.0) - 2.0 / 255.0).abs() < 1e-7);
+    let reference = onnxq::onnx::load(&fixture("cnn.onnx")).expect("load ref").proto;
+    let on_data = |cand: &Path| {
+        let d = onnxq::data::DataOptions {
+            sources: vec![onnxq::data::Source::Path(data.clone().into())],
+            ..Default::default()
+        };
+        onnxq::pipeline::output_sqnr(&reference, &load(cand), &d).expect("eval")
+    };
+    let shifted = on_data(&out);
+
+    let plain = dir.path().join("plain.onnx");
+    let o =
+        quantize("cnn.onnx", &plain, &["--data", &data, "--no-input-grid", "--report", report.to_str().unwrap(), "-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).expect("report")).expect("JSON");
+    assert!(r.get("input_grid").is_none(), "{r}");
+    assert_eq!(ops(&load(&plain), "Pad"), 0);
+    let unshifted = on_data(&plain);
+    eprintln!("lattice input: {shifted:.2} dB shifted, {unshifted:.2} dB plain");
+    assert!(shifted > 30.0 && shifted > unshifted, "{shifted} vs {unshifted}");
+}

@@ -22,6 +22,7 @@
 
 pub mod bias_correction;
 pub mod dynamic;
+pub mod input_grid;
 pub mod opset;
 pub mod params;
 pub mod prepare;
