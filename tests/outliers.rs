@@ -27,6 +27,24 @@ fn json_file(p: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(p).expect("read report")).expect("report is JSON")
 }
 
+/// Quantizes `model` with `--regularize off` and `auto` and returns, for each, the eval
+/// SQNR of its first output on `eval` and its quantize report.
+fn off_and_auto(model: &Path, calib: &Path, eval: &Path, dir: &Path) -> Vec<(f64, Value)> {
+    ["off", "auto"]
+        .iter()
+        .map(|mode| {
+            let out = dir.join(format!("{mode}.onnx"));
+            let rep = dir.join(format!("{mode}.json"));
+            let q = [&"quantize" as &dyn AsRef<std::ffi::OsStr>, &model, &"--data", &calib, &"-o", &out];
+            ok(&run(&[&q[..], &[&"--report", &rep, &"--regularize", mode, &"-q"]].concat()));
+            let o = run(&[&"eval", &model, &out, &"--data", &eval, &"--json", &"-q"]);
+            ok(&o);
+            let v: Value = serde_json::from_str(&stdout(&o)).expect("eval JSON");
+            (v["outputs"][0]["sqnr_db"].as_f64().unwrap_or(f64::INFINITY), json_file(&rep))
+        })
+        .collect()
+}
+
 /// Worst-output SQNR of `cand` against the fixture on its eval split, via `onnxq eval`.
 fn eval_sqnr(name: &str, cand: &Path) -> f64 {
     let reference = fixture(&format!("{name}.onnx"));
@@ -351,31 +369,7 @@ fn gemm_layers_are_regularized_and_auto_still_never_loses() {
     assert_eq!(fc2["top"][0]["weight"], 12.0);
     assert_eq!(fc2["bias"]["tensor"], "b2");
 
-    let sqnr = |cand: &Path| -> f64 {
-        let o = run(&[&"eval", &model, &cand, &"--data", &eval, &"--json", &"-q"]);
-        ok(&o);
-        let v: Value = serde_json::from_str(&stdout(&o)).expect("eval JSON");
-        v["outputs"][0]["sqnr_db"].as_f64().unwrap_or(f64::INFINITY)
-    };
-    let mut results = Vec::new();
-    for mode in ["off", "auto"] {
-        let out = dir.path().join(format!("{mode}.onnx"));
-        let rep = dir.path().join(format!("{mode}.json"));
-        ok(&run(&[
-            &"quantize",
-            &model,
-            &"--data",
-            &calib,
-            &"-o",
-            &out,
-            &"--report",
-            &rep,
-            &"--regularize",
-            &mode,
-            &"-q",
-        ]));
-        results.push((sqnr(&out), json_file(&rep)));
-    }
+    let results = off_and_auto(&model, &calib, &eval, dir.path());
     let ((p, _), (a, rep)) = (&results[0], &results[1]);
     assert!(a >= p, "auto {a:.2} dB < plain {p:.2} dB");
     let reg = &rep["regularization"];
@@ -482,31 +476,7 @@ fn conv_layers_are_regularized_and_auto_still_never_loses() {
     let depthwise = layers.iter().find(|l| l["node"] == "conv3").expect("conv3");
     assert_eq!((depthwise["k"].as_u64(), depthwise["groups"].as_u64()), (Some(9), Some(8)));
 
-    let sqnr = |cand: &Path| -> f64 {
-        let o = run(&[&"eval", &model, &cand, &"--data", &eval, &"--json", &"-q"]);
-        ok(&o);
-        let v: Value = serde_json::from_str(&stdout(&o)).expect("eval JSON");
-        v["outputs"][0]["sqnr_db"].as_f64().unwrap_or(f64::INFINITY)
-    };
-    let mut results = Vec::new();
-    for mode in ["off", "auto"] {
-        let out = dir.path().join(format!("{mode}.onnx"));
-        let rep = dir.path().join(format!("{mode}.json"));
-        ok(&run(&[
-            &"quantize",
-            &model,
-            &"--data",
-            &calib,
-            &"-o",
-            &out,
-            &"--report",
-            &rep,
-            &"--regularize",
-            &mode,
-            &"-q",
-        ]));
-        results.push((sqnr(&out), json_file(&rep)));
-    }
+    let results = off_and_auto(&model, &calib, &eval, dir.path());
     let ((p, _), (a, _)) = (&results[0], &results[1]);
     assert!(a >= p, "auto {a:.2} dB < plain {p:.2} dB");
     // The float regularization rewrites the 4-D weight in place and the bias.
