@@ -12,7 +12,7 @@
 use crate::array::{dtype, ArrayData};
 use crate::data::{InputSpec, SampleSet};
 use crate::onnx::builder::{dims_of, elem_type_of, Dim};
-use crate::onnx::pb::GraphProto;
+use crate::onnx::pb::{GraphProto, ModelProto};
 use crate::onnx::GraphView;
 use crate::runtime::{InputFact, Plan};
 use crate::stats::{RangeMethod, TensorStats};
@@ -175,6 +175,15 @@ pub fn default_targets(view: &GraphView) -> Result<Vec<Target>> {
     // Integer tensors without declared types (shape arithmetic) come back from tract as ints
     // and are dropped by `calibrate`.
     Ok(out)
+}
+
+/// The default targets that `quantize` with `opts` can read a range of (see
+/// [`crate::quantize::activation_candidates`]); calibrating only these gives the same
+/// quantized model with fewer pinned tract outputs.
+pub fn quantization_targets(model: &ModelProto, opts: &crate::quantize::QuantOptions) -> Result<Vec<Target>> {
+    let graph = model.graph.as_ref().context("the model has no graph")?;
+    let wanted = crate::quantize::activation_candidates(model, opts)?;
+    Ok(default_targets(&GraphView::new(graph))?.into_iter().filter(|t| wanted.contains(&t.name)).collect())
 }
 
 #[derive(Debug, Clone)]

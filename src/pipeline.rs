@@ -210,8 +210,8 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
         }
         (None, Some(d)) => {
             let (specs, set) = specs_and_set(&model, d)?;
-            let g = model.graph.as_ref().context("the model has no graph")?;
-            let targets = cal::default_targets(&GraphView::new(g))?;
+            // Only what the placement can quantize: fewer pinned outputs, same model.
+            let targets = cal::quantization_targets(&model, &qopts)?;
             // Weights reach tract by reference (no copy, no 2 GiB protobuf limit).
             let bytes = crate::onnx::io::encode_for_runtime(&model)?;
             let c = cal::calibrate(&bytes, &specs, &set, &targets, &cal::CalibOptions { bins: 2048, quiet: opts.quiet })

@@ -422,3 +422,28 @@ fn lattice_image_inputs_are_shifted_onto_the_uint8_grid() {
     eprintln!("lattice input: {shifted:.2} dB shifted, {unshifted:.2} dB plain");
     assert!(shifted > 30.0 && shifted > unshifted, "{shifted} vs {unshifted}");
 }
+
+/// `quantize` calibrates only the tensors the placement can read a range of; the model must
+/// be byte-identical to one quantized from the statistics of every tensor (`onnxq calibrate`).
+#[test]
+fn calibrating_only_placement_candidates_changes_nothing() {
+    let dir = tempdir();
+    for name in ["cnn", "transformer", "shared", "constants", "outliers"] {
+        let stats = dir.path().join(format!("{name}.json"));
+        let mut args: Vec<std::ffi::OsString> = vec!["calibrate".into(), fixture(&format!("{name}.onnx")).into()];
+        args.extend(["--data".into(), calib(name).into(), "-o".into(), stats.clone().into(), "-q".into()]);
+        let o = onnxq(args);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let (a, b) = (dir.path().join(format!("{name}_a.onnx")), dir.path().join(format!("{name}_b.onnx")));
+        let o = quantize(&format!("{name}.onnx"), &a, &["--data", &calib(name), "--regularize", "off", "-q"]);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let stats = stats.to_str().expect("utf8");
+        let o = quantize(
+            &format!("{name}.onnx"),
+            &b,
+            &["--data", &calib(name), "--stats", stats, "--regularize", "off", "-q"],
+        );
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        assert!(std::fs::read(&a).expect("a") == std::fs::read(&b).expect("b"), "{name}: models differ");
+    }
+}

@@ -807,7 +807,8 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
     let weights: Vec<Array2<f32>> = layers.iter().map(|l| layer::weight_matrix(model, l)).collect::<Result<_>>()?;
     let pairs: Vec<(&Layer, &Array2<f32>)> = layers.iter().zip(&weights).collect();
     let targets = match &run.guard {
-        Some(_) => cal::default_targets(&GraphView::new(graph))?,
+        // The ranges the quantizer will read (the same set the plain pipeline calibrates).
+        Some(g) => cal::quantization_targets(model, &g.quant)?,
         None => Vec::new(),
     };
     let want_outputs = run.guard.is_some() || run.measure_float;

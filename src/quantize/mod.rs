@@ -343,6 +343,9 @@ struct Ctx<'a> {
     view: &'a GraphView<'a>,
     ranges: &'a BTreeMap<String, TensorEntry>,
     opts: &'a QuantOptions,
+    /// Placement without statistics: every float tensor counts as having a usable range,
+    /// and the names asked about are recorded here.
+    assume_ranges: Option<std::cell::RefCell<BTreeSet<String>>>,
 }
 
 impl Ctx<'_> {
@@ -354,6 +357,10 @@ impl Ctx<'_> {
         let et = self.view.elem_type(name);
         if et != 0 && et != dtype::FLOAT {
             return Some(format!("element type {} is not float", dtype::name(et)));
+        }
+        if let Some(asked) = &self.assume_ranges {
+            asked.borrow_mut().insert(name.to_string());
+            return None;
         }
         let Some(r) = self.ranges.get(name) else {
             return Some("no calibration range".into());
@@ -620,7 +627,7 @@ pub fn quantize(
         ));
         opts.per_channel = false;
     }
-    let ctx = Ctx { view: &view, ranges, opts: &opts };
+    let ctx = Ctx { view: &view, ranges, opts: &opts, assume_ranges: None };
     let pl = plan(&ctx, preset, &order)?;
     let mut out_graph = rewrite(graph, &view, &pl, &opts, ranges)?;
     let mut totals = out_graph.1;
@@ -649,6 +656,26 @@ pub fn quantize(
         .validate()
         .context("internal error: the quantized graph is invalid")?;
     Ok((out, report))
+}
+
+/// Every activation tensor whose range the placement consults when every float tensor has
+/// a usable range (a superset of what it quantizes: Relu folding and fusion choices look at
+/// neighbours too). Ranges can only block tensors, never make the placement look elsewhere,
+/// so [`quantize`] reads no statistics outside this set and calibration can skip the rest.
+pub fn activation_candidates(model: &ModelProto, opts: &QuantOptions) -> Result<BTreeSet<String>> {
+    let graph = model.graph.as_ref().context("the model has no graph")?;
+    let view = GraphView::new(graph);
+    let order = view.topo_order()?;
+    let preset = match opts.preset {
+        Preset::Auto => detect_preset(&view),
+        p => p,
+    };
+    let none = BTreeMap::new();
+    let ctx = Ctx { view: &view, ranges: &none, opts, assume_ranges: Some(Default::default()) };
+    let pl = plan(&ctx, preset, &order)?;
+    let mut asked = ctx.assume_ranges.map(|a| a.into_inner()).unwrap_or_default();
+    asked.extend(pl.acts.into_iter().map(|(name, _)| name));
+    Ok(asked)
 }
 
 pub fn default_opset(m: &ModelProto) -> i64 {
