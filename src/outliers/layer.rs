@@ -131,7 +131,16 @@ pub fn find_layers(model: &ModelProto) -> Result<(Vec<Layer>, Vec<NotALayer>)> {
             reject(format!("weight '{w}' is shared with other nodes"));
             continue;
         }
-        if kind == LayerKind::Conv {
+        // The node's own bias input (Conv's B, Gemm's C): a float constant of the right layout
+        // read only by this node.
+        let own_bias = |len: usize, scale: f64| {
+            n.input.get(2).filter(|c| !c.is_empty()).and_then(|c| {
+                let t = view.weight(c)?;
+                (t.data_type() == dtype::FLOAT && bias_layout(&t.dims, len) && sole_reader(&view, c, i))
+                    .then(|| BiasSite { tensor: c.clone(), node: node_label(&view, i), scale })
+            })
+        };
+        let (k, nn, trans_b, alpha, conv, bias) = if kind == LayerKind::Conv {
             let geo = match ConvGeometry::from_node(n, &wt.dims) {
                 Ok(g) => g,
                 Err(e) => {
@@ -140,63 +149,38 @@ pub fn find_layers(model: &ModelProto) -> Result<(Vec<Layer>, Vec<NotALayer>)> {
                 }
             };
             let m = geo.out_channels;
-            let bias = n.input.get(2).filter(|c| !c.is_empty()).and_then(|c| {
-                let t = view.weight(c)?;
-                (t.data_type() == dtype::FLOAT && bias_layout(&t.dims, m) && sole_reader(&view, c, i))
-                    .then(|| BiasSite { tensor: c.clone(), node: node_label(&view, i), scale: 1.0 })
-            });
-            layers.push(Layer {
-                node: node_label(&view, i),
-                node_index: i,
-                kind,
-                input: x.clone(),
-                output: out.clone(),
-                weight: w.clone(),
-                k: geo.k(),
-                n: m,
-                bias,
-                trans_b: false,
-                alpha: 1.0,
-                groups: geo.groups,
-                conv: Some(geo),
-            });
-            continue;
-        }
-        if wt.dims.len() != 2 {
-            reject(format!("weight '{w}' has rank {}, not 2", wt.dims.len()));
-            continue;
-        }
-        let (d0, d1) = (wt.dims[0].max(0) as usize, wt.dims[1].max(0) as usize);
-        let (mut trans_b, mut alpha, mut beta) = (false, 1.0f64, 1.0f64);
-        if kind == LayerKind::Gemm {
-            if n.attr_int_or("transA", 0)? != 0 {
-                reject("transA = 1".into());
+            (geo.k(), m, false, 1.0, Some(geo), own_bias(m, 1.0))
+        } else {
+            if wt.dims.len() != 2 {
+                reject(format!("weight '{w}' has rank {}, not 2", wt.dims.len()));
                 continue;
             }
-            trans_b = n.attr_int_or("transB", 0)? != 0;
-            alpha = f64::from(n.attr_float_or("alpha", 1.0)?);
-            beta = f64::from(n.attr_float_or("beta", 1.0)?);
-            if alpha == 0.0 || !alpha.is_finite() {
-                reject(format!("alpha = {alpha}"));
+            let (d0, d1) = (wt.dims[0].max(0) as usize, wt.dims[1].max(0) as usize);
+            let (mut trans_b, mut alpha, mut beta) = (false, 1.0f64, 1.0f64);
+            if kind == LayerKind::Gemm {
+                if n.attr_int_or("transA", 0)? != 0 {
+                    reject("transA = 1".into());
+                    continue;
+                }
+                trans_b = n.attr_int_or("transB", 0)? != 0;
+                alpha = f64::from(n.attr_float_or("alpha", 1.0)?);
+                beta = f64::from(n.attr_float_or("beta", 1.0)?);
+                if alpha == 0.0 || !alpha.is_finite() {
+                    reject(format!("alpha = {alpha}"));
+                    continue;
+                }
+            }
+            let (k, nn) = if trans_b { (d1, d0) } else { (d0, d1) };
+            if k == 0 || nn == 0 {
+                reject(format!("weight '{w}' is empty"));
                 continue;
             }
-        }
-        let (k, nn) = if trans_b { (d1, d0) } else { (d0, d1) };
-        if k == 0 || nn == 0 {
-            reject(format!("weight '{w}' is empty"));
-            continue;
-        }
-        let bias = match kind {
-            LayerKind::Gemm => n.input.get(2).filter(|c| !c.is_empty()).and_then(|c| {
-                let t = view.weight(c)?;
-                let ok = t.data_type() == dtype::FLOAT
-                    && beta != 0.0
-                    && bias_layout(&t.dims, nn)
-                    && sole_reader(&view, c, i);
-                ok.then(|| BiasSite { tensor: c.clone(), node: node_label(&view, i), scale: beta })
-            }),
-            LayerKind::MatMul => matmul_bias(&view, out, nn),
-            LayerKind::Conv => None,
+            let bias = match kind {
+                LayerKind::Gemm if beta != 0.0 => own_bias(nn, beta),
+                LayerKind::MatMul => matmul_bias(&view, out, nn),
+                _ => None,
+            };
+            (k, nn, trans_b, alpha, None, bias)
         };
         layers.push(Layer {
             node: node_label(&view, i),
@@ -210,8 +194,8 @@ pub fn find_layers(model: &ModelProto) -> Result<(Vec<Layer>, Vec<NotALayer>)> {
             bias,
             trans_b,
             alpha,
-            groups: 1,
-            conv: None,
+            groups: conv.as_ref().map_or(1, |g: &ConvGeometry| g.groups),
+            conv,
         });
     }
     Ok((layers, rejected))
