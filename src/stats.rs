@@ -292,30 +292,20 @@ impl TensorStats {
 
     /// Fold one sample's activation (any shape) into the stats.
     ///
-    /// The element loops run over the memory-order slice in fixed-width lanes so they
+    /// The element loops run over the C-order slice in fixed-width lanes so they
     /// vectorize; the histogram bin is `floor` computed by truncation plus a correction
     /// (no libm call), and counts go through four interleaved `u32` sub-histograms when
     /// the sample is large, so consecutive equal bins do not serialize on one counter.
     pub fn update(&mut self, x: ArrayViewD<'_, f32>) {
-        let standard;
-        let data: &[f32] = match x.as_slice_memory_order() {
-            Some(s) => s,
-            None => {
-                standard = x.as_standard_layout();
-                match standard.as_slice_memory_order() {
-                    Some(s) => s,
-                    None => return,
-                }
-            }
-        };
-        // With a channel axis and a C-order layout, the moments are taken per channel block:
-        // a block's abs-max is max(|min|, |max|), so no separate pass is needed.
+        // One C-order slice (borrowed unless the view is not C-contiguous) serves every pass.
+        let standard = x.as_standard_layout();
+        let Some(data) = standard.as_slice() else { return };
         let shape = x.shape();
-        let blocks = self
-            .channel_axis
-            .filter(|&a| a < x.ndim())
-            .map(|a| (shape[a], shape[a + 1..].iter().product::<usize>()))
-            .filter(|&(channels, inner)| channels > 0 && inner >= 16 && x.as_slice().is_some());
+        // (channels, elements after the channel axis)
+        let layout = self.channel_axis.filter(|&a| a < x.ndim()).map(|a| (shape[a], shape[a + 1..].iter().product()));
+        // With enough elements per channel block, the moments are taken per block: a block's
+        // abs-max is max(|min|, |max|), so no separate per-channel pass is needed.
+        let blocks = layout.filter(|&(channels, inner): &(usize, usize)| channels > 0 && inner >= 16);
         let moments = match blocks {
             Some((channels, inner)) => {
                 if self.channel_absmax.len() < channels {
@@ -346,22 +336,8 @@ impl TensorStats {
             self.grow_to(exp_above(moments.min.abs().max(moments.max.abs())));
             self.add_to_histogram(data, finite_only);
         }
-        if let (Some(axis), None) = (self.channel_axis, blocks) {
-            if axis < x.ndim() {
-                // `as_slice_memory_order` may be in Fortran order; per-channel blocks need C order.
-                let c_order;
-                let data: &[f32] = match x.as_slice() {
-                    Some(s) => s,
-                    None => {
-                        c_order = x.as_standard_layout().into_owned();
-                        match c_order.as_slice() {
-                            Some(s) => s,
-                            None => return,
-                        }
-                    }
-                };
-                self.update_channel_absmax(data, shape[axis], shape[axis + 1..].iter().product(), finite_only);
-            }
+        if let (Some((channels, inner)), None) = (layout, blocks) {
+            self.update_channel_absmax(data, channels, inner, finite_only);
         }
     }
 
