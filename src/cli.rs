@@ -391,10 +391,9 @@ fn run_calibrate(a: CalibrateArgs) -> Result<()> {
     if a.bins < 16 || !a.bins.is_multiple_of(2) {
         anyhow::bail!("--bins must be an even number of at least 16, got {}", a.bins);
     }
-    let model = crate::onnx::load(&a.model)?;
+    let model = crate::onnx::load_valid(&a.model)?;
     let graph = model.proto.graph.as_ref().context("the model has no graph")?;
     let view = crate::onnx::GraphView::new(graph);
-    view.validate().with_context(|| format!("invalid model {}", a.model.display()))?;
     let targets = if a.tensors.is_empty() {
         cal::default_targets(&view)?
     } else {
@@ -432,9 +431,7 @@ fn run_calibrate(a: CalibrateArgs) -> Result<()> {
 
 fn run_outliers(a: OutliersArgs) -> Result<()> {
     let opts = a.outlier.options(a.quiet)?;
-    let model = crate::onnx::load(&a.model)?;
-    let graph = model.proto.graph.as_ref().context("the model has no graph")?;
-    crate::onnx::GraphView::new(graph).validate().with_context(|| format!("invalid model {}", a.model.display()))?;
+    let model = crate::onnx::load_valid(&a.model)?;
     let label = a.model.display().to_string();
     let analysis = crate::outliers::analyze(&model.proto, &label, &a.data.options()?, &opts)
         .with_context(|| format!("outlier analysis of {label} failed"))?;
@@ -451,14 +448,8 @@ fn run_outliers(a: OutliersArgs) -> Result<()> {
 
 fn run_regularize(a: RegularizeArgs) -> Result<()> {
     let opts = a.outlier.options(a.quiet)?;
-    let model = crate::onnx::load(&a.model)?;
-    let graph = model.proto.graph.as_ref().context("the model has no graph")?;
-    crate::onnx::GraphView::new(graph).validate().with_context(|| format!("invalid model {}", a.model.display()))?;
-    if let (Ok(x), Ok(y)) = (std::fs::canonicalize(&a.model), std::fs::canonicalize(&a.output)) {
-        if x == y {
-            anyhow::bail!("refusing to overwrite the input model {}: choose another -o", a.model.display());
-        }
-    }
+    let model = crate::onnx::load_valid(&a.model)?;
+    crate::onnx::refuse_overwrite(&a.model, &a.output)?;
     let label = a.model.display().to_string();
     let run = crate::outliers::RunSettings { guard: None, measure_float: true, full_edits: true, label: label.clone() };
     let outcome = crate::outliers::regularize(&model.proto, &a.data.options()?, &opts, &run)
@@ -483,9 +474,7 @@ fn run_regularize(a: RegularizeArgs) -> Result<()> {
 }
 
 fn run_dump(a: DumpArgs) -> Result<()> {
-    let model = crate::onnx::load(&a.model)?;
-    let graph = model.proto.graph.as_ref().context("the model has no graph")?;
-    crate::onnx::GraphView::new(graph).validate().with_context(|| format!("invalid model {}", a.model.display()))?;
+    let model = crate::onnx::load_valid(&a.model)?;
     let d = dump::build(&model, &dump::DumpOptions { weights: a.weights, nodes: a.nodes })?;
     let text = if a.json { serde_json::to_string_pretty(&d)? + "\n" } else { dump::render_text(&d) };
     let mut out = std::io::stdout().lock();

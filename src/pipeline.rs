@@ -7,7 +7,7 @@
 use crate::calibrate::{self as cal, StatsFile, TensorEntry};
 use crate::data::{DataOptions, SampleSet};
 use crate::onnx::pb::ModelProto;
-use crate::onnx::{GraphView, Model, SaveOptions};
+use crate::onnx::{Model, SaveOptions};
 use crate::quantize::{self, QuantOptions, Report};
 use crate::stats::RangeMethod;
 use anyhow::{bail, Context, Result};
@@ -91,9 +91,7 @@ pub fn output_sqnr(reference: &ModelProto, cand: &ModelProto, data: &DataOptions
 
 pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &PipelineOptions) -> Result<PipelineReport> {
     let t0 = std::time::Instant::now();
-    let loaded = crate::onnx::load(model_path)?;
-    let graph = loaded.proto.graph.as_ref().context("the model has no graph")?;
-    GraphView::new(graph).validate().with_context(|| format!("invalid model {}", model_path.display()))?;
+    let loaded = crate::onnx::load_valid(model_path)?;
     let (mut model, prepared) = quantize::prepare::prepare(&loaded.proto)?;
     let mut qopts = opts.quant.clone();
     qopts.method = opts.method.to_string();
@@ -414,9 +412,7 @@ fn finish(
     samples: usize,
     t0: std::time::Instant,
 ) -> Result<PipelineReport> {
-    if same_file(model_path, out_path) {
-        bail!("refusing to overwrite the input model {}: choose another -o", model_path.display());
-    }
+    crate::onnx::refuse_overwrite(model_path, out_path)?;
     crate::onnx::save(&q, out_path, &opts.save)?;
     Ok(PipelineReport {
         model: model_path.display().to_string(),
@@ -438,11 +434,4 @@ fn finish(
         bias_correction: None,
         seconds: t0.elapsed().as_secs_f64(),
     })
-}
-
-fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
-    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
-    }
 }

@@ -272,6 +272,25 @@ pub fn load(path: &Path) -> Result<Model> {
     Ok(model)
 }
 
+/// [`load`], then the graph checks of [`crate::onnx::GraphView::validate`] (dangling inputs,
+/// duplicate names, cycles): what every command runs before touching a model file.
+pub fn load_valid(path: &Path) -> Result<Model> {
+    let model = load(path)?;
+    let graph = model.proto.graph.as_ref().context("the model has no graph")?;
+    crate::onnx::GraphView::new(graph).validate().with_context(|| format!("invalid model {}", path.display()))?;
+    Ok(model)
+}
+
+/// Fails when `output` names the same file as `input` (the input model is never modified).
+pub fn refuse_overwrite(input: &Path, output: &Path) -> Result<()> {
+    if let (Ok(x), Ok(y)) = (std::fs::canonicalize(input), std::fs::canonicalize(output)) {
+        if x == y {
+            bail!("refusing to overwrite the input model {}: choose another -o", input.display());
+        }
+    }
+    Ok(())
+}
+
 fn check_structure(proto: &ModelProto) -> Result<()> {
     let graph = proto.graph.as_ref().context("the model has no graph")?;
     if proto.opset_import.is_empty() {

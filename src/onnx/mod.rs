@@ -15,4 +15,4 @@ pub mod tensor;
 
 pub use attr::{describe, NodeAttrs};
 pub use graph::{GraphView, NameAlloc};
-pub use io::{load, save, Model, SaveOptions};
+pub use io::{load, load_valid, refuse_overwrite, save, Model, SaveOptions};
