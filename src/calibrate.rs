@@ -88,21 +88,17 @@ fn stats_sources(targets: &[Target]) -> Vec<usize> {
     };
     (0..targets.len())
         .map(|i| {
+            // Follow the chain to a target calibrated directly. A chain has fewer hops than
+            // there are targets; one that does not end (a cycle, impossible in a valid graph)
+            // leaves the target calibrated directly.
             let mut cur = i;
-            // A chain never needs more hops than there are targets; a cycle (impossible in a
-            // valid graph) ends at the starting target.
-            for _ in 0..targets.len() {
+            for _ in 0..=targets.len() {
                 match direct(cur) {
-                    Some(j) if j != i => cur = j,
-                    Some(_) => return i,
-                    None => break,
+                    None => return cur,
+                    Some(j) => cur = j,
                 }
             }
-            if direct(cur).is_some() {
-                i
-            } else {
-                cur
-            }
+            i
         })
         .collect()
 }
