@@ -64,6 +64,28 @@ pub struct PipelineReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bias_correction: Option<BiasCorrectionReport>,
     pub seconds: f64,
+    /// Wall time of each step that ran (s): load, opset check, input grid, regularization,
+    /// calibration, quantize, bias correction, guard, keep float, save.
+    pub phase_seconds: BTreeMap<String, f64>,
+}
+
+/// Wall-time bookkeeping of the pipeline's steps.
+struct Phases {
+    last: std::time::Instant,
+    seconds: BTreeMap<String, f64>,
+}
+
+impl Phases {
+    fn new() -> Phases {
+        Phases { last: std::time::Instant::now(), seconds: BTreeMap::new() }
+    }
+
+    /// Charges the time since the previous mark to `step` (added up when a step repeats).
+    fn mark(&mut self, step: &str) {
+        let now = std::time::Instant::now();
+        *self.seconds.entry(step.to_string()).or_default() += (now - self.last).as_secs_f64();
+        self.last = now;
+    }
 }
 
 fn specs_and_set(model: &ModelProto, data: &DataOptions) -> Result<(Vec<crate::data::InputSpec>, SampleSet)> {
@@ -91,8 +113,10 @@ pub fn output_sqnr(reference: &ModelProto, cand: &ModelProto, data: &DataOptions
 
 pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &PipelineOptions) -> Result<PipelineReport> {
     let t0 = std::time::Instant::now();
+    let mut phases = Phases::new();
     let loaded = crate::onnx::load_valid(model_path)?;
     let (mut model, prepared) = quantize::prepare::prepare(&loaded.proto)?;
+    phases.mark("load");
     let mut qopts = opts.quant.clone();
     qopts.method = opts.method.to_string();
     let mut opset_note = None;
@@ -143,6 +167,8 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
         }
     }
 
+    phases.mark("opset check");
+
     // Lattice-valued inputs (normalized 8-bit images) moved onto the uint8 grid; the ranges
     // of the shifted tensors are fixed, so this needs fresh calibration (not --stats).
     let mut grid_ranges = BTreeMap::new();
@@ -171,6 +197,8 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
         }
     }
 
+    phases.mark("input grid");
+
     // Outlier-aware weight regularization; when guarded it returns the ranges it measured.
     let mut regularization: Option<crate::outliers::RegularizationReport> = None;
     let mut reg_ranges = None;
@@ -190,6 +218,8 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
         reg_ranges = o.ranges.map(|r| (r, o.report.samples));
         regularization = Some(o.report);
     }
+
+    phases.mark("regularization");
 
     // Ranges: from --stats or a fresh calibration.
     let mut ranges: BTreeMap<String, TensorEntry> = match (&opts.stats, data) {
@@ -235,7 +265,9 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
             }
         }
     }
+    phases.mark("calibration");
     let (mut q, mut report) = quantize::quantize(&model, &ranges, &qopts)?;
+    phases.mark("quantize");
     let mut bias_correction = None;
     if opts.bias_correction && !opts.quant.weights_only {
         if let Some(d) = data {
@@ -257,6 +289,7 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
             bias_correction = Some(r.0);
         }
     }
+    phases.mark("bias correction");
     // Global guard of `--regularize auto` through bias correction: when that step changed
     // anything, plain quantization takes the same steps and the better model on the
     // calibration samples wins.
@@ -277,6 +310,7 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
             }
         }
     }
+    phases.mark("guard");
     let mut kept = Vec::new();
     if opts.keep_float > 0 {
         let d =
@@ -296,7 +330,11 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
         q = q2;
         report = r2;
     }
+    phases.mark("keep float");
     let mut out = finish(model_path, out_path, opts, q, report, (opset_note, prepared), kept, samples, t0)?;
+    phases.mark("save");
+    phases.seconds.retain(|_, s| *s >= 0.0005);
+    out.phase_seconds = phases.seconds;
     out.regularization = regularization;
     out.bias_correction = bias_correction;
     out.input_grid = grid_inputs;
@@ -433,5 +471,6 @@ fn finish(
         regularization: None,
         bias_correction: None,
         seconds: t0.elapsed().as_secs_f64(),
+        phase_seconds: BTreeMap::new(),
     })
 }

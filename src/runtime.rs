@@ -64,6 +64,11 @@ pub struct Plan {
     outputs: Vec<String>,
     /// For each requested output, its index among the plan's (deduplicated) outputs.
     output_slots: Vec<usize>,
+    /// Per node id of the optimized model: (output slot, deduplicated output index) of the
+    /// requested tensors it computes, reported as soon as the node has run.
+    watch: Vec<Vec<(usize, usize)>>,
+    /// Requested tensors that tract folded into constants: (deduplicated index, value).
+    consts: Vec<(usize, TValue)>,
 }
 
 // A plan is shared across rayon threads.
@@ -97,9 +102,9 @@ impl Plan {
         }
         let prepared = prepare(model_bytes, model_dir, inputs, Some(outputs))?;
         let Prepared { model, input_dts, output_slots, diag } = prepared;
-        let plan = guarded("build a runnable plan from", || model.into_runnable())
+        let (plan, watch, consts) = guarded("build a runnable plan from", || unpinned_plan(model))
             .map_err(|e| diag.explain(e, "tract could not build a runnable plan for the model"))?;
-        Ok(Plan { plan, inputs: inputs.to_vec(), input_dts, outputs: outputs.to_vec(), output_slots })
+        Ok(Plan { plan, inputs: inputs.to_vec(), input_dts, outputs: outputs.to_vec(), output_slots, watch, consts })
     }
 
     /// The requested output tensor names, in the order [`Plan::run`] returns them.
@@ -116,44 +121,56 @@ impl Plan {
     /// shapes given there; data whose element type differs from the input's is cast (e.g. `F32`
     /// data for a float16 input). Returns one array per requested output, in order.
     pub fn run(&self, inputs: &[ArrayData]) -> Result<Vec<ArrayData>> {
-        let results = self.run_raw(inputs)?;
-        let mut converted = Vec::with_capacity(results.len());
-        // Consumed one by one: each tract tensor is freed right after its copy is made, so a
-        // sample's activations are not held twice.
-        for (ix, value) in results.into_iter().enumerate() {
-            let name = self
-                .output_slots
-                .iter()
-                .position(|&s| s == ix)
-                .and_then(|p| self.outputs.get(p))
-                .map_or("?", String::as_str);
-            converted.push(to_array(&value).with_context(|| format!("converting output tensor '{name}'"))?);
-        }
+        // Each tensor is copied as soon as it is computed and tract's buffer is left to tract,
+        // so a sample's outputs are not held twice.
+        let mut converted: Vec<Option<Result<ArrayData>>> = (0..self.unique_outputs()).map(|_| None).collect();
+        self.run_streaming(inputs, |slot, value| converted[slot] = Some(to_array(value)))?;
+        let mut converted = converted
+            .into_iter()
+            .enumerate()
+            .map(|(slot, c)| {
+                let name = self
+                    .output_slots
+                    .iter()
+                    .position(|&s| s == slot)
+                    .and_then(|p| self.outputs.get(p))
+                    .map_or("?", String::as_str);
+                c.ok_or_else(|| anyhow!("missing output {slot}"))?
+                    .with_context(|| format!("converting output tensor '{name}'"))
+            })
+            .collect::<Result<Vec<_>>>()?;
         if self.output_slots.iter().copied().eq(0..converted.len()) {
             return Ok(converted);
         }
-        self.output_slots
-            .iter()
-            .map(|&s| converted.get(s).cloned().ok_or_else(|| anyhow!("missing output {s}")))
-            .collect()
+        let mut out = Vec::with_capacity(self.output_slots.len());
+        for (p, &s) in self.output_slots.iter().enumerate() {
+            // The last request of a slot takes the array, earlier ones a copy.
+            let last = !self.output_slots[p + 1..].contains(&s);
+            let a = converted.get_mut(s).ok_or_else(|| anyhow!("missing output {s}"))?;
+            out.push(if last {
+                std::mem::replace(a, ArrayData::F32(ndarray::ArrayD::zeros(ndarray::IxDyn(&[0]))))
+            } else {
+                a.clone()
+            });
+        }
+        Ok(out)
     }
 
     /// Runs one sample and hands each requested output that tract holds as plain `f32` to
     /// `visit` as a view into tract's own buffer (no copy; float16 is widened into a temporary,
-    /// other element types give `None`).
-    /// Returns `visit`'s results in the order of [`Plan::outputs`].
+    /// other element types give `None`), right after the node computing it has run: tract
+    /// frees it once its last consumer is done, so a sample's requested tensors are never all
+    /// alive at once. `visit` gets the output's index in [`Plan::outputs`] (once per index,
+    /// in no particular order). Returns `visit`'s results in the order of [`Plan::outputs`].
     pub fn run_visit_f32<T>(
         &self,
         inputs: &[ArrayData],
         mut visit: impl FnMut(usize, Option<ArrayViewD<'_, f32>>) -> T,
     ) -> Result<Vec<T>> {
-        let results = self.run_raw(inputs)?;
-        self.output_slots
-            .iter()
-            .enumerate()
-            .map(|(p, &slot)| {
-                let value = results.get(slot).ok_or_else(|| anyhow!("missing output {slot}"))?;
-                Ok(match value.datum_type().unquantized() {
+        let mut results: Vec<Option<T>> = self.output_slots.iter().map(|_| None).collect();
+        self.run_streaming(inputs, |slot, value| {
+            for (p, _) in self.output_slots.iter().enumerate().filter(|&(_, &s)| s == slot) {
+                let r = match value.datum_type().unquantized() {
                     DatumType::F32 => visit(p, value.to_plain_array_view::<f32>().ok()),
                     // float16 outputs are widened, as `run` does.
                     DatumType::F16 => {
@@ -161,13 +178,49 @@ impl Plan {
                         visit(p, wide.as_ref().and_then(|t| t.to_plain_array_view::<f32>().ok()))
                     }
                     _ => visit(p, None),
-                })
-            })
-            .collect()
+                };
+                results[p] = Some(r);
+            }
+        })?;
+        results.into_iter().enumerate().map(|(p, r)| r.ok_or_else(|| anyhow!("missing output {p}"))).collect()
     }
 
-    /// Checks and converts the inputs, runs the plan, and checks the number of results.
-    fn run_raw(&self, inputs: &[ArrayData]) -> Result<TVec<TValue>> {
+    fn unique_outputs(&self) -> usize {
+        self.output_slots.iter().copied().max().map_or(0, |m| m + 1)
+    }
+
+    /// Checks and converts the inputs, runs the plan, and hands every deduplicated output to
+    /// `seen` (its index, its value) as soon as it is computed. Fails if one is never seen.
+    fn run_streaming(&self, inputs: &[ArrayData], mut seen: impl FnMut(usize, &TValue)) -> Result<()> {
+        let values = self.input_values(inputs)?;
+        let mut count = 0;
+        for (slot, value) in &self.consts {
+            seen(*slot, value);
+            count += 1;
+        }
+        guarded("run", || {
+            let mut state = self.plan.spawn()?;
+            state.run_plan_with_eval(values, |ctx, op_state, node, node_inputs| -> Result<TVec<TValue>> {
+                let outs = tract_onnx::tract_core::plan::eval(ctx, op_state, node, node_inputs)?;
+                for &(output, slot) in self.watch.get(node.id).map_or(&[][..], Vec::as_slice) {
+                    let value =
+                        outs.get(output).with_context(|| format!("node {} has no output {output}", node.name))?;
+                    seen(slot, value);
+                    count += 1;
+                }
+                Ok(outs)
+            })
+        })
+        .context("tract failed to run the model")?;
+        if count != self.unique_outputs() {
+            bail!("tract computed {count} of the {} requested tensors", self.unique_outputs());
+        }
+        Ok(())
+    }
+
+    /// The inputs as tract values, checked against the plan's facts (cast where the element
+    /// types differ).
+    fn input_values(&self, inputs: &[ArrayData]) -> Result<TVec<TValue>> {
         if inputs.len() != self.inputs.len() {
             bail!(
                 "the plan takes {} inputs ({}), got {}",
@@ -199,13 +252,51 @@ impl Plan {
             };
             values.push(tensor.into_tvalue());
         }
-        let results = guarded("run", || self.plan.run(values)).context("tract failed to run the model")?;
-        let unique = self.output_slots.iter().copied().max().map_or(0, |m| m + 1);
-        if results.len() != unique {
-            bail!("tract returned {} outputs, expected {unique}", results.len());
-        }
-        Ok(results)
+        Ok(values)
     }
+}
+
+/// The runnable plan of an optimized model whose outputs are the requested tensors, with
+/// those tensors no longer held as outputs: they were outputs through optimization, so no
+/// fusion removed them, but a plan output stays alive until the end of the run and cannot be
+/// reused in place. The plan's outputs become the requested tensors nothing consumes (the
+/// ends of the graph, which every other requested tensor feeds); the rest are reported by
+/// [`Plan::run_streaming`] as their nodes run. Returns the plan, the per-node watch list and
+/// the requested tensors tract folded into constants (never evaluated in a run).
+#[allow(clippy::type_complexity)]
+fn unpinned_plan(
+    mut model: TypedModel,
+) -> Result<(std::sync::Arc<TypedSimplePlan>, Vec<Vec<(usize, usize)>>, Vec<(usize, TValue)>)> {
+    use tract_onnx::tract_core::ops::konst::Const;
+    let requested: Vec<OutletId> = model.output_outlets()?.to_vec();
+    let mut watch = vec![Vec::new(); model.nodes().len()];
+    let mut consts = vec![];
+    let mut ends = vec![];
+    for (slot, &o) in requested.iter().enumerate() {
+        if let Some(k) = model.node(o.node).op_as::<Const>() {
+            consts.push((slot, k.val().clone().into_tvalue()));
+            continue;
+        }
+        watch[o.node].push((o.slot, slot));
+        if model.outlet_successors(o).is_empty() && !ends.contains(&o) {
+            ends.push(o);
+        }
+    }
+    // Every watched node must be computed for the ends; otherwise keep all requested outputs.
+    let mut needed = vec![false; model.nodes().len()];
+    let mut stack: Vec<usize> = ends.iter().map(|o| o.node).collect();
+    while let Some(n) = stack.pop() {
+        if !std::mem::replace(&mut needed[n], true) {
+            stack.extend(model.node(n).inputs.iter().map(|i| i.node));
+        }
+    }
+    if ends.is_empty() || watch.iter().enumerate().any(|(n, w)| !w.is_empty() && !needed[n]) {
+        ends = requested.iter().copied().filter(|o| model.node(o.node).op_as::<Const>().is_none()).collect();
+    }
+    if !ends.is_empty() {
+        model.select_output_outlets(&ends)?;
+    }
+    Ok((model.into_runnable()?, watch, consts))
 }
 
 /// Loads, types and optimizes the model for `inputs` with its own graph outputs, to report

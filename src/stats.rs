@@ -80,8 +80,8 @@ fn exp_above(v: f64) -> i32 {
 }
 
 /// Count, NaN/Inf counts, min, max, `Σx` and `Σx²` of the finite elements of a slice,
-/// accumulated in `LANES` independent lanes (a fixed order, so the sums are deterministic)
-/// that the compiler can keep in vector registers.
+/// accumulated in `LANES` independent lanes (element `i` goes to lane `i mod LANES`, a fixed
+/// order, so the sums are deterministic and the same with or without SIMD).
 struct Moments {
     n: u64,
     nan: u64,
@@ -92,82 +92,115 @@ struct Moments {
     sum_sq: f64,
 }
 
+/// Per-lane min, max, `Σx`, `Σx²` of a slice whose length is a multiple of [`Moments::LANES`].
+struct Lanes {
+    min: [f32; Moments::LANES],
+    max: [f32; Moments::LANES],
+    sum: [f64; Moments::LANES],
+    sum_sq: [f64; Moments::LANES],
+}
+
 impl Moments {
     const LANES: usize = 8;
 
     fn of(data: &[f32]) -> Moments {
+        let (body, rest) = data.split_at(data.len() - data.len() % Self::LANES);
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports AVX2, checked just above.
-            return unsafe { Self::of_avx2(data) };
+            return Self::finish(unsafe { Self::lanes_avx2(body) }, data, rest);
         }
-        Self::of_portable(data)
+        Self::finish(Self::lanes_portable(body), data, rest)
     }
 
-    /// The same code compiled for AVX2 (twice the vector width; no FMA contraction in Rust,
-    /// so the results are bit-identical to the portable build).
+    /// [`Self::lanes_portable`] with AVX2 intrinsics: lanes 0–3 and 4–7 are the two `f64`
+    /// halves of one 8-wide `f32` load. Each square is rounded before it is added (no FMA),
+    /// so the results are bit-identical to the portable code.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn of_avx2(data: &[f32]) -> Moments {
-        Self::of_portable(data)
+    unsafe fn lanes_avx2(body: &[f32]) -> Option<Lanes> {
+        use std::arch::x86_64::*;
+        let (mut mn, mut mx) = (_mm256_set1_ps(f32::INFINITY), _mm256_set1_ps(f32::NEG_INFINITY));
+        let (mut s_lo, mut s_hi, mut ss_lo, mut ss_hi) =
+            (_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd());
+        // `v - v` is +0 for finite `v` and NaN otherwise: OR-ed together, any set bit means a
+        // non-finite element.
+        let mut bad = _mm256_setzero_ps();
+        for c in body.chunks_exact(Self::LANES) {
+            // SAFETY: `c` holds exactly 8 f32.
+            let v = unsafe { _mm256_loadu_ps(c.as_ptr()) };
+            bad = _mm256_or_ps(bad, _mm256_sub_ps(v, v));
+            // min_ps(v, m) = if v < m { v } else { m }, as in the portable code.
+            mn = _mm256_min_ps(v, mn);
+            mx = _mm256_max_ps(v, mx);
+            let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+            let hi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v));
+            s_lo = _mm256_add_pd(s_lo, lo);
+            s_hi = _mm256_add_pd(s_hi, hi);
+            ss_lo = _mm256_add_pd(ss_lo, _mm256_mul_pd(lo, lo));
+            ss_hi = _mm256_add_pd(ss_hi, _mm256_mul_pd(hi, hi));
+        }
+        if _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_NEQ_UQ>(bad, _mm256_setzero_ps())) != 0 {
+            return None;
+        }
+        let mut l = Lanes { min: [0.0; 8], max: [0.0; 8], sum: [0.0; 8], sum_sq: [0.0; 8] };
+        // SAFETY: each destination array holds exactly one vector.
+        unsafe {
+            _mm256_storeu_ps(l.min.as_mut_ptr(), mn);
+            _mm256_storeu_ps(l.max.as_mut_ptr(), mx);
+            _mm256_storeu_pd(l.sum.as_mut_ptr(), s_lo);
+            _mm256_storeu_pd(l.sum.as_mut_ptr().add(4), s_hi);
+            _mm256_storeu_pd(l.sum_sq.as_mut_ptr(), ss_lo);
+            _mm256_storeu_pd(l.sum_sq.as_mut_ptr().add(4), ss_hi);
+        }
+        Some(l)
     }
 
-    fn empty() -> Moments {
-        Moments { n: 0, nan: 0, inf: 0, min: f64::INFINITY, max: f64::NEG_INFINITY, sum: 0.0, sum_sq: 0.0 }
-    }
-
-    fn add(&mut self, o: &Moments) {
-        self.n += o.n;
-        self.nan += o.nan;
-        self.inf += o.inf;
-        self.min = self.min.min(o.min);
-        self.max = self.max.max(o.max);
-        self.sum += o.sum;
-        self.sum_sq += o.sum_sq;
-    }
-
-    #[inline(always)]
-    fn of_portable(data: &[f32]) -> Moments {
+    /// The lanes of `body` (length a multiple of `LANES`), or `None` if it holds a NaN or ±Inf.
+    fn lanes_portable(body: &[f32]) -> Option<Lanes> {
         const L: usize = Moments::LANES;
-        let mut non_finite = 0u64;
-        let (mut mn, mut mx) = ([f32::INFINITY; L], [f32::NEG_INFINITY; L]);
-        let (mut s, mut ss) = ([0.0f64; L], [0.0f64; L]);
-        let (body, rest) = data.split_at(data.len() - data.len() % L);
-        let mut bad = [0u64; L];
+        let mut l = Lanes { min: [f32::INFINITY; L], max: [f32::NEG_INFINITY; L], sum: [0.0; L], sum_sq: [0.0; L] };
         for c in body.chunks_exact(L) {
-            for l in 0..L {
-                let v = c[l];
-                bad[l] += u64::from(v.to_bits() & 0x7f80_0000 == 0x7f80_0000);
-                // Plain compare-and-select (maps to vector min/max instructions); only used
-                // when no NaN is present, where it equals f32::min / f32::max.
-                mn[l] = if v < mn[l] { v } else { mn[l] };
-                mx[l] = if v > mx[l] { v } else { mx[l] };
+            if !c.iter().all(|v| v.is_finite()) {
+                return None;
+            }
+            for (k, &v) in c.iter().enumerate() {
+                l.min[k] = if v < l.min[k] { v } else { l.min[k] };
+                l.max[k] = if v > l.max[k] { v } else { l.max[k] };
                 let d = f64::from(v);
-                s[l] += d;
-                ss[l] += d * d;
+                l.sum[k] += d;
+                l.sum_sq[k] += d * d;
             }
         }
-        non_finite += bad.iter().sum::<u64>();
-        if non_finite == 0 && rest.iter().all(|v| v.is_finite()) {
-            for (l, &v) in rest.iter().enumerate() {
-                mn[l] = mn[l].min(v);
-                mx[l] = mx[l].max(v);
+        Some(l)
+    }
+
+    /// Adds the tail `rest` (fewer than `LANES` elements, lanes 0..) to the lanes of the body
+    /// and reduces; with no lanes (a non-finite element in the body) or a non-finite element
+    /// in the tail, recomputes all of `data` element by element in the same lane order,
+    /// skipping and counting the non-finite ones.
+    fn finish(lanes: Option<Lanes>, data: &[f32], rest: &[f32]) -> Moments {
+        const L: usize = Moments::LANES;
+        if let Some(mut l) = lanes.filter(|_| rest.iter().all(|v| v.is_finite())) {
+            for (k, &v) in rest.iter().enumerate() {
+                l.min[k] = l.min[k].min(v);
+                l.max[k] = l.max[k].max(v);
                 let d = f64::from(v);
-                s[l] += d;
-                ss[l] += d * d;
+                l.sum[k] += d;
+                l.sum_sq[k] += d * d;
             }
             return Moments {
                 n: data.len() as u64,
                 nan: 0,
                 inf: 0,
-                min: f64::from(mn.iter().fold(f32::INFINITY, |a, &b| a.min(b))),
-                max: f64::from(mx.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))),
-                sum: s.iter().sum(),
-                sum_sq: ss.iter().sum(),
+                min: f64::from(l.min.iter().fold(f32::INFINITY, |a, &b| a.min(b))),
+                max: f64::from(l.max.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))),
+                sum: l.sum.iter().sum(),
+                sum_sq: l.sum_sq.iter().sum(),
             };
         }
-        // Rare: NaN or ±Inf present. Redo in the same lane order, skipping them.
-        let mut m = Moments { n: 0, nan: 0, inf: 0, min: f64::INFINITY, max: f64::NEG_INFINITY, sum: 0.0, sum_sq: 0.0 };
+        // Rare: NaN or ±Inf present.
+        let mut m = Moments::empty();
         let (mut s, mut ss) = ([0.0f64; L], [0.0f64; L]);
         for (i, &v) in data.iter().enumerate() {
             if v.is_nan() {
@@ -186,6 +219,20 @@ impl Moments {
         m.sum = s.iter().sum();
         m.sum_sq = ss.iter().sum();
         m
+    }
+
+    fn empty() -> Moments {
+        Moments { n: 0, nan: 0, inf: 0, min: f64::INFINITY, max: f64::NEG_INFINITY, sum: 0.0, sum_sq: 0.0 }
+    }
+
+    fn add(&mut self, o: &Moments) {
+        self.n += o.n;
+        self.nan += o.nan;
+        self.inf += o.inf;
+        self.min = self.min.min(o.min);
+        self.max = self.max.max(o.max);
+        self.sum += o.sum;
+        self.sum_sq += o.sum_sq;
     }
 }
 
@@ -209,10 +256,33 @@ impl BinGrid {
         self.bins_of_portable(block, idx, finite_only)
     }
 
+    /// [`Self::bins_of_portable`] with AVX2 intrinsics when every element is finite: the same
+    /// exact product, clamp and floor (`floor` of an exact product, so no rounding step
+    /// differs), four elements per step.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     unsafe fn bins_of_avx2(&self, block: &[f32], idx: &mut [u32], finite_only: bool) {
-        self.bins_of_portable(block, idx, finite_only)
+        use std::arch::x86_64::*;
+        if !finite_only || idx.len() != block.len() {
+            return self.bins_of_portable(block, idx, finite_only);
+        }
+        let scale = _mm256_set1_pd(self.scale);
+        let lo = _mm256_set1_pd(-(self.half as f64));
+        let hi = _mm256_set1_pd((self.top - self.half) as f64);
+        // `half <= 2^27`: an i32.
+        let half = _mm_set1_epi32(self.half as i32);
+        let body = block.len() - block.len() % 4;
+        for (src, dst) in block[..body].chunks_exact(4).zip(idx[..body].chunks_exact_mut(4)) {
+            // SAFETY: `src` and `dst` hold exactly 4 elements each.
+            unsafe {
+                let t = _mm256_mul_pd(_mm256_cvtps_pd(_mm_loadu_ps(src.as_ptr())), scale);
+                let f = _mm256_floor_pd(_mm256_min_pd(_mm256_max_pd(t, lo), hi));
+                // `f` is an integer in [-half, top - half]: the conversion is exact.
+                let k = _mm_add_epi32(_mm256_cvtpd_epi32(f), half);
+                _mm_storeu_si128(dst.as_mut_ptr().cast::<__m128i>(), k);
+            }
+        }
+        self.bins_of_portable(&block[body..], &mut idx[body..], true);
     }
 
     /// `v·scale` is exact (scale is a power of two and |v·scale| < B/2 <= 2^27). Adding and
@@ -357,10 +427,23 @@ impl TensorStats {
             grid.bins_of(block, idx, finite_only);
             if interleave {
                 let mut quads = idx.chunks_exact(4);
-                for q in &mut quads {
-                    for (lane, &j) in q.iter().enumerate() {
-                        if j != u32::MAX {
-                            sub[lane * self.bins + j as usize] += 1;
+                if finite_only {
+                    // Every bin is in [0, bins): one counter array per lane, no checks.
+                    let (s01, s23) = sub.split_at_mut(2 * self.bins);
+                    let (s0, s1) = s01.split_at_mut(self.bins);
+                    let (s2, s3) = s23.split_at_mut(self.bins);
+                    for q in &mut quads {
+                        s0[q[0] as usize] += 1;
+                        s1[q[1] as usize] += 1;
+                        s2[q[2] as usize] += 1;
+                        s3[q[3] as usize] += 1;
+                    }
+                } else {
+                    for q in &mut quads {
+                        for (lane, &j) in q.iter().enumerate() {
+                            if j != u32::MAX {
+                                sub[lane * self.bins + j as usize] += 1;
+                            }
                         }
                     }
                 }
@@ -1015,6 +1098,46 @@ mod tests {
         let mut s = TensorStats::new(DEFAULT_BINS, None);
         s.update(view(data));
         s
+    }
+
+    /// The AVX2 kernels give bit-identical lanes and bins to the portable code, including on
+    /// -0.0, tiny denormals (whose scaled value underflows), bin edges and the range ends.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn simd_kernels_match_portable() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let mut data = skewed(10_003, 5);
+        data.extend(gaussian(997, 6).iter().map(|v| v * 1e-3));
+        data.extend([0.0, -0.0, f32::from_bits(1), -f32::from_bits(1), -1e-40, 1e-40, 0.5, -0.5, 0.25, -0.25]);
+        data.extend([f32::MIN_POSITIVE, -f32::MIN_POSITIVE, 3.999_999_8, -3.999_999_8, 1.0 / 512.0, -1.0 / 512.0]);
+        for n in [0, 3, 8, 9, 1000, data.len()] {
+            let body = &data[..n - n % Moments::LANES];
+            // SAFETY: AVX2 is present (checked above).
+            let (a, p) = (unsafe { Moments::lanes_avx2(body) }, Moments::lanes_portable(body));
+            let (a, p) = (a.expect("finite"), p.expect("finite"));
+            assert_eq!(a.min.map(f32::to_bits), p.min.map(f32::to_bits));
+            assert_eq!(a.max.map(f32::to_bits), p.max.map(f32::to_bits));
+            assert_eq!(a.sum.map(f64::to_bits), p.sum.map(f64::to_bits));
+            assert_eq!(a.sum_sq.map(f64::to_bits), p.sum_sq.map(f64::to_bits));
+        }
+        let mut bad = data.clone();
+        bad[40] = f32::INFINITY;
+        // SAFETY: AVX2 is present (checked above).
+        assert!(unsafe { Moments::lanes_avx2(&bad[..64]) }.is_none());
+        bad[40] = f32::NAN;
+        // SAFETY: as above.
+        assert!(unsafe { Moments::lanes_avx2(&bad[..64]) }.is_none());
+        for (bins, exp) in [(2048usize, 2), (2048, -20), (4, 30), (1 << 20, 2)] {
+            let grid = BinGrid { scale: bins as f64 / pow2(exp + 1), half: (bins / 2) as i64, top: bins as i64 - 1 };
+            let in_range: Vec<f32> = data.iter().copied().filter(|v| (f64::from(*v)).abs() < pow2(exp)).collect();
+            let (mut a, mut p) = (vec![0u32; in_range.len()], vec![0u32; in_range.len()]);
+            // SAFETY: AVX2 is present (checked above).
+            unsafe { grid.bins_of_avx2(&in_range, &mut a, true) };
+            grid.bins_of_portable(&in_range, &mut p, true);
+            assert_eq!(a, p, "bins {bins}, exp {exp}");
+        }
     }
 
     /// The three ways of building stats agree on everything exact.
