@@ -92,7 +92,8 @@ struct Moments {
     sum_sq: f64,
 }
 
-/// Per-lane min, max, `Σx`, `Σx²` of a slice whose length is a multiple of [`Moments::LANES`].
+/// Per-lane min, max, `Σx`, `Σx²`.
+#[derive(Clone, Copy)]
 struct Lanes {
     min: [f32; Moments::LANES],
     max: [f32; Moments::LANES],
@@ -100,33 +101,47 @@ struct Lanes {
     sum_sq: [f64; Moments::LANES],
 }
 
-impl Moments {
-    const LANES: usize = 8;
+impl Lanes {
+    const EMPTY: Lanes = Lanes {
+        min: [f32::INFINITY; Moments::LANES],
+        max: [f32::NEG_INFINITY; Moments::LANES],
+        sum: [0.0; Moments::LANES],
+        sum_sq: [0.0; Moments::LANES],
+    };
 
-    fn of(data: &[f32]) -> Moments {
-        let (body, rest) = data.split_at(data.len() - data.len() % Self::LANES);
+    /// Adds a body (length a multiple of `LANES`, starting at lane 0) with min/max by compare
+    /// and select; `false`, with the lanes unchanged, if it holds a NaN or ±Inf.
+    fn add_finite(&mut self, body: &[f32]) -> bool {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports AVX2, checked just above.
-            return Self::finish(unsafe { Self::lanes_avx2(body) }, data, rest);
+            return unsafe { self.add_finite_avx2(body) };
         }
-        Self::finish(Self::lanes_portable(body), data, rest)
+        self.add_finite_portable(body)
     }
 
-    /// [`Self::lanes_portable`] with AVX2 intrinsics: lanes 0–3 and 4–7 are the two `f64`
-    /// halves of one 8-wide `f32` load. Each square is rounded before it is added (no FMA),
-    /// so the results are bit-identical to the portable code.
+    /// [`Self::add_finite_portable`] with AVX2 intrinsics: lanes 0–3 and 4–7 are the two
+    /// `f64` halves of one 8-wide `f32` load. Each square is rounded before it is added (no
+    /// FMA), so the results are bit-identical to the portable code.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn lanes_avx2(body: &[f32]) -> Option<Lanes> {
+    unsafe fn add_finite_avx2(&mut self, body: &[f32]) -> bool {
         use std::arch::x86_64::*;
-        let (mut mn, mut mx) = (_mm256_set1_ps(f32::INFINITY), _mm256_set1_ps(f32::NEG_INFINITY));
-        let (mut s_lo, mut s_hi, mut ss_lo, mut ss_hi) =
-            (_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd());
+        // SAFETY: each source array holds exactly one vector.
+        let (mut mn, mut mx, mut s_lo, mut s_hi, mut ss_lo, mut ss_hi) = unsafe {
+            (
+                _mm256_loadu_ps(self.min.as_ptr()),
+                _mm256_loadu_ps(self.max.as_ptr()),
+                _mm256_loadu_pd(self.sum.as_ptr()),
+                _mm256_loadu_pd(self.sum.as_ptr().add(4)),
+                _mm256_loadu_pd(self.sum_sq.as_ptr()),
+                _mm256_loadu_pd(self.sum_sq.as_ptr().add(4)),
+            )
+        };
         // `v - v` is +0 for finite `v` and NaN otherwise: OR-ed together, any set bit means a
         // non-finite element.
         let mut bad = _mm256_setzero_ps();
-        for c in body.chunks_exact(Self::LANES) {
+        for c in body.chunks_exact(Moments::LANES) {
             // SAFETY: `c` holds exactly 8 f32.
             let v = unsafe { _mm256_loadu_ps(c.as_ptr()) };
             bad = _mm256_or_ps(bad, _mm256_sub_ps(v, v));
@@ -141,84 +156,129 @@ impl Moments {
             ss_hi = _mm256_add_pd(ss_hi, _mm256_mul_pd(hi, hi));
         }
         if _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_NEQ_UQ>(bad, _mm256_setzero_ps())) != 0 {
-            return None;
+            return false;
         }
-        let mut l = Lanes { min: [0.0; 8], max: [0.0; 8], sum: [0.0; 8], sum_sq: [0.0; 8] };
         // SAFETY: each destination array holds exactly one vector.
         unsafe {
-            _mm256_storeu_ps(l.min.as_mut_ptr(), mn);
-            _mm256_storeu_ps(l.max.as_mut_ptr(), mx);
-            _mm256_storeu_pd(l.sum.as_mut_ptr(), s_lo);
-            _mm256_storeu_pd(l.sum.as_mut_ptr().add(4), s_hi);
-            _mm256_storeu_pd(l.sum_sq.as_mut_ptr(), ss_lo);
-            _mm256_storeu_pd(l.sum_sq.as_mut_ptr().add(4), ss_hi);
+            _mm256_storeu_ps(self.min.as_mut_ptr(), mn);
+            _mm256_storeu_ps(self.max.as_mut_ptr(), mx);
+            _mm256_storeu_pd(self.sum.as_mut_ptr(), s_lo);
+            _mm256_storeu_pd(self.sum.as_mut_ptr().add(4), s_hi);
+            _mm256_storeu_pd(self.sum_sq.as_mut_ptr(), ss_lo);
+            _mm256_storeu_pd(self.sum_sq.as_mut_ptr().add(4), ss_hi);
         }
-        Some(l)
+        true
     }
 
-    /// The lanes of `body` (length a multiple of `LANES`), or `None` if it holds a NaN or ±Inf.
-    fn lanes_portable(body: &[f32]) -> Option<Lanes> {
-        const L: usize = Moments::LANES;
-        let mut l = Lanes { min: [f32::INFINITY; L], max: [f32::NEG_INFINITY; L], sum: [0.0; L], sum_sq: [0.0; L] };
-        for c in body.chunks_exact(L) {
-            if !c.iter().all(|v| v.is_finite()) {
-                return None;
-            }
+    fn add_finite_portable(&mut self, body: &[f32]) -> bool {
+        if !body.iter().all(|v| v.is_finite()) {
+            return false;
+        }
+        for c in body.chunks_exact(Moments::LANES) {
             for (k, &v) in c.iter().enumerate() {
-                l.min[k] = if v < l.min[k] { v } else { l.min[k] };
-                l.max[k] = if v > l.max[k] { v } else { l.max[k] };
+                self.min[k] = if v < self.min[k] { v } else { self.min[k] };
+                self.max[k] = if v > self.max[k] { v } else { self.max[k] };
                 let d = f64::from(v);
-                l.sum[k] += d;
-                l.sum_sq[k] += d * d;
+                self.sum[k] += d;
+                self.sum_sq[k] += d * d;
             }
         }
-        Some(l)
+        true
+    }
+}
+
+/// [`Moments`] of one slice fed in consecutive segments (each but the last a multiple of
+/// `LANES` long), so that each segment can be used while it is in cache.
+struct MomentsAcc {
+    lanes: Lanes,
+    n: u64,
+    nan: u64,
+    inf: u64,
+}
+
+impl MomentsAcc {
+    fn new() -> MomentsAcc {
+        MomentsAcc { lanes: Lanes::EMPTY, n: 0, nan: 0, inf: 0 }
     }
 
-    /// Adds the tail `rest` (fewer than `LANES` elements, lanes 0..) to the lanes of the body
-    /// and reduces; with no lanes (a non-finite element in the body) or a non-finite element
-    /// in the tail, recomputes all of `data` element by element in the same lane order,
-    /// skipping and counting the non-finite ones.
-    fn finish(lanes: Option<Lanes>, data: &[f32], rest: &[f32]) -> Moments {
+    /// Adds the next segment; `true` if all its elements are finite.
+    fn add(&mut self, seg: &[f32]) -> bool {
         const L: usize = Moments::LANES;
-        if let Some(mut l) = lanes.filter(|_| rest.iter().all(|v| v.is_finite())) {
-            for (k, &v) in rest.iter().enumerate() {
-                l.min[k] = l.min[k].min(v);
-                l.max[k] = l.max[k].max(v);
-                let d = f64::from(v);
-                l.sum[k] += d;
-                l.sum_sq[k] += d * d;
-            }
-            return Moments {
-                n: data.len() as u64,
-                nan: 0,
-                inf: 0,
-                min: f64::from(l.min.iter().fold(f32::INFINITY, |a, &b| a.min(b))),
-                max: f64::from(l.max.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))),
-                sum: l.sum.iter().sum(),
-                sum_sq: l.sum_sq.iter().sum(),
-            };
-        }
-        // Rare: NaN or ±Inf present.
-        let mut m = Moments::empty();
-        let (mut s, mut ss) = ([0.0f64; L], [0.0f64; L]);
-        for (i, &v) in data.iter().enumerate() {
-            if v.is_nan() {
-                m.nan += 1;
-            } else if v.is_infinite() {
-                m.inf += 1;
-            } else {
-                let d = f64::from(v);
-                m.n += 1;
-                s[i % L] += d;
-                ss[i % L] += d * d;
-                m.min = m.min.min(d);
-                m.max = m.max.max(d);
+        let (body, rest) = seg.split_at(seg.len() - seg.len() % L);
+        let mut finite = self.lanes.add_finite(body);
+        if finite {
+            self.n += body.len() as u64;
+        } else {
+            // Rare: element by element, skipping and counting NaN and ±Inf (min/max are
+            // redone by `finish`).
+            for (i, &v) in body.iter().enumerate() {
+                self.add_one(i % L, v);
             }
         }
-        m.sum = s.iter().sum();
-        m.sum_sq = ss.iter().sum();
-        m
+        for (k, &v) in rest.iter().enumerate() {
+            finite &= v.is_finite();
+            self.add_one(k, v);
+        }
+        finite
+    }
+
+    fn add_one(&mut self, lane: usize, v: f32) {
+        if v.is_nan() {
+            self.nan += 1;
+        } else if v.is_infinite() {
+            self.inf += 1;
+        } else {
+            let l = &mut self.lanes;
+            l.min[lane] = l.min[lane].min(v);
+            l.max[lane] = l.max[lane].max(v);
+            let d = f64::from(v);
+            l.sum[lane] += d;
+            l.sum_sq[lane] += d * d;
+            self.n += 1;
+        }
+    }
+
+    /// `max(|min|, |max|)` of the finite elements so far (`None` before any).
+    fn abs_max(&self) -> Option<f64> {
+        let min = self.lanes.min.iter().fold(f32::INFINITY, |a, &b| a.min(b));
+        let max = self.lanes.max.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        (self.n > 0).then(|| f64::from(min.abs().max(max.abs())))
+    }
+
+    /// The moments of `data`, the whole slice that was fed. With NaN or ±Inf present, min and
+    /// max are the sequential `f64` min/max of the finite elements.
+    fn finish(self, data: &[f32]) -> Moments {
+        let l = &self.lanes;
+        let (mut min, mut max) = (
+            f64::from(l.min.iter().fold(f32::INFINITY, |a, &b| a.min(b))),
+            f64::from(l.max.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))),
+        );
+        if self.nan + self.inf > 0 {
+            (min, max) = (f64::INFINITY, f64::NEG_INFINITY);
+            for &v in data.iter().filter(|v| v.is_finite()) {
+                min = min.min(f64::from(v));
+                max = max.max(f64::from(v));
+            }
+        }
+        Moments {
+            n: self.n,
+            nan: self.nan,
+            inf: self.inf,
+            min,
+            max,
+            sum: l.sum.iter().sum(),
+            sum_sq: l.sum_sq.iter().sum(),
+        }
+    }
+}
+
+impl Moments {
+    const LANES: usize = 8;
+
+    fn of(data: &[f32]) -> Moments {
+        let mut acc = MomentsAcc::new();
+        acc.add(data);
+        acc.finish(data)
     }
 
     fn empty() -> Moments {
@@ -313,6 +373,22 @@ impl BinGrid {
     }
 }
 
+/// Four interleaved `u32` histograms (one per element position mod 4) for a large sample,
+/// so that runs of equal bins do not serialize on one counter; empty for small samples,
+/// which count straight into the `u64` histogram.
+struct SubHistograms {
+    sub: Vec<u32>,
+    /// Elements counted since the last flush.
+    pending: usize,
+}
+
+impl SubHistograms {
+    fn new(elements: usize, bins: usize) -> SubHistograms {
+        let interleave = elements >= 4 * bins && elements >= 4096;
+        SubHistograms { sub: if interleave { vec![0u32; 4 * bins] } else { Vec::new() }, pending: 0 }
+    }
+}
+
 /// Streaming statistics of one tensor's activations over a calibration set.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TensorStats {
@@ -367,6 +443,8 @@ impl TensorStats {
     /// (no libm call), and counts go through four interleaved `u32` sub-histograms when
     /// the sample is large, so consecutive equal bins do not serialize on one counter.
     pub fn update(&mut self, x: ArrayViewD<'_, f32>) {
+        /// Elements per segment of a tensor without channel blocks (fits in L1 with its bins).
+        const SEGMENT: usize = 8192;
         // One C-order slice (borrowed unless the view is not C-contiguous) serves every pass.
         let standard = x.as_standard_layout();
         let Some(data) = standard.as_slice() else { return };
@@ -376,6 +454,10 @@ impl TensorStats {
         // With enough elements per channel block, the moments are taken per block: a block's
         // abs-max is max(|min|, |max|), so no separate per-channel pass is needed.
         let blocks = layout.filter(|&(channels, inner): &(usize, usize)| channels > 0 && inner >= 16);
+        // Each block or segment is binned right after its moments, while it is in cache. The
+        // range grows with the largest |x| seen so far; since doubling commutes with binning
+        // (module docs), the histogram is the same as with the final range from the start.
+        let mut counts = SubHistograms::new(data.len(), self.bins);
         let moments = match blocks {
             Some((channels, inner)) => {
                 if self.channel_absmax.len() < channels {
@@ -385,15 +467,27 @@ impl TensorStats {
                 for (k, block) in data.chunks_exact(inner).enumerate() {
                     let m = Moments::of(block);
                     if m.n > 0 {
+                        let abs_max = m.min.abs().max(m.max.abs());
                         let slot = &mut self.channel_absmax[k % channels];
-                        *slot = slot.max(m.min.abs().max(m.max.abs()) as f32);
+                        *slot = slot.max(abs_max as f32);
+                        self.add_to_histogram(block, abs_max, m.nan + m.inf == 0, &mut counts);
                     }
                     total.add(&m);
                 }
                 total
             }
-            None => Moments::of(data),
+            None => {
+                let mut acc = MomentsAcc::new();
+                for seg in data.chunks(SEGMENT) {
+                    let finite = acc.add(seg);
+                    if let Some(abs_max) = acc.abs_max() {
+                        self.add_to_histogram(seg, abs_max, finite, &mut counts);
+                    }
+                }
+                acc.finish(data)
+            }
         };
+        self.flush_sub_histograms(&mut counts.sub);
         self.nan_count += moments.nan;
         self.inf_count += moments.inf;
         let finite_only = moments.nan == 0 && moments.inf == 0;
@@ -403,71 +497,72 @@ impl TensorStats {
             self.sum_sq += moments.sum_sq;
             self.min = self.min.min(moments.min);
             self.max = self.max.max(moments.max);
-            self.grow_to(exp_above(moments.min.abs().max(moments.max.abs())));
-            self.add_to_histogram(data, finite_only);
         }
         if let (Some((channels, inner)), None) = (layout, blocks) {
             self.update_channel_absmax(data, channels, inner, finite_only);
         }
     }
 
-    /// Histogram counts of the finite elements of `data` (the range already covers them).
-    fn add_to_histogram(&mut self, data: &[f32], finite_only: bool) {
+    /// Histogram counts of the finite elements of `data`, after growing the range to hold
+    /// `abs_max` (at least the largest finite |x| of `data`). `finite_only` promises no NaN or
+    /// ±Inf in `data`.
+    fn add_to_histogram(&mut self, data: &[f32], abs_max: f64, finite_only: bool, counts: &mut SubHistograms) {
         const BLOCK: usize = 1024;
+        let exp = exp_above(abs_max);
+        if exp > self.hist_exp {
+            // The pending counts are bins of the old range.
+            self.flush_sub_histograms(&mut counts.sub);
+            self.grow_to(exp);
+        }
         let scale = self.bins as f64 / pow2(self.hist_exp + 1);
         let half = (self.bins / 2) as i64;
         let top = self.bins as i64 - 1;
         let grid = BinGrid { scale, half, top };
-        let interleave = data.len() >= 4 * self.bins && data.len() >= 4 * BLOCK;
-        let mut sub = if interleave { vec![0u32; 4 * self.bins] } else { Vec::new() };
         let mut idx = [0u32; BLOCK];
-        let mut pending = 0usize;
         for block in data.chunks(BLOCK) {
             let idx = &mut idx[..block.len()];
             grid.bins_of(block, idx, finite_only);
-            if interleave {
-                let mut quads = idx.chunks_exact(4);
-                if finite_only {
-                    // Every bin is in [0, bins): one counter array per lane, no checks.
-                    let (s01, s23) = sub.split_at_mut(2 * self.bins);
-                    let (s0, s1) = s01.split_at_mut(self.bins);
-                    let (s2, s3) = s23.split_at_mut(self.bins);
-                    for q in &mut quads {
-                        s0[q[0] as usize] += 1;
-                        s1[q[1] as usize] += 1;
-                        s2[q[2] as usize] += 1;
-                        s3[q[3] as usize] += 1;
-                    }
-                } else {
-                    for q in &mut quads {
-                        for (lane, &j) in q.iter().enumerate() {
-                            if j != u32::MAX {
-                                sub[lane * self.bins + j as usize] += 1;
-                            }
-                        }
-                    }
-                }
-                for &j in quads.remainder() {
-                    if j != u32::MAX {
-                        sub[j as usize] += 1;
-                    }
-                }
-                pending += block.len();
-                // Flush before any u32 counter could overflow.
-                if pending >= (1 << 31) {
-                    self.flush_sub_histograms(&mut sub);
-                    pending = 0;
-                }
-            } else {
+            if counts.sub.is_empty() {
                 for &j in idx.iter() {
                     if j != u32::MAX {
                         self.hist[j as usize] += 1;
                     }
                 }
+                continue;
             }
-        }
-        if interleave {
-            self.flush_sub_histograms(&mut sub);
+            let sub = &mut counts.sub;
+            let mut quads = idx.chunks_exact(4);
+            if finite_only {
+                // Every bin is in [0, bins): one counter array per lane, no checks.
+                let (s01, s23) = sub.split_at_mut(2 * self.bins);
+                let (s0, s1) = s01.split_at_mut(self.bins);
+                let (s2, s3) = s23.split_at_mut(self.bins);
+                for q in &mut quads {
+                    s0[q[0] as usize] += 1;
+                    s1[q[1] as usize] += 1;
+                    s2[q[2] as usize] += 1;
+                    s3[q[3] as usize] += 1;
+                }
+            } else {
+                for q in &mut quads {
+                    for (lane, &j) in q.iter().enumerate() {
+                        if j != u32::MAX {
+                            sub[lane * self.bins + j as usize] += 1;
+                        }
+                    }
+                }
+            }
+            for &j in quads.remainder() {
+                if j != u32::MAX {
+                    sub[j as usize] += 1;
+                }
+            }
+            counts.pending += block.len();
+            // Flush before any u32 counter could overflow.
+            if counts.pending >= (1 << 31) {
+                self.flush_sub_histograms(&mut counts.sub);
+                counts.pending = 0;
+            }
         }
     }
 
@@ -1114,21 +1209,26 @@ mod tests {
         data.extend([f32::MIN_POSITIVE, -f32::MIN_POSITIVE, 3.999_999_8, -3.999_999_8, 1.0 / 512.0, -1.0 / 512.0]);
         for n in [0, 3, 8, 9, 1000, data.len()] {
             let body = &data[..n - n % Moments::LANES];
-            // SAFETY: AVX2 is present (checked above).
-            let (a, p) = (unsafe { Moments::lanes_avx2(body) }, Moments::lanes_portable(body));
-            let (a, p) = (a.expect("finite"), p.expect("finite"));
+            let (mut a, mut p) = (Lanes::EMPTY, Lanes::EMPTY);
+            // Twice: the second call continues from the lanes of the first.
+            for _ in 0..2 {
+                // SAFETY: AVX2 is present (checked above).
+                assert!(unsafe { a.add_finite_avx2(body) });
+                assert!(p.add_finite_portable(body));
+            }
             assert_eq!(a.min.map(f32::to_bits), p.min.map(f32::to_bits));
             assert_eq!(a.max.map(f32::to_bits), p.max.map(f32::to_bits));
             assert_eq!(a.sum.map(f64::to_bits), p.sum.map(f64::to_bits));
             assert_eq!(a.sum_sq.map(f64::to_bits), p.sum_sq.map(f64::to_bits));
         }
         let mut bad = data.clone();
-        bad[40] = f32::INFINITY;
-        // SAFETY: AVX2 is present (checked above).
-        assert!(unsafe { Moments::lanes_avx2(&bad[..64]) }.is_none());
-        bad[40] = f32::NAN;
-        // SAFETY: as above.
-        assert!(unsafe { Moments::lanes_avx2(&bad[..64]) }.is_none());
+        for v in [f32::INFINITY, f32::NAN] {
+            bad[40] = v;
+            let mut l = Lanes::EMPTY;
+            // SAFETY: AVX2 is present (checked above).
+            assert!(!unsafe { l.add_finite_avx2(&bad[..64]) });
+            assert_eq!(l.sum, Lanes::EMPTY.sum, "a refused body leaves the lanes alone");
+        }
         for (bins, exp) in [(2048usize, 2), (2048, -20), (4, 30), (1 << 20, 2)] {
             let grid = BinGrid { scale: bins as f64 / pow2(exp + 1), half: (bins / 2) as i64, top: bins as i64 - 1 };
             let in_range: Vec<f32> = data.iter().copied().filter(|v| (f64::from(*v)).abs() < pow2(exp)).collect();
@@ -1336,6 +1436,38 @@ mod tests {
         assert_eq!(z.hist_range(), pow2(-24));
         assert_eq!(z.range(&RangeMethod::Mse, 256, false), (0.0, 0.0));
         assert_eq!(z.range(&RangeMethod::Entropy, 256, true), (0.0, 0.0));
+    }
+
+    /// A large sample whose range grows from segment to segment, with NaN/Inf in some
+    /// segments (and in the tail): the histogram equals the one binned directly with the final
+    /// range, the sums follow the lane order, min/max are exact.
+    #[test]
+    fn growing_segments_match_direct_binning() {
+        let mut data: Vec<f32> =
+            gaussian(70_001, 11).iter().enumerate().map(|(i, v)| v * (1.0 + i as f32 / 500.0)).collect();
+        data[20_000] = f32::NAN;
+        data[40_003] = f32::NEG_INFINITY;
+        data[70_000] = f32::INFINITY;
+        data[3] = -0.0;
+        let s = whole(&data);
+        let finite: Vec<f32> = data.iter().copied().filter(|v| v.is_finite()).collect();
+        assert_eq!((s.count(), s.nan_count(), s.inf_count()), (finite.len() as u64, 1, 2));
+        let min = finite.iter().fold(f64::INFINITY, |a, &v| a.min(f64::from(v)));
+        let max = finite.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(f64::from(v)));
+        assert_eq!((s.min(), s.max()), (min, max));
+        let (mut lanes, mut lanes_sq) = ([0.0f64; 8], [0.0f64; 8]);
+        for (i, &v) in data.iter().enumerate().filter(|(_, v)| v.is_finite()) {
+            lanes[i % 8] += f64::from(v);
+            lanes_sq[i % 8] += f64::from(v) * f64::from(v);
+        }
+        assert_eq!(s.sum().to_bits(), lanes.iter().sum::<f64>().to_bits());
+        assert_eq!(s.sum_sq().to_bits(), lanes_sq.iter().sum::<f64>().to_bits());
+        let mut direct = vec![0u64; DEFAULT_BINS];
+        for &v in &finite {
+            direct[((f64::from(v) / s.bin_width()).floor() as i64 + DEFAULT_BINS as i64 / 2) as usize] += 1;
+        }
+        assert_eq!(s.histogram(), direct.as_slice());
+        assert_eq!(s.hist_range(), pow2(exp_above(min.abs().max(max.abs()))));
     }
 
     #[test]
