@@ -1,7 +1,9 @@
 //! Calibration cost against plain inference: `cargo run --release --example bench_calibrate --
 //! MODEL DATA [DATA ...]`. Runs the samples once through a tract plan that returns only the
-//! graph outputs, then calibrates every default target (statistics + histograms) on the same
-//! samples with the same threading, and prints one JSON line with both times and their ratio.
+//! graph outputs, then through a plan that hands over every default target without statistics
+//! (`watch`: what keeping them unfused costs tract), then calibrates every default target
+//! (statistics + histograms), then only the targets `quantize` calibrates, all on the same
+//! samples with the same threading, and prints one JSON line with the times and ratios.
 //! Wall time and the process's CPU time (user + system, from /proc/self/stat; 0 where that
 //! is unavailable) are given for each; on a busy machine the CPU ratio is the fair one.
 
@@ -49,12 +51,20 @@ fn main() -> Result<()> {
     let c = cal::calibrate(&bytes, &specs, &set, &targets, &cal::CalibOptions::default())?;
     let calib = t2.elapsed().as_secs_f64();
     let calib_cpu = cpu_seconds() - c2;
+    // What `quantize` calibrates (the tensors its default placement consults).
+    let qtargets = cal::quantization_targets(&model.proto, &onnxq::quantize::QuantOptions::default())?;
+    let (t4, c4) = (Instant::now(), cpu_seconds());
+    let q = cal::calibrate(&bytes, &specs, &set, &qtargets, &cal::CalibOptions::default())?;
+    let (qcalib, qcalib_cpu) = (t4.elapsed().as_secs_f64(), cpu_seconds() - c4);
     println!(
-        "{{\"model\": \"{model_path}\", \"samples\": {}, \"tensors\": {}, \"plain_load_s\": {load_plain:.3}, \"plain_run_s\": {plain:.3}, \"watch_s\": {watch:.3}, \"watch_cpu_s\": {watch_cpu:.2}, \"calibrate_s\": {calib:.3}, \"ratio\": {:.3}, \"plain_cpu_s\": {plain_cpu:.2}, \"calibrate_cpu_s\": {calib_cpu:.2}, \"cpu_ratio\": {:.3}, \"threads\": {}}}",
+        "{{\"model\": \"{model_path}\", \"samples\": {}, \"tensors\": {}, \"plain_load_s\": {load_plain:.3}, \"plain_run_s\": {plain:.3}, \"watch_s\": {watch:.3}, \"watch_cpu_s\": {watch_cpu:.2}, \"calibrate_s\": {calib:.3}, \"ratio\": {:.3}, \"plain_cpu_s\": {plain_cpu:.2}, \"calibrate_cpu_s\": {calib_cpu:.2}, \"cpu_ratio\": {:.3}, \"quantize_tensors\": {}, \"quantize_calibrate_s\": {qcalib:.3}, \"quantize_ratio\": {:.3}, \"quantize_cpu_ratio\": {:.3}, \"threads\": {}}}",
         set.len(),
         c.tensors.len(),
         calib / (load_plain + plain),
         calib_cpu / plain_cpu.max(1e-9),
+        q.tensors.len(),
+        qcalib / (load_plain + plain),
+        qcalib_cpu / plain_cpu.max(1e-9),
         rayon::current_num_threads()
     );
     Ok(())

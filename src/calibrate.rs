@@ -4,10 +4,11 @@
 //! with rayon, folded in sample order so results are identical for any thread count), and
 //! the stats JSON that `onnxq calibrate` writes and `onnxq quantize --stats` reads back.
 //!
-//! Memory: samples are processed in chunks of a few per thread; each sample's activations are
-//! reduced to a [`TensorStats`] (histogram + moments) right after the run and dropped, so
-//! memory stays at one chunk of activations plus one histogram per tensor, whatever the
-//! number of samples.
+//! Memory: samples are processed in chunks of a few per thread; each activation is reduced to
+//! a [`TensorStats`] (histogram + moments) inside tract's run, as soon as its node has computed
+//! it, read in place while it is still in cache ([`Plan::run_visit_f32`]); tract frees it after
+//! its last consumer. Memory stays at what plain inference holds per running sample plus one
+//! histogram per tensor and sample of a chunk, whatever the number of samples.
 
 use crate::array::{dtype, ArrayData};
 use crate::data::{InputSpec, SampleSet};

@@ -18,6 +18,12 @@
 //!   ONNX parser returns (exact ONNX tensor names, intermediate ones included). tract's own
 //!   `select_outputs_by_name` is not used: it also accepts node names and `node:slot` forms, and
 //!   silently maps a node name to that node's first output.
+//! - A plan output is held until the end of the run and cannot be reused in place, so once
+//!   optimized, only the requested tensors nothing consumes stay outputs (`unpinned_plan`); the
+//!   others are handed over as their nodes run, through `SimpleState::run_plan_with_eval`
+//!   (tract's own `plan::eval` per node, then a look at the node's outputs), and tract frees
+//!   them after their last consumer. Requested tensors tract folded into constants are never
+//!   evaluated in a run: their values are kept from the optimized model.
 //! - An op type missing from tract's op register does not fail at load time: tract inserts an
 //!   `UnimplementedOp` that only fails when typing, with a message that lacks the op type. On any
 //!   failure we list the graph's unsupported nodes (name and op type) and the nodes tract's error

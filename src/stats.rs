@@ -438,10 +438,11 @@ impl TensorStats {
 
     /// Fold one sample's activation (any shape) into the stats.
     ///
-    /// The element loops run over the C-order slice in fixed-width lanes so they
-    /// vectorize; the histogram bin is `floor` computed by truncation plus a correction
-    /// (no libm call), and counts go through four interleaved `u32` sub-histograms when
-    /// the sample is large, so consecutive equal bins do not serialize on one counter.
+    /// One pass over the C-order slice: block by block (channel blocks, or segments of 8192
+    /// elements), the moments in fixed-width lanes (AVX2 where available, bit-identical), then
+    /// the histogram bins of the same block while it is in cache (`floor` of an exact product,
+    /// no libm call); counts go through four interleaved `u32` sub-histograms when the sample
+    /// is large, so consecutive equal bins do not serialize on one counter.
     pub fn update(&mut self, x: ArrayViewD<'_, f32>) {
         /// Elements per segment of a tensor without channel blocks (fits in L1 with its bins).
         const SEGMENT: usize = 8192;
