@@ -201,6 +201,46 @@ pub fn find_layers(model: &ModelProto) -> Result<(Vec<Layer>, Vec<NotALayer>)> {
     Ok((layers, rejected))
 }
 
+/// Ops through which a layer's output values reach another tensor unchanged (large values
+/// included): data movement (the input's values rearranged or selected), Relu (positive
+/// values unchanged) and MaxPool (a selection). Other activations (Gelu, Sigmoid, ...) make
+/// a different tensor with its own statistics.
+const PASS_THROUGH: &[&str] = &["Identity", "Relu", "MaxPool"];
+
+/// The tensors that hold the layer's output values as a quantized tensor would see them:
+/// its output, the output of its own bias Add, and everything reached from those through
+/// [`PASS_THROUGH`] ops and `quantize::MOVE_OPS` (data input only), in discovery order.
+pub fn output_views(view: &GraphView, layer: &Layer) -> Vec<String> {
+    let mut seen = vec![layer.output.clone()];
+    if let (LayerKind::MatMul, Some(site)) = (layer.kind, &layer.bias) {
+        let add = view
+            .consumers(&layer.output)
+            .iter()
+            .map(|&(c, _)| &view.nodes()[c])
+            .find(|n| n.op_type() == "Add" && n.input.contains(&site.tensor));
+        if let Some(o) = add.and_then(|n| n.output.first()) {
+            seen.push(o.clone());
+        }
+    }
+    let mut i = 0;
+    while let Some(t) = seen.get(i).cloned() {
+        i += 1;
+        for &(c, slot) in view.consumers(&t) {
+            let n = &view.nodes()[c];
+            let op = n.op_type();
+            if slot != 0 || !(PASS_THROUGH.contains(&op) || crate::quantize::MOVE_OPS.contains(&op)) {
+                continue;
+            }
+            for o in n.output.iter().filter(|o| !o.is_empty()) {
+                if !seen.contains(o) {
+                    seen.push(o.clone());
+                }
+            }
+        }
+    }
+    seen
+}
+
 /// `[N]` or `[1, .., 1, N]`.
 fn bias_layout(dims: &[i64], n: usize) -> bool {
     match dims.split_last() {

@@ -78,7 +78,7 @@ use crate::data::{DataOptions, InputSpec, SampleSet};
 use crate::onnx::pb::ModelProto;
 use crate::onnx::GraphView;
 use crate::quantize::params::{ActParams, ActType};
-use crate::quantize::QuantOptions;
+use crate::quantize::{Preset, QuantOptions};
 use crate::runtime::Plan;
 use crate::stats::{RangeMethod, TensorStats};
 use anyhow::{bail, Context, Result};
@@ -338,7 +338,12 @@ pub struct RegularizationReport {
     pub mode: String,
     pub options: Options,
     pub samples: usize,
+    /// Layers analysed: every regularizable layer, or under a placement (`onnxq quantize`)
+    /// those whose output values the placement quantizes.
     pub candidate_layers: usize,
+    /// Regularizable layers left alone because the placement keeps their output float.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub float_output_layers: Vec<NotALayer>,
     pub layers_with_outliers: usize,
     /// Plain quantization's worst-output SQNR on the calibration samples (guarded runs).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -757,7 +762,49 @@ pub struct RunSettings {
     pub measure_float: bool,
     /// List every changed element in the report.
     pub full_edits: bool,
+    /// The placement `onnxq quantize` will use: only layers whose output values it quantizes
+    /// are candidates ([`placement_candidates`]). None: every regularizable layer.
+    pub placement: Option<QuantOptions>,
     pub label: String,
+}
+
+/// Splits `layers` into the candidates under the placement `quant`, i.e. the layers whose
+/// output values ([`layer::output_views`]: the output, its own bias Add, pass-through and
+/// data-movement ops) include a tensor `quantize` puts Q/DQ on
+/// ([`crate::quantize::activation_candidates`]), and the others with the reason. The method
+/// exists because outliers in an activation blow up that activation's quantization scale; a
+/// layer whose output stays float (under the transformer preset: the attention output and FFN
+/// MatMuls feeding the residual stream) has no scale to protect, so editing it can only
+/// perturb the float model.
+pub fn placement_candidates(
+    model: &ModelProto,
+    layers: Vec<Layer>,
+    quant: &QuantOptions,
+) -> Result<(Vec<Layer>, Vec<NotALayer>)> {
+    let graph = model.graph.as_ref().context("the model has no graph")?;
+    let view = GraphView::new(graph);
+    let quantized = crate::quantize::activation_candidates(model, quant)?;
+    let preset = match quant.preset {
+        Preset::Auto => crate::quantize::detect_preset(&view),
+        p => p,
+    };
+    let preset = match preset {
+        Preset::Cnn | Preset::Auto => "cnn",
+        Preset::Transformer => "transformer",
+    };
+    let (mut keep, mut float) = (Vec::new(), Vec::new());
+    for l in layers {
+        if layer::output_views(&view, &l).iter().any(|t| quantized.contains(t)) {
+            keep.push(l);
+        } else {
+            float.push(NotALayer {
+                op_type: view.nodes().get(l.node_index).map(|n| n.op_type().to_string()).unwrap_or_default(),
+                reason: format!("output stays float under the {preset} preset"),
+                node: l.node,
+            });
+        }
+    }
+    Ok((keep, float))
 }
 
 fn fmt_db(v: f64) -> String {
@@ -781,6 +828,10 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
     let graph = model.graph.as_ref().context("the model has no graph")?;
     let output_names: Vec<String> = graph.output.iter().map(|o| o.name().to_string()).collect();
     let (layers, _) = layer::find_layers(model)?;
+    let (layers, float_output_layers) = match &run.placement {
+        Some(q) => placement_candidates(model, layers, q)?,
+        None => (layers, Vec::new()),
+    };
     let mut report = RegularizationReport {
         mode: match &run.guard {
             Some(_) => "auto".into(),
@@ -789,6 +840,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         options: opts.clone(),
         samples: set.len(),
         candidate_layers: layers.len(),
+        float_output_layers,
         layers_with_outliers: 0,
         baseline_sqnr_db: None,
         final_sqnr_db: None,
@@ -1143,6 +1195,14 @@ pub fn render_report(r: &RegularizationReport) -> String {
         "regularization ({}): {} of {} layers have outliers\n",
         r.mode, r.layers_with_outliers, r.candidate_layers
     );
+    if let Some(first) = r.float_output_layers.first() {
+        out.push_str(&format!(
+            "  {} more layers not candidates ({}): {}\n",
+            r.float_output_layers.len(),
+            first.reason,
+            list(&r.float_output_layers, 4, |l| l.node.clone())
+        ));
+    }
     for d in &r.layers {
         let detail = d.edit.as_ref().map_or(String::new(), |e| {
             let sel: usize = e.columns.iter().map(|c| c.selected.len()).sum();
@@ -1188,11 +1248,20 @@ pub fn for_pipeline(
         Regularize::Off => bail!("internal error: regularization is off"),
         Regularize::Auto => {
             let guard = Some(GuardSettings { quant: quant.clone(), method: method.clone() });
-            regularize(model, data, opts, &RunSettings { guard, measure_float: false, full_edits: false, label })
+            let run =
+                RunSettings { guard, measure_float: false, full_edits: false, placement: Some(quant.clone()), label };
+            regularize(model, data, opts, &run)
         }
         Regularize::Strength(s) => {
             let o = Options { lambda: s, ..opts.clone() };
-            regularize(model, data, &o, &RunSettings { guard: None, measure_float: false, full_edits: false, label })
+            let run = RunSettings {
+                guard: None,
+                measure_float: false,
+                full_edits: false,
+                placement: Some(quant.clone()),
+                label,
+            };
+            regularize(model, data, &o, &run)
         }
     }
 }
