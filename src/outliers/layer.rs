@@ -21,7 +21,7 @@ use crate::onnx::pb::{ModelProto, TensorProto};
 use crate::onnx::tensor::{from_f32, to_f32};
 use crate::onnx::GraphView;
 use anyhow::{bail, Context, Result};
-use ndarray::{Array2, ArrayD, IxDyn};
+use ndarray::{Array2, ArrayD, ArrayViewD, IxDyn};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -374,7 +374,7 @@ pub fn conv_positions(layer: &Layer) -> usize {
 
 /// A sample's input rows of the layer: `[rows, K]` (leading dims flattened) for MatMul and
 /// Gemm; for Conv the im2col patches of each group at the positions [`conv_positions`] picks.
-pub fn input_rows(layer: &Layer, x: &ArrayD<f32>) -> Result<Vec<Array2<f32>>> {
+pub fn input_rows(layer: &Layer, x: ArrayViewD<f32>) -> Result<Vec<Array2<f32>>> {
     match &layer.conv {
         Some(geo) => {
             let x4 = x

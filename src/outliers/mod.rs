@@ -9,6 +9,16 @@
 //! that tensor. Such an element is typically one product `x_ik·w_kj` of one large input and
 //! one large weight, so editing a handful of weights removes it.
 //!
+//! # Candidates
+//! `onnxq outliers` and `onnxq regularize` look at every regularizable layer. `onnxq quantize`
+//! knows its placement and regularizes only the layers whose output values it quantizes
+//! ([`placement_candidates`]): the layer's output, its own bias Add, or a tensor reached from
+//! those through data movement, Relu or MaxPool carries Q/DQ. A layer whose output stays
+//! float (under the transformer preset the attention-output and FFN MatMuls feeding the float
+//! residual stream, and the FFN's first MatMul whose Gelu output is a different tensor) has no
+//! scale to protect: editing it could only perturb the float model. Such layers are listed in
+//! the report with the reason.
+//!
 //! # Method (per layer, in graph order, constants are flags)
 //! For each layer `y = x·W` (`W` is `[K, N]`; MatMul with a 2-D constant weight, Gemm with
 //! `transB` and `α` folded in, 2-D Conv with `W [M, C/g, kh, kw]` as `[K = C/g·kh·kw, M]`)
@@ -16,7 +26,8 @@
 //! on a deterministic subsample of output positions, [`crate::im2col`], and every formula
 //! below holds per group with the group's rows and columns; see [`layer`]):
 //!
-//! 1. **Statistics** (streamed over the samples, see [`collect`]): the exact
+//! 1. **Statistics** (streamed over the samples, see [`collect`]; a MatMul's `y` is its own
+//!    output tensor read from the runtime, not recomputed): the exact
 //!    `q = quantile_0.999(|Y|)` over all calibration elements of the layer (pre-bias), the
 //!    Gram matrix `G = XᵀX` (f64), the column sums `Σ_i x_i`, the input rows of the outliers,
 //!    and (guarded runs) a bounded, evenly spaced subset of all input rows.
@@ -53,18 +64,25 @@
 //!    recalibration of the regularized model.
 //! 7. **Global guard** ([`guard`], `--regularize auto`): plain quantization (ranges of the
 //!    first pass) and the regularized model (ranges of step 6) are each quantized, run as
-//!    fake-quant twins on the calibration samples and compared with the original float
+//!    fast fake-quant twins on the guard's samples and compared with the original float
 //!    outputs (kept from the first pass); the regularized model is returned only if its
-//!    worst-output SQNR is strictly higher, else the input model. `auto` is therefore never
-//!    worse than plain quantization on the calibration data. The pipeline quantizes the
-//!    returned model with the returned ranges (no further calibration).
+//!    worst-output SQNR is strictly higher, else the input model. The guard's samples are
+//!    the first [`GUARD_SAMPLES`] calibration samples (all of them when there are fewer),
+//!    the same ones bias correction measures on: the comparison is paired (both models on
+//!    the same samples against the same reference), so its noise is that of the SQNR
+//!    *difference*, and it keeps the guard's cost bounded whatever the calibration set's
+//!    size. `auto` is therefore never worse than plain quantization on the guard's samples
+//!    (the report's `guard_samples`). The pipeline quantizes the returned model with the
+//!    returned ranges (no further calibration).
 //!
 //! # Cost
 //! `auto`: one statistics pass (the calibration plain quantization needs anyway, plus the
-//! layers' outlier statistics and the float outputs), nothing more when no layer has
-//! outliers; else one sequential pass (statistics, Gram matrices, recalibration) and, when an
-//! edit was kept, two fake-quant forward passes for the guard. A forced strength and
-//! `onnxq regularize` run the first two passes without calibration statistics.
+//! candidate layers' outlier statistics and the float outputs of the guard's samples),
+//! nothing more when no candidate layer has outliers; else one sequential pass (statistics,
+//! Gram matrices, recalibration) and, when an edit was kept, two fake-quant forward passes
+//! over the guard's samples. A forced strength and `onnxq regularize` run the first two
+//! passes without calibration statistics. The report's `phase_seconds` and
+//! `phase_cpu_seconds` give each phase's wall and CPU time.
 
 pub mod collect;
 pub mod guard;
@@ -79,18 +97,21 @@ use crate::onnx::pb::ModelProto;
 use crate::onnx::GraphView;
 use crate::quantize::params::{ActParams, ActType};
 use crate::quantize::{Preset, QuantOptions};
-use crate::runtime::Plan;
 use crate::stats::{RangeMethod, TensorStats};
 use anyhow::{bail, Context, Result};
-use collect::{LayerAcc, LayerStats};
-use layer::{Layer, NotALayer};
-use ndarray::Array2;
+use collect::{LayerAcc, LayerStats, SampleStats};
+use layer::{Layer, LayerKind, NotALayer};
+use ndarray::{Array2, ArrayD, ArrayViewD, CowArray, Ix2};
 use rayon::prelude::*;
 use serde::Serialize;
 use solve::{Cholesky, Outlier};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::RwLock;
 use std::time::Instant;
+
+/// The global guard compares plain and regularized quantization on at most this many
+/// calibration samples, the first ones (as bias correction does).
+pub const GUARD_SAMPLES: usize = 16;
 
 /// How selected weights are regularized.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -345,7 +366,7 @@ pub struct RegularizationReport {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub float_output_layers: Vec<NotALayer>,
     pub layers_with_outliers: usize,
-    /// Plain quantization's worst-output SQNR on the calibration samples (guarded runs).
+    /// Plain quantization's worst-output SQNR on the guard's samples (guarded runs).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub baseline_sqnr_db: Option<f64>,
     /// The returned model's (guarded runs).
@@ -354,6 +375,10 @@ pub struct RegularizationReport {
     /// Worst-output SQNR of the regularized float model against the original float model.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub float_sqnr_db: Option<f64>,
+    /// Samples the global guard compared on (the first [`GUARD_SAMPLES`]; guarded runs
+    /// with an edit kept).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guard_samples: Option<usize>,
     /// Whether the returned model differs from the input.
     pub regularized: bool,
     pub layers: Vec<LayerDecision>,
@@ -361,20 +386,60 @@ pub struct RegularizationReport {
     pub passes: usize,
     /// Wall time of each phase (s).
     pub phase_seconds: BTreeMap<String, f64>,
+    /// CPU time (user + system, all threads) of each phase (s); empty where unavailable.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub phase_cpu_seconds: BTreeMap<String, f64>,
     pub pieces: usize,
     pub seconds: f64,
 }
 
 // ---------------------------------------------------------------- forward pass
 
+/// Per sample, per graph output: the float values (`None` for other element types).
+pub type Outputs = Vec<Vec<Option<ArrayD<f32>>>>;
+
 struct PassOut {
     calibration: Option<Calibration>,
-    outputs: Vec<Vec<ArrayData>>,
+    outputs: Outputs,
     layers: Vec<LayerStats>,
 }
 
+/// What an extra tensor of the statistics pass is for.
+#[derive(Clone, Copy)]
+enum Role {
+    /// A MatMul layer's output `y` (pre-bias), read from the runtime instead of recomputed.
+    Output(usize),
+    /// That layer's input: the rows of its outlier candidates.
+    OutlierRows(usize),
+    /// A Gemm or Conv layer's input: its statistics are computed from it.
+    Input(usize),
+    /// A graph output, kept.
+    Kept,
+}
+
+/// One sample of the statistics pass.
+#[derive(Default)]
+struct PassSample {
+    layers: Vec<Option<SampleStats>>,
+    outputs: Vec<Option<ArrayD<f32>>>,
+}
+
+/// `value` as `[rows, width]` rows (a view when it is in standard layout).
+fn as_rows<'a>(value: &'a ArrayViewD<'a, f32>, width: usize) -> Result<CowArray<'a, f32, Ix2>> {
+    if width == 0 || value.ndim() == 0 || value.shape()[value.ndim() - 1] != width {
+        bail!("a tensor of shape {:?} does not end with {width}", value.shape());
+    }
+    let rows = value.len() / width;
+    Ok(match value.view().into_shape_with_order((rows, width)) {
+        Ok(v) => CowArray::from(v),
+        Err(_) => CowArray::from(value.as_standard_layout().into_owned().into_shape_with_order((rows, width))?),
+    })
+}
+
 /// One forward pass of `model_bytes` collecting, as asked: calibration statistics of
-/// `targets`, the values of `outputs` per sample, and outlier statistics (no Gram) of `layers`.
+/// `targets` ([`cal::calibrate_with`]), the values of `outputs` for the first `keep` samples, and outlier
+/// statistics (no Gram) of `layers`, all read in place from the runtime's buffers. A MatMul
+/// layer's `y` is its own output tensor (pre-bias), so it is not computed twice.
 #[allow(clippy::too_many_arguments)]
 fn forward_pass(
     model_bytes: &[u8],
@@ -382,61 +447,78 @@ fn forward_pass(
     set: &SampleSet,
     targets: &[Target],
     layers: &[(&Layer, &Array2<f32>)],
-    outputs: &[String],
+    (outputs, keep): (&[String], usize),
     opts: &Options,
     what: &str,
 ) -> Result<PassOut> {
-    let t0 = Instant::now();
-    let mut names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
-    let layer_base = names.len();
-    names.extend(layers.iter().map(|(l, _)| l.input.clone()));
-    let out_base = names.len();
-    names.extend(outputs.iter().cloned());
-    let plan = Plan::load(model_bytes, None, &cal::input_facts(specs, set)?, &names)?;
+    let mut extra: Vec<(String, Role)> = Vec::new();
+    for (li, (l, _)) in layers.iter().enumerate() {
+        if l.kind == LayerKind::MatMul && l.groups == 1 {
+            extra.push((l.output.clone(), Role::Output(li)));
+            extra.push((l.input.clone(), Role::OutlierRows(li)));
+        } else {
+            extra.push((l.input.clone(), Role::Input(li)));
+        }
+    }
+    extra.extend(outputs.iter().map(|o| (o.clone(), Role::Kept)));
+    let names: Vec<String> = extra.iter().map(|(n, _)| n.clone()).collect();
     let accs = RwLock::new(
         layers
             .iter()
             .map(|(l, _)| LayerAcc::new(set.len(), opts.quantile, opts.tau_factor, false, l.groups, 0))
             .collect::<Vec<_>>(),
     );
-    let mut stats: Vec<Option<TensorStats>> = vec![None; targets.len()];
-    let mut kept: Vec<Vec<ArrayData>> = Vec::with_capacity(set.len());
-    let pb = cal::progress(set.len(), opts.quiet, what);
-    cal::for_each_sample(
-        &plan,
+    let mut kept: Outputs = Vec::with_capacity(keep.min(set.len()));
+    let visit = |i: usize, st: &mut PassSample, k: usize, value: Option<ArrayViewD<'_, f32>>| -> Result<()> {
+        if st.layers.is_empty() {
+            st.layers = (0..layers.len()).map(|_| None).collect();
+        }
+        let (name, role) = extra.get(k).context("internal error: unknown extra output")?;
+        if let Role::Kept = role {
+            if i < keep {
+                st.outputs.push(value.map(|v| v.to_owned()));
+            }
+            return Ok(());
+        }
+        let Some(value) = value else { bail!("tensor '{name}' is not float") };
+        let guard = accs.read().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?;
+        let (Role::Output(li) | Role::OutlierRows(li) | Role::Input(li)) = *role else { return Ok(()) };
+        let ((l, w), acc) = layers.get(li).zip(guard.get(li)).context("internal error: unknown layer")?;
+        let slot = st.layers.get_mut(li).context("internal error: unknown layer")?;
+        let r: Result<()> = (|| {
+            match role {
+                Role::Output(_) => *slot = Some(acc.output_stats(&[as_rows(&value, l.n)?.view()])?),
+                Role::OutlierRows(_) => {
+                    let s = slot.as_mut().context("internal error: layer input before its output")?;
+                    s.attach_rows(&[as_rows(&value, l.k)?.view()])?;
+                }
+                _ => *slot = Some(acc.sample(&layer::input_rows(l, value.view())?, w)?),
+            }
+            Ok(())
+        })();
+        r.with_context(|| format!("layer {}: tensor '{name}'", l.node))
+    };
+    let calibration = cal::calibrate_with(
+        model_bytes,
+        specs,
         set,
-        &pb,
-        |_, outs| {
-            let per_target: Vec<Option<TensorStats>> =
-                outs.iter().zip(targets).map(|(o, t)| cal::sample_stats(o, t, 2048)).collect();
-            let guard = accs.read().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?;
-            let mut per_layer = Vec::with_capacity(layers.len());
-            for (k, ((l, w), acc)) in layers.iter().zip(guard.iter()).enumerate() {
-                let x = outs.get(layer_base + k).context("internal error: missing layer input")?;
-                let ArrayData::F32(x) = x else { bail!("layer {}: input '{}' is not float", l.node, l.input) };
-                let rows = layer::input_rows(l, x).with_context(|| format!("layer {}", l.node))?;
-                per_layer.push(acc.sample(&rows, w).with_context(|| format!("layer {}", l.node))?);
-            }
-            let out_vals: Vec<ArrayData> = outs.get(out_base..).map(|s| s.to_vec()).unwrap_or_default();
-            Ok((per_target, per_layer, out_vals))
-        },
-        |_, (per_target, per_layer, out_vals)| {
-            cal::fold_stats(&mut stats, per_target);
+        targets,
+        &cal::CalibOptions { bins: 2048, quiet: opts.quiet },
+        &names,
+        visit,
+        |i, st: PassSample| {
             let mut guard = accs.write().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?;
-            for (acc, s) in guard.iter_mut().zip(per_layer) {
-                acc.merge(s)?;
+            for (acc, s) in guard.iter_mut().zip(st.layers) {
+                acc.merge(s.context("internal error: a layer's statistics are missing")?)?;
             }
-            if !outputs.is_empty() {
-                kept.push(out_vals);
+            if !outputs.is_empty() && i < keep {
+                kept.push(st.outputs);
             }
             Ok(())
         },
-    )?;
-    let calibration = (!targets.is_empty()).then(|| Calibration {
-        tensors: targets.iter().zip(stats).filter_map(|(t, s)| s.map(|s| (t.name.clone(), s))).collect(),
-        samples: set.len(),
-        seconds: t0.elapsed().as_secs_f64(),
-    });
+    )
+    .with_context(|| format!("{what} pass"))?;
+    let calibration = (!targets.is_empty()).then_some(calibration);
     let accs = accs.into_inner().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?;
     Ok(PassOut { calibration, outputs: kept, layers: accs.into_iter().map(LayerAcc::finish).collect::<Result<_>>()? })
 }
@@ -517,7 +599,7 @@ pub fn analyze(model: &ModelProto, label: &str, data: &DataOptions, opts: &Optio
     }
     let pairs: Vec<(&Layer, &Array2<f32>)> = layers.iter().zip(&weights).collect();
     let bytes = crate::onnx::io::encode_for_runtime(model)?;
-    let pass = forward_pass(&bytes, &specs, &set, &[], &pairs, &[], opts, "outlier statistics")?;
+    let pass = forward_pass(&bytes, &specs, &set, &[], &pairs, (&[], 0), opts, "outlier statistics")?;
     for ((l, w), st) in pairs.iter().zip(&pass.layers) {
         out.layers.push(describe_layer(l, st, w, opts)?);
     }
@@ -807,6 +889,27 @@ pub fn placement_candidates(
     Ok((keep, float))
 }
 
+/// CPU time of this process so far (user + system over all threads, s; 0 where
+/// `/proc/self/stat` is unavailable).
+pub fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0.0 };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Clock ticks are 100 per second on Linux for every mainstream architecture.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Records the CPU time since `since` under `phase` (when measurable) and returns the time now.
+fn phase_cpu(report: &mut RegularizationReport, phase: &str, since: f64) -> f64 {
+    let now = cpu_seconds();
+    if now > 0.0 {
+        report.phase_cpu_seconds.insert(phase.into(), now - since);
+    }
+    now
+}
+
 fn fmt_db(v: f64) -> String {
     if v.is_infinite() {
         if v > 0.0 { "inf" } else { "-inf" }.to_string()
@@ -823,6 +926,7 @@ fn finite(v: f64) -> Option<f64> {
 pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &RunSettings) -> Result<Outcome> {
     opts.validate()?;
     let t0 = Instant::now();
+    let c0 = cpu_seconds();
     let (specs, set) = specs_and_set(model, data)?;
     let facts = cal::input_facts(&specs, &set)?;
     let graph = model.graph.as_ref().context("the model has no graph")?;
@@ -845,10 +949,12 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         baseline_sqnr_db: None,
         final_sqnr_db: None,
         float_sqnr_db: None,
+        guard_samples: None,
         regularized: false,
         layers: Vec::new(),
         passes: 0,
         phase_seconds: BTreeMap::new(),
+        phase_cpu_seconds: BTreeMap::new(),
         pieces: 0,
         seconds: 0.0,
     };
@@ -863,7 +969,15 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         Some(g) => cal::quantization_targets(model, &g.quant)?,
         None => Vec::new(),
     };
-    let want_outputs = run.guard.is_some() || run.measure_float;
+    // The guard's samples: the first GUARD_SAMPLES (module docs); the float deviation
+    // compares all of them.
+    let keep = if run.measure_float {
+        set.len()
+    } else if run.guard.is_some() {
+        set.len().min(GUARD_SAMPLES)
+    } else {
+        0
+    };
     let bytes = crate::onnx::io::encode_for_runtime(model)?;
     let first = forward_pass(
         &bytes,
@@ -871,13 +985,14 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         &set,
         &targets,
         &pairs,
-        if want_outputs { &output_names } else { &[] },
+        (if keep > 0 { &output_names } else { &[] }, keep),
         opts,
         if run.guard.is_some() { "calibrating" } else { "outlier statistics" },
     )
     .with_context(|| format!("statistics of {}", run.label))?;
     report.passes += 1;
     report.phase_seconds.insert("1 statistics pass".into(), t0.elapsed().as_secs_f64());
+    let c1 = phase_cpu(&mut report, "1 statistics pass", c0);
     let t1 = Instant::now();
     let flagged: Vec<&Layer> =
         layers.iter().zip(&first.layers).filter(|(_, st)| !st.outliers.is_empty()).map(|(l, _)| l).collect();
@@ -958,7 +1073,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
             &collect,
             |_, x, got| {
                 let Some(ArrayData::F32(x)) = x else { bail!("input '{}' is not float", l.input) };
-                let rows = layer::input_rows(l, x)?;
+                let rows = layer::input_rows(l, x.view())?;
                 let a = acc.read().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?;
                 Ok((a.sample(&rows, &w)?, stats_of(got)))
             },
@@ -1046,6 +1161,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
     report.pieces = seg.pieces;
     report.passes += 1;
     report.phase_seconds.insert("2 sequential pass".into(), t1.elapsed().as_secs_f64());
+    let c2 = phase_cpu(&mut report, "2 sequential pass", c1);
     let t2 = Instant::now();
 
     // Global guard: the regularized model's quantized SQNR must beat plain quantization's.
@@ -1066,8 +1182,15 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         }
     }
     if let (Some(g), Some(pr), Some(rr), true) = (&run.guard, &plain_ranges, &reg_ranges, regularized) {
+        let guard_set = if set.len() > GUARD_SAMPLES {
+            let d = DataOptions { max_samples: Some(GUARD_SAMPLES), ..data.clone() };
+            Some(crate::data::open(&specs, &d).context("the guard's samples")?)
+        } else {
+            None
+        };
+        report.guard_samples = Some(guard_set.as_ref().unwrap_or(&set).len());
         let mut guard = guard::Guard {
-            set: &set,
+            set: guard_set.as_ref().unwrap_or(&set),
             facts: facts.clone(),
             qopts: g.quant.clone(),
             quiet: opts.quiet,
@@ -1080,7 +1203,8 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         report.passes += guard.passes;
         if !opts.quiet {
             eprintln!(
-                "quantized worst-output SQNR on the calibration samples: plain {} dB, regularized {} dB",
+                "quantized worst-output SQNR on {} calibration samples: plain {} dB, regularized {} dB",
+                guard.set.len(),
                 fmt_db(b),
                 fmt_db(f)
             );
@@ -1092,17 +1216,19 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         }
         report.final_sqnr_db = finite(if regularized { f } else { b });
         report.phase_seconds.insert("3 guard".into(), t2.elapsed().as_secs_f64());
+        phase_cpu(&mut report, "3 guard", c2);
     }
     let (out_model, ranges) = if regularized { (cur, reg_ranges) } else { (model.clone(), plain_ranges.clone()) };
     report.regularized = regularized;
     if run.measure_float && regularized {
         let bytes = crate::onnx::io::encode_for_runtime(&out_model)?;
-        let pass = forward_pass(&bytes, &specs, &set, &[], &[], &output_names, opts, "float deviation")?;
+        let pass = forward_pass(&bytes, &specs, &set, &[], &[], (&output_names, set.len()), opts, "float deviation")?;
         report.passes += 1;
         let mut sums = vec![(0f64, 0f64, false); output_names.len()];
         for (r, c) in reference.iter().zip(&pass.outputs) {
             for ((acc, r), c) in sums.iter_mut().zip(r).zip(c) {
-                if let Some((r2, e2)) = guard::error_sums(r, c) {
+                if let (Some(r), Some(c)) = (r, c) {
+                    let (r2, e2) = guard::error_sums(r, c.view());
                     acc.0 += r2;
                     acc.1 += e2;
                     acc.2 = true;
@@ -1220,7 +1346,8 @@ pub fn render_report(r: &RegularizationReport) -> String {
     }
     if let (Some(b), Some(f)) = (r.baseline_sqnr_db, r.final_sqnr_db) {
         out.push_str(&format!(
-            "  quantized SQNR on the calibration samples: plain {} dB, {} {} dB\n",
+            "  quantized SQNR on {} calibration samples: plain {} dB, {} {} dB\n",
+            r.guard_samples.unwrap_or(r.samples),
             fmt_db(b),
             if r.regularized { "regularized" } else { "kept plain" },
             fmt_db(f)
