@@ -39,8 +39,8 @@ pub struct SampleStats {
     /// Per group: the upper block triangle of the sample's Gram ([`upper_gram`]).
     gram: Option<Vec<Array2<f32>>>,
     colsum: Vec<Vec<f64>>,
-    /// Per group: the kept rows (local row ids and values).
-    kept: Vec<(Vec<usize>, Array2<f32>)>,
+    /// Per group: the kept rows (local row ids, input rows, outputs `y` on them).
+    kept: Vec<(Vec<usize>, Array2<f32>, Array2<f32>)>,
 }
 
 impl SampleStats {
@@ -99,7 +99,7 @@ pub struct LayerAcc {
     xrows: BTreeMap<u64, Vec<f32>>,
     gram: Option<Vec<Array2<f64>>>,
     colsum: Vec<Vec<f64>>,
-    kept: Vec<(Vec<u64>, Vec<f32>)>,
+    kept: Vec<(Vec<u64>, Vec<f32>, Vec<f32>)>,
 }
 
 /// A layer's finished statistics.
@@ -121,8 +121,9 @@ pub struct LayerStats {
     pub gram: Option<Vec<Array2<f64>>>,
     /// Per group (with the Gram).
     pub colsum: Vec<Vec<f64>>,
-    /// Per group: the kept rows, their row ids and values `[rows, K]` (when asked for).
-    pub kept: Vec<(Vec<u64>, Array2<f32>)>,
+    /// Per group: the kept rows, their row ids, input rows `[rows, K]` and pre-bias outputs
+    /// `y` on them `[rows, N/g]` (when asked for).
+    pub kept: Vec<(Vec<u64>, Array2<f32>, Array2<f32>)>,
     pub groups: usize,
 }
 
@@ -210,7 +211,11 @@ impl LayerAcc {
         }
         if self.keep_rows > 0 {
             let pick = crate::im2col::subsample(rows, self.keep_rows);
-            st.kept = xg.iter().map(|x| (pick.clone(), x.select(Axis(0), &pick))).collect();
+            st.kept = xg
+                .iter()
+                .zip(&ys)
+                .map(|(x, y)| (pick.clone(), x.select(Axis(0), &pick), y.select(Axis(0), &pick)))
+                .collect();
         }
         Ok(st)
     }
@@ -328,11 +333,12 @@ impl LayerAcc {
             }
         }
         if self.kept.is_empty() {
-            self.kept = vec![(Vec::new(), Vec::new()); s.kept.len()];
+            self.kept = vec![(Vec::new(), Vec::new(), Vec::new()); s.kept.len()];
         }
-        for (gi, ((ids, vals), (pick, x))) in self.kept.iter_mut().zip(s.kept).enumerate() {
+        for (gi, ((ids, xs, ys), (pick, x, y))) in self.kept.iter_mut().zip(s.kept).enumerate() {
             ids.extend(pick.iter().map(|&i| base + i as u64 * g + gi as u64));
-            vals.extend(x.iter());
+            xs.extend(x.iter());
+            ys.extend(y.iter());
         }
         // Raise the shared bound and prune.
         if self.top.len() >= self.m {
@@ -373,9 +379,11 @@ impl LayerAcc {
             }
         }
         let mut kept = Vec::with_capacity(self.kept.len());
-        for (ids, vals) in self.kept {
-            let k = if ids.is_empty() { 0 } else { vals.len() / ids.len() };
-            kept.push((ids.clone(), Array2::from_shape_vec((ids.len(), k), vals)?));
+        for (ids, xs, ys) in self.kept {
+            let width = |v: &Vec<f32>| if ids.is_empty() { 0 } else { v.len() / ids.len() };
+            let (k, n) = (width(&xs), width(&ys));
+            let (x, y) = (Array2::from_shape_vec((ids.len(), k), xs)?, Array2::from_shape_vec((ids.len(), n), ys)?);
+            kept.push((ids, x, y));
         }
         Ok(LayerStats {
             rows: self.rows,

@@ -424,6 +424,18 @@ struct PassSample {
     outputs: Vec<Option<ArrayD<f32>>>,
 }
 
+/// Whether the statistics pass reads the layer's `y` from the runtime (a MatMul's output is
+/// its pre-bias `y`); the other layers' `y` is computed from their input and weight.
+fn reads_output(l: &Layer) -> bool {
+    l.kind == LayerKind::MatMul && l.groups == 1
+}
+
+/// The layers of a statistics pass with the weights it needs: only those of layers whose `y`
+/// it computes, so a big MatMul model's weights are not all converted up front.
+fn with_weights<'a>(model: &ModelProto, layers: &'a [Layer]) -> Result<Vec<(&'a Layer, Option<Array2<f32>>)>> {
+    layers.iter().map(|l| Ok((l, if reads_output(l) { None } else { Some(layer::weight_matrix(model, l)?) }))).collect()
+}
+
 /// `value` as `[rows, width]` rows (a view when it is in standard layout).
 fn as_rows<'a>(value: &'a ArrayViewD<'a, f32>, width: usize) -> Result<CowArray<'a, f32, Ix2>> {
     if width == 0 || value.ndim() == 0 || value.shape()[value.ndim() - 1] != width {
@@ -446,14 +458,14 @@ fn forward_pass(
     specs: &[InputSpec],
     set: &SampleSet,
     targets: &[Target],
-    layers: &[(&Layer, &Array2<f32>)],
+    layers: &[(&Layer, Option<Array2<f32>>)],
     (outputs, keep): (&[String], usize),
     opts: &Options,
     what: &str,
 ) -> Result<PassOut> {
     let mut extra: Vec<(String, Role)> = Vec::new();
     for (li, (l, _)) in layers.iter().enumerate() {
-        if l.kind == LayerKind::MatMul && l.groups == 1 {
+        if reads_output(l) {
             extra.push((l.output.clone(), Role::Output(li)));
             extra.push((l.input.clone(), Role::OutlierRows(li)));
         } else {
@@ -492,7 +504,10 @@ fn forward_pass(
                     let s = slot.as_mut().context("internal error: layer input before its output")?;
                     s.attach_rows(&[as_rows(&value, l.k)?.view()])?;
                 }
-                _ => *slot = Some(acc.sample(&layer::input_rows(l, value.view())?, w)?),
+                _ => {
+                    let w = w.as_ref().context("internal error: the layer's weight was not read")?;
+                    *slot = Some(acc.sample(&layer::input_rows(l, value.view())?, w)?);
+                }
             }
             Ok(())
         })();
@@ -585,7 +600,6 @@ pub fn analyze(model: &ModelProto, label: &str, data: &DataOptions, opts: &Optio
     opts.validate()?;
     let (specs, set) = specs_and_set(model, data)?;
     let (layers, rejected) = layer::find_layers(model)?;
-    let weights: Vec<Array2<f32>> = layers.iter().map(|l| layer::weight_matrix(model, l)).collect::<Result<_>>()?;
     let mut out = Analysis {
         model: label.to_string(),
         samples: set.len(),
@@ -597,11 +611,17 @@ pub fn analyze(model: &ModelProto, label: &str, data: &DataOptions, opts: &Optio
     if layers.is_empty() {
         return Ok(out);
     }
-    let pairs: Vec<(&Layer, &Array2<f32>)> = layers.iter().zip(&weights).collect();
+    let pairs = with_weights(model, &layers)?;
     let bytes = crate::onnx::io::encode_for_runtime(model)?;
     let pass = forward_pass(&bytes, &specs, &set, &[], &pairs, (&[], 0), opts, "outlier statistics")?;
-    for ((l, w), st) in pairs.iter().zip(&pass.layers) {
-        out.layers.push(describe_layer(l, st, w, opts)?);
+    for ((l, w), st) in pairs.into_iter().zip(&pass.layers) {
+        // Only the layers with outliers need their weight (relevance).
+        let w = match w {
+            Some(w) => w,
+            None if st.outliers.is_empty() => Array2::zeros((0, 0)),
+            None => layer::weight_matrix(model, l)?,
+        };
+        out.layers.push(describe_layer(l, st, &w, opts)?);
     }
     Ok(out)
 }
@@ -752,9 +772,11 @@ fn compute_edit(
 }
 
 /// The local acceptance test ([`LocalError`], module docs) of `edit` from the layer's
-/// statistics: the kept input rows give the outputs `z = x·W + b` and `z' = x·W' + b'`; each
-/// is fake-quantized to uint8 with the range of its own values over the kept rows and the
-/// outlier rows; the errors against `z` are summed over the kept rows' non-outlier elements.
+/// statistics: on the kept rows, `z = y + b` (the outputs kept with them) and
+/// `z' = z + x·(W' − W) + (b' − b)`, where only the edited columns of `W' − W` are non-zero
+/// (so the product is over those columns only); on the outlier rows both directly. Each is
+/// fake-quantized to uint8 with the range of its own values over the kept rows and the outlier
+/// rows; the errors against `z` are summed over the kept rows' non-outlier elements.
 fn local_error(st: &LayerStats, w: &Array2<f32>, bias: Option<&[f32]>, edit: &Edit) -> Result<(f64, f64)> {
     let (_, n) = w.dim();
     let g = st.groups.max(1);
@@ -762,6 +784,7 @@ fn local_error(st: &LayerStats, w: &Array2<f32>, bias: Option<&[f32]>, edit: &Ed
     let outlier: BTreeSet<(u64, usize)> = st.outliers.iter().map(|o| (o.row, o.j)).collect();
     let b_old = |j: usize| bias.and_then(|b| b.get(j)).copied().unwrap_or(0.0);
     let b_new = |j: usize| edit.bias.as_ref().and_then(|b| b.get(j)).copied().unwrap_or(b_old(j));
+    let edited: Vec<usize> = edit.report.columns.iter().map(|c| c.j).collect();
     // Per group: (row ids, z, z') on the kept rows, and z, z' on the outlier rows.
     let mut kept = Vec::with_capacity(g);
     let (mut lo, mut hi) = ([0f32; 2], [0f32; 2]);
@@ -773,26 +796,34 @@ fn local_error(st: &LayerStats, w: &Array2<f32>, bias: Option<&[f32]>, edit: &Ed
     };
     for gi in 0..g {
         let cols = gi * ng..(gi + 1) * ng;
-        let (wo, wn) = (w.slice(ndarray::s![.., cols.clone()]), edit.w.slice(ndarray::s![.., cols.clone()]));
-        let outputs = |x: &Array2<f32>| -> (Array2<f32>, Array2<f32>) {
-            let mut z = x.dot(&wo);
-            let mut zn = x.dot(&wn);
-            for (c, j) in cols.clone().enumerate() {
-                z.column_mut(c).mapv_inplace(|v| v + b_old(j));
-                zn.column_mut(c).mapv_inplace(|v| v + b_new(j));
-            }
-            (z, zn)
-        };
         let rows: Vec<&Vec<f32>> =
             st.xrows.iter().filter(|(id, _)| (**id % g as u64) as usize == gi).map(|(_, x)| x).collect();
         if !rows.is_empty() {
             let k = rows[0].len();
             let xo = Array2::from_shape_vec((rows.len(), k), rows.into_iter().flatten().copied().collect())?;
-            let (z, zn) = outputs(&xo);
+            let (wo, wn) = (w.slice(ndarray::s![.., cols.clone()]), edit.w.slice(ndarray::s![.., cols.clone()]));
+            let (mut z, mut zn) = (xo.dot(&wo), xo.dot(&wn));
+            for (c, j) in cols.clone().enumerate() {
+                z.column_mut(c).mapv_inplace(|v| v + b_old(j));
+                zn.column_mut(c).mapv_inplace(|v| v + b_new(j));
+            }
             extend(&z, &zn);
         }
-        let (ids, x) = st.kept.get(gi).context("internal error: no kept rows for the group")?;
-        let (z, zn) = outputs(x);
+        let (ids, x, y) = st.kept.get(gi).context("internal error: no kept rows for the group")?;
+        if y.dim() != (ids.len(), ng) {
+            bail!("internal error: kept outputs of shape {:?}, expected [{}, {ng}]", y.dim(), ids.len());
+        }
+        let mut z = y.clone();
+        for (c, j) in cols.clone().enumerate() {
+            z.column_mut(c).mapv_inplace(|v| v + b_old(j));
+        }
+        let mut zn = z.clone();
+        for &j in edited.iter().filter(|j| cols.contains(j)) {
+            let d: ndarray::Array1<f32> = (0..w.nrows()).map(|k| edit.w[[k, j]] - w[[k, j]]).collect();
+            let shift = b_new(j) - b_old(j);
+            let delta = x.dot(&d);
+            zn.column_mut(j - gi * ng).zip_mut_with(&delta, |v, dv| *v += dv + shift);
+        }
         extend(&z, &zn);
         kept.push((ids, z, zn));
     }
@@ -962,8 +993,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         report.seconds = t0.elapsed().as_secs_f64();
         return Ok(Outcome { model: model.clone(), ranges: None, baseline_ranges: None, report });
     }
-    let weights: Vec<Array2<f32>> = layers.iter().map(|l| layer::weight_matrix(model, l)).collect::<Result<_>>()?;
-    let pairs: Vec<(&Layer, &Array2<f32>)> = layers.iter().zip(&weights).collect();
+    let pairs = with_weights(model, &layers)?;
     let targets = match &run.guard {
         // The ranges the quantizer will read (the same set the plain pipeline calibrates).
         Some(g) => cal::quantization_targets(model, &g.quant)?,
@@ -990,6 +1020,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         if run.guard.is_some() { "calibrating" } else { "outlier statistics" },
     )
     .with_context(|| format!("statistics of {}", run.label))?;
+    drop(pairs);
     report.passes += 1;
     report.phase_seconds.insert("1 statistics pass".into(), t0.elapsed().as_secs_f64());
     let c1 = phase_cpu(&mut report, "1 statistics pass", c0);
@@ -1033,7 +1064,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         .collect();
     let collect_targets: Vec<&Target> = collect.iter().filter_map(|n| targets.iter().find(|t| &t.name == n)).collect();
     let mut fresh: Vec<Option<TensorStats>> = vec![None; collect.len()];
-    let stats_of = |got: &[(usize, ArrayData)]| -> Vec<(usize, TensorStats)> {
+    let stats_of = |got: &[(usize, &ArrayData)]| -> Vec<(usize, TensorStats)> {
         got.iter()
             .filter_map(|(ci, v)| {
                 collect_targets.get(*ci).and_then(|t| cal::sample_stats(v, t, 2048)).map(|s| (*ci, s))
