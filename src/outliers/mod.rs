@@ -424,6 +424,9 @@ struct PassSample {
     outputs: Vec<Option<ArrayD<f32>>>,
 }
 
+/// A layer of a statistics pass and, when the pass computes its `y`, its weight `[K, N]`.
+type PassLayer<'a> = (&'a Layer, Option<Array2<f32>>);
+
 /// Whether the statistics pass reads the layer's `y` from the runtime (a MatMul's output is
 /// its pre-bias `y`); the other layers' `y` is computed from their input and weight.
 fn reads_output(l: &Layer) -> bool {
@@ -432,7 +435,7 @@ fn reads_output(l: &Layer) -> bool {
 
 /// The layers of a statistics pass with the weights it needs: only those of layers whose `y`
 /// it computes, so a big MatMul model's weights are not all converted up front.
-fn with_weights<'a>(model: &ModelProto, layers: &'a [Layer]) -> Result<Vec<(&'a Layer, Option<Array2<f32>>)>> {
+fn with_weights<'a>(model: &ModelProto, layers: &'a [Layer]) -> Result<Vec<PassLayer<'a>>> {
     layers.iter().map(|l| Ok((l, if reads_output(l) { None } else { Some(layer::weight_matrix(model, l)?) }))).collect()
 }
 
@@ -458,7 +461,7 @@ fn forward_pass(
     specs: &[InputSpec],
     set: &SampleSet,
     targets: &[Target],
-    layers: &[(&Layer, Option<Array2<f32>>)],
+    layers: &[PassLayer],
     (outputs, keep): (&[String], usize),
     opts: &Options,
     what: &str,
