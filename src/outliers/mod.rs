@@ -1356,9 +1356,10 @@ pub fn render_report(r: &RegularizationReport) -> String {
         r.mode, r.layers_with_outliers, r.candidate_layers
     );
     if let Some(first) = r.float_output_layers.first() {
+        let n = r.float_output_layers.len();
         out.push_str(&format!(
-            "  {} more layers not candidates ({}): {}\n",
-            r.float_output_layers.len(),
+            "  {n} {} ({}): {}\n",
+            if n == 1 { "layer is not a candidate" } else { "layers are not candidates" },
             first.reason,
             list(&r.float_output_layers, 4, |l| l.node.clone())
         ));
