@@ -5,7 +5,8 @@
 //! `gi` owns the output columns `gi·N/g .. (gi+1)·N/g`):
 //! - the exact `q`-quantile of `|y|` over all `n` elements as an order statistic: with
 //!   `M = n − ⌈q·n⌉ + 1`, `quantile_q(|Y|)` is the `M`-th largest `|y|`. Each sample keeps only
-//!   its `M` largest values and the fold keeps the global `M` largest, so memory is `M` floats;
+//!   its `M` largest values (and none below the `M`-th largest folded so far, which cannot be
+//!   among the final `M`) and the fold keeps the global `M` largest, so memory is `M` floats;
 //! - outlier candidates: an outlier has `|y| > τ = c·quantile_q ≥ c·m`, where `m` is the `M`-th
 //!   largest value of any subset with at least `M` elements (a single sample) or of the values
 //!   folded so far. Each sample keeps the elements above that bound with their input rows
@@ -15,6 +16,9 @@
 //!   at the end) and the column sums `Σ_i x_i`;
 //! - optionally a bounded, evenly spaced subset of the input rows of every sample (for the
 //!   local acceptance test of an edit).
+//!
+//! `y` is either computed here (`x·W`) or handed in ([`LayerAcc::output_stats`], e.g. a
+//! MatMul's output read from the runtime), with the outliers' input rows added afterwards.
 //!
 //! Row ids: position `i` (counted over all samples) of group `gi` is row `i·g + gi`, so an
 //! outlier's row id names the patch that made it.
