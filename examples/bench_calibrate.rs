@@ -9,6 +9,7 @@
 
 use anyhow::{Context, Result};
 use onnxq::calibrate::{self as cal, for_each_sample, input_facts, input_specs};
+use onnxq::outliers::cpu_seconds;
 use std::time::Instant;
 
 fn main() -> Result<()> {
@@ -68,15 +69,4 @@ fn main() -> Result<()> {
         rayon::current_num_threads()
     );
     Ok(())
-}
-
-/// User + system CPU seconds of this process so far (Linux; 0 elsewhere).
-fn cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0.0 };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // Clock ticks are 100 per second on Linux for every mainstream architecture.
-    (ticks(11) + ticks(12)) / 100.0
 }

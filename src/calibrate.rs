@@ -338,6 +338,24 @@ pub fn calibrate(
     targets: &[Target],
     opts: &CalibOptions,
 ) -> Result<Calibration> {
+    calibrate_with(model_bytes, specs, set, targets, opts, &[], |_, _: &mut (), _, _| Ok(()), |_, _| Ok(()))
+}
+
+/// [`calibrate`] that also hands `extra` tensors to the caller in the same pass: per sample,
+/// `visit(sample, state, k, value)` sees each `extra[k]` in order (a view into tract's buffer, `None`
+/// when not float; a name may repeat and may also be a target), starting from
+/// `S::default()`, and `fold` receives each sample's state in sample order.
+#[allow(clippy::too_many_arguments)]
+pub fn calibrate_with<S: Default + Send>(
+    model_bytes: &[u8],
+    specs: &[InputSpec],
+    set: &SampleSet,
+    targets: &[Target],
+    opts: &CalibOptions,
+    extra: &[String],
+    visit: impl Fn(usize, &mut S, usize, Option<ndarray::ArrayViewD<'_, f32>>) -> Result<()> + Sync,
+    mut fold: impl FnMut(usize, S) -> Result<()>,
+) -> Result<Calibration> {
     let t0 = Instant::now();
     if set.is_empty() {
         bail!("no calibration samples");
@@ -345,7 +363,8 @@ pub fn calibrate(
     let sources = stats_sources(targets);
     // Only the targets that are their own source become tract outputs.
     let direct: Vec<usize> = (0..targets.len()).filter(|&i| sources[i] == i).collect();
-    let names: Vec<String> = direct.iter().map(|&i| targets[i].name.clone()).collect();
+    let mut names: Vec<String> = direct.iter().map(|&i| targets[i].name.clone()).collect();
+    names.extend(extra.iter().cloned());
     let plan = Plan::load(model_bytes, None, &input_facts(specs, set)?, &names)?;
     let pb = progress(set.len(), opts.quiet, "calibrating");
     let mut acc: Vec<Option<TensorStats>> = vec![None; direct.len()];
@@ -353,13 +372,27 @@ pub fn calibrate(
     for_each_sample_with(
         set,
         &pb,
-        |_, inputs| {
+        |i, inputs| {
             // Statistics straight from tract's buffers: no copy of the (many, large) outputs.
-            plan.run_visit_f32(inputs, |p, view| Some(view_stats(view?, &targets[direct[p]], bins)))
+            let mut state = S::default();
+            let mut failed = None;
+            let stats = plan.run_visit_f32(inputs, |p, view| match direct.get(p) {
+                Some(&t) => Some(view_stats(view?, &targets[t], bins)),
+                None => {
+                    if failed.is_none() {
+                        failed = visit(i, &mut state, p - direct.len(), view).err();
+                    }
+                    None
+                }
+            })?;
+            match failed {
+                Some(e) => Err(e),
+                None => Ok((stats, state)),
+            }
         },
-        |_, per_sample| {
+        |i, (per_sample, state)| {
             fold_stats(&mut acc, per_sample);
-            Ok(())
+            fold(i, state)
         },
     )?;
     let slot_of: std::collections::HashMap<usize, usize> = direct.iter().enumerate().map(|(k, &i)| (i, k)).collect();

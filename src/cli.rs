@@ -451,7 +451,13 @@ fn run_regularize(a: RegularizeArgs) -> Result<()> {
     let model = crate::onnx::load_valid(&a.model)?;
     crate::onnx::refuse_overwrite(&a.model, &a.output)?;
     let label = a.model.display().to_string();
-    let run = crate::outliers::RunSettings { guard: None, measure_float: true, full_edits: true, label: label.clone() };
+    let run = crate::outliers::RunSettings {
+        guard: None,
+        measure_float: true,
+        full_edits: true,
+        placement: None,
+        label: label.clone(),
+    };
     let outcome = crate::outliers::regularize(&model.proto, &a.data.options()?, &opts, &run)
         .with_context(|| format!("regularization of {label} failed"))?;
     let save = crate::onnx::SaveOptions { external: a.external_data, threshold: None };

@@ -66,6 +66,19 @@ fn default_opset(model: &ModelProto) -> i64 {
 /// Builds the float fake-quant twin of `model` (see the module docs). A model without
 /// quantization ops comes back unchanged.
 pub fn twin(model: &ModelProto) -> Result<ModelProto> {
+    build(model, false)
+}
+
+/// [`twin`] with QuantizeLinear's `x / scale` computed as `x · (1/scale)` in float32: one op
+/// instead of three (no double-precision copies), so the twin loads and runs faster, at the
+/// price of rounding a quotient within about one ulp of a `.5` tie to the other side (a
+/// one-step error on a tiny fraction of elements). For comparing quantized models with each
+/// other (the regularization guard), not for reporting what ONNX Runtime computes.
+pub fn fast_twin(model: &ModelProto) -> Result<ModelProto> {
+    build(model, true)
+}
+
+fn build(model: &ModelProto, fast: bool) -> Result<ModelProto> {
     let graph = model.graph.as_ref().context("the model has no graph")?;
     if !needs_twin(model) {
         return Ok(model.clone());
@@ -76,6 +89,7 @@ pub fn twin(model: &ModelProto) -> Result<ModelProto> {
     }
     let view = GraphView::new(graph);
     let mut tw = Twin::new(&view);
+    tw.fast = fast;
     tw.plan_names()?;
     for n in &graph.node {
         if !default_domain(n) {
@@ -154,6 +168,8 @@ struct Twin<'g, 'v> {
     retyped: HashSet<String>,
     /// Constants read by rewritten nodes: dropped when nothing reads them any more.
     consumed: BTreeSet<String>,
+    /// [`fast_twin`]: QuantizeLinear divides by multiplying with the float reciprocal.
+    fast: bool,
 }
 
 impl<'g, 'v> Twin<'g, 'v> {
@@ -166,6 +182,7 @@ impl<'g, 'v> Twin<'g, 'v> {
             float_of: HashMap::new(),
             retyped: HashSet::new(),
             consumed: BTreeSet::new(),
+            fast: false,
         }
     }
 
@@ -378,8 +395,14 @@ impl<'g, 'v> Twin<'g, 'v> {
         };
         let (qmin, qmax) = qrange(n, ty)?;
         let shape = self.param_shape(n, &p, x, &[x, qo])?;
-        let s64 = self.init_f64(&format!("{qo}_scale_f64"), p.scale.iter().map(|&s| f64::from(s)).collect(), &shape)?;
-        let div = self.exact_div(qo, x, &s64);
+        let div = if self.fast {
+            let inv = self.init_f32(&format!("{qo}_inv_scale"), p.scale.iter().map(|&s| 1.0 / s).collect(), &shape)?;
+            self.emit("Mul", &format!("{qo}_div"), &[x, &inv], vec![])
+        } else {
+            let s64 =
+                self.init_f64(&format!("{qo}_scale_f64"), p.scale.iter().map(|&s| f64::from(s)).collect(), &shape)?;
+            self.exact_div(qo, x, &s64)
+        };
         let round = self.emit("Round", &format!("{qo}_round"), &[&div], vec![]);
         let zp = self.init_f32(&format!("{qo}_zero_point"), p.zp.iter().map(|&z| z as f32).collect(), &shape)?;
         let add = self.emit("Add", &format!("{qo}_add_zero_point"), &[&round, &zp], vec![]);

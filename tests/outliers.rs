@@ -491,3 +491,47 @@ fn conv_layers_are_regularized_and_auto_still_never_loses() {
     }
     assert_ne!(weight(&m0, "b2")[6], weight(&m1, "b2")[6]);
 }
+
+/// `quantize` regularizes only layers whose output values it quantizes: in the `outliers`
+/// fixture `fc2`'s output reaches `fc3`'s quantized input through its bias Add and a Relu, so
+/// it is a candidate under the transformer preset; with `fc3` excluded its output stays float
+/// there (not regularized, and the output is plain quantization's, byte for byte), while under
+/// the cnn preset `fc2`'s own output is quantized and the edit is made.
+#[test]
+fn only_layers_with_quantized_outputs_are_regularized() {
+    let dir = tempdir();
+    let report = |name: &str, regularize: &str, extra: &[&str]| {
+        let (out, rep) = (dir.path().join(format!("{name}.onnx")), dir.path().join(format!("{name}.json")));
+        quantize("outliers", &out, &rep, regularize, extra);
+        (out, json_file(&rep))
+    };
+    let excluded = ["--exclude", "fc3"];
+    let (float_out, r) = report("float", "auto", &[&["--preset", "transformer"][..], &excluded].concat());
+    let reg = &r["regularization"];
+    assert_eq!(reg["regularized"], false, "{reg}");
+    assert_eq!(reg["layers_with_outliers"], 0, "{reg}");
+    let skipped: Vec<&str> = reg["float_output_layers"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|l| l["node"].as_str().expect("node"))
+        .collect();
+    assert!(skipped.contains(&"fc2") && skipped.contains(&"fc3"), "{reg}");
+    let why = reg["float_output_layers"][0]["reason"].as_str().expect("reason");
+    assert!(why.contains("stays float under the transformer preset"), "{why}");
+    assert_eq!(reg["passes"], 1, "only the statistics pass: {reg}");
+    let (plain, _) = report("plain", "off", &[&["--preset", "transformer"][..], &excluded].concat());
+    assert_eq!(std::fs::read(&plain).expect("plain"), std::fs::read(&float_out).expect("auto"));
+    // A forced strength follows the same rule.
+    let (_, r) = report("forced", "4", &[&["--preset", "transformer"][..], &excluded].concat());
+    assert_eq!(r["regularization"]["regularized"], false, "{}", r["regularization"]);
+
+    for preset in [&["--preset", "cnn"][..], &["--preset", "transformer"][..]] {
+        let extra = if preset[1] == "cnn" { [preset, &excluded[..]].concat() } else { preset.to_vec() };
+        let (_, r) = report(preset[1], "auto", &extra);
+        let reg = &r["regularization"];
+        assert_eq!(reg["regularized"], true, "{extra:?}: {reg}");
+        let fc2 = reg["layers"].as_array().expect("layers").iter().find(|l| l["node"] == "fc2").expect("fc2");
+        assert_eq!(fc2["accepted"], true, "{fc2}");
+    }
+}

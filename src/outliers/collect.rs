@@ -5,22 +5,27 @@
 //! `gi` owns the output columns `gi·N/g .. (gi+1)·N/g`):
 //! - the exact `q`-quantile of `|y|` over all `n` elements as an order statistic: with
 //!   `M = n − ⌈q·n⌉ + 1`, `quantile_q(|Y|)` is the `M`-th largest `|y|`. Each sample keeps only
-//!   its `M` largest values and the fold keeps the global `M` largest, so memory is `M` floats;
+//!   its `M` largest values (and none below the `M`-th largest folded so far, which cannot be
+//!   among the final `M`) and the fold keeps the global `M` largest, so memory is `M` floats;
 //! - outlier candidates: an outlier has `|y| > τ = c·quantile_q ≥ c·m`, where `m` is the `M`-th
 //!   largest value of any subset with at least `M` elements (a single sample) or of the values
 //!   folded so far. Each sample keeps the elements above that bound with their input rows
 //!   `x_i`, the fold prunes them as the bound rises; the exact `τ` filters them at the end;
-//! - optionally, per group, the Gram matrix `G = XᵀX` (each sample's in f32, summed over
-//!   samples in f64) and the column sums `Σ_i x_i`;
+//! - optionally, per group, the Gram matrix `G = XᵀX` (each sample's in f32 on the blocks on
+//!   and above the diagonal only, its upper triangle summed over samples in f64 and mirrored
+//!   at the end) and the column sums `Σ_i x_i`;
 //! - optionally a bounded, evenly spaced subset of the input rows of every sample (for the
 //!   local acceptance test of an edit).
+//!
+//! `y` is either computed here (`x·W`) or handed in ([`LayerAcc::output_stats`], e.g. a
+//! MatMul's output read from the runtime), with the outliers' input rows added afterwards.
 //!
 //! Row ids: position `i` (counted over all samples) of group `gi` is row `i·g + gi`, so an
 //! outlier's row id names the patch that made it.
 
 use super::solve::Outlier;
 use anyhow::{bail, Result};
-use ndarray::{s, Array2, Axis};
+use ndarray::{s, Array2, ArrayView2, Axis};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -35,10 +40,43 @@ pub struct SampleStats {
     /// (local row, column, y)
     cands: Vec<(usize, usize, f32)>,
     xrows: BTreeMap<usize, Vec<f32>>,
-    gram: Option<Vec<Array2<f64>>>,
+    /// Per group: the upper block triangle of the sample's Gram ([`upper_gram`]).
+    gram: Option<Vec<Array2<f32>>>,
     colsum: Vec<Vec<f64>>,
-    /// Per group: the kept rows (local row ids and values).
-    kept: Vec<(Vec<usize>, Array2<f32>)>,
+    /// Per group: the kept rows (local row ids, input rows, outputs `y` on them).
+    kept: Vec<(Vec<usize>, Array2<f32>, Array2<f32>)>,
+}
+
+impl SampleStats {
+    /// Adds the input rows of the outlier candidates from the layer's input rows (one
+    /// `[rows, K]` matrix per group).
+    pub fn attach_rows(&mut self, xg: &[ArrayView2<f32>]) -> Result<()> {
+        let g = xg.len().max(1);
+        for &(r, _, _) in &self.cands {
+            let x = xg.get(r % g).filter(|x| r / g < x.nrows());
+            let Some(x) = x else { bail!("outlier row {r} is outside the layer's input rows") };
+            self.xrows.entry(r).or_insert_with(|| x.row(r / g).to_vec());
+        }
+        Ok(())
+    }
+}
+
+/// Gram block size: products of `GRAM_BLOCK`-wide column blocks.
+const GRAM_BLOCK: usize = 256;
+
+/// `XᵀX` of one sample's rows in f32, computed only on the blocks on and above the diagonal
+/// (`K × K`; the blocks below it are left zero and ignored by the fold).
+fn upper_gram(x: ArrayView2<f32>) -> Array2<f32> {
+    let k = x.ncols();
+    let mut g = Array2::<f32>::zeros((k, k));
+    for b0 in (0..k).step_by(GRAM_BLOCK) {
+        let b1 = (b0 + GRAM_BLOCK).min(k);
+        let xb = x.slice(s![.., b0..b1]);
+        let xr = x.slice(s![.., b0..]);
+        let mut c = g.slice_mut(s![b0..b1, b0..]);
+        ndarray::linalg::general_mat_mul(1.0, &xb.t(), &xr, 0.0, &mut c);
+    }
+    g
 }
 
 /// The accumulator of one layer.
@@ -53,6 +91,8 @@ pub struct LayerAcc {
     groups: usize,
     /// `c · (M-th largest so far)` as f32 bits: a lower bound of the final τ.
     bound: AtomicU32,
+    /// The `M`-th largest `|y|` so far as f32 bits: values below it can be skipped.
+    floor: AtomicU32,
     rows: u64,
     elements: u64,
     nonfinite: u64,
@@ -63,7 +103,7 @@ pub struct LayerAcc {
     xrows: BTreeMap<u64, Vec<f32>>,
     gram: Option<Vec<Array2<f64>>>,
     colsum: Vec<Vec<f64>>,
-    kept: Vec<(Vec<u64>, Vec<f32>)>,
+    kept: Vec<(Vec<u64>, Vec<f32>, Vec<f32>)>,
 }
 
 /// A layer's finished statistics.
@@ -85,8 +125,9 @@ pub struct LayerStats {
     pub gram: Option<Vec<Array2<f64>>>,
     /// Per group (with the Gram).
     pub colsum: Vec<Vec<f64>>,
-    /// Per group: the kept rows, their row ids and values `[rows, K]` (when asked for).
-    pub kept: Vec<(Vec<u64>, Array2<f32>)>,
+    /// Per group: the kept rows, their row ids, input rows `[rows, K]` and pre-bias outputs
+    /// `y` on them `[rows, N/g]` (when asked for).
+    pub kept: Vec<(Vec<u64>, Array2<f32>, Array2<f32>)>,
     pub groups: usize,
 }
 
@@ -132,6 +173,7 @@ impl LayerAcc {
             keep_rows,
             groups: groups.max(1),
             bound: AtomicU32::new(0),
+            floor: AtomicU32::new(0),
             rows: 0,
             elements: 0,
             nonfinite: 0,
@@ -160,20 +202,65 @@ impl LayerAcc {
         if xg.iter().any(|x| x.dim() != (rows, k)) {
             bail!("input rows do not have the weight's K = {k} columns");
         }
-        let elements = (rows * n) as u64;
-        let m = top_count(elements * self.samples as u64, self.quantile);
         let ys: Vec<Array2<f32>> =
             xg.iter().enumerate().map(|(gi, x)| x.dot(&w.slice(s![.., gi * ng..(gi + 1) * ng]))).collect();
+        let views: Vec<ArrayView2<f32>> = ys.iter().map(|y| y.view()).collect();
+        let mut st = self.output_stats(&views)?;
+        let xv: Vec<ArrayView2<f32>> = xg.iter().map(|x| x.view()).collect();
+        st.attach_rows(&xv)?;
+        if self.want_gram {
+            // One sample's Gram in f32 (few rows), accumulated over samples in f64.
+            st.gram = Some(xg.iter().map(|x| upper_gram(x.view())).collect());
+            st.colsum = xg.iter().map(|x| x.mapv(f64::from).sum_axis(Axis(0)).to_vec()).collect();
+        }
+        if self.keep_rows > 0 {
+            let pick = crate::im2col::subsample(rows, self.keep_rows);
+            st.kept = xg
+                .iter()
+                .zip(&ys)
+                .map(|(x, y)| (pick.clone(), x.select(Axis(0), &pick), y.select(Axis(0), &pick)))
+                .collect();
+        }
+        Ok(st)
+    }
+
+    /// The part of a sample's statistics that only needs the layer's outputs `y` (one
+    /// `[rows, N/g]` matrix per group, e.g. read from the runtime instead of recomputed): the
+    /// quantile candidates and the outlier candidates, whose input rows
+    /// [`SampleStats::attach_rows`] then adds. Thread safe: only reads the accumulator.
+    pub fn output_stats(&self, ys: &[ArrayView2<f32>]) -> Result<SampleStats> {
+        let g = self.groups;
+        if ys.len() != g {
+            bail!("{} output matrices for {g} groups", ys.len());
+        }
+        let rows = ys.first().map_or(0, |y| y.nrows());
+        let ng = ys.first().map_or(0, |y| y.ncols());
+        if ys.iter().any(|y| y.dim() != (rows, ng)) {
+            bail!("the groups' outputs differ in shape");
+        }
+        let n = ng * g;
+        let elements = (rows * n) as u64;
+        let m = top_count(elements * self.samples as u64, self.quantile);
+        // Values below the M-th largest seen so far can be neither in the final top M nor
+        // outliers, so they are not kept (the shared bound is `c ·` that value).
+        let shared = f64::from(f32::from_bits(self.bound.load(Ordering::Relaxed)));
+        let floor = f32::from_bits(self.floor.load(Ordering::Relaxed));
         let mut nonfinite = 0u64;
-        let mut abs: Vec<f32> = Vec::with_capacity(rows * n);
-        for &v in ys.iter().flat_map(|y| y.iter()) {
-            if v.is_finite() {
-                abs.push(v.abs());
-            } else {
-                nonfinite += 1;
+        let mut abs_max = 0f32;
+        let mut abs: Vec<f32> = Vec::new();
+        for y in ys {
+            for &v in y.iter() {
+                if v.is_finite() {
+                    let a = v.abs();
+                    abs_max = abs_max.max(a);
+                    if a >= floor {
+                        abs.push(a);
+                    }
+                } else {
+                    nonfinite += 1;
+                }
             }
         }
-        let abs_max = abs.iter().copied().fold(0f32, f32::max);
         // The sample's own M-th largest is a lower bound of the global one.
         let own_bound = if abs.len() >= m {
             keep_largest(&mut abs, m);
@@ -181,36 +268,27 @@ impl LayerAcc {
         } else {
             0.0
         };
-        let shared = f32::from_bits(self.bound.load(Ordering::Relaxed)) as f64;
         let bound = own_bound.max(shared);
         let mut cands = Vec::new();
-        let mut xrows = BTreeMap::new();
-        for (gi, (y, x)) in ys.iter().zip(xg).enumerate() {
+        for (gi, y) in ys.iter().enumerate() {
             for ((i, j), &v) in y.indexed_iter() {
                 if v.is_finite() && f64::from(v.abs()) > bound {
                     cands.push((i * g + gi, gi * ng + j, v));
-                    xrows.entry(i * g + gi).or_insert_with(|| x.row(i).to_vec());
                 }
             }
         }
-        let (gram, colsum) = if self.want_gram {
-            let (mut gs, mut cs) = (Vec::with_capacity(g), Vec::with_capacity(g));
-            // One sample's Gram in f32 (few rows), accumulated over samples in f64.
-            for x in xg {
-                gs.push(x.t().dot(x).mapv(f64::from));
-                cs.push(x.mapv(f64::from).sum_axis(Axis(0)).to_vec());
-            }
-            (Some(gs), cs)
-        } else {
-            (None, Vec::new())
-        };
-        let kept = if self.keep_rows > 0 {
-            let pick = crate::im2col::subsample(rows, self.keep_rows);
-            xg.iter().map(|x| (pick.clone(), x.select(Axis(0), &pick))).collect()
-        } else {
-            Vec::new()
-        };
-        Ok(SampleStats { rows, elements, nonfinite, abs_max, top: abs, cands, xrows, gram, colsum, kept })
+        Ok(SampleStats {
+            rows,
+            elements,
+            nonfinite,
+            abs_max,
+            top: abs,
+            cands,
+            xrows: BTreeMap::new(),
+            gram: None,
+            colsum: Vec::new(),
+            kept: Vec::new(),
+        })
     }
 
     /// Folds one sample (call in sample order for reproducible results).
@@ -233,16 +311,20 @@ impl LayerAcc {
             self.xrows.insert(base + i as u64, x);
         }
         if let Some(gs) = s.gram {
-            match &mut self.gram {
-                Some(acc) => {
-                    for (a, b) in acc.iter_mut().zip(&gs) {
-                        if a.dim() != b.dim() {
-                            bail!("Gram matrices of different shapes {:?} and {:?}", a.dim(), b.dim());
+            let acc = self.gram.get_or_insert_with(|| gs.iter().map(|b| Array2::zeros(b.dim())).collect());
+            for (a, b) in acc.iter_mut().zip(&gs) {
+                if a.dim() != b.dim() {
+                    bail!("Gram matrices of different shapes {:?} and {:?}", a.dim(), b.dim());
+                }
+                // The upper triangle only (mirrored in `finish`).
+                for (i, (ar, br)) in a.outer_iter_mut().zip(b.outer_iter()).enumerate() {
+                    let (ar, br) = (ar.into_slice(), br.as_slice());
+                    if let (Some(ar), Some(br)) = (ar, br) {
+                        for (av, &bv) in ar[i..].iter_mut().zip(&br[i..]) {
+                            *av += f64::from(bv);
                         }
-                        *a += b;
                     }
                 }
-                None => self.gram = Some(gs),
             }
             if self.colsum.is_empty() {
                 self.colsum = s.colsum;
@@ -255,16 +337,19 @@ impl LayerAcc {
             }
         }
         if self.kept.is_empty() {
-            self.kept = vec![(Vec::new(), Vec::new()); s.kept.len()];
+            self.kept = vec![(Vec::new(), Vec::new(), Vec::new()); s.kept.len()];
         }
-        for (gi, ((ids, vals), (pick, x))) in self.kept.iter_mut().zip(s.kept).enumerate() {
+        for (gi, ((ids, xs, ys), (pick, x, y))) in self.kept.iter_mut().zip(s.kept).enumerate() {
             ids.extend(pick.iter().map(|&i| base + i as u64 * g + gi as u64));
-            vals.extend(x.iter());
+            xs.extend(x.iter());
+            ys.extend(y.iter());
         }
         // Raise the shared bound and prune.
         if self.top.len() >= self.m {
             keep_largest(&mut self.top, self.m);
-            let b = (f64::from(min_of(&self.top)) * self.factor) as f32;
+            let m = min_of(&self.top);
+            self.floor.fetch_max(m.max(0.0).to_bits(), Ordering::Relaxed);
+            let b = (f64::from(m) * self.factor) as f32;
             self.bound.fetch_max(b.max(0.0).to_bits(), Ordering::Relaxed);
             let bound = f64::from(f32::from_bits(self.bound.load(Ordering::Relaxed)));
             self.cands.retain(|o| f64::from(o.y.abs()) > bound);
@@ -290,10 +375,19 @@ impl LayerAcc {
         }
         self.cands.sort_by(|a, b| a.row.cmp(&b.row).then(a.j.cmp(&b.j)));
         self.prune_rows();
+        for g in self.gram.iter_mut().flatten() {
+            for i in 0..g.nrows() {
+                for j in 0..i {
+                    g[[i, j]] = g[[j, i]];
+                }
+            }
+        }
         let mut kept = Vec::with_capacity(self.kept.len());
-        for (ids, vals) in self.kept {
-            let k = if ids.is_empty() { 0 } else { vals.len() / ids.len() };
-            kept.push((ids.clone(), Array2::from_shape_vec((ids.len(), k), vals)?));
+        for (ids, xs, ys) in self.kept {
+            let width = |v: &Vec<f32>| if ids.is_empty() { 0 } else { v.len() / ids.len() };
+            let (k, n) = (width(&xs), width(&ys));
+            let (x, y) = (Array2::from_shape_vec((ids.len(), k), xs)?, Array2::from_shape_vec((ids.len(), n), ys)?);
+            kept.push((ids, x, y));
         }
         Ok(LayerStats {
             rows: self.rows,
@@ -342,7 +436,10 @@ mod tests {
         assert_eq!(st.xrows[&9], xs[1].row(4).to_vec());
         let grams = st.gram.expect("gram");
         for (gi, x) in xs.iter().enumerate() {
-            assert_eq!(grams[gi], x.t().dot(x).mapv(f64::from), "group {gi}");
+            let want = x.mapv(f64::from).t().dot(&x.mapv(f64::from));
+            for (a, b) in grams[gi].iter().zip(want.iter()) {
+                assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "group {gi}: {a} vs {b}");
+            }
         }
         assert_eq!(st.kept.len(), 2);
         assert_eq!(st.kept[1].0.len(), 2);

@@ -1,10 +1,12 @@
-//! The global guard of `--regularize auto`: the worst-output SQNR, on the calibration samples,
-//! of the int8 model that `quantize::quantize` makes from a float model and its calibrated
-//! ranges, against the original float model (run through the fake-quant twin, as
-//! `pipeline::output_sqnr` and `onnxq eval` do). One forward pass of the twin per score; the
-//! original model's outputs are computed once, in the first calibration pass, and kept.
+//! The global guard of `--regularize auto`: the worst-output SQNR, on the guard's samples (the
+//! first [`super::GUARD_SAMPLES`] calibration samples), of the int8 model that
+//! `quantize::quantize` makes from a float model and its calibrated ranges, against the
+//! original float model. The quantized model runs as its fast fake-quant twin
+//! ([`crate::fakequant::fast_twin`]: `x·(1/s)` instead of the exact `x/s`, which moves only
+//! quotients within about an ulp of a rounding tie, far below the differences the guard
+//! compares) and its outputs are compared in place. One forward pass of the twin per score;
+//! the original model's outputs are computed once, in the first calibration pass, and kept.
 
-use crate::array::ArrayData;
 use crate::calibrate::{self as cal, Calibration};
 use crate::data::SampleSet;
 use crate::onnx::pb::ModelProto;
@@ -12,6 +14,7 @@ use crate::quantize::{self, QuantOptions};
 use crate::runtime::{InputFact, Plan};
 use crate::stats::RangeMethod;
 use anyhow::{Context, Result};
+use ndarray::{ArrayD, ArrayViewD};
 use std::collections::BTreeMap;
 
 pub struct Guard<'a> {
@@ -22,7 +25,7 @@ pub struct Guard<'a> {
     /// Graph output names of the original model.
     pub output_names: Vec<String>,
     /// Per sample, per graph output: the original float values.
-    pub reference: &'a [Vec<ArrayData>],
+    pub reference: &'a [Vec<Option<ArrayD<f32>>>],
     /// Forward passes run by the guard.
     pub passes: usize,
 }
@@ -36,7 +39,7 @@ impl Guard<'_> {
     /// Quantizes `model` with `ranges` and measures its worst-output SQNR.
     pub fn sqnr_of(&mut self, model: &ModelProto, ranges: &BTreeMap<String, cal::TensorEntry>) -> Result<f64> {
         let (q, _) = quantize::quantize(model, ranges, &self.qopts).context("quantizing the regularized model")?;
-        let twin = crate::fakequant::twin(&q).context("building the fake-quant twin")?;
+        let twin = crate::fakequant::fast_twin(&q).context("building the fake-quant twin")?;
         let bytes = crate::onnx::io::encode_for_runtime(&twin)?;
         let plan =
             Plan::load(&bytes, None, &self.facts, &self.output_names).context("cannot run the quantized model")?;
@@ -44,13 +47,16 @@ impl Guard<'_> {
         let n_out = self.output_names.len();
         let mut sums = vec![(0f64, 0f64, false); n_out];
         let reference = self.reference;
-        cal::for_each_sample(
-            &plan,
+        // The twin's outputs are compared in place in the runtime's buffers.
+        cal::for_each_sample_with(
             self.set,
             &pb,
-            |i, outs| {
+            |i, inputs| {
                 let refs = reference.get(i).context("internal error: no reference outputs")?;
-                Ok(outs.iter().zip(refs).map(|(c, r)| error_sums(r, c)).collect::<Vec<_>>())
+                plan.run_visit_f32(inputs, |p, c| match (refs.get(p), c) {
+                    (Some(Some(r)), Some(c)) => Some(error_sums(r, c)),
+                    _ => None,
+                })
             },
             |_, per| {
                 for (acc, s) in sums.iter_mut().zip(per) {
@@ -68,11 +74,11 @@ impl Guard<'_> {
     }
 }
 
-/// `(Σ r², Σ (r − c)²)` over finite pairs of float outputs; `None` for non-float ones.
-pub fn error_sums(r: &ArrayData, c: &ArrayData) -> Option<(f64, f64)> {
-    let (ArrayData::F32(r), ArrayData::F32(c)) = (r, c) else { return None };
+/// `(Σ r², Σ (r − c)²)` over finite pairs of a float output (`Σ (r − c)² = ∞` when the shapes
+/// differ).
+pub fn error_sums(r: &ArrayD<f32>, c: ArrayViewD<'_, f32>) -> (f64, f64) {
     if r.shape() != c.shape() {
-        return Some((1.0, f64::INFINITY));
+        return (1.0, f64::INFINITY);
     }
     let (mut r2, mut e2) = (0f64, 0f64);
     for (&a, &b) in r.iter().zip(c.iter()) {
@@ -82,7 +88,7 @@ pub fn error_sums(r: &ArrayData, c: &ArrayData) -> Option<(f64, f64)> {
             e2 += (a - b) * (a - b);
         }
     }
-    Some((r2, e2))
+    (r2, e2)
 }
 
 /// The worst SQNR over outputs (`+inf` when every compared output is identical).

@@ -21,7 +21,7 @@ use crate::onnx::pb::{ModelProto, TensorProto};
 use crate::onnx::tensor::{from_f32, to_f32};
 use crate::onnx::GraphView;
 use anyhow::{bail, Context, Result};
-use ndarray::{Array2, ArrayD, IxDyn};
+use ndarray::{Array2, ArrayD, ArrayViewD, IxDyn};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -201,6 +201,46 @@ pub fn find_layers(model: &ModelProto) -> Result<(Vec<Layer>, Vec<NotALayer>)> {
     Ok((layers, rejected))
 }
 
+/// Ops through which a layer's output values reach another tensor unchanged (large values
+/// included): data movement (the input's values rearranged or selected), Relu (positive
+/// values unchanged) and MaxPool (a selection). Other activations (Gelu, Sigmoid, ...) make
+/// a different tensor with its own statistics.
+const PASS_THROUGH: &[&str] = &["Identity", "Relu", "MaxPool"];
+
+/// The tensors that hold the layer's output values as a quantized tensor would see them:
+/// its output, the output of its own bias Add, and everything reached from those through
+/// [`PASS_THROUGH`] ops and `quantize::MOVE_OPS` (data input only), in discovery order.
+pub fn output_views(view: &GraphView, layer: &Layer) -> Vec<String> {
+    let mut seen = vec![layer.output.clone()];
+    if let (LayerKind::MatMul, Some(site)) = (layer.kind, &layer.bias) {
+        let add = view
+            .consumers(&layer.output)
+            .iter()
+            .map(|&(c, _)| &view.nodes()[c])
+            .find(|n| n.op_type() == "Add" && n.input.contains(&site.tensor));
+        if let Some(o) = add.and_then(|n| n.output.first()) {
+            seen.push(o.clone());
+        }
+    }
+    let mut i = 0;
+    while let Some(t) = seen.get(i).cloned() {
+        i += 1;
+        for &(c, slot) in view.consumers(&t) {
+            let n = &view.nodes()[c];
+            let op = n.op_type();
+            if slot != 0 || !(PASS_THROUGH.contains(&op) || crate::quantize::MOVE_OPS.contains(&op)) {
+                continue;
+            }
+            for o in n.output.iter().filter(|o| !o.is_empty()) {
+                if !seen.contains(o) {
+                    seen.push(o.clone());
+                }
+            }
+        }
+    }
+    seen
+}
+
 /// `[N]` or `[1, .., 1, N]`.
 fn bias_layout(dims: &[i64], n: usize) -> bool {
     match dims.split_last() {
@@ -334,7 +374,7 @@ pub fn conv_positions(layer: &Layer) -> usize {
 
 /// A sample's input rows of the layer: `[rows, K]` (leading dims flattened) for MatMul and
 /// Gemm; for Conv the im2col patches of each group at the positions [`conv_positions`] picks.
-pub fn input_rows(layer: &Layer, x: &ArrayD<f32>) -> Result<Vec<Array2<f32>>> {
+pub fn input_rows(layer: &Layer, x: ArrayViewD<f32>) -> Result<Vec<Array2<f32>>> {
     match &layer.conv {
         Some(geo) => {
             let x4 = x

@@ -9,6 +9,16 @@
 //! that tensor. Such an element is typically one product `x_ik·w_kj` of one large input and
 //! one large weight, so editing a handful of weights removes it.
 //!
+//! # Candidates
+//! `onnxq outliers` and `onnxq regularize` look at every regularizable layer. `onnxq quantize`
+//! knows its placement and regularizes only the layers whose output values it quantizes
+//! ([`placement_candidates`]): the layer's output, its own bias Add, or a tensor reached from
+//! those through data movement, Relu or MaxPool carries Q/DQ. A layer whose output stays
+//! float (under the transformer preset the attention-output and FFN MatMuls feeding the float
+//! residual stream, and the FFN's first MatMul whose Gelu output is a different tensor) has no
+//! scale to protect: editing it could only perturb the float model. Such layers are listed in
+//! the report with the reason.
+//!
 //! # Method (per layer, in graph order, constants are flags)
 //! For each layer `y = x·W` (`W` is `[K, N]`; MatMul with a 2-D constant weight, Gemm with
 //! `transB` and `α` folded in, 2-D Conv with `W [M, C/g, kh, kw]` as `[K = C/g·kh·kw, M]`)
@@ -16,7 +26,8 @@
 //! on a deterministic subsample of output positions, [`crate::im2col`], and every formula
 //! below holds per group with the group's rows and columns; see [`layer`]):
 //!
-//! 1. **Statistics** (streamed over the samples, see [`collect`]): the exact
+//! 1. **Statistics** (streamed over the samples, see [`collect`]; a MatMul's `y` is its own
+//!    output tensor read from the runtime, not recomputed): the exact
 //!    `q = quantile_0.999(|Y|)` over all calibration elements of the layer (pre-bias), the
 //!    Gram matrix `G = XᵀX` (f64), the column sums `Σ_i x_i`, the input rows of the outliers,
 //!    and (guarded runs) a bounded, evenly spaced subset of all input rows.
@@ -53,18 +64,25 @@
 //!    recalibration of the regularized model.
 //! 7. **Global guard** ([`guard`], `--regularize auto`): plain quantization (ranges of the
 //!    first pass) and the regularized model (ranges of step 6) are each quantized, run as
-//!    fake-quant twins on the calibration samples and compared with the original float
+//!    fast fake-quant twins on the guard's samples and compared with the original float
 //!    outputs (kept from the first pass); the regularized model is returned only if its
-//!    worst-output SQNR is strictly higher, else the input model. `auto` is therefore never
-//!    worse than plain quantization on the calibration data. The pipeline quantizes the
-//!    returned model with the returned ranges (no further calibration).
+//!    worst-output SQNR is strictly higher, else the input model. The guard's samples are
+//!    the first [`GUARD_SAMPLES`] calibration samples (all of them when there are fewer),
+//!    the same ones bias correction measures on: the comparison is paired (both models on
+//!    the same samples against the same reference), so its noise is that of the SQNR
+//!    *difference*, and it keeps the guard's cost bounded whatever the calibration set's
+//!    size. `auto` is therefore never worse than plain quantization on the guard's samples
+//!    (the report's `guard_samples`). The pipeline quantizes the returned model with the
+//!    returned ranges (no further calibration).
 //!
 //! # Cost
 //! `auto`: one statistics pass (the calibration plain quantization needs anyway, plus the
-//! layers' outlier statistics and the float outputs), nothing more when no layer has
-//! outliers; else one sequential pass (statistics, Gram matrices, recalibration) and, when an
-//! edit was kept, two fake-quant forward passes for the guard. A forced strength and
-//! `onnxq regularize` run the first two passes without calibration statistics.
+//! candidate layers' outlier statistics and the float outputs of the guard's samples),
+//! nothing more when no candidate layer has outliers; else one sequential pass (statistics,
+//! Gram matrices, recalibration) and, when an edit was kept, two fake-quant forward passes
+//! over the guard's samples. A forced strength and `onnxq regularize` run the first two
+//! passes without calibration statistics. The report's `phase_seconds` and
+//! `phase_cpu_seconds` give each phase's wall and CPU time.
 
 pub mod collect;
 pub mod guard;
@@ -78,19 +96,22 @@ use crate::data::{DataOptions, InputSpec, SampleSet};
 use crate::onnx::pb::ModelProto;
 use crate::onnx::GraphView;
 use crate::quantize::params::{ActParams, ActType};
-use crate::quantize::QuantOptions;
-use crate::runtime::Plan;
+use crate::quantize::{Preset, QuantOptions};
 use crate::stats::{RangeMethod, TensorStats};
 use anyhow::{bail, Context, Result};
-use collect::{LayerAcc, LayerStats};
-use layer::{Layer, NotALayer};
-use ndarray::Array2;
+use collect::{LayerAcc, LayerStats, SampleStats};
+use layer::{Layer, LayerKind, NotALayer};
+use ndarray::{Array2, ArrayD, ArrayViewD, CowArray, Ix2};
 use rayon::prelude::*;
 use serde::Serialize;
 use solve::{Cholesky, Outlier};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::RwLock;
 use std::time::Instant;
+
+/// The global guard compares plain and regularized quantization on at most this many
+/// calibration samples, the first ones (as bias correction does).
+pub const GUARD_SAMPLES: usize = 16;
 
 /// How selected weights are regularized.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -338,9 +359,14 @@ pub struct RegularizationReport {
     pub mode: String,
     pub options: Options,
     pub samples: usize,
+    /// Layers analysed: every regularizable layer, or under a placement (`onnxq quantize`)
+    /// those whose output values the placement quantizes.
     pub candidate_layers: usize,
+    /// Regularizable layers left alone because the placement keeps their output float.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub float_output_layers: Vec<NotALayer>,
     pub layers_with_outliers: usize,
-    /// Plain quantization's worst-output SQNR on the calibration samples (guarded runs).
+    /// Plain quantization's worst-output SQNR on the guard's samples (guarded runs).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub baseline_sqnr_db: Option<f64>,
     /// The returned model's (guarded runs).
@@ -349,6 +375,10 @@ pub struct RegularizationReport {
     /// Worst-output SQNR of the regularized float model against the original float model.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub float_sqnr_db: Option<f64>,
+    /// Samples the global guard compared on (the first [`GUARD_SAMPLES`]; guarded runs
+    /// with an edit kept).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guard_samples: Option<usize>,
     /// Whether the returned model differs from the input.
     pub regularized: bool,
     pub layers: Vec<LayerDecision>,
@@ -356,82 +386,157 @@ pub struct RegularizationReport {
     pub passes: usize,
     /// Wall time of each phase (s).
     pub phase_seconds: BTreeMap<String, f64>,
+    /// CPU time (user + system, all threads) of each phase (s); empty where unavailable.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub phase_cpu_seconds: BTreeMap<String, f64>,
     pub pieces: usize,
     pub seconds: f64,
 }
 
 // ---------------------------------------------------------------- forward pass
 
+/// Per sample, per graph output: the float values (`None` for other element types).
+pub type Outputs = Vec<Vec<Option<ArrayD<f32>>>>;
+
 struct PassOut {
     calibration: Option<Calibration>,
-    outputs: Vec<Vec<ArrayData>>,
+    outputs: Outputs,
     layers: Vec<LayerStats>,
 }
 
+/// What an extra tensor of the statistics pass is for.
+#[derive(Clone, Copy)]
+enum Role {
+    /// A MatMul layer's output `y` (pre-bias), read from the runtime instead of recomputed.
+    Output(usize),
+    /// That layer's input: the rows of its outlier candidates.
+    OutlierRows(usize),
+    /// A Gemm or Conv layer's input: its statistics are computed from it.
+    Input(usize),
+    /// A graph output, kept.
+    Kept,
+}
+
+/// One sample of the statistics pass.
+#[derive(Default)]
+struct PassSample {
+    layers: Vec<Option<SampleStats>>,
+    outputs: Vec<Option<ArrayD<f32>>>,
+}
+
+/// A layer of a statistics pass and, when the pass computes its `y`, its weight `[K, N]`.
+type PassLayer<'a> = (&'a Layer, Option<Array2<f32>>);
+
+/// Whether the statistics pass reads the layer's `y` from the runtime (a MatMul's output is
+/// its pre-bias `y`); the other layers' `y` is computed from their input and weight.
+fn reads_output(l: &Layer) -> bool {
+    l.kind == LayerKind::MatMul && l.groups == 1
+}
+
+/// The layers of a statistics pass with the weights it needs: only those of layers whose `y`
+/// it computes, so a big MatMul model's weights are not all converted up front.
+fn with_weights<'a>(model: &ModelProto, layers: &'a [Layer]) -> Result<Vec<PassLayer<'a>>> {
+    layers.iter().map(|l| Ok((l, if reads_output(l) { None } else { Some(layer::weight_matrix(model, l)?) }))).collect()
+}
+
+/// `value` as `[rows, width]` rows (a view when it is in standard layout).
+fn as_rows<'a>(value: &'a ArrayViewD<'a, f32>, width: usize) -> Result<CowArray<'a, f32, Ix2>> {
+    if width == 0 || value.ndim() == 0 || value.shape()[value.ndim() - 1] != width {
+        bail!("a tensor of shape {:?} does not end with {width}", value.shape());
+    }
+    let rows = value.len() / width;
+    Ok(match value.view().into_shape_with_order((rows, width)) {
+        Ok(v) => CowArray::from(v),
+        Err(_) => CowArray::from(value.as_standard_layout().into_owned().into_shape_with_order((rows, width))?),
+    })
+}
+
 /// One forward pass of `model_bytes` collecting, as asked: calibration statistics of
-/// `targets`, the values of `outputs` per sample, and outlier statistics (no Gram) of `layers`.
+/// `targets` ([`cal::calibrate_with`]), the values of `outputs` for the first `keep` samples, and outlier
+/// statistics (no Gram) of `layers`, all read in place from the runtime's buffers. A MatMul
+/// layer's `y` is its own output tensor (pre-bias), so it is not computed twice.
 #[allow(clippy::too_many_arguments)]
 fn forward_pass(
     model_bytes: &[u8],
     specs: &[InputSpec],
     set: &SampleSet,
     targets: &[Target],
-    layers: &[(&Layer, &Array2<f32>)],
-    outputs: &[String],
+    layers: &[PassLayer],
+    (outputs, keep): (&[String], usize),
     opts: &Options,
     what: &str,
 ) -> Result<PassOut> {
-    let t0 = Instant::now();
-    let mut names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
-    let layer_base = names.len();
-    names.extend(layers.iter().map(|(l, _)| l.input.clone()));
-    let out_base = names.len();
-    names.extend(outputs.iter().cloned());
-    let plan = Plan::load(model_bytes, None, &cal::input_facts(specs, set)?, &names)?;
+    let mut extra: Vec<(String, Role)> = Vec::new();
+    for (li, (l, _)) in layers.iter().enumerate() {
+        if reads_output(l) {
+            extra.push((l.output.clone(), Role::Output(li)));
+            extra.push((l.input.clone(), Role::OutlierRows(li)));
+        } else {
+            extra.push((l.input.clone(), Role::Input(li)));
+        }
+    }
+    extra.extend(outputs.iter().map(|o| (o.clone(), Role::Kept)));
+    let names: Vec<String> = extra.iter().map(|(n, _)| n.clone()).collect();
     let accs = RwLock::new(
         layers
             .iter()
             .map(|(l, _)| LayerAcc::new(set.len(), opts.quantile, opts.tau_factor, false, l.groups, 0))
             .collect::<Vec<_>>(),
     );
-    let mut stats: Vec<Option<TensorStats>> = vec![None; targets.len()];
-    let mut kept: Vec<Vec<ArrayData>> = Vec::with_capacity(set.len());
-    let pb = cal::progress(set.len(), opts.quiet, what);
-    cal::for_each_sample(
-        &plan,
+    let mut kept: Outputs = Vec::with_capacity(keep.min(set.len()));
+    let visit = |i: usize, st: &mut PassSample, k: usize, value: Option<ArrayViewD<'_, f32>>| -> Result<()> {
+        if st.layers.is_empty() {
+            st.layers = (0..layers.len()).map(|_| None).collect();
+        }
+        let (name, role) = extra.get(k).context("internal error: unknown extra output")?;
+        if let Role::Kept = role {
+            if i < keep {
+                st.outputs.push(value.map(|v| v.to_owned()));
+            }
+            return Ok(());
+        }
+        let Some(value) = value else { bail!("tensor '{name}' is not float") };
+        let guard = accs.read().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?;
+        let (Role::Output(li) | Role::OutlierRows(li) | Role::Input(li)) = *role else { return Ok(()) };
+        let ((l, w), acc) = layers.get(li).zip(guard.get(li)).context("internal error: unknown layer")?;
+        let slot = st.layers.get_mut(li).context("internal error: unknown layer")?;
+        let r: Result<()> = (|| {
+            match role {
+                Role::Output(_) => *slot = Some(acc.output_stats(&[as_rows(&value, l.n)?.view()])?),
+                Role::OutlierRows(_) => {
+                    let s = slot.as_mut().context("internal error: layer input before its output")?;
+                    s.attach_rows(&[as_rows(&value, l.k)?.view()])?;
+                }
+                _ => {
+                    let w = w.as_ref().context("internal error: the layer's weight was not read")?;
+                    *slot = Some(acc.sample(&layer::input_rows(l, value.view())?, w)?);
+                }
+            }
+            Ok(())
+        })();
+        r.with_context(|| format!("layer {}: tensor '{name}'", l.node))
+    };
+    let calibration = cal::calibrate_with(
+        model_bytes,
+        specs,
         set,
-        &pb,
-        |_, outs| {
-            let per_target: Vec<Option<TensorStats>> =
-                outs.iter().zip(targets).map(|(o, t)| cal::sample_stats(o, t, 2048)).collect();
-            let guard = accs.read().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?;
-            let mut per_layer = Vec::with_capacity(layers.len());
-            for (k, ((l, w), acc)) in layers.iter().zip(guard.iter()).enumerate() {
-                let x = outs.get(layer_base + k).context("internal error: missing layer input")?;
-                let ArrayData::F32(x) = x else { bail!("layer {}: input '{}' is not float", l.node, l.input) };
-                let rows = layer::input_rows(l, x).with_context(|| format!("layer {}", l.node))?;
-                per_layer.push(acc.sample(&rows, w).with_context(|| format!("layer {}", l.node))?);
-            }
-            let out_vals: Vec<ArrayData> = outs.get(out_base..).map(|s| s.to_vec()).unwrap_or_default();
-            Ok((per_target, per_layer, out_vals))
-        },
-        |_, (per_target, per_layer, out_vals)| {
-            cal::fold_stats(&mut stats, per_target);
+        targets,
+        &cal::CalibOptions { bins: 2048, quiet: opts.quiet },
+        &names,
+        visit,
+        |i, st: PassSample| {
             let mut guard = accs.write().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?;
-            for (acc, s) in guard.iter_mut().zip(per_layer) {
-                acc.merge(s)?;
+            for (acc, s) in guard.iter_mut().zip(st.layers) {
+                acc.merge(s.context("internal error: a layer's statistics are missing")?)?;
             }
-            if !outputs.is_empty() {
-                kept.push(out_vals);
+            if !outputs.is_empty() && i < keep {
+                kept.push(st.outputs);
             }
             Ok(())
         },
-    )?;
-    let calibration = (!targets.is_empty()).then(|| Calibration {
-        tensors: targets.iter().zip(stats).filter_map(|(t, s)| s.map(|s| (t.name.clone(), s))).collect(),
-        samples: set.len(),
-        seconds: t0.elapsed().as_secs_f64(),
-    });
+    )
+    .with_context(|| format!("{what} pass"))?;
+    let calibration = (!targets.is_empty()).then_some(calibration);
     let accs = accs.into_inner().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?;
     Ok(PassOut { calibration, outputs: kept, layers: accs.into_iter().map(LayerAcc::finish).collect::<Result<_>>()? })
 }
@@ -498,7 +603,6 @@ pub fn analyze(model: &ModelProto, label: &str, data: &DataOptions, opts: &Optio
     opts.validate()?;
     let (specs, set) = specs_and_set(model, data)?;
     let (layers, rejected) = layer::find_layers(model)?;
-    let weights: Vec<Array2<f32>> = layers.iter().map(|l| layer::weight_matrix(model, l)).collect::<Result<_>>()?;
     let mut out = Analysis {
         model: label.to_string(),
         samples: set.len(),
@@ -510,11 +614,17 @@ pub fn analyze(model: &ModelProto, label: &str, data: &DataOptions, opts: &Optio
     if layers.is_empty() {
         return Ok(out);
     }
-    let pairs: Vec<(&Layer, &Array2<f32>)> = layers.iter().zip(&weights).collect();
+    let pairs = with_weights(model, &layers)?;
     let bytes = crate::onnx::io::encode_for_runtime(model)?;
-    let pass = forward_pass(&bytes, &specs, &set, &[], &pairs, &[], opts, "outlier statistics")?;
-    for ((l, w), st) in pairs.iter().zip(&pass.layers) {
-        out.layers.push(describe_layer(l, st, w, opts)?);
+    let pass = forward_pass(&bytes, &specs, &set, &[], &pairs, (&[], 0), opts, "outlier statistics")?;
+    for ((l, w), st) in pairs.into_iter().zip(&pass.layers) {
+        // Only the layers with outliers need their weight (relevance).
+        let w = match w {
+            Some(w) => w,
+            None if st.outliers.is_empty() => Array2::zeros((0, 0)),
+            None => layer::weight_matrix(model, l)?,
+        };
+        out.layers.push(describe_layer(l, st, &w, opts)?);
     }
     Ok(out)
 }
@@ -665,9 +775,11 @@ fn compute_edit(
 }
 
 /// The local acceptance test ([`LocalError`], module docs) of `edit` from the layer's
-/// statistics: the kept input rows give the outputs `z = x·W + b` and `z' = x·W' + b'`; each
-/// is fake-quantized to uint8 with the range of its own values over the kept rows and the
-/// outlier rows; the errors against `z` are summed over the kept rows' non-outlier elements.
+/// statistics: on the kept rows, `z = y + b` (the outputs kept with them) and
+/// `z' = z + x·(W' − W) + (b' − b)`, where only the edited columns of `W' − W` are non-zero
+/// (so the product is over those columns only); on the outlier rows both directly. Each is
+/// fake-quantized to uint8 with the range of its own values over the kept rows and the outlier
+/// rows; the errors against `z` are summed over the kept rows' non-outlier elements.
 fn local_error(st: &LayerStats, w: &Array2<f32>, bias: Option<&[f32]>, edit: &Edit) -> Result<(f64, f64)> {
     let (_, n) = w.dim();
     let g = st.groups.max(1);
@@ -675,6 +787,7 @@ fn local_error(st: &LayerStats, w: &Array2<f32>, bias: Option<&[f32]>, edit: &Ed
     let outlier: BTreeSet<(u64, usize)> = st.outliers.iter().map(|o| (o.row, o.j)).collect();
     let b_old = |j: usize| bias.and_then(|b| b.get(j)).copied().unwrap_or(0.0);
     let b_new = |j: usize| edit.bias.as_ref().and_then(|b| b.get(j)).copied().unwrap_or(b_old(j));
+    let edited: Vec<usize> = edit.report.columns.iter().map(|c| c.j).collect();
     // Per group: (row ids, z, z') on the kept rows, and z, z' on the outlier rows.
     let mut kept = Vec::with_capacity(g);
     let (mut lo, mut hi) = ([0f32; 2], [0f32; 2]);
@@ -686,26 +799,34 @@ fn local_error(st: &LayerStats, w: &Array2<f32>, bias: Option<&[f32]>, edit: &Ed
     };
     for gi in 0..g {
         let cols = gi * ng..(gi + 1) * ng;
-        let (wo, wn) = (w.slice(ndarray::s![.., cols.clone()]), edit.w.slice(ndarray::s![.., cols.clone()]));
-        let outputs = |x: &Array2<f32>| -> (Array2<f32>, Array2<f32>) {
-            let mut z = x.dot(&wo);
-            let mut zn = x.dot(&wn);
-            for (c, j) in cols.clone().enumerate() {
-                z.column_mut(c).mapv_inplace(|v| v + b_old(j));
-                zn.column_mut(c).mapv_inplace(|v| v + b_new(j));
-            }
-            (z, zn)
-        };
         let rows: Vec<&Vec<f32>> =
             st.xrows.iter().filter(|(id, _)| (**id % g as u64) as usize == gi).map(|(_, x)| x).collect();
         if !rows.is_empty() {
             let k = rows[0].len();
             let xo = Array2::from_shape_vec((rows.len(), k), rows.into_iter().flatten().copied().collect())?;
-            let (z, zn) = outputs(&xo);
+            let (wo, wn) = (w.slice(ndarray::s![.., cols.clone()]), edit.w.slice(ndarray::s![.., cols.clone()]));
+            let (mut z, mut zn) = (xo.dot(&wo), xo.dot(&wn));
+            for (c, j) in cols.clone().enumerate() {
+                z.column_mut(c).mapv_inplace(|v| v + b_old(j));
+                zn.column_mut(c).mapv_inplace(|v| v + b_new(j));
+            }
             extend(&z, &zn);
         }
-        let (ids, x) = st.kept.get(gi).context("internal error: no kept rows for the group")?;
-        let (z, zn) = outputs(x);
+        let (ids, x, y) = st.kept.get(gi).context("internal error: no kept rows for the group")?;
+        if y.dim() != (ids.len(), ng) {
+            bail!("internal error: kept outputs of shape {:?}, expected [{}, {ng}]", y.dim(), ids.len());
+        }
+        let mut z = y.clone();
+        for (c, j) in cols.clone().enumerate() {
+            z.column_mut(c).mapv_inplace(|v| v + b_old(j));
+        }
+        let mut zn = z.clone();
+        for &j in edited.iter().filter(|j| cols.contains(j)) {
+            let d: ndarray::Array1<f32> = (0..w.nrows()).map(|k| edit.w[[k, j]] - w[[k, j]]).collect();
+            let shift = b_new(j) - b_old(j);
+            let delta = x.dot(&d);
+            zn.column_mut(j - gi * ng).zip_mut_with(&delta, |v, dv| *v += dv + shift);
+        }
         extend(&z, &zn);
         kept.push((ids, z, zn));
     }
@@ -757,7 +878,70 @@ pub struct RunSettings {
     pub measure_float: bool,
     /// List every changed element in the report.
     pub full_edits: bool,
+    /// The placement `onnxq quantize` will use: only layers whose output values it quantizes
+    /// are candidates ([`placement_candidates`]). None: every regularizable layer.
+    pub placement: Option<QuantOptions>,
     pub label: String,
+}
+
+/// Splits `layers` into the candidates under the placement `quant`, i.e. the layers whose
+/// output values ([`layer::output_views`]: the output, its own bias Add, pass-through and
+/// data-movement ops) include a tensor `quantize` puts Q/DQ on
+/// ([`crate::quantize::activation_candidates`]), and the others with the reason. The method
+/// exists because outliers in an activation blow up that activation's quantization scale; a
+/// layer whose output stays float (under the transformer preset: the attention output and FFN
+/// MatMuls feeding the residual stream) has no scale to protect, so editing it can only
+/// perturb the float model.
+pub fn placement_candidates(
+    model: &ModelProto,
+    layers: Vec<Layer>,
+    quant: &QuantOptions,
+) -> Result<(Vec<Layer>, Vec<NotALayer>)> {
+    let graph = model.graph.as_ref().context("the model has no graph")?;
+    let view = GraphView::new(graph);
+    let quantized = crate::quantize::activation_candidates(model, quant)?;
+    let preset = match quant.preset {
+        Preset::Auto => crate::quantize::detect_preset(&view),
+        p => p,
+    };
+    let preset = match preset {
+        Preset::Cnn | Preset::Auto => "cnn",
+        Preset::Transformer => "transformer",
+    };
+    let (mut keep, mut float) = (Vec::new(), Vec::new());
+    for l in layers {
+        if layer::output_views(&view, &l).iter().any(|t| quantized.contains(t)) {
+            keep.push(l);
+        } else {
+            float.push(NotALayer {
+                op_type: view.nodes().get(l.node_index).map(|n| n.op_type().to_string()).unwrap_or_default(),
+                reason: format!("output stays float under the {preset} preset"),
+                node: l.node,
+            });
+        }
+    }
+    Ok((keep, float))
+}
+
+/// CPU time of this process so far (user + system over all threads, s; 0 where
+/// `/proc/self/stat` is unavailable).
+pub fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0.0 };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Clock ticks are 100 per second on Linux for every mainstream architecture.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Records the CPU time since `since` under `phase` (when measurable) and returns the time now.
+fn phase_cpu(report: &mut RegularizationReport, phase: &str, since: f64) -> f64 {
+    let now = cpu_seconds();
+    if now > 0.0 {
+        report.phase_cpu_seconds.insert(phase.into(), now - since);
+    }
+    now
 }
 
 fn fmt_db(v: f64) -> String {
@@ -776,11 +960,16 @@ fn finite(v: f64) -> Option<f64> {
 pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &RunSettings) -> Result<Outcome> {
     opts.validate()?;
     let t0 = Instant::now();
+    let c0 = cpu_seconds();
     let (specs, set) = specs_and_set(model, data)?;
     let facts = cal::input_facts(&specs, &set)?;
     let graph = model.graph.as_ref().context("the model has no graph")?;
     let output_names: Vec<String> = graph.output.iter().map(|o| o.name().to_string()).collect();
     let (layers, _) = layer::find_layers(model)?;
+    let (layers, float_output_layers) = match &run.placement {
+        Some(q) => placement_candidates(model, layers, q)?,
+        None => (layers, Vec::new()),
+    };
     let mut report = RegularizationReport {
         mode: match &run.guard {
             Some(_) => "auto".into(),
@@ -789,14 +978,17 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         options: opts.clone(),
         samples: set.len(),
         candidate_layers: layers.len(),
+        float_output_layers,
         layers_with_outliers: 0,
         baseline_sqnr_db: None,
         final_sqnr_db: None,
         float_sqnr_db: None,
+        guard_samples: None,
         regularized: false,
         layers: Vec::new(),
         passes: 0,
         phase_seconds: BTreeMap::new(),
+        phase_cpu_seconds: BTreeMap::new(),
         pieces: 0,
         seconds: 0.0,
     };
@@ -804,14 +996,21 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         report.seconds = t0.elapsed().as_secs_f64();
         return Ok(Outcome { model: model.clone(), ranges: None, baseline_ranges: None, report });
     }
-    let weights: Vec<Array2<f32>> = layers.iter().map(|l| layer::weight_matrix(model, l)).collect::<Result<_>>()?;
-    let pairs: Vec<(&Layer, &Array2<f32>)> = layers.iter().zip(&weights).collect();
+    let pairs = with_weights(model, &layers)?;
     let targets = match &run.guard {
         // The ranges the quantizer will read (the same set the plain pipeline calibrates).
         Some(g) => cal::quantization_targets(model, &g.quant)?,
         None => Vec::new(),
     };
-    let want_outputs = run.guard.is_some() || run.measure_float;
+    // The guard's samples: the first GUARD_SAMPLES (module docs); the float deviation
+    // compares all of them.
+    let keep = if run.measure_float {
+        set.len()
+    } else if run.guard.is_some() {
+        set.len().min(GUARD_SAMPLES)
+    } else {
+        0
+    };
     let bytes = crate::onnx::io::encode_for_runtime(model)?;
     let first = forward_pass(
         &bytes,
@@ -819,13 +1018,15 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         &set,
         &targets,
         &pairs,
-        if want_outputs { &output_names } else { &[] },
+        (if keep > 0 { &output_names } else { &[] }, keep),
         opts,
         if run.guard.is_some() { "calibrating" } else { "outlier statistics" },
     )
     .with_context(|| format!("statistics of {}", run.label))?;
+    drop(pairs);
     report.passes += 1;
     report.phase_seconds.insert("1 statistics pass".into(), t0.elapsed().as_secs_f64());
+    let c1 = phase_cpu(&mut report, "1 statistics pass", c0);
     let t1 = Instant::now();
     let flagged: Vec<&Layer> =
         layers.iter().zip(&first.layers).filter(|(_, st)| !st.outliers.is_empty()).map(|(l, _)| l).collect();
@@ -866,7 +1067,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         .collect();
     let collect_targets: Vec<&Target> = collect.iter().filter_map(|n| targets.iter().find(|t| &t.name == n)).collect();
     let mut fresh: Vec<Option<TensorStats>> = vec![None; collect.len()];
-    let stats_of = |got: &[(usize, ArrayData)]| -> Vec<(usize, TensorStats)> {
+    let stats_of = |got: &[(usize, &ArrayData)]| -> Vec<(usize, TensorStats)> {
         got.iter()
             .filter_map(|(ci, v)| {
                 collect_targets.get(*ci).and_then(|t| cal::sample_stats(v, t, 2048)).map(|s| (*ci, s))
@@ -906,7 +1107,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
             &collect,
             |_, x, got| {
                 let Some(ArrayData::F32(x)) = x else { bail!("input '{}' is not float", l.input) };
-                let rows = layer::input_rows(l, x)?;
+                let rows = layer::input_rows(l, x.view())?;
                 let a = acc.read().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?;
                 Ok((a.sample(&rows, &w)?, stats_of(got)))
             },
@@ -994,6 +1195,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
     report.pieces = seg.pieces;
     report.passes += 1;
     report.phase_seconds.insert("2 sequential pass".into(), t1.elapsed().as_secs_f64());
+    let c2 = phase_cpu(&mut report, "2 sequential pass", c1);
     let t2 = Instant::now();
 
     // Global guard: the regularized model's quantized SQNR must beat plain quantization's.
@@ -1014,8 +1216,15 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         }
     }
     if let (Some(g), Some(pr), Some(rr), true) = (&run.guard, &plain_ranges, &reg_ranges, regularized) {
+        let guard_set = if set.len() > GUARD_SAMPLES {
+            let d = DataOptions { max_samples: Some(GUARD_SAMPLES), ..data.clone() };
+            Some(crate::data::open(&specs, &d).context("the guard's samples")?)
+        } else {
+            None
+        };
+        report.guard_samples = Some(guard_set.as_ref().unwrap_or(&set).len());
         let mut guard = guard::Guard {
-            set: &set,
+            set: guard_set.as_ref().unwrap_or(&set),
             facts: facts.clone(),
             qopts: g.quant.clone(),
             quiet: opts.quiet,
@@ -1028,7 +1237,8 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         report.passes += guard.passes;
         if !opts.quiet {
             eprintln!(
-                "quantized worst-output SQNR on the calibration samples: plain {} dB, regularized {} dB",
+                "quantized worst-output SQNR on {} calibration samples: plain {} dB, regularized {} dB",
+                guard.set.len(),
                 fmt_db(b),
                 fmt_db(f)
             );
@@ -1040,17 +1250,19 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         }
         report.final_sqnr_db = finite(if regularized { f } else { b });
         report.phase_seconds.insert("3 guard".into(), t2.elapsed().as_secs_f64());
+        phase_cpu(&mut report, "3 guard", c2);
     }
     let (out_model, ranges) = if regularized { (cur, reg_ranges) } else { (model.clone(), plain_ranges.clone()) };
     report.regularized = regularized;
     if run.measure_float && regularized {
         let bytes = crate::onnx::io::encode_for_runtime(&out_model)?;
-        let pass = forward_pass(&bytes, &specs, &set, &[], &[], &output_names, opts, "float deviation")?;
+        let pass = forward_pass(&bytes, &specs, &set, &[], &[], (&output_names, set.len()), opts, "float deviation")?;
         report.passes += 1;
         let mut sums = vec![(0f64, 0f64, false); output_names.len()];
         for (r, c) in reference.iter().zip(&pass.outputs) {
             for ((acc, r), c) in sums.iter_mut().zip(r).zip(c) {
-                if let Some((r2, e2)) = guard::error_sums(r, c) {
+                if let (Some(r), Some(c)) = (r, c) {
+                    let (r2, e2) = guard::error_sums(r, c.view());
                     acc.0 += r2;
                     acc.1 += e2;
                     acc.2 = true;
@@ -1143,6 +1355,15 @@ pub fn render_report(r: &RegularizationReport) -> String {
         "regularization ({}): {} of {} layers have outliers\n",
         r.mode, r.layers_with_outliers, r.candidate_layers
     );
+    if let Some(first) = r.float_output_layers.first() {
+        let n = r.float_output_layers.len();
+        out.push_str(&format!(
+            "  {n} {} ({}): {}\n",
+            if n == 1 { "layer is not a candidate" } else { "layers are not candidates" },
+            first.reason,
+            list(&r.float_output_layers, 4, |l| l.node.clone())
+        ));
+    }
     for d in &r.layers {
         let detail = d.edit.as_ref().map_or(String::new(), |e| {
             let sel: usize = e.columns.iter().map(|c| c.selected.len()).sum();
@@ -1160,7 +1381,8 @@ pub fn render_report(r: &RegularizationReport) -> String {
     }
     if let (Some(b), Some(f)) = (r.baseline_sqnr_db, r.final_sqnr_db) {
         out.push_str(&format!(
-            "  quantized SQNR on the calibration samples: plain {} dB, {} {} dB\n",
+            "  quantized SQNR on {} calibration samples: plain {} dB, {} {} dB\n",
+            r.guard_samples.unwrap_or(r.samples),
             fmt_db(b),
             if r.regularized { "regularized" } else { "kept plain" },
             fmt_db(f)
@@ -1188,11 +1410,20 @@ pub fn for_pipeline(
         Regularize::Off => bail!("internal error: regularization is off"),
         Regularize::Auto => {
             let guard = Some(GuardSettings { quant: quant.clone(), method: method.clone() });
-            regularize(model, data, opts, &RunSettings { guard, measure_float: false, full_edits: false, label })
+            let run =
+                RunSettings { guard, measure_float: false, full_edits: false, placement: Some(quant.clone()), label };
+            regularize(model, data, opts, &run)
         }
         Regularize::Strength(s) => {
             let o = Options { lambda: s, ..opts.clone() };
-            regularize(model, data, &o, &RunSettings { guard: None, measure_float: false, full_edits: false, label })
+            let run = RunSettings {
+                guard: None,
+                measure_float: false,
+                full_edits: false,
+                placement: Some(quant.clone()),
+                label,
+            };
+            regularize(model, data, &o, &run)
         }
     }
 }

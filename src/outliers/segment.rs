@@ -226,7 +226,7 @@ impl<'a> Segmenter<'a> {
         want: &str,
         later: &[usize],
         collect: &[String],
-        map: impl Fn(usize, Option<&ArrayData>, &[(usize, ArrayData)]) -> Result<T> + Sync,
+        map: impl Fn(usize, Option<&ArrayData>, &[(usize, &ArrayData)]) -> Result<T> + Sync,
         fold: impl FnMut(usize, T) -> Result<()>,
     ) -> Result<()> {
         self.run(model, Some((upto, want)), later, collect, map, fold)
@@ -237,7 +237,7 @@ impl<'a> Segmenter<'a> {
         &mut self,
         model: &ModelProto,
         collect: &[String],
-        map: impl Fn(usize, Option<&ArrayData>, &[(usize, ArrayData)]) -> Result<T> + Sync,
+        map: impl Fn(usize, Option<&ArrayData>, &[(usize, &ArrayData)]) -> Result<T> + Sync,
         fold: impl FnMut(usize, T) -> Result<()>,
     ) -> Result<()> {
         self.run(model, None, &[], collect, map, fold)
@@ -249,7 +249,7 @@ impl<'a> Segmenter<'a> {
         upto: Option<(usize, &str)>,
         later: &[usize],
         collect: &[String],
-        map: impl Fn(usize, Option<&ArrayData>, &[(usize, ArrayData)]) -> Result<T> + Sync,
+        map: impl Fn(usize, Option<&ArrayData>, &[(usize, &ArrayData)]) -> Result<T> + Sync,
         mut fold: impl FnMut(usize, T) -> Result<()>,
     ) -> Result<()> {
         let graph = model.graph.as_ref().context("the model has no graph")?;
@@ -406,8 +406,8 @@ impl<'a> Segmenter<'a> {
                         let k = self.specs.iter().position(|s| s.name == want).context("internal error: input spec")?;
                         Some(&sample.as_ref().context("internal error: sample not loaded")?.inputs[k])
                     };
-                    let got: Vec<(usize, ArrayData)> =
-                        collected.iter().filter_map(|&(at, ci)| outs.get(at).map(|v| (ci, v.clone()))).collect();
+                    let got: Vec<(usize, &ArrayData)> =
+                        collected.iter().filter_map(|&(at, ci)| outs.get(at).map(|v| (ci, v))).collect();
                     let r = map(i, value, &got).with_context(|| format!("sample {source}: tensor '{want}'"))?;
                     let names = plan.as_ref().map(|p| p.outputs()).unwrap_or(&[]);
                     let fresh: Vec<(String, ArrayData)> = names
@@ -614,7 +614,7 @@ mod tests {
             &["y".to_string()],
             |_, v, got| {
                 assert!(v.is_none());
-                Ok(got.to_vec())
+                Ok(got.iter().map(|(i, v)| (*i, (*v).clone())).collect::<Vec<_>>())
             },
             |_, v| {
                 got_y.push(v);
