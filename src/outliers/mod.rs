@@ -421,6 +421,9 @@ enum Role {
 #[derive(Default)]
 struct PassSample {
     layers: Vec<Option<SampleStats>>,
+    /// A MatMul layer's input rows when the runtime hands them over before its output (the
+    /// usual, topological order): the outlier rows are picked once the output is seen.
+    pending_rows: Vec<Option<Array2<f32>>>,
     outputs: Vec<Option<ArrayD<f32>>>,
 }
 
@@ -487,6 +490,7 @@ fn forward_pass(
     let visit = |i: usize, st: &mut PassSample, k: usize, value: Option<ArrayViewD<'_, f32>>| -> Result<()> {
         if st.layers.is_empty() {
             st.layers = (0..layers.len()).map(|_| None).collect();
+            st.pending_rows = (0..layers.len()).map(|_| None).collect();
         }
         let (name, role) = extra.get(k).context("internal error: unknown extra output")?;
         if let Role::Kept = role {
@@ -500,13 +504,20 @@ fn forward_pass(
         let (Role::Output(li) | Role::OutlierRows(li) | Role::Input(li)) = *role else { return Ok(()) };
         let ((l, w), acc) = layers.get(li).zip(guard.get(li)).context("internal error: unknown layer")?;
         let slot = st.layers.get_mut(li).context("internal error: unknown layer")?;
+        let pending = st.pending_rows.get_mut(li).context("internal error: unknown layer")?;
         let r: Result<()> = (|| {
             match role {
-                Role::Output(_) => *slot = Some(acc.output_stats(&[as_rows(&value, l.n)?.view()])?),
-                Role::OutlierRows(_) => {
-                    let s = slot.as_mut().context("internal error: layer input before its output")?;
-                    s.attach_rows(&[as_rows(&value, l.k)?.view()])?;
+                Role::Output(_) => {
+                    let mut s = acc.output_stats(&[as_rows(&value, l.n)?.view()])?;
+                    if let Some(x) = pending.take() {
+                        s.attach_rows(&[x.view()])?;
+                    }
+                    *slot = Some(s);
                 }
+                Role::OutlierRows(_) => match slot.as_mut() {
+                    Some(s) => s.attach_rows(&[as_rows(&value, l.k)?.view()])?,
+                    None => *pending = Some(as_rows(&value, l.k)?.into_owned()),
+                },
                 _ => {
                     let w = w.as_ref().context("internal error: the layer's weight was not read")?;
                     *slot = Some(acc.sample(&layer::input_rows(l, value.view())?, w)?);
