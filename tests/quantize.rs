@@ -213,6 +213,50 @@ fn transformer_preset_keeps_the_residual_stream_and_norms_float() {
 }
 
 #[test]
+fn cnn_preset_quantizes_the_gelu_tail_on_exact_grids() {
+    let dir = tempdir();
+    let out = dir.path().join("g.onnx");
+    let report = dir.path().join("r.json");
+    let o = quantize(
+        "transformer.onnx",
+        &out,
+        &["--data", &calib("transformer"), "--preset", "cnn", "--report", report.to_str().expect("utf8"), "-q"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(report).expect("report")).expect("json");
+    let tensors = r["quantization"]["tensors"].as_array().expect("tensors");
+    let get = |name: &str| {
+        let t = tensors.iter().find(|t| t["name"] == name).unwrap_or_else(|| panic!("{name} is not quantized"));
+        (t["scale"][0].as_f64().expect("scale"), t["zero_point"].as_i64().expect("zp"), t["kind"].clone())
+    };
+    // Erf output on the fixed grid 1/127 (zero point 127); `+1` moves only the zero point.
+    let (s_erf, z_erf, _) = get("gelu_erf");
+    assert_eq!((s_erf as f32, z_erf), (1.0 / 127.0, 127));
+    let (s_add, z_add, _) = get("gelu_add");
+    assert_eq!((s_add as f32, z_add), (1.0 / 127.0, 0));
+    // `·0.5` halves the scale of the product and keeps its zero point.
+    let (s_mul, z_mul, _) = get("gelu_mul");
+    let (s_half, z_half, _) = get("gelu_half_mul");
+    assert_eq!(((s_mul as f32) * 0.5, z_mul), (s_half as f32, z_half));
+    for c in ["gelu_one", "gelu_half"] {
+        assert_eq!(get(c).2, "constant");
+    }
+    // Every Add/Mul of the Gelu reads DequantizeLinear outputs only; Div and Erf stay float.
+    let m = load(&out);
+    let g = m.graph.as_ref().expect("graph");
+    for name in ["gelu_add", "gelu_mul", "gelu_half_mul"] {
+        let n = g.node.iter().find(|n| n.name() == name).expect("node");
+        for i in &n.input {
+            let p = g.node.iter().find(|p| p.output.contains(i)).expect("producer");
+            assert_eq!(p.op_type(), "DequantizeLinear", "{name} reads {i}");
+        }
+    }
+    let erf = g.node.iter().find(|n| n.name() == "gelu_erf").expect("erf");
+    assert!(!erf.input[0].ends_with("dequantized"), "the Erf input comes from the float Div");
+    assert!(sqnr("transformer", &out) > 15.0);
+}
+
+#[test]
 fn selection_flags_exclude_nodes_and_op_types() {
     let dir = tempdir();
     let out = dir.path().join("e.onnx");

@@ -11,7 +11,15 @@
 //! 3. a Relu whose input comes from a quantized compute node is removed when its output is
 //!    quantized as uint8 with zero point 0 (QuantizeLinear then clamps exactly like Relu);
 //! 4. tensors whose range is dominated by sentinel values (attention masks of −1e4 … −3.4e38)
-//!    and tensors the user keeps float are never quantized, and the report says so.
+//!    and tensors the user keeps float are never quantized, and the report says so;
+//! 5. a one-element constant operand of Add/Mul is quantized with scale |v| and value ±1
+//!    (exact), so ONNX Runtime fuses QLinearAdd/QLinearMul; chains move on one grid instead
+//!    of rounding twice: `y = x·c` (c > 0) takes `scale(x)·c` and x's zero point, an Erf/Tanh
+//!    output takes the fixed uint8 grid scale 1/127, zero point 127, on which `y = x + 1`
+//!    only moves the zero point (the decomposed Gelu `x·0.5·(1+erf(x/√2))` then rounds the
+//!    Erf output and the product, nothing else);
+//! 6. graph outputs stay float, except a final Sigmoid's (QLinearSigmoid), which gets a
+//!    DequantizeLinear that carries the output's name.
 //!
 //! Insertion: one QuantizeLinear per quantized tensor, right after its producer, and one
 //! DequantizeLinear per consuming node (ONNX Runtime fuses a DQ only when it has a single
@@ -32,7 +40,9 @@ use crate::calibrate::TensorEntry;
 use crate::onnx::attr::NodeAttrs;
 use crate::onnx::builder::{attr_int, node};
 use crate::onnx::pb::{GraphProto, ModelProto, NodeProto, TensorProto};
-use crate::onnx::tensor::{from_i32, from_i8, scalar_f32, scalar_i8, scalar_u8, to_f32, vec_f32, vec_i32, vec_i8};
+use crate::onnx::tensor::{
+    from_i32, from_i8, from_u8, scalar_f32, scalar_i8, scalar_u8, to_f32, vec_f32, vec_i32, vec_i8,
+};
 use crate::onnx::{describe, GraphView, NameAlloc};
 use anyhow::{bail, Context, Result};
 use ndarray::{ArrayD, IxDyn};
@@ -138,9 +148,12 @@ pub fn detect_preset(view: &GraphView) -> Preset {
     }
 }
 
-/// Nodes that belong to a decomposed Gelu (`x·0.5·(1+erf(x/√2))`) or LayerNorm
-/// (`ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div` then the affine `Mul`, `Add`): their
-/// values are precision-sensitive and they have no int8 kernels, so they stay float.
+/// Nodes that belong to a decomposed Gelu (`x·0.5·(1+erf(x/√2))`: the scaling `Div`/`Mul`
+/// and the `Erf`) or LayerNorm (`ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div` then the
+/// affine `Mul`, `Add`): their values are precision-sensitive and they have no int8 kernels,
+/// so they stay float. The Gelu's tail (`+1`, `·x`, `·0.5`) is not listed: ONNX Runtime runs
+/// it as QLinearAdd/QLinearMul, and the placement quantizes it so that only the Erf output
+/// and the product get rounded (see [`plan`]).
 pub fn decomposition_nodes(view: &GraphView) -> BTreeSet<usize> {
     let nodes = view.nodes();
     let mut out = BTreeSet::new();
@@ -159,16 +172,6 @@ pub fn decomposition_nodes(view: &GraphView) -> BTreeSet<usize> {
                 if let Some(p) = n.input.first().and_then(|x| view.producer_index(x)) {
                     if matches!(nodes[p].op_type(), "Div" | "Mul") && with_constant(p) {
                         out.insert(p);
-                    }
-                }
-                let mut cur = i;
-                for _ in 0..3 {
-                    match sole_consumer(cur, &["Add", "Mul"]) {
-                        Some(c) => {
-                            out.insert(c);
-                            cur = c;
-                        }
-                        None => break,
                     }
                 }
             }
@@ -307,6 +310,29 @@ enum ActSource {
     FoldedRelu {
         input: String,
     },
+    /// Parameters fixed by the op's value range, not by calibration.
+    Fixed(ActParams),
+    /// `scale = scale(of)·factor`, `zero point = zero_point(of) − shift`: the output of a Mul
+    /// by a positive constant or an Add of a constant that is a whole number of steps lies on
+    /// the input's grid moved along, so ONNX Runtime's QLinearMul/QLinearAdd reproduce it
+    /// without a second rounding.
+    Derived {
+        of: String,
+        factor: f32,
+        shift: i32,
+    },
+}
+
+/// uint8 parameters of a tensor in [-1, 1] (Erf, Tanh) on which adding ±1 moves the zero
+/// point by a whole 127 steps: scale 1/127, zero point 127 (range [-1, 128/127]).
+const UNIT_U8: ActParams = ActParams { scale: 1.0 / 127.0, zero_point: 127, ty: ActType::U8 };
+
+/// The single value of a one-element float constant.
+fn scalar_value(t: &TensorProto) -> Option<f32> {
+    if t.data_type() != dtype::FLOAT || crate::dump::element_count(t) != 1 {
+        return None;
+    }
+    to_f32(t).ok()?.iter().next().copied().filter(|v| v.is_finite())
 }
 
 struct Plan {
@@ -317,6 +343,9 @@ struct Plan {
     weights: BTreeMap<(usize, usize), Option<usize>>,
     /// (node index, input slot) of biases to quantize as int32.
     biases: BTreeSet<(usize, usize)>,
+    /// (node index, input slot) of one-element constant operands of Add/Mul, quantized
+    /// exactly (one uint8/int8 step equals the value) so ONNX Runtime fuses the op.
+    consts: BTreeSet<(usize, usize)>,
     /// Relu nodes removed (index).
     removed: BTreeSet<usize>,
     selected: BTreeSet<usize>,
@@ -389,6 +418,7 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
         act_set: HashSet::new(),
         weights: BTreeMap::new(),
         biases: BTreeSet::new(),
+        consts: BTreeSet::new(),
         removed: BTreeSet::new(),
         selected: BTreeSet::new(),
         skipped: Vec::new(),
@@ -554,28 +584,62 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
             }
             _ => {
                 // Binary/unary/variadic ops: all float activation inputs and the output.
-                let inputs: Vec<&String> = n.input.iter().filter(|s| !s.is_empty()).collect();
-                let data_inputs: Vec<&String> = match op {
-                    "Resize" => inputs.into_iter().take(1).collect(),
-                    _ => inputs,
+                let data_slots = match op {
+                    "Resize" => 1,
+                    _ => n.input.len(),
                 };
+                let data_inputs: Vec<(usize, &String)> =
+                    n.input.iter().enumerate().take(data_slots).filter(|(_, s)| !s.is_empty()).collect();
+                let binary = BINARY_OPS.contains(&op) && data_inputs.len() == 2;
                 let mut ok = true;
-                for inp in &data_inputs {
-                    if view.weight(inp).is_some() {
-                        // Constant operands (a bias Add, a scale Mul) are quantized as data.
+                // The one constant operand of an Add/Mul and its value, when it has one element.
+                let mut constant: Option<f32> = None;
+                for &(slot, inp) in &data_inputs {
+                    if let Some(t) = view.weight(inp) {
+                        // A one-element constant is quantized exactly, so ONNX Runtime fuses
+                        // the op; other constant operands stay float.
+                        if let Some(v) = scalar_value(t).filter(|_| binary) {
+                            p.consts.insert((i, slot));
+                            constant = Some(v);
+                        }
                         continue;
                     }
-                    ok &= want_act(&mut p, &mut blocked, inp, ActSource::Own);
+                    // Erf/Tanh outputs lie in [-1, 1]: a fixed grid on which the Gelu's `+1`
+                    // is exact.
+                    let bounded = view.producer(inp).is_some_and(|pn| matches!(pn.op_type(), "Erf" | "Tanh"));
+                    let src = if bounded && opts.activations == ActType::U8 {
+                        ActSource::Fixed(UNIT_U8)
+                    } else {
+                        ActSource::Own
+                    };
+                    ok &= want_act(&mut p, &mut blocked, inp, src);
                 }
                 if ok {
-                    for o in n.output.iter().filter(|o| !view.is_graph_output(o)) {
-                        let src = if op == "MaxPool" {
-                            match data_inputs.first() {
-                                Some(i0) => ActSource::SameAs((*i0).clone()),
-                                None => ActSource::Own,
+                    // A graph output is quantized only for a final Sigmoid (ONNX Runtime's
+                    // QLinearSigmoid; its [0, 1] range costs at most 1/510 per value).
+                    let final_sigmoid =
+                        |o: &str| op == "Sigmoid" && preset != Preset::Transformer && view.consumers(o).is_empty();
+                    for o in n.output.iter().filter(|o| !view.is_graph_output(o) || final_sigmoid(o)) {
+                        let first = data_inputs.iter().map(|&(_, x)| x).find(|x| view.weight(x).is_none());
+                        let src = match (op, first, constant) {
+                            ("MaxPool", Some(i0), _) => ActSource::SameAs(i0.clone()),
+                            ("Mul", Some(x), Some(c)) if c > 0.0 => {
+                                ActSource::Derived { of: x.clone(), factor: c, shift: 0 }
                             }
-                        } else {
-                            ActSource::Own
+                            ("Add", Some(x), Some(c)) => match p.acts.iter().find(|(t, _)| t == x).map(|(_, s)| s) {
+                                Some(ActSource::Fixed(fp)) => {
+                                    let k = c / fp.scale;
+                                    let (lo, hi) = fp.qmin_qmax();
+                                    let zp = fp.zero_point - k.round() as i32;
+                                    if (k - k.round()).abs() < 1e-3 && (lo..=hi).contains(&zp) {
+                                        ActSource::Derived { of: x.clone(), factor: 1.0, shift: k.round() as i32 }
+                                    } else {
+                                        ActSource::Own
+                                    }
+                                }
+                                _ => ActSource::Own,
+                            },
+                            _ => ActSource::Own,
                         };
                         want_act(&mut p, &mut blocked, o, src);
                     }
@@ -707,12 +771,29 @@ fn rewrite(
                 act.insert(t.clone(), v);
             }
             _ => {
-                let r = ranges.get(t).with_context(|| format!("tensor '{t}': no range"))?;
-                let (lo, hi) = match opts.activations {
-                    ActType::U8 => (r.range[0], r.range[1]),
-                    ActType::S8 => (r.range_symmetric[0], r.range_symmetric[1]),
+                let derived = match src {
+                    ActSource::Fixed(fp) => Some((*fp, "fixed".to_string())),
+                    ActSource::Derived { of, factor, shift } => act.get(of).map(|(_, _, ap)| {
+                        let prm = ActParams { scale: ap.scale * factor, zero_point: ap.zero_point - shift, ty: ap.ty };
+                        (prm, format!("derived from {of}"))
+                    }),
+                    _ => None,
                 };
-                let prm = ActParams::from_range(lo, hi, opts.activations);
+                let (prm, lo, hi, method) = match derived {
+                    Some((prm, method)) => {
+                        let (qlo, qhi) = prm.qmin_qmax();
+                        let at = |q: i32| (q - prm.zero_point) as f32 * prm.scale;
+                        (prm, at(qlo), at(qhi), method)
+                    }
+                    None => {
+                        let r = ranges.get(t).with_context(|| format!("tensor '{t}': no range"))?;
+                        let (lo, hi) = match opts.activations {
+                            ActType::U8 => (r.range[0], r.range[1]),
+                            ActType::S8 => (r.range_symmetric[0], r.range_symmetric[1]),
+                        };
+                        (ActParams::from_range(lo, hi, opts.activations), lo, hi, opts.method.clone())
+                    }
+                };
                 let sn = names.fresh(&format!("{t}_scale"));
                 let zn = names.fresh(&format!("{t}_zero_point"));
                 let (s, z) = act_scalar_tensors(&sn, &zn, &prm);
@@ -726,7 +807,7 @@ fn rewrite(
                     zero_point: prm.zero_point,
                     axis: None,
                     range: Some([lo, hi]),
-                    method: Some(opts.method.clone()),
+                    method: Some(method),
                 });
                 act.insert(t.clone(), (sn, zn, prm));
             }
@@ -778,6 +859,44 @@ fn rewrite(
         });
         totals.weights_quantized += 1;
         wq.insert(key, (qn, sn, zn, q.scales));
+    }
+
+    // 2b. One-element constant operands of Add/Mul: one step of the grid equals the value
+    // (scale |v|, quantized value ±1), so the dequantized constant is exactly v.
+    let mut cq: HashMap<String, (String, String, String)> = HashMap::new();
+    for &(ni, slot) in &pl.consts {
+        let c = &view.nodes()[ni].input[slot];
+        let t = view.weight(c).with_context(|| format!("constant '{c}' not found"))?;
+        let Some(v) = scalar_value(t).filter(|_| !cq.contains_key(c)) else { continue };
+        let (scale, q, zp) = match (v == 0.0, v > 0.0, opts.activations) {
+            (true, _, _) => (1.0, 0, 0),
+            (false, true, _) => (v, 1, 0),
+            (false, false, ActType::U8) => (-v, 0, 1),
+            (false, false, ActType::S8) => (-v, -1, 0),
+        };
+        let prm = ActParams { scale, zero_point: zp, ty: opts.activations };
+        let dims: Vec<usize> = t.dims.iter().map(|&d| d.max(0) as usize).collect();
+        let qn = names.fresh(&format!("{c}_quantized"));
+        let sn = names.fresh(&format!("{c}_scale"));
+        let zn = names.fresh(&format!("{c}_zero_point"));
+        new_inits.push(match opts.activations {
+            ActType::U8 => from_u8(&qn, &ArrayD::from_elem(IxDyn(&dims), q as u8)),
+            ActType::S8 => from_i8(&qn, &ArrayD::from_elem(IxDyn(&dims), q as i8)),
+        });
+        let (st, zt) = act_scalar_tensors(&sn, &zn, &prm);
+        new_inits.push(st);
+        new_inits.push(zt);
+        reports.push(TensorReport {
+            name: c.clone(),
+            kind: "constant",
+            dtype: if prm.ty == ActType::U8 { "uint8" } else { "int8" },
+            scale: vec![scale],
+            zero_point: zp,
+            axis: None,
+            range: Some([v, v]),
+            method: None,
+        });
+        cq.insert(c.clone(), (qn, sn, zn));
     }
 
     // 3. Build the node list.
@@ -837,6 +956,13 @@ fn rewrite(
                 n.input[slot] = dqn;
                 continue;
             }
+            if let Some((qn, sn, zn)) = cq.get(&inp).filter(|_| pl.consts.contains(&(ni, slot))) {
+                let dqn = names.fresh(&format!("{inp}_dequantized"));
+                let node_name = names.fresh(&format!("{inp}_DequantizeLinear"));
+                out_nodes.push(node("DequantizeLinear", &node_name, &[qn, sn, zn], &[&dqn], vec![]));
+                n.input[slot] = dqn;
+                continue;
+            }
             if pl.biases.contains(&(ni, slot)) {
                 // Needs the input's activation scale and the weight's scales.
                 let a_name = &view.nodes()[ni].input[0];
@@ -889,11 +1015,25 @@ fn rewrite(
                 }
             }
         }
-        // Emit the node, then Q for its quantized outputs.
+        // Emit the node, then Q for its quantized outputs. A quantized graph output keeps its
+        // name on the DequantizeLinear; the node writes `{name}_float`.
         let outputs = n.output.clone();
+        let mut graph_outs = Vec::new();
+        for o in n.output.iter_mut().filter(|o| view.is_graph_output(o) && act.contains_key(o.as_str())) {
+            let f = names.fresh(&format!("{o}_float"));
+            graph_outs.push((o.clone(), f.clone()));
+            *o = f;
+        }
         out_nodes.push(n);
+        for (o, f) in &graph_outs {
+            emit_q(o, f, &mut names, &mut out_nodes, &mut q_out, &act);
+            if let (Some(qn), Some((s, z, _))) = (q_out.get(o), act.get(o)) {
+                let node_name = names.fresh(&format!("{o}_DequantizeLinear"));
+                out_nodes.push(node("DequantizeLinear", &node_name, &[qn, s, z], &[o], vec![]));
+            }
+        }
         for o in outputs.iter().filter(|o| !o.is_empty()) {
-            if act.contains_key(o.as_str()) {
+            if act.contains_key(o.as_str()) && !graph_outs.iter().any(|(g, _)| g == o) {
                 emit_q(o, o, &mut names, &mut out_nodes, &mut q_out, &act);
             }
             if let Some(relu_out) = folded.get(o.as_str()) {
@@ -959,6 +1099,49 @@ pub fn summary(r: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entry(lo: f32, hi: f32) -> TensorEntry {
+        TensorEntry {
+            count: 1,
+            min: lo as f64,
+            max: hi as f64,
+            mean: 0.0,
+            std: 1.0,
+            abs_max: lo.abs().max(hi.abs()) as f64,
+            p99_9: hi as f64,
+            nan: 0,
+            inf: 0,
+            range: [lo, hi],
+            range_symmetric: [-hi, hi],
+            channel_abs_max: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_final_sigmoid_is_quantized_and_keeps_the_output_name() {
+        use crate::onnx::builder::{graph, model, tensor_info};
+        let g = graph(
+            "g",
+            vec![node("Mul", "sq", &["x", "x"], &["m"], vec![]), node("Sigmoid", "sig", &["m"], &["y"], vec![])],
+            vec![tensor_info("x", dtype::FLOAT, &[1, 4])],
+            vec![tensor_info("y", dtype::FLOAT, &[1, 4])],
+            vec![],
+        );
+        let ranges: BTreeMap<String, TensorEntry> =
+            [("x", entry(-2.0, 2.0)), ("m", entry(0.0, 4.0)), ("y", entry(0.5, 0.98))]
+                .into_iter()
+                .map(|(n, e)| (n.to_string(), e))
+                .collect();
+        let (q, report) = quantize(&model(g, 13), &ranges, &QuantOptions::default()).unwrap();
+        let g = q.graph.unwrap();
+        let sig = g.node.iter().find(|n| n.name() == "sig").unwrap();
+        assert_eq!(sig.input[0], "m_dequantized");
+        assert_eq!(sig.output[0], "y_float");
+        let dq = g.node.iter().find(|n| n.output.first().map(|o| o.as_str()) == Some("y")).unwrap();
+        assert_eq!(dq.op_type(), "DequantizeLinear", "the graph output is the DequantizeLinear's");
+        assert!(report.tensors.iter().any(|t| t.name == "y"));
+        assert_eq!(g.output[0].name(), "y");
+    }
 
     #[test]
     fn globs() {
