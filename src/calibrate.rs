@@ -342,8 +342,9 @@ pub fn calibrate(
 }
 
 /// [`calibrate`] that also hands `extra` tensors to the caller in the same pass: per sample,
-/// `visit(sample, state, k, value)` sees each `extra[k]` in order (a view into tract's buffer, `None`
-/// when not float; a name may repeat and may also be a target), starting from
+/// `visit(sample, state, k, value)` sees each `extra[k]` once, as soon as the runtime has
+/// computed it (so in no fixed order of `k`: see [`Plan::run_visit_f32`]; a view into tract's
+/// buffer, `None` when not float; a name may repeat and may also be a target), starting from
 /// `S::default()`, and `fold` receives each sample's state in sample order.
 #[allow(clippy::too_many_arguments)]
 pub fn calibrate_with<S: Default + Send>(

@@ -1078,23 +1078,17 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         .collect();
     let collect_targets: Vec<&Target> = collect.iter().filter_map(|n| targets.iter().find(|t| &t.name == n)).collect();
     let mut fresh: Vec<Option<TensorStats>> = vec![None; collect.len()];
-    let stats_of = |got: &[(usize, &ArrayData)]| -> Vec<(usize, TensorStats)> {
-        got.iter()
-            .filter_map(|(ci, v)| {
-                collect_targets.get(*ci).and_then(|t| cal::sample_stats(v, t, 2048)).map(|s| (*ci, s))
-            })
-            .collect()
-    };
-    let mut fold_fresh = |per: Vec<(usize, TensorStats)>| {
-        for (ci, s) in per {
-            if let Some(slot) = fresh.get_mut(ci) {
-                match slot {
-                    Some(a) => a.merge(&s),
-                    None => *slot = Some(s),
-                }
+    // One sample's statistics of the collected tensors a piece handed out (the others `None`).
+    let stats_of = |got: &[(usize, &ArrayData)]| -> Vec<Option<TensorStats>> {
+        let mut per = vec![None; collect_targets.len()];
+        for (ci, v) in got {
+            if let (Some(slot), Some(t)) = (per.get_mut(*ci), collect_targets.get(*ci)) {
+                *slot = cal::sample_stats(v, t, 2048);
             }
         }
+        per
     };
+    let mut fold_fresh = |per: Vec<Option<TensorStats>>| cal::fold_stats(&mut fresh, per);
     let mut cur = model.clone();
     let mut seg = segment::Segmenter::new(&specs, &set, opts.quiet);
     let later: Vec<usize> = flagged.iter().map(|l| l.node_index).collect();
