@@ -1,7 +1,7 @@
 //! `onnxq calibrate`: statistics JSON, determinism across thread counts, and clean errors
 //! for bad calibration data.
 
-use crate::util::{assert_clean_error, fixture, onnxq, stderr, tempdir};
+use crate::util::{assert_clean_error, fixture, onnxq, read_json, stderr, tempdir};
 use onnxq::array::ArrayData;
 use std::path::Path;
 
@@ -21,7 +21,7 @@ fn writes_stats_and_ranges_for_every_quantizable_tensor() {
     let o = calibrate("cnn.onnx", &fixture("cnn/calib"), &out, &["--method", "percentile:99.99"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("calibrated 9 tensors on 16 samples"), "{}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).expect("stats")).expect("json");
+    let v: serde_json::Value = read_json(&out);
     assert_eq!(v["method"], "percentile:99.99");
     let t = &v["tensors"];
     for name in ["image", "conv1", "relu1", "pool1", "conv2", "flatten", "logits"] {
@@ -75,7 +75,7 @@ fn random_samples_with_symbolic_dims() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).is_empty(), "--quiet prints nothing: {}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).expect("stats")).expect("json");
+    let v: serde_json::Value = read_json(&out);
     assert_eq!(v["samples"], 5);
     assert_eq!(v["tensors"]["x"]["count"], 5 * 7 * 8);
 }

@@ -9,7 +9,7 @@
 //! hostile::mutation_fuzz -- --nocapture`. A crash is minimized and written under the test
 //! target's tmp dir; check it in under `tests/corpus/regressions/` once fixed.
 
-use crate::util::{assert_clean_error, onnxq, root, stderr, stdout, tempdir};
+use crate::util::{assert_clean_error, onnxq, read_json, root, stderr, stdout, tempdir};
 use prost::Message;
 use std::path::{Path, PathBuf};
 
@@ -355,7 +355,7 @@ fn external_data_models_calibrate_like_inline_ones() {
             out.as_os_str(),
         ]);
         assert!(o.status.success(), "{}", stderr(&o));
-        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(out).expect("stats")).expect("json");
+        let mut v: serde_json::Value = read_json(out);
         v["model"] = serde_json::Value::Null;
         v
     };

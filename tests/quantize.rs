@@ -2,7 +2,7 @@
 //! SQNR bound a broken quantizer could not meet; formats (per-channel int8 weights, int32
 //! bias, uint8/int8 activations), placement, selection flags, determinism, and errors.
 
-use crate::util::{assert_clean_error, fixture, init, onnxq, stderr, tempdir};
+use crate::util::{assert_clean_error, fixture, init, onnxq, read_json, stderr, tempdir};
 use onnxq::array::dtype;
 use onnxq::onnx::attr::NodeAttrs;
 use onnxq::onnx::pb::ModelProto;
@@ -112,7 +112,7 @@ fn conv_weights_are_per_channel_int8_and_biases_int32() {
     assert_eq!(dq.attr_int("axis").expect("int"), Some(0));
     // Relu folded into the Q after each Conv: ONNX Runtime fuses Conv+Q into QLinearConv.
     assert_eq!(ops(&q, "Relu"), 0);
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(report).expect("report")).expect("json");
+    let r: serde_json::Value = read_json(&report);
     assert_eq!(r["quantization"]["totals"]["relu_removed"], 2);
     assert_eq!(r["quantization"]["totals"]["biases_quantized"], 3);
     assert!(r["quantization"]["tensors"]
@@ -175,11 +175,10 @@ fn attention_mask_sentinels_are_left_float_and_reported() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("sentinel"), "{}", stderr(&o));
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(report).expect("report")).expect("json");
+    let r: serde_json::Value = read_json(&report);
     let skipped = r["quantization"]["skipped"].as_array().expect("skipped");
     assert!(skipped.iter().any(|s| s["name"] == "qk_mask" && s["reason"].as_str().unwrap_or("").contains("sentinel")));
-    let quantized: Vec<&str> =
-        r["quantization"]["tensors"].as_array().expect("t").iter().filter_map(|t| t["name"].as_str()).collect();
+    let quantized = quantized_names(&r);
     assert!(!quantized.contains(&"qk_mask") && !quantized.contains(&"mask_scale"));
     assert!(quantized.contains(&"softmax"), "quantized after the Softmax instead");
     assert!(sqnr("transformer", &out) > 20.0);
@@ -196,10 +195,9 @@ fn transformer_preset_keeps_the_residual_stream_and_norms_float() {
         &["--data", &calib("transformer"), "--report", report.to_str().expect("utf8")],
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(report).expect("report")).expect("json");
+    let r: serde_json::Value = read_json(&report);
     assert_eq!(r["quantization"]["preset"], "transformer", "auto detects the decomposed LayerNorm");
-    let quantized: Vec<&str> =
-        r["quantization"]["tensors"].as_array().expect("t").iter().filter_map(|t| t["name"].as_str()).collect();
+    let quantized = quantized_names(&r);
     for float in ["residual1", "ln2_pow", "ln2_var", "gelu_erf", "qk_mask", "x"] {
         assert!(!quantized.contains(&float), "{float} must stay float");
     }
@@ -223,7 +221,7 @@ fn cnn_preset_quantizes_the_gelu_tail_on_exact_grids() {
         &["--data", &calib("transformer"), "--preset", "cnn", "--report", report.to_str().expect("utf8"), "-q"],
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(report).expect("report")).expect("json");
+    let r: serde_json::Value = read_json(&report);
     let tensors = r["quantization"]["tensors"].as_array().expect("tensors");
     let get = |name: &str| {
         let t = tensors.iter().find(|t| t["name"] == name).unwrap_or_else(|| panic!("{name} is not quantized"));
@@ -277,7 +275,7 @@ fn selection_flags_exclude_nodes_and_op_types() {
         ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(report).expect("report")).expect("json");
+    let r: serde_json::Value = read_json(&report);
     let skipped: Vec<(&str, &str)> = r["quantization"]["skipped"]
         .as_array()
         .expect("skipped")
@@ -435,7 +433,7 @@ fn lattice_image_inputs_are_shifted_onto_the_uint8_grid() {
     let (out, report) = (dir.path().join("q.onnx"), dir.path().join("r.json"));
     let o = quantize("cnn.onnx", &out, &["--data", &data, "--report", report.to_str().unwrap(), "-q"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).expect("report")).expect("JSON");
+    let r: serde_json::Value = read_json(&report);
     let g = &r["input_grid"][0];
     assert_eq!((g["input"].as_str(), g["zero_point"].as_i64()), (Some("image"), Some(128)), "{r}");
     assert_eq!(g["convs"], serde_json::json!(["conv1"]));
@@ -459,7 +457,7 @@ fn lattice_image_inputs_are_shifted_onto_the_uint8_grid() {
     let o =
         quantize("cnn.onnx", &plain, &["--data", &data, "--no-input-grid", "--report", report.to_str().unwrap(), "-q"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).expect("report")).expect("JSON");
+    let r: serde_json::Value = read_json(&report);
     assert!(r.get("input_grid").is_none(), "{r}");
     assert_eq!(ops(&load(&plain), "Pad"), 0);
     let unshifted = on_data(&plain);
@@ -490,4 +488,9 @@ fn calibrating_only_placement_candidates_changes_nothing() {
         assert!(o.status.success(), "{name}: {}", stderr(&o));
         assert!(std::fs::read(&a).expect("a") == std::fs::read(&b).expect("b"), "{name}: models differ");
     }
+}
+
+/// The names of the tensors a quantize report lists as quantized.
+fn quantized_names(r: &serde_json::Value) -> Vec<&str> {
+    r["quantization"]["tensors"].as_array().expect("tensors").iter().filter_map(|t| t["name"].as_str()).collect()
 }

@@ -42,6 +42,12 @@ pub fn assert_clean_error(o: &Output, needles: &[&str]) {
     }
 }
 
+/// A JSON file written by the binary (stats, report).
+pub fn read_json(path: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("temp dir")
 }
