@@ -290,7 +290,7 @@ fn bad_options_fail_cleanly() {
 /// An MLP of Gemm layers (`transB = 1`, bias `C`) with the `outliers` fixture's planted
 /// massive activation: row 0 drives hidden unit 5, which meets a large weight of `fc2`.
 fn gemm_mlp(dir: &Path) -> std::path::PathBuf {
-    use onnxq::array::{dtype, ArrayData};
+    use onnxq::array::dtype;
     use onnxq::onnx::builder::{attr_int, graph, model, node, tensor_info};
     use onnxq::onnx::tensor::from_f32;
     let (t, d, h) = (64usize, 16usize, 32usize);
@@ -337,19 +337,14 @@ fn gemm_mlp(dir: &Path) -> std::path::PathBuf {
     );
     let path = dir.join("gemm.onnx");
     onnxq::onnx::save(&model(g, 13), &path, &Default::default()).expect("save");
-    for split in ["calib", "eval"] {
-        let sd = dir.join(split);
-        std::fs::create_dir_all(&sd).expect("mkdir");
-        for i in 0..8 {
-            let mut x = randn(t * d, 1.0);
-            x[0] = 4.0 + i as f32 * 0.1;
-            for r in 1..t {
-                x[r * d] = x[r * d].min(1.0);
-            }
-            let a = ArrayData::F32(arr(&[t, d], x));
-            onnxq::npy::write_npz(&sd.join(format!("{i}.npz")), &[("x", &a)]).expect("npz");
+    write_splits(dir, &[t, d], |i| {
+        let mut x = randn(t * d, 1.0);
+        x[0] = 4.0 + i as f32 * 0.1;
+        for r in 1..t {
+            x[r * d] = x[r * d].min(1.0);
         }
-    }
+        x
+    });
     path
 }
 
@@ -394,7 +389,7 @@ fn gemm_layers_are_regularized_and_auto_still_never_loses() {
 /// of `conv1` (centre tap only), which meets a large weight of the grouped `conv2` (2 groups;
 /// channel 5 is input 1 of group 1, output 6), then a depthwise `conv3`.
 fn conv_net(dir: &Path) -> std::path::PathBuf {
-    use onnxq::array::{dtype, ArrayData};
+    use onnxq::array::dtype;
     use onnxq::onnx::builder::{attr_int, attr_ints, graph, model, node, tensor_info};
     use onnxq::onnx::tensor::from_f32;
     let (c, m, hw) = (4usize, 8usize, 12usize);
@@ -438,19 +433,14 @@ fn conv_net(dir: &Path) -> std::path::PathBuf {
     );
     let path = dir.join("conv.onnx");
     onnxq::onnx::save(&model(g, 13), &path, &Default::default()).expect("save");
-    for split in ["calib", "eval"] {
-        let sd = dir.join(split);
-        std::fs::create_dir_all(&sd).expect("mkdir");
-        for i in 0..8 {
-            let mut x = randn(c * hw * hw, 1.0);
-            for v in &mut x[..hw * hw] {
-                *v = v.min(1.0);
-            }
-            x[0] = 5.0 + i as f32 * 0.1;
-            let a = ArrayData::F32(arr(&[1, c, hw, hw], x));
-            onnxq::npy::write_npz(&sd.join(format!("{i}.npz")), &[("x", &a)]).expect("npz");
+    write_splits(dir, &[1, c, hw, hw], |i| {
+        let mut x = randn(c * hw * hw, 1.0);
+        for v in &mut x[..hw * hw] {
+            *v = v.min(1.0);
         }
-    }
+        x[0] = 5.0 + i as f32 * 0.1;
+        x
+    });
     path
 }
 
@@ -533,5 +523,19 @@ fn only_layers_with_quantized_outputs_are_regularized() {
         assert_eq!(reg["regularized"], true, "{extra:?}: {reg}");
         let fc2 = reg["layers"].as_array().expect("layers").iter().find(|l| l["node"] == "fc2").expect("fc2");
         assert_eq!(fc2["accepted"], true, "{fc2}");
+    }
+}
+
+/// Writes 8 `calib` and then 8 `eval` samples of the graph input `x` with shape `shape`
+/// under `dir`, sample `i` of each split made by `sample(i)` (called in that order).
+fn write_splits(dir: &Path, shape: &[usize], mut sample: impl FnMut(usize) -> Vec<f32>) {
+    for split in ["calib", "eval"] {
+        let sd = dir.join(split);
+        std::fs::create_dir_all(&sd).expect("mkdir");
+        for i in 0..8 {
+            let x = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(shape), sample(i)).expect("shape");
+            let a = onnxq::array::ArrayData::F32(x);
+            onnxq::npy::write_npz(&sd.join(format!("{i}.npz")), &[("x", &a)]).expect("npz");
+        }
     }
 }
