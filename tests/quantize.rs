@@ -236,13 +236,22 @@ fn cnn_preset_quantizes_the_gelu_tail_on_exact_grids() {
     let (s_mul, z_mul, _) = get("gelu_mul");
     let (s_half, z_half, _) = get("gelu_half_mul");
     assert_eq!(((s_mul as f32) * 0.5, z_mul), (s_half as f32, z_half));
-    for c in ["gelu_one", "gelu_half"] {
+    for c in ["gelu_one", "gelu_half", "q_proj.bias", "ffn1.bias"] {
         assert_eq!(get(c).2, "constant");
     }
-    // Every Add/Mul of the Gelu reads DequantizeLinear outputs only; Div and Erf stay float.
+    // A bias vector added separately is quantized per tensor over its own min/max (zero
+    // included), ONNX Runtime's way, so the Add fuses into QLinearAdd.
+    let bias = tensors.iter().find(|t| t["name"] == "q_proj.bias").expect("q_proj.bias");
+    let (lo, hi) = (bias["range"][0].as_f64().expect("lo"), bias["range"][1].as_f64().expect("hi"));
+    assert!(lo < 0.0 && hi > 0.0 && lo < hi, "range [{lo}, {hi}]");
+    let (s_b, z_b, _) = get("q_proj.bias");
+    assert!(((hi - lo) / 255.0 - s_b).abs() < 1e-6 * s_b.max(1e-6), "scale {s_b} for [{lo}, {hi}]");
+    assert_eq!(z_b, (-lo / s_b).round() as i64);
+    // Every Add/Mul of the Gelu and the bias Adds read DequantizeLinear outputs only; Div
+    // and Erf stay float.
     let m = load(&out);
     let g = m.graph.as_ref().expect("graph");
-    for name in ["gelu_add", "gelu_mul", "gelu_half_mul"] {
+    for name in ["gelu_add", "gelu_mul", "gelu_half_mul", "q_proj_add", "ffn1_add"] {
         let n = g.node.iter().find(|n| n.name() == name).expect("node");
         for i in &n.input {
             let p = g.node.iter().find(|p| p.output.contains(i)).expect("producer");

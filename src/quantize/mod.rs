@@ -12,8 +12,10 @@
 //!    quantized as uint8 with zero point 0 (QuantizeLinear then clamps exactly like Relu);
 //! 4. tensors whose range is dominated by sentinel values (attention masks of −1e4 … −3.4e38)
 //!    and tensors the user keeps float are never quantized, and the report says so;
-//! 5. a one-element constant operand of Add/Mul is quantized with scale |v| and value ±1
-//!    (exact), so ONNX Runtime fuses QLinearAdd/QLinearMul; chains move on one grid instead
+//! 5. the constant operand of a quantized Add/Mul is quantized like an activation (per
+//!    tensor over its min/max, ONNX Runtime's way), so ONNX Runtime fuses QLinearAdd/QLinearMul
+//!    (e.g. the separate bias Add of a ConvTranspose or MatMul); a one-element constant is
+//!    quantized with scale |v| and value ±1 (exact), and chains move on one grid instead
 //!    of rounding twice: `y = x·c` (c > 0) takes `scale(x)·c` and x's zero point, an Erf/Tanh
 //!    output takes the fixed uint8 grid scale 1/127, zero point 127, on which `y = x + 1`
 //!    only moves the zero point (the decomposed Gelu `x·0.5·(1+erf(x/√2))` then rounds the
@@ -329,10 +331,19 @@ const UNIT_U8: ActParams = ActParams { scale: 1.0 / 127.0, zero_point: 127, ty: 
 
 /// The single value of a one-element float constant.
 fn scalar_value(t: &TensorProto) -> Option<f32> {
-    if t.data_type() != dtype::FLOAT || crate::dump::element_count(t) != 1 {
+    if crate::dump::element_count(t) != 1 {
         return None;
     }
-    to_f32(t).ok()?.iter().next().copied().filter(|v| v.is_finite())
+    const_values(t)?.first().copied()
+}
+
+/// The values of a float constant when all are finite.
+fn const_values(t: &TensorProto) -> Option<Vec<f32>> {
+    if t.data_type() != dtype::FLOAT {
+        return None;
+    }
+    let v: Vec<f32> = to_f32(t).ok()?.iter().copied().collect();
+    v.iter().all(|x| x.is_finite()).then_some(v)
 }
 
 struct Plan {
@@ -594,13 +605,15 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
                 let mut ok = true;
                 // The one constant operand of an Add/Mul and its value, when it has one element.
                 let mut constant: Option<f32> = None;
+                let mut const_slots = Vec::new();
                 for &(slot, inp) in &data_inputs {
                     if let Some(t) = view.weight(inp) {
-                        // A one-element constant is quantized exactly, so ONNX Runtime fuses
-                        // the op; other constant operands stay float.
-                        if let Some(v) = scalar_value(t).filter(|_| binary) {
-                            p.consts.insert((i, slot));
-                            constant = Some(v);
+                        // The constant operand of an Add/Mul is quantized too (a one-element
+                        // one exactly), so ONNX Runtime fuses QLinearAdd/QLinearMul; constant
+                        // operands of other ops stay float.
+                        if binary && const_values(t).is_some() {
+                            const_slots.push(slot);
+                            constant = scalar_value(t);
                         }
                         continue;
                     }
@@ -615,6 +628,7 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
                     ok &= want_act(&mut p, &mut blocked, inp, src);
                 }
                 if ok {
+                    p.consts.extend(const_slots.iter().map(|&slot| (i, slot)));
                     // A graph output is quantized only for a final Sigmoid (ONNX Runtime's
                     // QLinearSigmoid; its [0, 1] range costs at most 1/510 per value).
                     let final_sigmoid =
@@ -867,21 +881,37 @@ fn rewrite(
     for &(ni, slot) in &pl.consts {
         let c = &view.nodes()[ni].input[slot];
         let t = view.weight(c).with_context(|| format!("constant '{c}' not found"))?;
-        let Some(v) = scalar_value(t).filter(|_| !cq.contains_key(c)) else { continue };
-        let (scale, q, zp) = match (v == 0.0, v > 0.0, opts.activations) {
-            (true, _, _) => (1.0, 0, 0),
-            (false, true, _) => (v, 1, 0),
-            (false, false, ActType::U8) => (-v, 0, 1),
-            (false, false, ActType::S8) => (-v, -1, 0),
+        if cq.contains_key(c) {
+            continue;
+        }
+        let Some(vals) = const_values(t) else { continue };
+        let (prm, range) = match vals.as_slice() {
+            &[v] => {
+                let (scale, zp) = match (v == 0.0, v > 0.0, opts.activations) {
+                    (true, _, _) => (1.0, 0),
+                    (false, true, _) => (v, 0),
+                    (false, false, ActType::U8) => (-v, 1),
+                    (false, false, ActType::S8) => (-v, 0),
+                };
+                (ActParams { scale, zero_point: zp, ty: opts.activations }, [v, v])
+            }
+            _ => {
+                let lo = vals.iter().copied().fold(f32::INFINITY, f32::min);
+                let hi = vals.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                (ActParams::from_range(lo, hi, opts.activations), [lo, hi])
+            }
         };
-        let prm = ActParams { scale, zero_point: zp, ty: opts.activations };
+        let scale = prm.scale;
+        let zp = prm.zero_point;
         let dims: Vec<usize> = t.dims.iter().map(|&d| d.max(0) as usize).collect();
+        let q: Vec<i32> = vals.iter().map(|&v| prm.quantize(v)).collect();
         let qn = names.fresh(&format!("{c}_quantized"));
         let sn = names.fresh(&format!("{c}_scale"));
         let zn = names.fresh(&format!("{c}_zero_point"));
+        let shape = IxDyn(&dims);
         new_inits.push(match opts.activations {
-            ActType::U8 => from_u8(&qn, &ArrayD::from_elem(IxDyn(&dims), q as u8)),
-            ActType::S8 => from_i8(&qn, &ArrayD::from_elem(IxDyn(&dims), q as i8)),
+            ActType::U8 => from_u8(&qn, &ArrayD::from_shape_vec(shape, q.iter().map(|&q| q as u8).collect())?),
+            ActType::S8 => from_i8(&qn, &ArrayD::from_shape_vec(shape, q.iter().map(|&q| q as i8).collect())?),
         });
         let (st, zt) = act_scalar_tensors(&sn, &zn, &prm);
         new_inits.push(st);
@@ -893,7 +923,7 @@ fn rewrite(
             scale: vec![scale],
             zero_point: zp,
             axis: None,
-            range: Some([v, v]),
+            range: Some(range),
             method: None,
         });
         cq.insert(c.clone(), (qn, sn, zn));

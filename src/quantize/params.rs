@@ -54,11 +54,15 @@ impl ActParams {
         }
     }
 
+    /// The stored integer of one value, exactly as QuantizeLinear computes it.
+    pub fn quantize(&self, x: f32) -> i32 {
+        let (lo, hi) = self.qmin_qmax();
+        ((x / self.scale).round_ties_even() + self.zero_point as f32).clamp(lo as f32, hi as f32) as i32
+    }
+
     /// Quantize then dequantize one value, exactly as QuantizeLinear → DequantizeLinear.
     pub fn fake(&self, x: f32) -> f32 {
-        let (lo, hi) = self.qmin_qmax();
-        let q = ((x / self.scale).round_ties_even() + self.zero_point as f32).clamp(lo as f32, hi as f32);
-        (q - self.zero_point as f32) * self.scale
+        (self.quantize(x) - self.zero_point) as f32 * self.scale
     }
 }
 

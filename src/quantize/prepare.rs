@@ -1,10 +1,12 @@
 //! Float-exact graph clean-up before calibration, so every value is quantized once:
 //! - `Identity` nodes are removed (consumers read the Identity's input), except those that
 //!   produce a graph output;
-//! - a `Conv`/`ConvTranspose` followed by an `Add` of a per-channel (or scalar) constant is
-//!   folded into the convolution's bias (exporters such as Paddle's emit the bias as a
-//!   separate Add, which would otherwise put a second quantizer between Conv and Relu and
-//!   keep ONNX Runtime from fusing QLinearConv with an int32 bias).
+//! - a `Conv` followed by an `Add` of a per-channel (or scalar) constant is folded into the
+//!   convolution's bias (exporters such as Paddle's emit the bias as a separate Add, which
+//!   would otherwise put a second quantizer between Conv and Relu and keep ONNX Runtime from
+//!   fusing QLinearConv with an int32 bias). A `ConvTranspose`'s bias Add is left alone:
+//!   ONNX Runtime has no fused int8 ConvTranspose, so the transposed convolution runs in float
+//!   either way, and the separate Add fuses into a QLinearAdd.
 //!
 //! Both rewrites are exact in float arithmetic up to the order of one addition.
 
@@ -98,7 +100,7 @@ pub fn prepare(model: &ModelProto) -> Result<(ModelProto, Prepared)> {
             for (x, cst) in [(0usize, 1usize), (1, 0)] {
                 let Some(Origin::Node { node: ci, .. }) = view.origin(&add.input[x]) else { continue };
                 let conv = &snapshot.node[ci];
-                if !matches!(conv.op_type(), "Conv" | "ConvTranspose") || !conv.domain().is_empty() {
+                if conv.op_type() != "Conv" || !conv.domain().is_empty() {
                     continue;
                 }
                 let out = &conv.output[0];
@@ -106,21 +108,7 @@ pub fn prepare(model: &ModelProto) -> Result<(ModelProto, Prepared)> {
                     continue;
                 }
                 let Some(w) = conv.input.get(1).and_then(|w| view.weight(w)) else { continue };
-                let c_axis = if conv.op_type() == "Conv" { 0 } else { 1 };
-                let Some(&c) = w.dims.get(c_axis) else { continue };
-                let c = if conv.op_type() == "ConvTranspose" {
-                    let group = crate::onnx::attr::NodeAttrs::attr_int_or(conv, "group", 1).unwrap_or(1).max(1);
-                    // `group` divides the input channels (dims[0]); an attribute claiming more
-                    // would size the bias (2^40 channels from a 1-element weight) from
-                    // untrusted data alone.
-                    if w.dims.first().is_none_or(|&cin| group > cin) {
-                        continue;
-                    }
-                    let Some(c) = c.checked_mul(group).and_then(|c| usize::try_from(c).ok()) else { continue };
-                    c
-                } else {
-                    c as usize
-                };
+                let Some(c) = w.dims.first().and_then(|&c| usize::try_from(c).ok()) else { continue };
                 let rank = w.dims.len();
                 let Some(k) = view.weight(&add.input[cst]) else { continue };
                 let Some(vals) = channel_values(k, rank, c) else { continue };
@@ -194,5 +182,24 @@ mod tests {
         let bias = g.initializer.iter().find(|t| t.name() == "c_bias").unwrap();
         assert_eq!(to_f32(bias).unwrap().iter().copied().collect::<Vec<_>>(), vec![0.5, -1.0]);
         assert!(!g.initializer.iter().any(|t| t.name() == "b"));
+    }
+
+    #[test]
+    fn leaves_the_bias_add_of_a_conv_transpose() {
+        let w = from_f32("w", &ArrayD::from_elem(IxDyn(&[1, 2, 1, 1]), 1.0));
+        let b = from_f32("b", &ArrayD::from_shape_vec(IxDyn(&[1, 2, 1, 1]), vec![0.5, -1.0]).unwrap());
+        let g = graph(
+            "g",
+            vec![
+                node("ConvTranspose", "c", &["x", "w"], &["c"], vec![attr_ints("kernel_shape", &[1, 1])]),
+                node("Add", "a", &["c", "b"], &["y"], vec![]),
+            ],
+            vec![tensor_info("x", dtype::FLOAT, &[1, 1, 2, 2])],
+            vec![tensor_info("y", dtype::FLOAT, &[1, 2, 2, 2])],
+            vec![w, b],
+        );
+        let (m, s) = prepare(&model(g, 13)).unwrap();
+        assert_eq!(s, Prepared::default());
+        assert_eq!(m.graph.unwrap().node.len(), 2);
     }
 }
