@@ -247,19 +247,26 @@ fn cnn_preset_quantizes_the_gelu_tail_on_exact_grids() {
     let (s_b, z_b, _) = get("q_proj.bias");
     assert!(((hi - lo) / 255.0 - s_b).abs() < 1e-6 * s_b.max(1e-6), "scale {s_b} for [{lo}, {hi}]");
     assert_eq!(z_b, (-lo / s_b).round() as i64);
-    // Every Add/Mul of the Gelu and the bias Adds read DequantizeLinear outputs only; Div
-    // and Erf stay float.
+    // Every Add/Mul of the Gelu and the bias Adds read DequantizeLinear outputs only.
     let m = load(&out);
     let g = m.graph.as_ref().expect("graph");
-    for name in ["gelu_add", "gelu_mul", "gelu_half_mul", "q_proj_add", "ffn1_add"] {
+    for name in ["gelu_div", "gelu_add", "gelu_mul", "gelu_half_mul", "q_proj_add", "ffn1_add"] {
         let n = g.node.iter().find(|n| n.name() == name).expect("node");
         for i in &n.input {
             let p = g.node.iter().find(|p| p.output.contains(i)).expect("producer");
             assert_eq!(p.op_type(), "DequantizeLinear", "{name} reads {i}");
         }
     }
+    // The Div by √2 became a Mul by 1/√2, quantized on the grid of its input scaled by 1/√2
+    // (the same integers: no extra rounding), so ONNX Runtime fuses it too; Erf stays float.
+    let div = g.node.iter().find(|n| n.name() == "gelu_div").expect("gelu_div");
+    assert_eq!(div.op_type(), "Mul");
+    let (s_div, z_div, _) = get("gelu_div");
+    let (s_f1, z_f1, _) = get("ffn1_add");
+    assert_eq!(((s_f1 as f32) / std::f32::consts::SQRT_2, z_f1), (s_div as f32, z_div));
     let erf = g.node.iter().find(|n| n.name() == "gelu_erf").expect("erf");
-    assert!(!erf.input[0].ends_with("dequantized"), "the Erf input comes from the float Div");
+    assert_eq!(erf.op_type(), "Erf");
+    assert!(erf.input[0].ends_with("dequantized"), "the Erf reads the Mul's DequantizeLinear");
     assert!(sqnr("transformer", &out) > 15.0);
 }
 

@@ -461,7 +461,13 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
         if !ops.contains(&op) {
             continue;
         }
-        if decomposed.contains(&i) && opts.op_types.is_none() {
+        // Under the cnn preset, a Gelu's `x·c` (c > 0, a Div by 1/c before `prepare`) is
+        // quantized on x's grid scaled by c: the same integers, so no extra rounding, and
+        // ONNX Runtime runs it as a QLinearMul instead of a float Mul between DQ and Q.
+        let exact_scaling = preset == Preset::Cnn
+            && op == "Mul"
+            && n.input.iter().any(|x| view.weight(x).and_then(scalar_value).is_some_and(|c| c > 0.0));
+        if decomposed.contains(&i) && opts.op_types.is_none() && !exact_scaling {
             p.skipped.push(Skipped {
                 name: n.name().into(),
                 op_type: op.into(),

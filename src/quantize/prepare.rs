@@ -8,7 +8,12 @@
 //!   ONNX Runtime has no fused int8 ConvTranspose, so the transposed convolution runs in float
 //!   either way, and the separate Add fuses into a QLinearAdd.
 //!
-//! Both rewrites are exact in float arithmetic up to the order of one addition.
+//! - a `Div` by a one-element constant `c` becomes a `Mul` by `1/c` (ONNX Runtime fuses
+//!   QLinearMul but has no int8 Div: the attention scale `QKᵀ/√d` and Gelu's `x/√2` would
+//!   otherwise run in float between a DequantizeLinear and a QuantizeLinear).
+//!
+//! The first two rewrites are exact in float arithmetic up to the order of one addition, the
+//! third up to one rounding of `1/c`.
 
 use crate::array::dtype;
 use crate::onnx::graph::Origin;
@@ -24,6 +29,7 @@ use std::collections::{HashMap, HashSet};
 pub struct Prepared {
     pub identities_removed: usize,
     pub biases_folded: usize,
+    pub divisions_as_products: usize,
 }
 
 /// The per-channel values of a constant that broadcasts along axis 1 of a rank-`rank`
@@ -144,6 +150,40 @@ pub fn prepare(model: &ModelProto) -> Result<(ModelProto, Prepared)> {
         g.node.remove(ai);
         stats.biases_folded += 1;
     }
+    // 3. Div by a one-element constant -> Mul by its reciprocal (ONNX Runtime fuses Mul, not
+    // Div, into an int8 kernel; `x·(1/c)` differs from `x/c` by at most one rounding).
+    let mut reciprocals: HashMap<String, String> = HashMap::new();
+    let mut names = NameAlloc::new(g);
+    let weights: HashMap<String, (f32, Vec<usize>)> = {
+        let view = GraphView::new(g);
+        g.node
+            .iter()
+            .filter(|n| n.op_type() == "Div" && n.domain().is_empty() && n.input.len() == 2)
+            .filter_map(|n| {
+                let t = view.weight(&n.input[1])?;
+                let a = (t.data_type() == dtype::FLOAT).then(|| to_f32(t).ok()).flatten()?;
+                let c = (a.len() == 1).then(|| a.iter().next().copied()).flatten()?;
+                let ok = c.is_finite() && c != 0.0 && (1.0 / c).is_finite();
+                ok.then(|| (n.input[1].clone(), (c, a.shape().to_vec())))
+            })
+            .collect()
+    };
+    let mut new_inits = Vec::new();
+    for n in g.node.iter_mut() {
+        if n.op_type() != "Div" || !n.domain().is_empty() || n.input.len() != 2 {
+            continue;
+        }
+        let Some((c, dims)) = weights.get(&n.input[1]) else { continue };
+        let r = reciprocals.entry(n.input[1].clone()).or_insert_with(|| {
+            let name = names.fresh(&format!("{}_reciprocal", n.input[1]));
+            new_inits.push(from_f32(&name, &ArrayD::from_elem(IxDyn(dims), 1.0 / c)));
+            name
+        });
+        n.op_type = Some("Mul".to_string());
+        n.input[1] = r.clone();
+        stats.divisions_as_products += 1;
+    }
+    g.initializer.extend(new_inits);
     // Drop initializers nothing reads any more.
     let used = crate::onnx::graph::used_names(g);
     let input_names: HashSet<String> = g.input.iter().map(|i| i.name().to_string()).collect();
@@ -173,7 +213,7 @@ mod tests {
             vec![w, b],
         );
         let (m, s) = prepare(&model(g, 13)).unwrap();
-        assert_eq!(s, Prepared { identities_removed: 1, biases_folded: 1 });
+        assert_eq!(s, Prepared { identities_removed: 1, biases_folded: 1, divisions_as_products: 0 });
         let g = m.graph.unwrap();
         assert_eq!(g.node.len(), 2);
         assert_eq!(g.node[0].input, vec!["x".to_string(), "w".into(), "c_bias".into()]);
@@ -201,5 +241,34 @@ mod tests {
         let (m, s) = prepare(&model(g, 13)).unwrap();
         assert_eq!(s, Prepared::default());
         assert_eq!(m.graph.unwrap().node.len(), 2);
+    }
+
+    #[test]
+    fn division_by_a_constant_becomes_a_product() {
+        let two = from_f32("two", &ArrayD::from_elem(IxDyn(&[1]), 4.0));
+        let t = from_f32("t", &ArrayD::from_elem(IxDyn(&[2]), 2.0));
+        let zero = from_f32("zero", &ArrayD::from_elem(IxDyn(&[]), 0.0));
+        let g = graph(
+            "g",
+            vec![
+                node("Div", "d", &["x", "two"], &["a"], vec![]),
+                node("Div", "e", &["a", "two"], &["b"], vec![]),
+                node("Div", "f", &["b", "t"], &["c"], vec![]),
+                node("Div", "z", &["c", "zero"], &["y"], vec![]),
+            ],
+            vec![tensor_info("x", dtype::FLOAT, &[2])],
+            vec![tensor_info("y", dtype::FLOAT, &[2])],
+            vec![two, t, zero],
+        );
+        let (m, s) = prepare(&model(g, 13)).unwrap();
+        assert_eq!(s.divisions_as_products, 2, "one-element, non-zero divisors only");
+        let g = m.graph.unwrap();
+        let ops: Vec<&str> = g.node.iter().map(|n| n.op_type()).collect();
+        assert_eq!(ops, ["Mul", "Mul", "Div", "Div"]);
+        assert_eq!(g.node[0].input[1], g.node[1].input[1], "one reciprocal per constant");
+        let r = g.initializer.iter().find(|t| t.name() == g.node[0].input[1]).unwrap();
+        assert_eq!(r.dims, vec![1]);
+        assert_eq!(to_f32(r).unwrap().iter().copied().collect::<Vec<_>>(), vec![0.25]);
+        assert!(!g.initializer.iter().any(|t| t.name() == "two"));
     }
 }
