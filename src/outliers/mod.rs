@@ -1237,8 +1237,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
             reference: &reference,
             passes: 0,
         };
-        let b = guard.sqnr_of(model, pr)?;
-        let f = guard.sqnr_of(&cur, rr)?;
+        let (b, f) = guard.compare((model, pr), (&cur, rr))?;
         report.passes += guard.passes;
         if !opts.quiet {
             eprintln!(
