@@ -11,6 +11,7 @@
 use crate::calibrate::{self as cal, Calibration};
 use crate::data::SampleSet;
 use crate::onnx::pb::ModelProto;
+use crate::quantize::params::ActType;
 use crate::quantize::{self, QuantOptions};
 use crate::runtime::{InputFact, Plan};
 use crate::stats::RangeMethod;
@@ -31,9 +32,9 @@ pub struct Guard<'a> {
     pub passes: usize,
 }
 
-/// Ranges of a calibration, as the pipeline derives them.
-pub fn ranges(calibration: &Calibration, method: &RangeMethod) -> BTreeMap<String, cal::TensorEntry> {
-    cal::StatsFile::from_calibration("", calibration, method).tensors
+/// Ranges of a calibration, as the pipeline derives them for activations of `act`.
+pub fn ranges(calibration: &Calibration, method: &RangeMethod, act: ActType) -> BTreeMap<String, cal::TensorEntry> {
+    cal::quantizer_ranges(calibration, method, act == ActType::S8)
 }
 
 impl Guard<'_> {

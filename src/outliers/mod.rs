@@ -1047,7 +1047,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
 
     // Plain quantization's ranges (guarded runs), computed once.
     let plain_ranges = match (&base_cal, &run.guard) {
-        (Some(c), Some(g)) => Some(guard::ranges(c, &g.method)),
+        (Some(c), Some(g)) => Some(guard::ranges(c, &g.method, g.quant.activations)),
         _ => None,
     };
     if flagged.is_empty() {
@@ -1212,7 +1212,11 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
             .zip(&fresh)
             .collect::<Vec<_>>()
             .into_par_iter()
-            .filter_map(|(n, s)| s.as_ref().map(|s| (n.clone(), TensorEntry::from_stats(s, &g.method))))
+            .filter_map(|(n, s)| {
+                s.as_ref().map(|s| {
+                    (n.clone(), TensorEntry::for_quantizer(s, &g.method, g.quant.activations == ActType::S8))
+                })
+            })
             .collect();
         for (name, e) in entries {
             if let Some(slot) = r.get_mut(&name) {
