@@ -444,7 +444,8 @@ impl TensorEntry {
 
     /// `searched`: whether `range` and `range_symmetric` use `method` (else min/max).
     fn with_ranges(s: &TensorStats, method: &RangeMethod, searched: [bool; 2]) -> TensorEntry {
-        let range_of = |sym: bool, searched: bool| s.range(if searched { method } else { &RangeMethod::MinMax }, 256, sym);
+        let range_of =
+            |sym: bool, searched: bool| s.range(if searched { method } else { &RangeMethod::MinMax }, 256, sym);
         let (lo, hi) = range_of(false, searched[0]);
         let (slo, shi) = range_of(true, searched[1]);
         TensorEntry {
@@ -466,11 +467,7 @@ impl TensorEntry {
 
 /// The ranges `quantize` reads from a calibration (see [`TensorEntry::for_quantizer`]),
 /// by tensor name.
-pub fn quantizer_ranges(
-    cal: &Calibration,
-    method: &RangeMethod,
-    symmetric: bool,
-) -> BTreeMap<String, TensorEntry> {
+pub fn quantizer_ranges(cal: &Calibration, method: &RangeMethod, symmetric: bool) -> BTreeMap<String, TensorEntry> {
     cal.tensors
         .par_iter()
         .map(|(name, s)| (name.clone(), TensorEntry::for_quantizer(s, method, symmetric)))

@@ -5,8 +5,8 @@
 //! ([`crate::fakequant::fast_twin`]: `x·(1/s)` instead of the exact `x/s`, which moves only
 //! quotients within about an ulp of a rounding tie, far below the differences the guard
 //! compares) and its outputs are compared in place. One forward pass of the twin per score,
-//! the two compared twins in one sample loop (their plans built concurrently); the original
-//! model's outputs are computed once, in the first calibration pass, and kept.
+//! the two compared twins in one sample loop; the original model's outputs are computed once,
+//! in the first calibration pass, and kept.
 
 use crate::calibrate::{self as cal, Calibration};
 use crate::data::SampleSet;
@@ -40,23 +40,18 @@ pub fn ranges(calibration: &Calibration, method: &RangeMethod, act: ActType) -> 
 impl Guard<'_> {
     /// The fast fake-quant twin of `model` quantized with `ranges`, loaded for the original
     /// model's graph outputs.
-    fn plan_of(&self, model: &ModelProto, ranges: &BTreeMap<String, cal::TensorEntry>) -> Result<Plan> {
+    pub fn plan(&self, model: &ModelProto, ranges: &BTreeMap<String, cal::TensorEntry>) -> Result<Plan> {
         let (q, _) = quantize::quantize(model, ranges, &self.qopts).context("quantizing the regularized model")?;
         let twin = crate::fakequant::fast_twin(&q).context("building the fake-quant twin")?;
         let bytes = crate::onnx::io::encode_for_runtime(&twin)?;
         Plan::load(&bytes, None, &self.facts, &self.output_names).context("cannot run the quantized model")
     }
 
-    /// Quantizes each `(model, ranges)` pair and measures its worst-output SQNR. The twins are
-    /// built and loaded concurrently (tract's plan optimization is single-threaded) and run
-    /// on each sample one after the other, so the two scores cost one sample loop.
-    pub fn compare(
-        &mut self,
-        a: (&ModelProto, &BTreeMap<String, cal::TensorEntry>),
-        b: (&ModelProto, &BTreeMap<String, cal::TensorEntry>),
-    ) -> Result<(f64, f64)> {
-        let (pa, pb) = rayon::join(|| self.plan_of(a.0, a.1), || self.plan_of(b.0, b.1));
-        let plans = [pa?, pb?];
+    /// The worst-output SQNRs of `a` (a loaded twin, [`Guard::plan`]) and of `b` quantized
+    /// with its ranges. The two twins run on each sample one after the other, so the two
+    /// scores cost one sample loop.
+    pub fn compare(&mut self, a: Plan, b: (&ModelProto, &BTreeMap<String, cal::TensorEntry>)) -> Result<(f64, f64)> {
+        let plans = [a, self.plan(b.0, b.1)?];
         let bar = cal::progress(self.set.len(), self.quiet, "guard");
         let n_out = self.output_names.len();
         let mut sums = vec![vec![(0f64, 0f64, false); n_out]; plans.len()];
