@@ -67,11 +67,12 @@
 //!    fast fake-quant twins on the guard's samples and compared with the original float
 //!    outputs (kept from the first pass); the regularized model is returned only if its
 //!    worst-output SQNR is strictly higher, else the input model. The guard's samples are
-//!    the first [`GUARD_SAMPLES`] calibration samples (all of them when there are fewer),
-//!    the same ones bias correction measures on: the comparison is paired (both models on
-//!    the same samples against the same reference), so its noise is that of the SQNR
-//!    *difference*, and it keeps the guard's cost bounded whatever the calibration set's
-//!    size. `auto` is therefore never worse than plain quantization on the guard's samples
+//!    the first [`GUARD_SAMPLES`] (8) calibration samples (all of them when there are
+//!    fewer), the first half of those bias correction measures on: the comparison is paired
+//!    (both models on the same samples against the same reference), so its noise is that of
+//!    the SQNR *difference*, and it keeps the guard's cost, two fake-quant passes over these
+//!    samples, a quarter of a calibration pass each on 32 samples, bounded whatever the
+//!    calibration set's size. `auto` is therefore never worse than plain quantization on the guard's samples
 //!    (the report's `guard_samples`). The pipeline quantizes the returned model with the
 //!    returned ranges (no further calibration).
 //!
@@ -110,8 +111,10 @@ use std::sync::RwLock;
 use std::time::Instant;
 
 /// The global guard compares plain and regularized quantization on at most this many
-/// calibration samples, the first ones (as bias correction does).
-pub const GUARD_SAMPLES: usize = 16;
+/// calibration samples, the first ones (bias correction measures on the first 16). Its
+/// comparison is paired, so few samples suffice to tell a real gain (MiniLM-L6: 2.3 → 8.5 dB
+/// on 16 samples) from noise, and the guard's two twin passes stay cheap.
+pub const GUARD_SAMPLES: usize = 8;
 
 /// How selected weights are regularized.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
