@@ -81,9 +81,14 @@
 //! candidate layers' outlier statistics and the float outputs of the guard's samples),
 //! nothing more when no candidate layer has outliers; else one sequential pass (statistics,
 //! Gram matrices, recalibration) and, when an edit was kept, two fake-quant forward passes
-//! over the guard's samples. A forced strength and `onnxq regularize` run the first two
-//! passes without calibration statistics. The report's `phase_seconds` and
-//! `phase_cpu_seconds` give each phase's wall and CPU time.
+//! over the guard's samples, run in one sample loop. The plain model's twin is quantized and
+//! loaded concurrently with the sequential pass (plan optimization is single-threaded, so it
+//! fills a core the pass leaves idle while it loads pieces and solves; it is wasted when no
+//! edit is kept). Ranges are searched only for the variant the activation type reads
+//! ([`crate::calibrate::quantizer_ranges`]). A forced strength and `onnxq regularize` run
+//! the first two passes without calibration statistics. The report's `phase_seconds` and
+//! `phase_cpu_seconds` give each phase's wall and CPU time (the plain twin's load counts in
+//! the sequential pass's).
 
 pub mod collect;
 pub mod guard;
