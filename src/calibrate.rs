@@ -431,8 +431,23 @@ pub struct TensorEntry {
 impl TensorEntry {
     /// The entry of one tensor's statistics, ranges by `method`.
     pub fn from_stats(s: &TensorStats, method: &RangeMethod) -> TensorEntry {
-        let (lo, hi) = s.range(method, 256, false);
-        let (slo, shi) = s.range(method, 256, true);
+        Self::with_ranges(s, method, [true, true])
+    }
+
+    /// The entry the quantizer reads for activations of one signedness: the range of
+    /// `method` only for that variant (`range_symmetric` when `symmetric`, else `range`); the
+    /// other variant holds the min/max range (`[min, max]` or `±abs_max`), which costs nothing,
+    /// where a range search (mse, entropy) costs a pass over the histogram per candidate.
+    pub fn for_quantizer(s: &TensorStats, method: &RangeMethod, symmetric: bool) -> TensorEntry {
+        Self::with_ranges(s, method, [!symmetric, symmetric])
+    }
+
+    /// `searched`: whether `range` and `range_symmetric` use `method` (else min/max).
+    fn with_ranges(s: &TensorStats, method: &RangeMethod, searched: [bool; 2]) -> TensorEntry {
+        let range_of =
+            |sym: bool, searched: bool| s.range(if searched { method } else { &RangeMethod::MinMax }, 256, sym);
+        let (lo, hi) = range_of(false, searched[0]);
+        let (slo, shi) = range_of(true, searched[1]);
         TensorEntry {
             count: s.count(),
             min: s.min(),
@@ -448,6 +463,17 @@ impl TensorEntry {
             channel_abs_max: s.channel_absmax().to_vec(),
         }
     }
+}
+
+/// The ranges `quantize` reads from a calibration (see [`TensorEntry::for_quantizer`]),
+/// by tensor name.
+pub fn quantizer_ranges(cal: &Calibration, method: &RangeMethod, symmetric: bool) -> BTreeMap<String, TensorEntry> {
+    cal.tensors
+        .par_iter()
+        .map(|(name, s)| (name.clone(), TensorEntry::for_quantizer(s, method, symmetric)))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .collect()
 }
 
 /// The stats file written by `onnxq calibrate` (schema documented in README).

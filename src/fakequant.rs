@@ -44,6 +44,10 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 pub const QUANT_OPS: &[&str] =
     &["QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"];
 
+/// `1.5·2²³`: adding it to an f32 of magnitude at most `2²²` rounds it to an integer (ties to
+/// even), see the fast twin's QuantizeLinear.
+const ROUND_MAGIC: f32 = 12_582_912.0;
+
 const UINT16: i32 = 4;
 const INT16: i32 = 5;
 const UINT4: i32 = 21;
@@ -70,7 +74,9 @@ pub fn twin(model: &ModelProto) -> Result<ModelProto> {
 }
 
 /// [`twin`] with QuantizeLinear's `x / scale` computed as `x · (1/scale)` in float32: one op
-/// instead of three (no double-precision copies), so the twin loads and runs faster, at the
+/// instead of three (no double-precision copies), and `round(v) + zp` as
+/// `(v + 1.5·2²³) − (1.5·2²³ − zp)` (exact after the clip, see `Twin::quantize`), so the twin
+/// loads and runs faster, at the
 /// price of rounding a quotient within about one ulp of a `.5` tie to the other side (a
 /// one-step error on a tiny fraction of elements). For comparing quantized models with each
 /// other (the regularization guard), not for reporting what ONNX Runtime computes.
@@ -403,9 +409,21 @@ impl<'g, 'v> Twin<'g, 'v> {
                 self.init_f64(&format!("{qo}_scale_f64"), p.scale.iter().map(|&s| f64::from(s)).collect(), &shape)?;
             self.exact_div(qo, x, &s64)
         };
-        let round = self.emit("Round", &format!("{qo}_round"), &[&div], vec![]);
-        let zp = self.init_f32(&format!("{qo}_zero_point"), p.zp.iter().map(|&z| z as f32).collect(), &shape)?;
-        let add = self.emit("Add", &format!("{qo}_add_zero_point"), &[&round, &zp], vec![]);
+        let add = if self.fast {
+            // round_half_even(v) + zp as (v + M) − (M − zp), M = 1.5·2²³: for |v| ≤ 2²² the sum
+            // rounds to the nearest integer (ties to even) in f32 and the difference is exact;
+            // beyond, both forms clip to the same end of [qmin, qmax]. Two vectorized
+            // additions instead of tract's scalar Round.
+            let m = self.init_f32(&format!("{qo}_round_magic"), vec![ROUND_MAGIC], &[])?;
+            let shifted = self.emit("Add", &format!("{qo}_round"), &[&div, &m], vec![]);
+            let back = p.zp.iter().map(|&z| ROUND_MAGIC - z as f32).collect();
+            let back = self.init_f32(&format!("{qo}_zero_point_magic"), back, &shape)?;
+            self.emit("Sub", &format!("{qo}_add_zero_point"), &[&shifted, &back], vec![])
+        } else {
+            let round = self.emit("Round", &format!("{qo}_round"), &[&div], vec![]);
+            let zp = self.init_f32(&format!("{qo}_zero_point"), p.zp.iter().map(|&z| z as f32).collect(), &shape)?;
+            self.emit("Add", &format!("{qo}_add_zero_point"), &[&round, &zp], vec![])
+        };
         let lo = self.init_f32(&format!("{qo}_qmin"), vec![qmin], &[])?;
         let hi = self.init_f32(&format!("{qo}_qmax"), vec![qmax], &[])?;
         self.emit_final("Clip", n, &[&add, &lo, &hi], &qf, vec![]);

@@ -248,7 +248,7 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
             if !opts.quiet {
                 eprintln!("calibrated {} tensors on {} samples in {:.2} s", c.tensors.len(), c.samples, c.seconds);
             }
-            StatsFile::from_calibration("", &c, &opts.method).tensors
+            cal::quantizer_ranges(&c, &opts.method, qopts.activations == quantize::params::ActType::S8)
         }
         (None, None) => bail!("static quantization needs calibration data: pass --data PATH, --random N, --stats FILE, or use --weights-only"),
     };

@@ -12,8 +12,8 @@
 //!   folded so far. Each sample keeps the elements above that bound with their input rows
 //!   `x_i`, the fold prunes them as the bound rises; the exact `τ` filters them at the end;
 //! - optionally, per group, the Gram matrix `G = XᵀX` (each sample's in f32 on the blocks on
-//!   and above the diagonal only, its upper triangle summed over samples in f64 and mirrored
-//!   at the end) and the column sums `Σ_i x_i`;
+//!   and above the diagonal only, its upper triangle summed over samples in f64, in sample
+//!   order, and mirrored at the end) and the column sums `Σ_i x_i`;
 //! - optionally a bounded, evenly spaced subset of the input rows of every sample (for the
 //!   local acceptance test of an edit).
 //!
@@ -26,6 +26,7 @@
 use super::solve::Outlier;
 use anyhow::{bail, Result};
 use ndarray::{s, Array2, ArrayView2, Axis};
+use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -40,8 +41,8 @@ pub struct SampleStats {
     /// (local row, column, y)
     cands: Vec<(usize, usize, f32)>,
     xrows: BTreeMap<usize, Vec<f32>>,
-    /// Per group: the upper block triangle of the sample's Gram ([`upper_gram`]).
-    gram: Option<Vec<Array2<f32>>>,
+    /// Per group: the blocks of the sample's Gram on and above the diagonal ([`upper_gram`]).
+    gram: Option<Vec<Vec<Array2<f32>>>>,
     colsum: Vec<Vec<f64>>,
     /// Per group: the kept rows (local row ids, input rows, outputs `y` on them).
     kept: Vec<(Vec<usize>, Array2<f32>, Array2<f32>)>,
@@ -64,19 +65,43 @@ impl SampleStats {
 /// Gram block size: products of `GRAM_BLOCK`-wide column blocks.
 const GRAM_BLOCK: usize = 256;
 
-/// `XᵀX` of one sample's rows in f32, computed only on the blocks on and above the diagonal
-/// (`K × K`; the blocks below it are left zero and ignored by the fold).
-fn upper_gram(x: ArrayView2<f32>) -> Array2<f32> {
+/// `XᵀX` of one sample's rows in f32, only its blocks on and above the diagonal: block row
+/// `r` (columns `b0 = r·GRAM_BLOCK .. b1` of `X`) is `X[:, b0..b1]ᵀ · X[:, b0..]`, `[b1 − b0, K − b0]`
+/// (about half of `K × K`, nothing allocated or zeroed for the lower blocks).
+fn upper_gram(x: ArrayView2<f32>) -> Vec<Array2<f32>> {
     let k = x.ncols();
-    let mut g = Array2::<f32>::zeros((k, k));
-    for b0 in (0..k).step_by(GRAM_BLOCK) {
-        let b1 = (b0 + GRAM_BLOCK).min(k);
-        let xb = x.slice(s![.., b0..b1]);
-        let xr = x.slice(s![.., b0..]);
-        let mut c = g.slice_mut(s![b0..b1, b0..]);
-        ndarray::linalg::general_mat_mul(1.0, &xb.t(), &xr, 0.0, &mut c);
+    (0..k)
+        .step_by(GRAM_BLOCK)
+        .map(|b0| {
+            let b1 = (b0 + GRAM_BLOCK).min(k);
+            x.slice(s![.., b0..b1]).t().dot(&x.slice(s![.., b0..]))
+        })
+        .collect()
+}
+
+/// Adds the upper triangle of a sample's [`upper_gram`] blocks to `acc` (`K × K`, f64). Block
+/// rows are added in parallel; each element still receives the samples in fold order, so the
+/// sum does not depend on the thread count.
+fn add_upper(acc: &mut Array2<f64>, blocks: &[Array2<f32>]) -> Result<()> {
+    let k = acc.ncols();
+    let expected = k.div_ceil(GRAM_BLOCK);
+    if acc.nrows() != k || blocks.len() != expected {
+        bail!("Gram blocks of a {}-column input for a {:?} accumulator", blocks.len() * GRAM_BLOCK, acc.dim());
     }
-    g
+    let Some(flat) = acc.as_slice_mut() else { bail!("internal error: Gram accumulator not contiguous") };
+    flat.par_chunks_mut(GRAM_BLOCK * k).zip(blocks.par_iter()).enumerate().try_for_each(|(r, (rows, blk))| {
+        let b0 = r * GRAM_BLOCK;
+        if blk.dim() != (rows.len() / k, k - b0) {
+            bail!("Gram block {r} has shape {:?}", blk.dim());
+        }
+        for (il, (row, brow)) in rows.chunks_mut(k).zip(blk.outer_iter()).enumerate() {
+            let Some(brow) = brow.as_slice() else { bail!("internal error: Gram block not contiguous") };
+            for (a, &b) in row[b0 + il..].iter_mut().zip(&brow[il..]) {
+                *a += f64::from(b);
+            }
+        }
+        Ok(())
+    })
 }
 
 /// The accumulator of one layer.
@@ -311,20 +336,14 @@ impl LayerAcc {
             self.xrows.insert(base + i as u64, x);
         }
         if let Some(gs) = s.gram {
-            let acc = self.gram.get_or_insert_with(|| gs.iter().map(|b| Array2::zeros(b.dim())).collect());
+            let k = |blocks: &Vec<Array2<f32>>| blocks.first().map_or(0, |b| b.ncols());
+            let acc = self.gram.get_or_insert_with(|| gs.iter().map(|b| Array2::zeros((k(b), k(b)))).collect());
+            if acc.len() != gs.len() {
+                bail!("Gram matrices of {} and {} groups", acc.len(), gs.len());
+            }
+            // The upper triangle only (mirrored in `finish`).
             for (a, b) in acc.iter_mut().zip(&gs) {
-                if a.dim() != b.dim() {
-                    bail!("Gram matrices of different shapes {:?} and {:?}", a.dim(), b.dim());
-                }
-                // The upper triangle only (mirrored in `finish`).
-                for (i, (ar, br)) in a.outer_iter_mut().zip(b.outer_iter()).enumerate() {
-                    let (ar, br) = (ar.into_slice(), br.as_slice());
-                    if let (Some(ar), Some(br)) = (ar, br) {
-                        for (av, &bv) in ar[i..].iter_mut().zip(&br[i..]) {
-                            *av += f64::from(bv);
-                        }
-                    }
-                }
+                add_upper(a, b)?;
             }
             if self.colsum.is_empty() {
                 self.colsum = s.colsum;

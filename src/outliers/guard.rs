@@ -4,12 +4,14 @@
 //! original float model. The quantized model runs as its fast fake-quant twin
 //! ([`crate::fakequant::fast_twin`]: `x·(1/s)` instead of the exact `x/s`, which moves only
 //! quotients within about an ulp of a rounding tie, far below the differences the guard
-//! compares) and its outputs are compared in place. One forward pass of the twin per score;
-//! the original model's outputs are computed once, in the first calibration pass, and kept.
+//! compares) and its outputs are compared in place. One forward pass of the twin per score,
+//! the two compared twins in one sample loop; the original model's outputs are computed once,
+//! in the first calibration pass, and kept.
 
 use crate::calibrate::{self as cal, Calibration};
 use crate::data::SampleSet;
 use crate::onnx::pb::ModelProto;
+use crate::quantize::params::ActType;
 use crate::quantize::{self, QuantOptions};
 use crate::runtime::{InputFact, Plan};
 use crate::stats::RangeMethod;
@@ -30,47 +32,61 @@ pub struct Guard<'a> {
     pub passes: usize,
 }
 
-/// Ranges of a calibration, as the pipeline derives them.
-pub fn ranges(calibration: &Calibration, method: &RangeMethod) -> BTreeMap<String, cal::TensorEntry> {
-    cal::StatsFile::from_calibration("", calibration, method).tensors
+/// Ranges of a calibration, as the pipeline derives them for activations of `act`.
+pub fn ranges(calibration: &Calibration, method: &RangeMethod, act: ActType) -> BTreeMap<String, cal::TensorEntry> {
+    cal::quantizer_ranges(calibration, method, act == ActType::S8)
 }
 
 impl Guard<'_> {
-    /// Quantizes `model` with `ranges` and measures its worst-output SQNR.
-    pub fn sqnr_of(&mut self, model: &ModelProto, ranges: &BTreeMap<String, cal::TensorEntry>) -> Result<f64> {
+    /// The fast fake-quant twin of `model` quantized with `ranges`, loaded for the original
+    /// model's graph outputs.
+    pub fn plan(&self, model: &ModelProto, ranges: &BTreeMap<String, cal::TensorEntry>) -> Result<Plan> {
         let (q, _) = quantize::quantize(model, ranges, &self.qopts).context("quantizing the regularized model")?;
         let twin = crate::fakequant::fast_twin(&q).context("building the fake-quant twin")?;
         let bytes = crate::onnx::io::encode_for_runtime(&twin)?;
-        let plan =
-            Plan::load(&bytes, None, &self.facts, &self.output_names).context("cannot run the quantized model")?;
-        let pb = cal::progress(self.set.len(), self.quiet, "guard");
+        Plan::load(&bytes, None, &self.facts, &self.output_names).context("cannot run the quantized model")
+    }
+
+    /// The worst-output SQNRs of `a` (a loaded twin, [`Guard::plan`]) and of `b` quantized
+    /// with its ranges. The two twins run on each sample one after the other, so the two
+    /// scores cost one sample loop.
+    pub fn compare(&mut self, a: Plan, b: (&ModelProto, &BTreeMap<String, cal::TensorEntry>)) -> Result<(f64, f64)> {
+        let plans = [a, self.plan(b.0, b.1)?];
+        let bar = cal::progress(self.set.len(), self.quiet, "guard");
         let n_out = self.output_names.len();
-        let mut sums = vec![(0f64, 0f64, false); n_out];
+        let mut sums = vec![vec![(0f64, 0f64, false); n_out]; plans.len()];
         let reference = self.reference;
-        // The twin's outputs are compared in place in the runtime's buffers.
+        // The twins' outputs are compared in place in the runtime's buffers.
         cal::for_each_sample_with(
             self.set,
-            &pb,
+            &bar,
             |i, inputs| {
                 let refs = reference.get(i).context("internal error: no reference outputs")?;
-                plan.run_visit_f32(inputs, |p, c| match (refs.get(p), c) {
-                    (Some(Some(r)), Some(c)) => Some(error_sums(r, c)),
-                    _ => None,
-                })
+                plans
+                    .iter()
+                    .map(|plan| {
+                        plan.run_visit_f32(inputs, |p, c| match (refs.get(p), c) {
+                            (Some(Some(r)), Some(c)) => Some(error_sums(r, c)),
+                            _ => None,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()
             },
             |_, per| {
-                for (acc, s) in sums.iter_mut().zip(per) {
-                    if let Some((r2, e2)) = s {
-                        acc.0 += r2;
-                        acc.1 += e2;
-                        acc.2 = true;
+                for (sums, per) in sums.iter_mut().zip(per) {
+                    for (acc, s) in sums.iter_mut().zip(per) {
+                        if let Some((r2, e2)) = s {
+                            acc.0 += r2;
+                            acc.1 += e2;
+                            acc.2 = true;
+                        }
                     }
                 }
                 Ok(())
             },
         )?;
-        self.passes += 1;
-        Ok(worst_sqnr(&sums))
+        self.passes += plans.len();
+        Ok((worst_sqnr(&sums[0]), worst_sqnr(&sums[1])))
     }
 }
 
