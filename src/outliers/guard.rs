@@ -40,7 +40,12 @@ impl Guard<'_> {
     pub fn sqnr_of(&mut self, model: &ModelProto, ranges: &BTreeMap<String, cal::TensorEntry>) -> Result<f64> {
         let (q, _) = quantize::quantize(model, ranges, &self.qopts).context("quantizing the regularized model")?;
         let twin = crate::fakequant::fast_twin(&q).context("building the fake-quant twin")?;
-        let bytes = crate::onnx::io::encode_for_runtime(&twin)?;
+        self.sqnr_of_twin(&twin)
+    }
+
+    /// The worst-output SQNR of `twin`, a quantized model's fake-quant twin (one pass).
+    pub fn sqnr_of_twin(&mut self, twin: &ModelProto) -> Result<f64> {
+        let bytes = crate::onnx::io::encode_for_runtime(twin)?;
         let plan =
             Plan::load(&bytes, None, &self.facts, &self.output_names).context("cannot run the quantized model")?;
         let pb = cal::progress(self.set.len(), self.quiet, "guard");
