@@ -45,6 +45,9 @@ pub struct LatticeScan {
     /// More than 256 distinct values, or a non-finite one: not a lattice.
     rejected: bool,
     last: Option<u32>,
+    /// A direct-mapped cache of values already in `distinct` (`u32::MAX`, a NaN, marks an
+    /// empty slot), so that the set is searched once per slot miss rather than per value.
+    recent: Vec<u32>,
 }
 
 /// How a lattice input is moved onto the uint8 grid.
@@ -80,6 +83,14 @@ impl LatticeScan {
                 continue;
             }
             self.last = Some(bits);
+            if self.recent.is_empty() {
+                self.recent = vec![u32::MAX; 1024];
+            }
+            let slot = (bits.wrapping_mul(0x9e37_79b1) >> 22) as usize;
+            if self.recent[slot] == bits {
+                continue;
+            }
+            self.recent[slot] = bits;
             self.distinct.insert(bits);
             if self.distinct.len() > 256 {
                 self.rejected = true;
