@@ -1,7 +1,8 @@
-//! The `onnxq quantize` pipeline, end to end: load → (opset upgrade, checked on the samples)
+//! The `onnxq quantize` pipeline, end to end: load → (opset upgrade, checked on the first sample)
 //! → lattice graph inputs shifted onto the uint8 grid (`quantize::input_grid`) → calibrate
 //! (or read `--stats`) → place and insert Q/DQ → optionally leave the most harmful tensors float
-//! (`--keep-float N`) → save atomically with a JSON report.
+//! (`--keep-float N`) → save atomically with a JSON report. Bias correction (opt-in) compares
+//! on the first 16 samples against the float outputs the regularization pass kept.
 //! `--dynamic` skips calibration: load → int8 weights + run-time activation quantization → save.
 
 use crate::calibrate::{self as cal, StatsFile, TensorEntry};
