@@ -1,7 +1,9 @@
-//! The `onnxq quantize` pipeline, end to end: load → (opset upgrade, checked on the samples)
+//! The `onnxq quantize` pipeline, end to end: load → (opset upgrade, checked on the first sample)
 //! → lattice graph inputs shifted onto the uint8 grid (`quantize::input_grid`) → calibrate
 //! (or read `--stats`) → place and insert Q/DQ → optionally leave the most harmful tensors float
-//! (`--keep-float N`) → save atomically with a JSON report.
+//! (`--keep-float N`) → save atomically with a JSON report. Bias correction (opt-in) compares
+//! on the first 8 samples (`outliers::GUARD_SAMPLES`) against the float outputs the
+//! regularization pass kept.
 //! `--dynamic` skips calibration: load → int8 weights + run-time activation quantization → save.
 
 use crate::calibrate::{self as cal, StatsFile, TensorEntry};
@@ -148,7 +150,10 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
         match quantize::opset::upgrade_to_13(&model) {
             Ok(up) => match data {
                 Some(d) => {
-                    let check = DataOptions { max_samples: Some(d.max_samples.unwrap_or(4).min(4)), ..d.clone() };
+                    // The upgrade rewrites structure (axes attributes to inputs, Softmax's
+                    // coercion): a wrong rewrite changes the outputs of any sample, so one is
+                    // enough to tell.
+                    let check = DataOptions { max_samples: Some(1), ..d.clone() };
                     let sqnr = output_sqnr(&model, &up, &check).context("checking the opset-13 upgrade")?;
                     if sqnr >= 80.0 {
                         opset_note =
@@ -203,6 +208,7 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
     let mut regularization: Option<crate::outliers::RegularizationReport> = None;
     let mut reg_ranges = None;
     let mut plain_alternative = None;
+    let mut reference = Vec::new();
     if opts.regularize != crate::outliers::Regularize::Off {
         if opts.stats.is_some() {
             bail!("--regularize changes weights, so ranges must be recalibrated: pass --data or --random instead of --stats");
@@ -214,6 +220,7 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
         if o.report.regularized {
             plain_alternative = o.baseline_ranges.map(|r| (model.clone(), r));
         }
+        reference = o.reference;
         model = o.model;
         reg_ranges = o.ranges.map(|r| (r, o.report.samples));
         regularization = Some(o.report);
@@ -269,36 +276,40 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
     let (mut q, mut report) = quantize::quantize(&model, &ranges, &qopts)?;
     phases.mark("quantize");
     let mut bias_correction = None;
-    if opts.bias_correction && !opts.quant.weights_only {
-        if let Some(d) = data {
-            let r = correct_biases(&model, &ranges, &qopts, &q, d)?;
-            if let Some((m2, q2, r2)) = r.1 {
-                model = m2;
-                q = q2;
-                report = r2;
-            }
-            if !opts.quiet && r.0.corrected > 0 {
-                eprintln!(
-                    "bias correction on {} nodes: {} ({} -> {} dB on calibration samples)",
-                    r.0.corrected,
-                    if r.0.applied { "kept" } else { "discarded" },
-                    fmt_db(r.0.sqnr_before_db),
-                    fmt_db(r.0.sqnr_after_db)
-                );
-            }
-            bias_correction = Some(r.0);
+    // Bias correction's samples and the float outputs on them (the regularization pass's
+    // when it kept them: its guard uses the same samples).
+    let check = match (opts.bias_correction, data) {
+        (true, Some(d)) => Some(CheckSamples::new(&model, d, reference)?),
+        _ => None,
+    };
+    if let Some(c) = &check {
+        let r = correct_biases(&model, &ranges, &qopts, &q, c)?;
+        if let Some((m2, q2, r2)) = r.1 {
+            model = m2;
+            q = q2;
+            report = r2;
         }
+        if !opts.quiet && r.0.corrected > 0 {
+            eprintln!(
+                "bias correction on {} nodes: {} ({} -> {} dB on calibration samples)",
+                r.0.corrected,
+                if r.0.applied { "kept" } else { "discarded" },
+                fmt_db(r.0.sqnr_before_db),
+                fmt_db(r.0.sqnr_after_db)
+            );
+        }
+        bias_correction = Some(r.0);
     }
     phases.mark("bias correction");
     // Global guard of `--regularize auto` through bias correction: when that step changed
     // anything, plain quantization takes the same steps and the better model on the
     // calibration samples wins.
-    if let (Some((plain, plain_ranges)), Some(d), Some(bc)) = (plain_alternative, data, &bias_correction) {
+    if let (Some((plain, plain_ranges)), Some(c), Some(bc)) = (plain_alternative, &check, &bias_correction) {
         if bc.corrected > 0 {
             let (pq, pr) = quantize::quantize(&plain, &plain_ranges, &qopts)?;
-            let pbc = correct_biases(&plain, &plain_ranges, &qopts, &pq, d)?;
+            let pbc = correct_biases(&plain, &plain_ranges, &qopts, &pq, c)?;
             let (pm, pq, pr) = pbc.1.unwrap_or((plain.clone(), pq, pr));
-            let (s_reg, s_plain) = (output_sqnr(&plain, &q, d)?, output_sqnr(&plain, &pq, d)?);
+            let (s_reg, s_plain) = (c.sqnr(&q)?, c.sqnr(&pq)?);
             if let Some(r) = regularization.as_mut() {
                 r.final_sqnr_db = Some(s_reg.max(s_plain)).filter(|v| v.is_finite());
                 if s_plain >= s_reg {
@@ -354,32 +365,99 @@ pub struct BiasCorrectionReport {
 
 type Corrected = (ModelProto, ModelProto, Report);
 
+/// The samples bias correction (and the final guard) compares on: the first
+/// [`crate::outliers::GUARD_SAMPLES`] calibration samples, with the float model's outputs on
+/// them.
+struct CheckSamples {
+    set: SampleSet,
+    facts: Vec<crate::runtime::InputFact>,
+    output_names: Vec<String>,
+    reference: crate::outliers::Outputs,
+}
+
+impl CheckSamples {
+    /// `reference`: the outputs of `model` on those samples when already computed (the
+    /// regularization pass keeps them), otherwise empty and computed here in one float pass.
+    fn new(model: &ModelProto, data: &DataOptions, reference: crate::outliers::Outputs) -> Result<CheckSamples> {
+        let d = DataOptions {
+            max_samples: Some(data.max_samples.unwrap_or(usize::MAX).min(crate::outliers::GUARD_SAMPLES)),
+            ..data.clone()
+        };
+        let (specs, set) = specs_and_set(model, &d)?;
+        let facts = cal::input_facts(&specs, &set)?;
+        let g = model.graph.as_ref().context("the model has no graph")?;
+        let output_names: Vec<String> = g.output.iter().map(|o| o.name().to_string()).collect();
+        let reference = if reference.len() == set.len() {
+            reference
+        } else {
+            let bytes = crate::onnx::io::encode_for_runtime(model)?;
+            let plan = crate::runtime::Plan::load(&bytes, None, &facts, &output_names)?;
+            let mut outs = Vec::with_capacity(set.len());
+            cal::for_each_sample(
+                &plan,
+                &set,
+                &indicatif::ProgressBar::hidden(),
+                |_, o| Ok(o.into_iter().map(|a| a.as_f32().cloned()).collect::<Vec<_>>()),
+                |_, o| {
+                    outs.push(o);
+                    Ok(())
+                },
+            )?;
+            outs
+        };
+        Ok(CheckSamples { set, facts, output_names, reference })
+    }
+
+    fn for_bias_correction(&self) -> quantize::bias_correction::Check<'_> {
+        quantize::bias_correction::Check {
+            set: &self.set,
+            facts: self.facts.clone(),
+            output_names: self.output_names.clone(),
+            reference: &self.reference,
+        }
+    }
+
+    /// Worst-output SQNR of the quantized model `q` (one pass of its exact twin: the fast
+    /// one rounds the ties that bilinear Resize and average pooling make, 0.4 dB off on
+    /// PP-OCR det).
+    fn sqnr(&self, q: &ModelProto) -> Result<f64> {
+        let mut g = crate::outliers::guard::Guard {
+            set: &self.set,
+            facts: self.facts.clone(),
+            qopts: QuantOptions::default(),
+            quiet: true,
+            output_names: self.output_names.clone(),
+            reference: &self.reference,
+            passes: 0,
+        };
+        g.sqnr_of_twin(&crate::fakequant::twin(q)?)
+    }
+}
+
 /// Corrects biases from the per-channel output means of the float model and the quantized
-/// twin on up to 16 calibration samples; keeps the correction only if the worst-output SQNR
-/// on those samples improves.
+/// twin on the check samples; keeps the correction only if the worst-output SQNR on those
+/// samples improves.
 fn correct_biases(
     model: &ModelProto,
     ranges: &BTreeMap<String, TensorEntry>,
     qopts: &QuantOptions,
     q: &ModelProto,
-    data: &DataOptions,
+    check: &CheckSamples,
 ) -> Result<(BiasCorrectionReport, Option<Corrected>)> {
-    let samples = data.max_samples.unwrap_or(16).min(16);
-    let d = DataOptions { max_samples: Some(samples), ..data.clone() };
-    let (corrected, changes) = quantize::bias_correction::correct(model, q, &d)?;
+    let (corrected, changes, before) = quantize::bias_correction::correct(model, q, &check.for_bias_correction())?;
     let mut r = BiasCorrectionReport {
         corrected: changes,
         applied: false,
         sqnr_before_db: f64::NAN,
         sqnr_after_db: f64::NAN,
-        samples,
+        samples: check.set.len(),
     };
     if changes == 0 {
         return Ok((r, None));
     }
     let (q2, r2) = quantize::quantize(&corrected, ranges, qopts)?;
-    r.sqnr_before_db = output_sqnr(model, q, &d)?;
-    r.sqnr_after_db = output_sqnr(model, &q2, &d)?;
+    r.sqnr_before_db = before;
+    r.sqnr_after_db = check.sqnr(&q2)?;
     r.applied = r.sqnr_after_db > r.sqnr_before_db;
     Ok(if r.applied { (r, Some((corrected, q2, r2))) } else { (r, None) })
 }

@@ -129,6 +129,26 @@ fn conv_weights_are_per_channel_int8_and_biases_int32() {
     assert!(sqnr("cnn", &out2) > 25.0);
 }
 
+/// Bias correction is opt-in; on the cnn fixture it is kept and helps on held-out samples.
+#[test]
+fn bias_correction_is_opt_in_and_kept_when_it_helps() {
+    let dir = tempdir();
+    let (plain, corrected) = (dir.path().join("p.onnx"), dir.path().join("c.onnx"));
+    let (rp, rc) = (dir.path().join("p.json"), dir.path().join("c.json"));
+    let o = quantize("cnn.onnx", &plain, &["--data", &calib("cnn"), "-q", "--report", rp.to_str().expect("utf8")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(read_json(&rp).get("bias_correction").is_none(), "off by default");
+    let args = ["--data", &calib("cnn"), "-q", "--bias-correction", "--report", rc.to_str().expect("utf8")];
+    let o = quantize("cnn.onnx", &corrected, &args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let bc = &read_json(&rc)["bias_correction"];
+    assert_eq!(bc["corrected"], 3);
+    assert_eq!(bc["applied"], true);
+    let (before, after) = (bc["sqnr_before_db"].as_f64().expect("f64"), bc["sqnr_after_db"].as_f64().expect("f64"));
+    assert!(after > before + 1.0, "{before} -> {after}");
+    assert!(sqnr("cnn", &corrected) > sqnr("cnn", &plain) + 1.0);
+}
+
 #[test]
 fn weights_only_needs_no_data_and_quantizes_constant_node_weights() {
     let dir = tempdir();

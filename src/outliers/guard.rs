@@ -51,7 +51,20 @@ impl Guard<'_> {
     /// with its ranges. The two twins run on each sample one after the other, so the two
     /// scores cost one sample loop.
     pub fn compare(&mut self, a: Plan, b: (&ModelProto, &BTreeMap<String, cal::TensorEntry>)) -> Result<(f64, f64)> {
-        let plans = [a, self.plan(b.0, b.1)?];
+        let s = self.sqnrs(&[a, self.plan(b.0, b.1)?])?;
+        Ok((s[0], s[1]))
+    }
+
+    /// The worst-output SQNR of `twin`, a quantized model's fake-quant twin (one pass).
+    pub fn sqnr_of_twin(&mut self, twin: &ModelProto) -> Result<f64> {
+        let bytes = crate::onnx::io::encode_for_runtime(twin)?;
+        let plan =
+            Plan::load(&bytes, None, &self.facts, &self.output_names).context("cannot run the quantized model")?;
+        Ok(self.sqnrs(&[plan])?[0])
+    }
+
+    /// The worst-output SQNR of each loaded twin, all run on each sample in one loop.
+    fn sqnrs(&mut self, plans: &[Plan]) -> Result<Vec<f64>> {
         let bar = cal::progress(self.set.len(), self.quiet, "guard");
         let n_out = self.output_names.len();
         let mut sums = vec![vec![(0f64, 0f64, false); n_out]; plans.len()];
@@ -86,7 +99,7 @@ impl Guard<'_> {
             },
         )?;
         self.passes += plans.len();
-        Ok((worst_sqnr(&sums[0]), worst_sqnr(&sums[1])))
+        Ok(sums.iter().map(|s| worst_sqnr(s)).collect())
     }
 }
 

@@ -3,8 +3,11 @@
 //! through the network; depthwise convolutions with few weights per channel suffer most.
 //!
 //! The shift is measured locally, for each layer on the inputs it actually sees in the
-//! quantized model: the calibration samples run once through the fake-quant twin, which
-//! exposes both the float input `x` of every input quantizer and its dequantized value `x̃`.
+//! quantized model: the check samples (the first 8 calibration samples, the regularization guard's) run once through the
+//! fake-quant twin, which exposes both the float input `x` of every input quantizer and its
+//! dequantized value `x̃`; the same pass compares the twin's outputs with the float model's
+//! (computed earlier and passed in, see [`Check`]), which is the "before" score of the
+//! caller's keep-or-discard test, so that test costs one more twin pass (the corrected model).
 //! With per-input-channel means E[x_k] and E[x̃_k], the expected output shift of channel m is
 //!
 //! `Δ_m = Σ_k Σ_s (Ŵ[m,k,s]·E[x̃_k] − W[m,k,s]·E[x_k])`
@@ -15,16 +18,17 @@
 //! The caller re-quantizes (the int32 bias absorbs the change) and keeps the result only if
 //! it measures better on the calibration samples.
 
-use crate::array::{dtype, ArrayData};
-use crate::calibrate::{for_each_sample, input_facts, input_specs};
-use crate::data::DataOptions;
+use crate::array::dtype;
+use crate::calibrate::for_each_sample_with;
+use crate::data::SampleSet;
 use crate::onnx::attr::NodeAttrs;
 use crate::onnx::pb::ModelProto;
 use crate::onnx::tensor::{from_f32, to_f32};
 use crate::onnx::GraphView;
-use crate::runtime::Plan;
+use crate::outliers::guard::{error_sums, worst_sqnr};
+use crate::runtime::{InputFact, Plan};
 use anyhow::{Context, Result};
-use ndarray::{ArrayD, Axis, IxDyn};
+use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn};
 use std::collections::BTreeMap;
 
 struct Target {
@@ -66,39 +70,56 @@ fn targets(q: &ModelProto) -> Vec<Target> {
         .collect()
 }
 
-/// Per-input-channel means (axis 1 for NCHW, last axis for [.., K]) of the requested tensors,
-/// through a Relu where `relu` says so (a Relu folded into the quantizer is absent from the
-/// quantized graph, but the float layer reads its output).
+/// Per-input-channel sums of one value (axis 1 for NCHW, the last axis for [.., K]) through a
+/// Relu where `relu` says so, and the number of elements per channel.
+fn channel_sums(v: Option<ArrayViewD<'_, f32>>, last: bool, relu: bool) -> (Vec<f64>, u64) {
+    let Some(a) = v.filter(|a| a.ndim() >= 2) else { return (Vec::new(), 0) };
+    let axis = if last { a.ndim() - 1 } else { 1 };
+    let per = (a.len() / a.shape()[axis].max(1)) as u64;
+    let lo = if relu { 0.0 } else { f64::NEG_INFINITY };
+    (a.axis_iter(Axis(axis)).map(|c| c.iter().map(|&v| (v as f64).max(lo)).sum()).collect(), per)
+}
+
+/// One sample of the measuring pass: channel sums of the requested tensors, and
+/// `(Σ r², Σ (r − c)²)` of each graph output against the reference.
+type SampleSums = (Vec<(Vec<f64>, u64)>, Vec<Option<(f64, f64)>>);
+
+/// One pass of the twin (module docs) over `check`'s samples: the per-input-channel
+/// means (axis 1 for NCHW, last axis for [.., K]) of the requested tensors, through a Relu
+/// where `relu` says so (a Relu folded into the quantizer is absent from the quantized graph,
+/// but the float layer reads its output), and the twin's worst-output SQNR against the
+/// reference outputs, compared in place.
 fn channel_means(
     twin: &ModelProto,
     names: &[String],
     last_axis: &[bool],
     relu: &[bool],
-    data: &DataOptions,
-) -> Result<Vec<Vec<f64>>> {
-    let g = twin.graph.as_ref().context("the model has no graph")?;
-    let specs = input_specs(g);
-    let set = crate::data::open(&specs, data)?;
-    let plan = Plan::load(&crate::onnx::io::encode_for_runtime(twin)?, None, &input_facts(&specs, &set)?, names)?;
+    check: &Check,
+) -> Result<(Vec<Vec<f64>>, f64)> {
+    let mut requested = names.to_vec();
+    requested.extend(check.output_names.iter().cloned());
+    let bytes = crate::onnx::io::encode_for_runtime(twin)?;
+    let plan = Plan::load(&bytes, None, &check.facts, &requested)?;
     let mut acc: Vec<(Vec<f64>, u64)> = vec![(Vec::new(), 0); names.len()];
-    let sums = |outs: Vec<ArrayData>| -> Vec<(Vec<f64>, u64)> {
-        outs.iter()
-            .zip(last_axis.iter().zip(relu))
-            .map(|(o, (&last, &relu))| {
-                let Some(a) = o.as_f32().filter(|a| a.ndim() >= 2) else { return (Vec::new(), 0) };
-                let axis = if last { a.ndim() - 1 } else { 1 };
-                let per = (a.len() / a.shape()[axis].max(1)) as u64;
-                let lo = if relu { 0.0 } else { f64::NEG_INFINITY };
-                (a.axis_iter(Axis(axis)).map(|c| c.iter().map(|&v| (v as f64).max(lo)).sum()).collect(), per)
-            })
-            .collect()
-    };
-    for_each_sample(
-        &plan,
-        &set,
+    let mut errors = vec![(0f64, 0f64, false); check.output_names.len()];
+    for_each_sample_with(
+        check.set,
         &indicatif::ProgressBar::hidden(),
-        |_, outs| Ok(sums(outs)),
-        |_, s| {
+        |i, inputs| {
+            let refs = check.reference.get(i).context("internal error: no reference outputs")?;
+            let mut sums: SampleSums = (vec![(Vec::new(), 0); names.len()], vec![None; check.output_names.len()]);
+            plan.run_visit_f32(inputs, |p, v| match (names.len()..requested.len()).contains(&p) {
+                false => sums.0[p] = channel_sums(v, last_axis[p], relu[p]),
+                true => {
+                    let k = p - names.len();
+                    if let (Some(Some(r)), Some(c)) = (refs.get(k), v) {
+                        sums.1[k] = Some(error_sums(r, c));
+                    }
+                }
+            })?;
+            Ok(sums)
+        },
+        |_, (s, e)| {
             for (a, (v, n)) in acc.iter_mut().zip(s) {
                 if a.0.is_empty() {
                     a.0 = vec![0.0; v.len()];
@@ -108,10 +129,17 @@ fn channel_means(
                     a.1 += n;
                 }
             }
+            for (acc, e) in errors.iter_mut().zip(e) {
+                if let Some((r2, e2)) = e {
+                    *acc = (acc.0 + r2, acc.1 + e2, true);
+                }
+            }
             Ok(())
         },
     )?;
-    Ok(acc.into_iter().map(|(s, n)| s.into_iter().map(|v| if n > 0 { v / n as f64 } else { 0.0 }).collect()).collect())
+    let means =
+        acc.into_iter().map(|(s, n)| s.into_iter().map(|v| if n > 0 { v / n as f64 } else { 0.0 }).collect()).collect();
+    Ok((means, worst_sqnr(&errors)))
 }
 
 /// Output-channel shift of a layer from its input-channel means.
@@ -175,11 +203,23 @@ fn shift(
     }
 }
 
-/// Returns the float model with corrected biases (to quantize again) and how many changed.
-pub fn correct(float_model: &ModelProto, quantized: &ModelProto, data: &DataOptions) -> Result<(ModelProto, usize)> {
+/// The samples bias correction measures on and the float model's outputs on them.
+pub struct Check<'a> {
+    pub set: &'a SampleSet,
+    pub facts: Vec<InputFact>,
+    /// Graph output names, the order of `reference`'s entries.
+    pub output_names: Vec<String>,
+    /// Per sample of `set`, per graph output: the float model's values.
+    pub reference: &'a [Vec<Option<ArrayD<f32>>>],
+}
+
+/// Returns the float model with corrected biases (to quantize again), how many changed, and
+/// the worst-output SQNR of `quantized` on `check`'s samples (`NaN` when nothing is corrected:
+/// no pass runs).
+pub fn correct(float_model: &ModelProto, quantized: &ModelProto, check: &Check) -> Result<(ModelProto, usize, f64)> {
     let ts = targets(quantized);
     if ts.is_empty() {
-        return Ok((float_model.clone(), 0));
+        return Ok((float_model.clone(), 0, f64::NAN));
     }
     let twin = crate::fakequant::twin(quantized)?;
     // Does the float layer read x through a Relu that quantization folded away?
@@ -210,7 +250,7 @@ pub fn correct(float_model: &ModelProto, quantized: &ModelProto, data: &DataOpti
         }
         keys.push(pair);
     }
-    let means = channel_means(&twin, &names, &last, &relu, data)?;
+    let (means, sqnr) = channel_means(&twin, &names, &last, &relu, check)?;
     let tg = twin.graph.as_ref().context("the twin has no graph")?;
     let tview = GraphView::new(tg);
     let mut out = float_model.clone();
@@ -238,7 +278,7 @@ pub fn correct(float_model: &ModelProto, quantized: &ModelProto, data: &DataOpti
         g.initializer[bi] = from_f32(b, &ArrayD::from_shape_vec(IxDyn(&[nb.len()]), nb).unwrap_or_default());
         changed += 1;
     }
-    Ok((out, changed))
+    Ok((out, changed, sqnr))
 }
 
 #[cfg(test)]

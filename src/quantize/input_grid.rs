@@ -45,6 +45,9 @@ pub struct LatticeScan {
     /// More than 256 distinct values, or a non-finite one: not a lattice.
     rejected: bool,
     last: Option<u32>,
+    /// A direct-mapped cache of values already in `distinct` (`u32::MAX`, a NaN, marks an
+    /// empty slot), so that the set is searched once per slot miss rather than per value.
+    recent: Vec<u32>,
 }
 
 /// How a lattice input is moved onto the uint8 grid.
@@ -80,11 +83,29 @@ impl LatticeScan {
                 continue;
             }
             self.last = Some(bits);
+            if self.recent.is_empty() {
+                self.recent = vec![u32::MAX; 1024];
+            }
+            let slot = (bits.wrapping_mul(0x9e37_79b1) >> 22) as usize;
+            if self.recent[slot] == bits {
+                continue;
+            }
+            self.recent[slot] = bits;
             self.distinct.insert(bits);
             if self.distinct.len() > 256 {
                 self.rejected = true;
             }
         }
+    }
+
+    /// Adds the values `other` saw (as if they had been pushed here).
+    pub fn merge(&mut self, other: LatticeScan) {
+        self.rejected |= other.rejected;
+        if !self.rejected {
+            self.distinct.extend(other.distinct);
+            self.rejected = self.distinct.len() > 256;
+        }
+        self.last = None;
     }
 
     /// The shift that aligns the values with the uint8 grid of their min/max range, or None
@@ -153,17 +174,30 @@ pub fn align_inputs(model: &ModelProto, set: &crate::data::SampleSet) -> Result<
     if candidates.is_empty() {
         return Ok(None);
     }
+    // Samples are scanned in parallel and the scans merged (a union of value sets: the
+    // result does not depend on the order).
     let mut scans = vec![LatticeScan::default(); candidates.len()];
-    for i in 0..set.len() {
-        let sample = set.load(i)?;
-        for (scan, &c) in scans.iter_mut().zip(&candidates) {
-            if let Some(ArrayData::F32(a)) = sample.inputs.get(c) {
-                scan.push_all(a.iter().copied());
-            } else {
-                scan.rejected = true;
-            }
-        }
-    }
+    crate::calibrate::for_each_sample_with(
+        set,
+        &indicatif::ProgressBar::hidden(),
+        |_, inputs| {
+            Ok(candidates
+                .iter()
+                .map(|&c| {
+                    let mut scan = LatticeScan::default();
+                    match inputs.get(c) {
+                        Some(ArrayData::F32(a)) => scan.push_all(a.iter().copied()),
+                        _ => scan.rejected = true,
+                    }
+                    scan
+                })
+                .collect::<Vec<_>>())
+        },
+        |_, per| {
+            scans.iter_mut().zip(per).for_each(|(scan, s)| scan.merge(s));
+            Ok(())
+        },
+    )?;
     let mut out = Aligned { model: model.clone(), ranges: BTreeMap::new(), inputs: Vec::new() };
     for (scan, &c) in scans.iter().zip(&candidates) {
         let (Some(shift), Some(spec)) = (scan.finish(), set.specs().get(c)) else { continue };
@@ -359,6 +393,25 @@ mod tests {
             c.push_all(chunk.iter().chain(chunk).copied());
         }
         assert_eq!(c.finish(), Some(s));
+    }
+
+    #[test]
+    fn merged_scans_decide_as_one_scan() {
+        let x = pixels();
+        let (a, b) = x.split_at(x.len() / 3);
+        let merged = |a: &[f32], b: &[f32]| {
+            let (mut s, mut t) = (LatticeScan::default(), LatticeScan::default());
+            s.push_all(a.iter().copied());
+            t.push_all(b.iter().copied());
+            s.merge(t);
+            s.finish()
+        };
+        assert_eq!(merged(a, b), scan(&x));
+        assert!(merged(a, b).is_some());
+        // Too many distinct values only together, or a NaN on one side: rejected.
+        let many: Vec<f32> = (0..=256).map(|k| k as f32 / 256.0 - 0.3).collect();
+        assert_eq!(merged(&many[..200], &many[200..]), None);
+        assert_eq!(merged(a, &[f32::NAN]), None);
     }
 
     #[test]
