@@ -21,7 +21,7 @@
 //!    only moves the zero point (the decomposed Gelu `x·0.5·(1+erf(x/√2))` then rounds the
 //!    Erf output and the product, nothing else);
 //! 6. graph outputs stay float, except a final Sigmoid's (QLinearSigmoid), which gets a
-//!    DequantizeLinear that carries the output's name.
+//!    DequantizeLinear that carries the output's name, on the fixed grid of [0, 1] (scale 1/255).
 //!
 //! Insertion: one QuantizeLinear per quantized tensor, right after its producer, and one
 //! DequantizeLinear per consuming node (ONNX Runtime fuses a DQ only when it has a single
@@ -636,12 +636,18 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
                 if ok {
                     p.consts.extend(const_slots.iter().map(|&slot| (i, slot)));
                     // A graph output is quantized only for a final Sigmoid (ONNX Runtime's
-                    // QLinearSigmoid; its [0, 1] range costs at most 1/510 per value).
+                    // QLinearSigmoid), on the fixed grid of [0, 1]: at most 1/510 per value.
                     let final_sigmoid =
                         |o: &str| op == "Sigmoid" && preset != Preset::Transformer && view.consumers(o).is_empty();
                     for o in n.output.iter().filter(|o| !view.is_graph_output(o) || final_sigmoid(o)) {
                         let first = data_inputs.iter().map(|&(_, x)| x).find(|x| view.weight(x).is_none());
                         let src = match (op, first, constant) {
+                            // The whole [0, 1]: a calibrated range may clip the map's rare high
+                            // values, which are its signal (entropy kept [0, 0.13] of PP-OCR's).
+                            ("Sigmoid", _, _) if view.is_graph_output(o) => ActSource::Fixed(match opts.activations {
+                                ActType::U8 => ActParams { scale: 1.0 / 255.0, zero_point: 0, ty: ActType::U8 },
+                                ActType::S8 => ActParams { scale: 1.0 / 127.0, zero_point: 0, ty: ActType::S8 },
+                            }),
                             ("MaxPool", Some(i0), _) => ActSource::SameAs(i0.clone()),
                             ("Mul", Some(x), Some(c)) if c > 0.0 => {
                                 ActSource::Derived { of: x.clone(), factor: c, shift: 0 }
@@ -1175,7 +1181,12 @@ mod tests {
         assert_eq!(sig.output[0], "y_float");
         let dq = g.node.iter().find(|n| n.output.first().map(|o| o.as_str()) == Some("y")).unwrap();
         assert_eq!(dq.op_type(), "DequantizeLinear", "the graph output is the DequantizeLinear's");
-        assert!(report.tensors.iter().any(|t| t.name == "y"));
+        let y = report.tensors.iter().find(|t| t.name == "y").unwrap();
+        assert_eq!(
+            (y.scale.as_slice(), y.zero_point),
+            ([1.0f32 / 255.0].as_slice(), 0),
+            "all of [0, 1], not (0.5, 0.98)"
+        );
         assert_eq!(g.output[0].name(), "y");
     }
 
