@@ -161,7 +161,9 @@ pub fn prepare(model: &ModelProto) -> Result<(ModelProto, Prepared)> {
             .filter(|n| n.op_type() == "Div" && n.domain().is_empty() && n.input.len() == 2)
             .filter_map(|n| {
                 let t = view.weight(&n.input[1])?;
-                let a = (t.data_type() == dtype::FLOAT).then(|| to_f32(t).ok()).flatten()?;
+                // Only a one-element divisor is decoded (a big constant is not copied to find out).
+                let one = t.data_type() == dtype::FLOAT && crate::dump::element_count(t) == 1;
+                let a = one.then(|| to_f32(t).ok()).flatten()?;
                 let c = (a.len() == 1).then(|| a.iter().next().copied()).flatten()?;
                 let ok = c.is_finite() && c != 0.0 && (1.0 / c).is_finite();
                 ok.then(|| (n.input[1].clone(), (c, a.shape().to_vec())))
