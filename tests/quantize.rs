@@ -184,7 +184,7 @@ fn a_shared_weight_gets_one_quantized_copy() {
 }
 
 #[test]
-fn attention_mask_sentinels_are_left_float_and_reported() {
+fn attention_mask_sentinels_never_set_a_range() {
     let dir = tempdir();
     let out = dir.path().join("t.onnx");
     let report = dir.path().join("r.json");
@@ -197,10 +197,38 @@ fn attention_mask_sentinels_are_left_float_and_reported() {
     assert!(stderr(&o).contains("sentinel"), "{}", stderr(&o));
     let r: serde_json::Value = read_json(&report);
     let skipped = r["quantization"]["skipped"].as_array().expect("skipped");
-    assert!(skipped.iter().any(|s| s["name"] == "qk_mask" && s["reason"].as_str().unwrap_or("").contains("sentinel")));
-    let quantized = quantized_names(&r);
-    assert!(!quantized.contains(&"qk_mask") && !quantized.contains(&"mask_scale"));
-    assert!(quantized.contains(&"softmax"), "quantized after the Softmax instead");
+    let sentinel =
+        |n: &str| skipped.iter().any(|s| s["name"] == n && s["reason"].as_str().unwrap_or("").contains("sentinel"));
+    assert!(sentinel("mask_scale"), "the −3.4e38 mask itself is reported and left float");
+    // Scores + mask is quantized on the scores' grid (a masked score saturates at its lowest
+    // level) and the mask over twice the scores' span below 0, so ONNX Runtime fuses
+    // QLinearAdd and QLinearSoftmax; no range comes from the sentinel.
+    let tensors = r["quantization"]["tensors"].as_array().expect("tensors");
+    let get =
+        |name: &str| tensors.iter().find(|t| t["name"] == name).unwrap_or_else(|| panic!("{name} is not quantized"));
+    let (scores, mask) = (get("qk_scale"), get("mask_unsqueeze"));
+    let (lo, hi) = (scores["range"][0].as_f64().expect("lo"), scores["range"][1].as_f64().expect("hi"));
+    let s_mask = mask["scale"][0].as_f64().expect("scale");
+    // Its lowest level pushes even the highest score below the lowest one, with margin.
+    assert!(hi - 255.0 * s_mask < lo - (hi - lo) / 2.0, "mask scale {s_mask} for scores [{lo}, {hi}]");
+    assert!(s_mask < 1.0, "a scale of the sentinel's own (~1e36) overflows ONNX Runtime's QLinearAdd");
+    assert_eq!(mask["zero_point"], 255);
+    assert!(quantized_names(&r).contains(&"softmax"));
+    let m = load(&out);
+    let g = m.graph.as_ref().expect("graph");
+    let q_of = |t: &str| {
+        g.node
+            .iter()
+            .find(|n| n.op_type() == "QuantizeLinear" && n.input[0] == t)
+            .unwrap_or_else(|| panic!("no QuantizeLinear of {t}"))
+    };
+    assert_eq!(
+        q_of("qk_mask").input[1..],
+        q_of("qk_scale").input[1..],
+        "the sum shares the scores' scale and zero point"
+    );
+    let softmax = g.node.iter().find(|n| n.name() == "softmax").expect("softmax");
+    assert!(softmax.input[0].ends_with("dequantized"), "the Softmax reads a DequantizeLinear");
     assert!(sqnr("transformer", &out) > 20.0);
 }
 

@@ -11,7 +11,12 @@
 //! 3. a Relu whose input comes from a quantized compute node is removed when its output is
 //!    quantized as uint8 with zero point 0 (QuantizeLinear then clamps exactly like Relu);
 //! 4. tensors whose range is dominated by sentinel values (attention masks of −1e4 … −3.4e38)
-//!    and tensors the user keeps float are never quantized, and the report says so;
+//!    and tensors the user keeps float are never quantized with that range, and the report
+//!    says so. Under the cnn preset, `Add(scores, mask)` read only by Softmax is quantized
+//!    anyway without that range: the sum on the scores' grid (a masked score saturates at its
+//!    lowest level), the mask over `[−2·(hi − lo), 0]` of the scores' calibrated range (0
+//!    exact; the sentinel clips to the lowest level, which pushes any score below `lo`), so
+//!    ONNX Runtime fuses QLinearAdd and QLinearSoftmax;
 //! 5. the constant operand of a quantized Add/Mul is quantized like an activation (per
 //!    tensor over its min/max, ONNX Runtime's way), so ONNX Runtime fuses QLinearAdd/QLinearMul
 //!    (e.g. the separate bias Add of a ConvTranspose or MatMul); a one-element constant is
@@ -415,6 +420,39 @@ impl Ctx<'_> {
     }
 }
 
+/// For `Add(scores, mask)` whose output only Softmax reads, where the mask's calibrated values
+/// are sentinels (|v| ≥ [`SENTINEL`]) and the scores' are not: (scores, mask, the mask's
+/// parameters covering its whole `[min, max]`).
+fn masked_scores(ctx: &Ctx, n: &NodeProto) -> Option<(String, String, ActParams)> {
+    let view = ctx.view;
+    let [a, b] = n.input.as_slice() else { return None };
+    let out = n.output.first()?;
+    let readers = view.consumers(out);
+    if readers.is_empty()
+        || view.is_graph_output(out)
+        || !readers.iter().all(|&(c, _)| view.nodes()[c].op_type() == "Softmax")
+        || view.weight(a).is_some()
+        || view.weight(b).is_some()
+    {
+        return None;
+    }
+    let sentinel = |t: &str| ctx.ranges.get(t).is_some_and(|r| r.abs_max >= SENTINEL && r.min.is_finite());
+    let (x, m) = match (sentinel(a), sentinel(b)) {
+        (false, true) => (a, b),
+        (true, false) => (b, a),
+        _ => return None,
+    };
+    if ctx.act_blocker(x).is_some() || ctx.opts.keep_float.contains(m) || ctx.opts.keep_float.contains(out) {
+        return None;
+    }
+    // The mask's lowest level only has to push any score below the scores' range: twice
+    // their span (a scale ratio of the sentinel's own, ~1e36, overflows ONNX Runtime's
+    // QLinearAdd).
+    let [lo, hi] = ctx.ranges.get(x)?.range;
+    let mask = ActParams::from_range(-2.0 * (hi - lo), 0.0, ctx.opts.activations);
+    (mask.scale.is_finite() && mask.scale > 0.0).then(|| (x.clone(), m.clone(), mask))
+}
+
 fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
     let view = ctx.view;
     let opts = ctx.opts;
@@ -597,6 +635,22 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
                         }
                         p.selected.insert(i);
                     }
+                }
+            }
+            "Add" if preset == Preset::Cnn && ctx.assume_ranges.is_none() && masked_scores(ctx, n).is_some() => {
+                // Scores + attention mask, read only by Softmax: the mask is quantized over its
+                // whole range (0 exact, the sentinel on the lowest level), the sum on the
+                // scores' grid, where a masked position saturates at the scores' lowest value:
+                // ONNX Runtime runs QLinearAdd and QLinearSoftmax instead of leaving the
+                // attention's Softmax input float.
+                let Some((x, m, mask)) = masked_scores(ctx, n) else { continue };
+                if want_act(&mut p, &mut blocked, &x, ActSource::Own) {
+                    for (t, src) in [(m, ActSource::Fixed(mask)), (n.output[0].clone(), ActSource::SameAs(x))] {
+                        if p.act_set.insert(t.clone()) {
+                            p.acts.push((t, src));
+                        }
+                    }
+                    p.selected.insert(i);
                 }
             }
             _ => {
