@@ -449,7 +449,11 @@ fn masked_scores(ctx: &Ctx, n: &NodeProto) -> Option<(String, String, ActParams)
     // their span (a scale ratio of the sentinel's own, ~1e36, overflows ONNX Runtime's
     // QLinearAdd).
     let [lo, hi] = ctx.ranges.get(x)?.range;
-    let mask = ActParams::from_range(-2.0 * (hi - lo), 0.0, ctx.opts.activations);
+    let span = hi - lo;
+    if !(span.is_finite() && span > 0.0) {
+        return None;
+    }
+    let mask = ActParams::from_range(-2.0 * span, 0.0, ctx.opts.activations);
     (mask.scale.is_finite() && mask.scale > 0.0).then(|| (x.clone(), m.clone(), mask))
 }
 
