@@ -422,7 +422,8 @@ impl Ctx<'_> {
 
 /// For `Add(scores, mask)` whose output only Softmax reads, where the mask's calibrated values
 /// are sentinels (|v| ≥ [`SENTINEL`]) and the scores' are not: (scores, mask, the mask's
-/// parameters covering its whole `[min, max]`).
+/// parameters over `[−2·(hi − lo), 0]` of the scores' calibrated range: 0 exact, the sentinel
+/// clipped to the lowest level, which pushes any score below `lo`).
 fn masked_scores(ctx: &Ctx, n: &NodeProto) -> Option<(String, String, ActParams)> {
     let view = ctx.view;
     let [a, b] = n.input.as_slice() else { return None };
@@ -449,12 +450,11 @@ fn masked_scores(ctx: &Ctx, n: &NodeProto) -> Option<(String, String, ActParams)
     // their span (a scale ratio of the sentinel's own, ~1e36, overflows ONNX Runtime's
     // QLinearAdd).
     let [lo, hi] = ctx.ranges.get(x)?.range;
-    let span = hi - lo;
-    if !(span.is_finite() && span > 0.0) {
-        return None;
-    }
-    let mask = ActParams::from_range(-2.0 * span, 0.0, ctx.opts.activations);
-    (mask.scale.is_finite() && mask.scale > 0.0).then(|| (x.clone(), m.clone(), mask))
+    let low = -2.0 * (hi - lo);
+    // A finite, negative low end gives a finite, positive scale (from_range falls back to
+    // scale 1 otherwise, which would drop the mask).
+    (low.is_finite() && low < 0.0)
+        .then(|| (x.clone(), m.clone(), ActParams::from_range(low, 0.0, ctx.opts.activations)))
 }
 
 fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
@@ -523,6 +523,25 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
         }
         if opts.exclude.iter().any(|g| glob_match(g, n.name())) {
             p.skipped.push(Skipped { name: n.name().into(), op_type: op.into(), reason: "--exclude".into() });
+            continue;
+        }
+        // Scores + attention mask, read only by Softmax (cnn preset): the sum on the scores'
+        // grid, where a masked position saturates at the scores' lowest value, the mask on its
+        // own bounded grid (see [`masked_scores`]): ONNX Runtime runs QLinearAdd and
+        // QLinearSoftmax instead of leaving the attention's Softmax input float.
+        let masked = match (op, preset, &ctx.assume_ranges) {
+            ("Add", Preset::Cnn, None) => masked_scores(ctx, n),
+            _ => None,
+        };
+        if let Some((x, m, mask)) = masked {
+            if want_act(&mut p, &mut blocked, &x, ActSource::Own) {
+                for (t, src) in [(m, ActSource::Fixed(mask)), (n.output[0].clone(), ActSource::SameAs(x))] {
+                    if p.act_set.insert(t.clone()) {
+                        p.acts.push((t, src));
+                    }
+                }
+                p.selected.insert(i);
+            }
             continue;
         }
         match op {
@@ -641,22 +660,6 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
                     }
                 }
             }
-            "Add" if preset == Preset::Cnn && ctx.assume_ranges.is_none() && masked_scores(ctx, n).is_some() => {
-                // Scores + attention mask, read only by Softmax: the mask is quantized over its
-                // whole range (0 exact, the sentinel on the lowest level), the sum on the
-                // scores' grid, where a masked position saturates at the scores' lowest value:
-                // ONNX Runtime runs QLinearAdd and QLinearSoftmax instead of leaving the
-                // attention's Softmax input float.
-                let Some((x, m, mask)) = masked_scores(ctx, n) else { continue };
-                if want_act(&mut p, &mut blocked, &x, ActSource::Own) {
-                    for (t, src) in [(m, ActSource::Fixed(mask)), (n.output[0].clone(), ActSource::SameAs(x))] {
-                        if p.act_set.insert(t.clone()) {
-                            p.acts.push((t, src));
-                        }
-                    }
-                    p.selected.insert(i);
-                }
-            }
             _ => {
                 // Binary/unary/variadic ops: all float activation inputs and the output.
                 let data_slots = match op {
@@ -675,9 +678,12 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
                         // The constant operand of an Add/Mul is quantized too (a one-element
                         // one exactly), so ONNX Runtime fuses QLinearAdd/QLinearMul; constant
                         // operands of other ops stay float.
-                        if binary && const_values(t).is_some() {
+                        if let Some(v) = const_values(t).filter(|_| binary) {
                             const_slots.push(slot);
-                            constant = scalar_value(t);
+                            constant = match v.as_slice() {
+                                &[c] => Some(c),
+                                _ => None,
+                            };
                         }
                         continue;
                     }

@@ -164,7 +164,7 @@ pub fn prepare(model: &ModelProto) -> Result<(ModelProto, Prepared)> {
                 // Only a one-element divisor is decoded (a big constant is not copied to find out).
                 let one = t.data_type() == dtype::FLOAT && crate::dump::element_count(t) == 1;
                 let a = one.then(|| to_f32(t).ok()).flatten()?;
-                let c = (a.len() == 1).then(|| a.iter().next().copied()).flatten()?;
+                let c = a.iter().next().copied()?;
                 let ok = c.is_finite() && c != 0.0 && (1.0 / c).is_finite();
                 ok.then(|| (n.input[1].clone(), (c, a.shape().to_vec())))
             })
