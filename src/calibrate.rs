@@ -24,7 +24,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-/// Ops whose float inputs/outputs are quantization candidates (QDQ coverage).
+/// Ops whose float inputs/outputs are quantization candidates (QDQ coverage). `Div` is here
+/// because `quantize` turns a Div by a constant into a Mul before placing Q/DQ.
 pub const QUANTIZABLE_OPS: &[&str] = &[
     "Conv",
     "ConvTranspose",
@@ -32,6 +33,7 @@ pub const QUANTIZABLE_OPS: &[&str] = &[
     "Gemm",
     "Add",
     "Mul",
+    "Div",
     "Concat",
     "MaxPool",
     "AveragePool",

@@ -87,7 +87,9 @@ pub struct QuantizeArgs {
     /// expected quantization error)
     #[arg(long, default_value = "mse")]
     pub method: crate::stats::RangeMethod,
-    /// Placement preset: auto picks transformer or cnn from the graph
+    /// Placement preset: cnn (ONNX Runtime's placement), transformer (MatMul/Gemm inputs and
+    /// weights only), transformer-fused (cnn's, minus the coarsely rounded residual stream);
+    /// auto picks transformer-fused for graphs with LayerNorm or attention, else cnn
     #[arg(long, default_value = "auto")]
     pub preset: crate::quantize::Preset,
     /// One scale per weight tensor instead of per output channel

@@ -932,10 +932,6 @@ pub fn placement_candidates(
         Preset::Auto => crate::quantize::detect_preset(&view),
         p => p,
     };
-    let preset = match preset {
-        Preset::Cnn | Preset::Auto => "cnn",
-        Preset::Transformer => "transformer",
-    };
     let (mut keep, mut float) = (Vec::new(), Vec::new());
     for l in layers {
         if layer::output_views(&view, &l).iter().any(|t| quantized.contains(t)) {

@@ -28,6 +28,16 @@
 //! 6. graph outputs stay float, except a final Sigmoid's (QLinearSigmoid), which gets a
 //!    DequantizeLinear that carries the output's name, on the fixed grid of [0, 1] (scale 1/255).
 //!
+//! Presets choose what is marked. `cnn` marks every op ONNX Runtime has an int8 kernel for.
+//! `transformer` marks only the inputs and weights of Conv/MatMul/Gemm, and nodes outside
+//! the selection read the exact float values. `transformer-fused` (what `auto` picks for a
+//! graph with LayerNorm or attention) marks like `cnn`, except in the residual stream
+//! ([`residual_stream`]: the tensors LayerNorm normalizes and the branch outputs added into
+//! them). There, a group stays float when one of its tensors would keep less than
+//! [`STREAM_MIN_SQNR_DB`] from its int8 step alone ([`step_sqnr_db`]), and a float residual
+//! sum reads the exact LayerNorm output. ONNX Runtime then fuses the attention and FFN
+//! internals while the massive activations of the stream stay float.
+//!
 //! Insertion: one QuantizeLinear per quantized tensor, right after its producer, and one
 //! DequantizeLinear per consuming node (ONNX Runtime fuses a DQ only when it has a single
 //! consumer). A quantized tensor `T` keeps its name for the float value its producer
@@ -56,16 +66,37 @@ use ndarray::{ArrayD, IxDyn};
 use params::{quantize_bias, quantize_weight, ActParams, ActType};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fmt;
 
 /// Values at or beyond this magnitude are treated as sentinels (masks), not data.
 pub const SENTINEL: f64 = 1e4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Preset {
     Auto,
     Cnn,
     Transformer,
+    TransformerFused,
+}
+
+impl Preset {
+    /// ONNX Runtime's placement (every op with an int8 kernel), possibly minus the residual
+    /// stream: cnn and transformer-fused.
+    fn fuses(self) -> bool {
+        matches!(self, Preset::Cnn | Preset::TransformerFused | Preset::Auto)
+    }
+}
+
+impl fmt::Display for Preset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Preset::Auto => "auto",
+            Preset::Cnn => "cnn",
+            Preset::Transformer => "transformer",
+            Preset::TransformerFused => "transformer-fused",
+        })
+    }
 }
 
 impl std::str::FromStr for Preset {
@@ -75,7 +106,8 @@ impl std::str::FromStr for Preset {
             "auto" => Ok(Preset::Auto),
             "cnn" => Ok(Preset::Cnn),
             "transformer" => Ok(Preset::Transformer),
-            _ => Err(format!("unknown preset '{s}' (expected auto, cnn or transformer)")),
+            "transformer-fused" => Ok(Preset::TransformerFused),
+            _ => Err(format!("unknown preset '{s}' (expected auto, cnn, transformer or transformer-fused)")),
         }
     }
 }
@@ -123,7 +155,7 @@ pub const MOVE_OPS: &[&str] =
 
 fn preset_ops(p: Preset) -> Vec<&'static str> {
     match p {
-        Preset::Cnn | Preset::Auto => {
+        Preset::Cnn | Preset::Auto | Preset::TransformerFused => {
             let mut v: Vec<&str> = COMPUTE_OPS.to_vec();
             v.extend(BINARY_OPS);
             v.extend(UNARY_OPS);
@@ -135,8 +167,112 @@ fn preset_ops(p: Preset) -> Vec<&'static str> {
     }
 }
 
-/// `auto`: transformer when the graph has LayerNormalization (or its decomposition:
-/// ReduceMean feeding Sub) or attention (Softmax between two activation MatMuls).
+/// The residual stream of a transformer, in groups that stay float together: each tensor a
+/// LayerNorm normalizes (`LayerNormalization`'s input, or the `x` of a decomposed
+/// `x − ReduceMean(x)`) alone, and for a residual sum `Add(a, b)` among them, each operand
+/// that is not itself a LayerNorm output together with the activation operand of that
+/// operand's bias Add (the MatMul output). An `Add` of two activations one of which is
+/// already in the stream is a residual sum too (pre-LN blocks, whose last sum is a graph
+/// output rather than a LayerNorm input). Also returns the (sum node, LayerNorm output)
+/// reads: a residual sum that stays float reads the exact LayerNorm output, not its DQ.
+pub fn residual_stream(view: &GraphView, decomposed: &BTreeSet<usize>) -> ResidualStream {
+    let nodes = view.nodes();
+    let ln_output = |t: &str| {
+        view.producer_index(t).is_some_and(|p| nodes[p].op_type() == "LayerNormalization" || decomposed.contains(&p))
+    };
+    let mut rs = ResidualStream::default();
+    let add_group = |rs: &mut ResidualStream, members: Vec<String>| {
+        let members: Vec<String> = members.into_iter().filter(|t| !rs.group_of.contains_key(t)).collect();
+        if !members.is_empty() {
+            let g = rs.groups.len();
+            rs.group_of.extend(members.iter().map(|t| (t.clone(), g)));
+            rs.groups.push(members);
+        }
+    };
+    let mut sums: Vec<usize> = Vec::new();
+    for n in nodes {
+        let normalized = match n.op_type() {
+            "LayerNormalization" => n.input.first(),
+            "ReduceMean" => n.input.first().filter(|x| {
+                n.output.first().is_some_and(|o| {
+                    view.consumers(o)
+                        .iter()
+                        .any(|&(c, _)| nodes[c].op_type() == "Sub" && nodes[c].input.first().is_some_and(|s| s == *x))
+                })
+            }),
+            _ => None,
+        };
+        let Some(x) = normalized else { continue };
+        add_group(&mut rs, vec![x.clone()]);
+        sums.extend(view.producer_index(x).filter(|&p| nodes[p].op_type() == "Add"));
+    }
+    let is_sum =
+        |n: &NodeProto| n.op_type() == "Add" && n.input.len() == 2 && n.input.iter().all(|t| view.weight(t).is_none());
+    // Sums reached from the stream, until none is new (each Add joins at most once).
+    loop {
+        let more: Vec<usize> = (0..nodes.len())
+            .filter(|&i| !sums.contains(&i) && is_sum(&nodes[i]))
+            .filter(|&i| nodes[i].input.iter().any(|t| rs.group_of.contains_key(t)))
+            .collect();
+        if more.is_empty() {
+            break;
+        }
+        for &i in &more {
+            add_group(&mut rs, nodes[i].output.clone());
+        }
+        sums.extend(more);
+    }
+    for &si in &sums {
+        let sum = &nodes[si];
+        for operand in sum.input.iter().filter(|t| view.weight(t).is_none()) {
+            if ln_output(operand) {
+                rs.exact_reads.insert((si, operand.clone()));
+                continue;
+            }
+            let mut group = vec![operand.clone()];
+            let bias_add = view.producer(operand).filter(|p| p.op_type() == "Add" && p.input.len() == 2);
+            if let Some(add) = bias_add.filter(|a| a.input.iter().any(|t| view.weight(t).is_some())) {
+                group.extend(add.input.iter().filter(|t| view.weight(t).is_none()).cloned());
+            }
+            add_group(&mut rs, group);
+        }
+    }
+    rs
+}
+
+/// A residual-stream group stays float (transformer-fused preset) when one of its tensors
+/// would keep less than this SQNR from the int8 step alone ([`step_sqnr_db`]). On the bench
+/// MiniLM-L6 the residual sums after the FFN and the FFN outputs of its last layers fall
+/// below (15–23 dB), the attention sums and outputs stay above (≥ 28 dB): quantizing the
+/// groups under 25 dB took the last hidden state from 13.9 to 10.0 dB in ONNX Runtime.
+pub const STREAM_MIN_SQNR_DB: f64 = 25.0;
+
+/// The SQNR a tensor keeps from its quantization step alone: `10·log10(E[x²] / (s²/12))`,
+/// with `s` the scale the quantizer derives from the calibrated range (`E[x²] = std² +
+/// mean²`; clipping is ignored). `+∞` for a tensor with a zero range.
+pub fn step_sqnr_db(r: &TensorEntry, ty: ActType) -> f64 {
+    let [lo, hi] = match ty {
+        ActType::U8 => r.range,
+        ActType::S8 => r.range_symmetric,
+    };
+    let s = ActParams::from_range(lo, hi, ty).scale as f64;
+    let power = r.std * r.std + r.mean * r.mean;
+    if power.is_nan() || power <= 0.0 {
+        return f64::INFINITY;
+    }
+    10.0 * (power / (s * s / 12.0)).log10()
+}
+
+/// See [`residual_stream`].
+#[derive(Debug, Clone, Default)]
+pub struct ResidualStream {
+    pub groups: Vec<Vec<String>>,
+    pub group_of: BTreeMap<String, usize>,
+    pub exact_reads: BTreeSet<(usize, String)>,
+}
+
+/// `auto`: transformer-fused when the graph has LayerNormalization (or its decomposition:
+/// ReduceMean feeding Sub) or attention (Softmax between two activation MatMuls), else cnn.
 pub fn detect_preset(view: &GraphView) -> Preset {
     let nodes = view.nodes();
     let has_ln = nodes.iter().any(|n| {
@@ -149,7 +285,7 @@ pub fn detect_preset(view: &GraphView) -> Preset {
         .any(|n| n.op_type() == "MatMul" && n.input.len() == 2 && n.input.iter().all(|i| view.weight(i).is_none()));
     let softmax = nodes.iter().any(|n| n.op_type() == "Softmax");
     if has_ln || (act_matmul && softmax) {
-        Preset::Transformer
+        Preset::TransformerFused
     } else {
         Preset::Cnn
     }
@@ -366,10 +502,21 @@ struct Plan {
     removed: BTreeSet<usize>,
     selected: BTreeSet<usize>,
     skipped: Vec<Skipped>,
-    /// Nodes outside the selection read the float tensor instead of its DQ (transformer
-    /// preset: keeps the residual stream exact; ONNX Runtime's way, false, lets the
-    /// producer fuse with its Q).
-    float_readers_keep_float: bool,
+    /// Which nodes outside the selection read a quantized tensor's float value instead of
+    /// its DQ.
+    float_readers: FloatReaders,
+}
+
+/// Nodes outside the selection that read the float value of a quantized tensor.
+#[derive(Debug, Clone)]
+enum FloatReaders {
+    /// None: every reader goes through a DQ, ONNX Runtime's way, which lets the producer fuse
+    /// with its Q.
+    Never,
+    /// All of them (transformer preset: the residual stream reads the exact LayerNorm output).
+    All,
+    /// These (node, tensor) reads: a residual sum reads the exact LayerNorm output.
+    Only(BTreeSet<(usize, String)>),
 }
 
 fn weight_axis(n: &NodeProto, slot: usize, rank: usize) -> Result<Option<usize>> {
@@ -461,6 +608,7 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
     let view = ctx.view;
     let opts = ctx.opts;
     let nodes = view.nodes();
+    let cnn_like = preset.fuses();
     let ops: Vec<&str> = match &opts.op_types {
         Some(list) => list.iter().map(|s| s.as_str()).collect(),
         None if opts.weights_only => COMPUTE_OPS.to_vec(),
@@ -475,9 +623,31 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
         removed: BTreeSet::new(),
         selected: BTreeSet::new(),
         skipped: Vec::new(),
-        float_readers_keep_float: preset == Preset::Transformer,
+        float_readers: FloatReaders::Never,
     };
     let decomposed = decomposition_nodes(view);
+    let rs = if preset == Preset::TransformerFused { residual_stream(view, &decomposed) } else { Default::default() };
+    // Why a residual-stream tensor stays float: a member of its group would be rounded too
+    // coarsely. Placement without statistics assumes every group is quantized.
+    let float_group = |name: &str| -> Option<String> {
+        let members = &rs.groups[*rs.group_of.get(name)?];
+        if let Some(asked) = &ctx.assume_ranges {
+            asked.borrow_mut().extend(members.iter().cloned());
+            return None;
+        }
+        let (t, db) = members
+            .iter()
+            .filter_map(|t| ctx.ranges.get(t).map(|r| (t, step_sqnr_db(r, opts.activations))))
+            .find(|&(_, db)| db < STREAM_MIN_SQNR_DB)?;
+        Some(format!(
+            "residual stream: the int8 step of '{t}' leaves {db:.1} dB SQNR (< {STREAM_MIN_SQNR_DB} dB): kept float"
+        ))
+    };
+    p.float_readers = match preset {
+        Preset::TransformerFused => FloatReaders::Only(rs.exact_reads.clone()),
+        Preset::Transformer => FloatReaders::All,
+        _ => FloatReaders::Never,
+    };
     let mut blocked: BTreeMap<String, String> = BTreeMap::new();
     let want_act = |p: &mut Plan, blocked: &mut BTreeMap<String, String>, name: &str, src: ActSource| -> bool {
         if name.is_empty() || view.weight(name).is_some() {
@@ -486,7 +656,7 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
         if p.act_set.contains(name) {
             return true;
         }
-        if let Some(why) = ctx.act_blocker(name) {
+        if let Some(why) = ctx.act_blocker(name).or_else(|| float_group(name)) {
             blocked.entry(name.to_string()).or_insert(why);
             return false;
         }
@@ -503,10 +673,10 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
         if !ops.contains(&op) {
             continue;
         }
-        // Under the cnn preset, a Gelu's `x·c` (c > 0, a Div by 1/c before `prepare`) is
+        // Under the cnn-like presets, a Gelu's `x·c` (c > 0, a Div by 1/c before `prepare`) is
         // quantized on x's grid scaled by c: the same integers, so no extra rounding, and
         // ONNX Runtime runs it as a QLinearMul instead of a float Mul between DQ and Q.
-        let exact_scaling = preset == Preset::Cnn
+        let exact_scaling = cnn_like
             && op == "Mul"
             && n.input.iter().any(|x| view.weight(x).and_then(scalar_value).is_some_and(|c| c > 0.0));
         if decomposed.contains(&i) && opts.op_types.is_none() && !exact_scaling {
@@ -529,8 +699,8 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
         // grid, where a masked position saturates at the scores' lowest value, the mask on its
         // own bounded grid (see [`masked_scores`]): ONNX Runtime runs QLinearAdd and
         // QLinearSoftmax instead of leaving the attention's Softmax input float.
-        let masked = match (op, preset, &ctx.assume_ranges) {
-            ("Add", Preset::Cnn, None) => masked_scores(ctx, n),
+        let masked = match (op, cnn_like, &ctx.assume_ranges) {
+            ("Add", true, None) => masked_scores(ctx, n),
             _ => None,
         };
         if let Some((x, m, mask)) = masked {
@@ -611,7 +781,7 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
                         }
                     }
                 }
-                if preset != Preset::Transformer {
+                if cnn_like {
                     for o in &n.output {
                         if !view.is_graph_output(o) {
                             want_act(&mut p, &mut blocked, o, ActSource::Own);
@@ -660,6 +830,10 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
                     }
                 }
             }
+            _ if n.output.iter().any(|o| float_group(o).is_some()) => {
+                let why = n.output.iter().find_map(|o| float_group(o)).unwrap_or_default();
+                p.skipped.push(Skipped { name: n.name().into(), op_type: op.into(), reason: why });
+            }
             _ => {
                 // Binary/unary/variadic ops: all float activation inputs and the output.
                 let data_slots = match op {
@@ -701,8 +875,7 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
                     p.consts.extend(const_slots.iter().map(|&slot| (i, slot)));
                     // A graph output is quantized only for a final Sigmoid (ONNX Runtime's
                     // QLinearSigmoid), on the fixed grid of [0, 1]: at most 1/510 per value.
-                    let final_sigmoid =
-                        |o: &str| op == "Sigmoid" && preset != Preset::Transformer && view.consumers(o).is_empty();
+                    let final_sigmoid = |o: &str| op == "Sigmoid" && cnn_like && view.consumers(o).is_empty();
                     for o in n.output.iter().filter(|o| !view.is_graph_output(o) || final_sigmoid(o)) {
                         let first = data_inputs.iter().map(|&(_, x)| x).find(|x| view.weight(x).is_none());
                         let src = match (op, first, constant) {
@@ -1110,7 +1283,12 @@ fn rewrite(
                 continue;
             }
             // Activation: a quantized tensor read by any node goes through its own DQ.
-            let keep_float = pl.float_readers_keep_float && !consumer_quantized;
+            let keep_float = !consumer_quantized
+                && match &pl.float_readers {
+                    FloatReaders::Never => false,
+                    FloatReaders::All => true,
+                    FloatReaders::Only(reads) => reads.contains(&(ni, inp.clone())),
+                };
             if act.contains_key(&inp) && !keep_float {
                 let t = inp.clone();
                 if let (Some(qn), Some((s, z, _))) = (q_out.get(&t), act.get(&t)) {
@@ -1171,7 +1349,7 @@ fn rewrite(
 pub fn summary(r: &Report) -> String {
     let t = &r.totals;
     let mut s = format!(
-        "preset {:?}, weights {} int8, activations {}\n{} of {} nodes quantized: {} activations, {} weights, {} biases, {} Relu folded\nweights {} -> {}\n",
+        "preset {}, weights {} int8, activations {}\n{} of {} nodes quantized: {} activations, {} weights, {} biases, {} Relu folded\nweights {} -> {}\n",
         r.preset,
         if r.per_channel { "per-channel" } else { "per-tensor" },
         r.activations,
@@ -1252,6 +1430,80 @@ mod tests {
             "all of [0, 1], not (0.5, 0.98)"
         );
         assert_eq!(g.output[0].name(), "y");
+    }
+
+    /// Two post-LN blocks `s = Add(x·W + b, h)`, `LayerNorm(s)`: the first branch's bias-Add
+    /// output is rounded coarsely (range ±200 at std 1: 7 dB), so its group (the MatMul output
+    /// too) stays float, its sum is not quantized and reads the exact LayerNorm output; the
+    /// second block is quantized like ONNX Runtime's placement, sum included.
+    #[test]
+    fn transformer_fused_keeps_coarse_residual_groups_float() {
+        use crate::onnx::builder::{graph, model, tensor_info};
+        use crate::onnx::tensor::vec_f32;
+        let w = |name: &str, dims: &[i64], v: f32| {
+            let n: i64 = dims.iter().product();
+            let mut t = vec_f32(name, &vec![v; n as usize]);
+            t.dims = dims.to_vec();
+            t
+        };
+        let inits = vec![
+            w("g", &[4], 1.0),
+            w("beta", &[4], 0.0),
+            w("w1", &[4, 4], 0.5),
+            w("b1", &[4], 0.1),
+            w("w2", &[4, 4], 0.25),
+            w("b2", &[4], 0.2),
+        ];
+        let ln = |name: &str, x: &str, y: &str| node("LayerNormalization", name, &[x, "g", "beta"], &[y], vec![]);
+        let nodes = vec![
+            ln("ln0", "x", "h0"),
+            node("MatMul", "mm1", &["h0", "w1"], &["m1"], vec![]),
+            node("Add", "bias1", &["m1", "b1"], &["a1"], vec![]),
+            node("Add", "sum1", &["a1", "h0"], &["s1"], vec![]),
+            ln("ln1", "s1", "h1"),
+            node("MatMul", "mm2", &["h1", "w2"], &["m2"], vec![]),
+            node("Add", "bias2", &["m2", "b2"], &["a2"], vec![]),
+            node("Add", "sum2", &["a2", "h1"], &["s2"], vec![]),
+            ln("ln2", "s2", "y"),
+        ];
+        let g = graph(
+            "g",
+            nodes,
+            vec![tensor_info("x", dtype::FLOAT, &[1, 4])],
+            vec![tensor_info("y", dtype::FLOAT, &[1, 4])],
+            inits,
+        );
+        let m = model(g, 17);
+        let view = GraphView::new(m.graph.as_ref().unwrap());
+        assert_eq!(detect_preset(&view), Preset::TransformerFused);
+        let rs = residual_stream(&view, &decomposition_nodes(&view));
+        let group = |t: &str| rs.groups[rs.group_of[t]].clone();
+        assert_eq!(group("a1"), ["a1", "m1"]);
+        assert_eq!(group("s2"), ["s2"]);
+        assert!(!rs.group_of.contains_key("h0"), "a LayerNorm output is not the stream");
+        let mut ranges: BTreeMap<String, TensorEntry> = ["x", "h0", "m1", "s1", "h1", "m2", "a2", "s2"]
+            .into_iter()
+            .map(|n| (n.to_string(), entry(-4.0, 4.0)))
+            .collect();
+        ranges.insert("a1".into(), entry(-200.0, 200.0));
+        assert!(step_sqnr_db(&ranges["a1"], ActType::U8) < 8.0);
+        assert!(step_sqnr_db(&ranges["s2"], ActType::U8) > 40.0);
+        let (q, report) = quantize(&m, &ranges, &QuantOptions::default()).unwrap();
+        assert_eq!(report.preset, Preset::TransformerFused);
+        let quantized: BTreeSet<&str> = report.tensors.iter().map(|t| t.name.as_str()).collect();
+        for t in ["h0", "h1", "m2", "a2", "s2"] {
+            assert!(quantized.contains(t), "{t} quantized");
+        }
+        for t in ["a1", "m1", "s1"] {
+            assert!(!quantized.contains(t), "{t} stays float");
+        }
+        let why = report.skipped.iter().find(|s| s.name == "bias1").map(|s| s.reason.as_str()).unwrap_or("");
+        assert!(why.contains("residual stream") && why.contains("'a1'"), "{why}");
+        let g = q.graph.unwrap();
+        let reads = |name: &str| g.node.iter().find(|n| n.name() == name).unwrap().input.clone();
+        assert_eq!(reads("sum1"), ["a1", "h0"], "the float sum reads the exact LayerNorm output");
+        assert_eq!(reads("sum2"), ["a2_dequantized", "h1_dequantized_1"]);
+        assert_eq!(reads("ln2")[0], "s2_dequantized");
     }
 
     #[test]
