@@ -105,6 +105,13 @@ fn stats_sources(targets: &[Target]) -> Vec<usize> {
         .collect()
 }
 
+/// The targets that [`calibrate`] computes statistics of directly, so pins as tract outputs
+/// (the others copy the statistics of the tensor they rearrange), in target order.
+pub fn pinned_targets(targets: &[Target]) -> Vec<&Target> {
+    let sources = stats_sources(targets);
+    targets.iter().enumerate().filter(|&(i, _)| sources[i] == i).map(|(_, t)| t).collect()
+}
+
 /// Graph inputs (excluding those backed by initializers), as sample specs.
 pub fn input_specs(g: &GraphProto) -> Vec<InputSpec> {
     let inits: std::collections::HashSet<&str> = g.initializer.iter().map(|t| t.name()).collect();

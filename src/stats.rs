@@ -367,7 +367,7 @@ impl BinGrid {
             && self.scale.to_bits() & ((1 << 52) - 1) == 0
             && self.half <= 1 << 23
             && self.top == 2 * self.half - 1;
-        exact.then(|| GridF32 { scale, half: self.half as i32 })
+        exact.then_some(GridF32 { scale, half: self.half as i32 })
     }
 
     /// Bins of `block` into `idx` (same length); non-finite elements get `u32::MAX` unless
