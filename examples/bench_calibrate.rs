@@ -1,7 +1,8 @@
 //! Calibration cost against plain inference: `cargo run --release --example bench_calibrate --
 //! MODEL DATA [DATA ...]`. Runs the samples once through a tract plan that returns only the
-//! graph outputs, then through a plan that hands over every default target without statistics
-//! (`watch`: what keeping them unfused costs tract), then calibrates every default target
+//! graph outputs, then through a plan that hands over every default target calibration pins
+//! (those not sharing another's statistics), without statistics (`watch`: what keeping them
+//! unfused costs tract), then calibrates every default target
 //! (statistics + histograms), then only the targets `quantize` calibrates, all on the same
 //! samples with the same threading, and prints one JSON line with the times and ratios.
 //! Wall time and the process's CPU time (user + system, from /proc/self/stat; 0 where that
@@ -35,9 +36,10 @@ fn main() -> Result<()> {
     let plain_cpu = cpu_seconds() - c0;
 
     let targets = cal::default_targets(&onnxq::onnx::GraphView::new(g))?;
-    // The same samples through a plan that reports every target but computes no statistics:
-    // what keeping the targets from being fused costs tract itself.
-    let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
+    // The same samples through a plan that reports every tensor calibration pins (the targets
+    // that do not share another target's statistics) but computes no statistics: what keeping
+    // them from being fused costs tract itself.
+    let names: Vec<String> = cal::pinned_targets(&targets).iter().map(|t| t.name.clone()).collect();
     let (t3, c3) = (Instant::now(), cpu_seconds());
     let watched = onnxq::runtime::Plan::load(&bytes, None, &input_facts(&specs, &set)?, &names)?;
     cal::for_each_sample_with(
@@ -58,9 +60,10 @@ fn main() -> Result<()> {
     let q = cal::calibrate(&bytes, &specs, &set, &qtargets, &cal::CalibOptions::default())?;
     let (qcalib, qcalib_cpu) = (t4.elapsed().as_secs_f64(), cpu_seconds() - c4);
     println!(
-        "{{\"model\": \"{model_path}\", \"samples\": {}, \"tensors\": {}, \"plain_load_s\": {load_plain:.3}, \"plain_run_s\": {plain:.3}, \"watch_s\": {watch:.3}, \"watch_cpu_s\": {watch_cpu:.2}, \"calibrate_s\": {calib:.3}, \"ratio\": {:.3}, \"plain_cpu_s\": {plain_cpu:.2}, \"calibrate_cpu_s\": {calib_cpu:.2}, \"cpu_ratio\": {:.3}, \"quantize_tensors\": {}, \"quantize_calibrate_s\": {qcalib:.3}, \"quantize_ratio\": {:.3}, \"quantize_cpu_ratio\": {:.3}, \"threads\": {}}}",
+        "{{\"model\": \"{model_path}\", \"samples\": {}, \"tensors\": {}, \"pinned\": {}, \"plain_load_s\": {load_plain:.3}, \"plain_run_s\": {plain:.3}, \"watch_s\": {watch:.3}, \"watch_cpu_s\": {watch_cpu:.2}, \"calibrate_s\": {calib:.3}, \"ratio\": {:.3}, \"plain_cpu_s\": {plain_cpu:.2}, \"calibrate_cpu_s\": {calib_cpu:.2}, \"cpu_ratio\": {:.3}, \"quantize_tensors\": {}, \"quantize_calibrate_s\": {qcalib:.3}, \"quantize_ratio\": {:.3}, \"quantize_cpu_ratio\": {:.3}, \"threads\": {}}}",
         set.len(),
         c.tensors.len(),
+        names.len(),
         calib / (load_plain + plain),
         calib_cpu / plain_cpu.max(1e-9),
         q.tensors.len(),

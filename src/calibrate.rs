@@ -67,7 +67,8 @@ pub struct Target {
     pub name: String,
     pub channel_axis: Option<ChannelAxis>,
     /// The tensor this one is a pure rearrangement of (the data input of a Reshape,
-    /// Transpose, Flatten, Squeeze or Unsqueeze): both hold the same multiset of values in
+    /// Transpose, Flatten, Squeeze, Unsqueeze or Identity, whether or not that node is itself
+    /// quantizable): both hold the same multiset of values in
     /// every sample, so when that tensor is calibrated too its statistics are copied instead
     /// of pinning this one as an extra tract output (pinned outputs stop tract from fusing).
     pub same_values_as: Option<String>,
@@ -104,6 +105,13 @@ fn stats_sources(targets: &[Target]) -> Vec<usize> {
             i
         })
         .collect()
+}
+
+/// The targets that [`calibrate`] computes statistics of directly, so pins as tract outputs
+/// (the others copy the statistics of the tensor they rearrange), in target order.
+pub fn pinned_targets(targets: &[Target]) -> Vec<&Target> {
+    let sources = stats_sources(targets);
+    targets.iter().enumerate().filter(|&(i, _)| sources[i] == i).map(|(_, t)| t).collect()
 }
 
 /// Graph inputs (excluding those backed by initializers), as sample specs.
@@ -144,8 +152,16 @@ pub fn default_targets(view: &GraphView) -> Result<Vec<Target>> {
         }
         out.push(Target { name: name.to_string(), channel_axis: axis, same_values_as: None });
     };
+    // Output -> data input of every rearranging node, quantizable or not (an Identity is not,
+    // yet its output often feeds a quantizable node).
+    let mut rearranged: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
     for i in order {
         let n = &view.nodes()[i];
+        if REARRANGING_OPS.contains(&n.op_type()) {
+            if let (Some(src), Some(o)) = (n.input.first(), n.output.first()) {
+                rearranged.insert(o.as_str(), src.as_str());
+            }
+        }
         if !QUANTIZABLE_OPS.contains(&n.op_type()) {
             continue;
         }
@@ -160,16 +176,12 @@ pub fn default_targets(view: &GraphView) -> Result<Vec<Target>> {
         for o in &n.output {
             add(o, axis, &mut out);
         }
-        if REARRANGING_OPS.contains(&n.op_type()) {
-            if let (Some(src), Some(o)) = (n.input.first(), n.output.first()) {
-                if let Some(t) = out.iter_mut().find(|t| &t.name == o) {
-                    t.same_values_as = Some(src.clone());
-                }
-            }
-        }
     }
     for o in &view.graph.output {
         add(o.name(), None, &mut out);
+    }
+    for t in &mut out {
+        t.same_values_as = rearranged.get(t.name.as_str()).map(|s| s.to_string());
     }
     // Integer tensors without declared types (shape arithmetic) come back from tract as ints
     // and are dropped by `calibrate`.
@@ -540,4 +552,41 @@ pub fn summary(cal: &Calibration) -> String {
         out.push_str(&format!("  {r:>8.1}x  {n}  (abs max {m:.4}, p99.9 {p:.4})\n"));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::builder::{graph, node, tensor_info};
+
+    /// An Identity (not a quantizable op) between two quantizable ones: its output takes the
+    /// statistics of its input, as a Reshape's does, so it is not pinned as a tract output.
+    #[test]
+    fn identity_and_reshape_outputs_share_their_input_statistics() -> Result<()> {
+        let f = dtype::FLOAT;
+        let g = graph(
+            "g",
+            vec![
+                node("Relu", "r", &["x"], &["a"], vec![]),
+                node("Identity", "i", &["a"], &["b"], vec![]),
+                node("Relu", "r2", &["b"], &["c"], vec![]),
+                node("Flatten", "f", &["c"], &["d"], vec![]),
+                node("Sigmoid", "s", &["d"], &["y"], vec![]),
+            ],
+            vec![tensor_info("x", f, &[1, 4])],
+            vec![tensor_info("y", f, &[1, 4])],
+            vec![],
+        );
+        let targets = default_targets(&GraphView::new(&g))?;
+        let alias = |name: &str| targets.iter().find(|t| t.name == name).map(|t| t.same_values_as.clone());
+        assert_eq!(alias("b"), Some(Some("a".to_string())));
+        assert_eq!(alias("d"), Some(Some("c".to_string())));
+        assert_eq!((alias("a"), alias("c"), alias("y")), (Some(None), Some(None), Some(None)));
+        // Only the Relu outputs, the input and the graph output are calibrated directly.
+        let sources = stats_sources(&targets);
+        let direct: Vec<&str> =
+            (0..targets.len()).filter(|&i| sources[i] == i).map(|i| targets[i].name.as_str()).collect();
+        assert_eq!(direct, ["x", "a", "c", "y"]);
+        Ok(())
+    }
 }

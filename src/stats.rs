@@ -110,22 +110,35 @@ impl Lanes {
     };
 
     /// Adds a body (length a multiple of `LANES`, starting at lane 0) with min/max by compare
-    /// and select; `false`, with the lanes unchanged, if it holds a NaN or ±Inf.
-    fn add_finite(&mut self, body: &[f32]) -> bool {
+    /// and select, and with `bins`, writes the bin of each element into `idx` (same length as
+    /// `body`) in the same pass where the `f32` kernel applies (AVX2 and a [`GridF32`]).
+    /// Returns (all finite, `idx` written); if a NaN or ±Inf is present, the lanes are
+    /// unchanged.
+    fn add_finite_binned(&mut self, body: &[f32], bins: Option<(&GridF32, &mut [u32])>) -> (bool, bool) {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, checked just above.
-            return unsafe { self.add_finite_avx2(body) };
+            return match bins {
+                Some((grid, idx)) if idx.len() == body.len() => {
+                    // SAFETY: the CPU supports AVX2, checked just above; `idx` is as long as `body`.
+                    let finite = unsafe { self.add_finite_avx2::<true>(body, grid, idx) };
+                    (finite, finite)
+                }
+                // SAFETY: the CPU supports AVX2, checked just above; `BIN` is false.
+                _ => (unsafe { self.add_finite_avx2::<false>(body, &GridF32::UNUSED, &mut []) }, false),
+            };
         }
-        self.add_finite_portable(body)
+        let _ = bins;
+        (self.add_finite_portable(body), false)
     }
 
     /// [`Self::add_finite_portable`] with AVX2 intrinsics: lanes 0–3 and 4–7 are the two
     /// `f64` halves of one 8-wide `f32` load. Each square is rounded before it is added (no
-    /// FMA), so the results are bit-identical to the portable code.
+    /// FMA), so the results are bit-identical to the portable code. With `BIN`, the bins of
+    /// `grid` go to `idx` (which must be as long as `body`), computed as in
+    /// [`GridF32`]; `idx` is meaningful only if `true` is returned.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn add_finite_avx2(&mut self, body: &[f32]) -> bool {
+    unsafe fn add_finite_avx2<const BIN: bool>(&mut self, body: &[f32], grid: &GridF32, idx: &mut [u32]) -> bool {
         use std::arch::x86_64::*;
         // SAFETY: each source array holds exactly one vector.
         let (mut mn, mut mx, mut s_lo, mut s_hi, mut ss_lo, mut ss_hi) = unsafe {
@@ -138,12 +151,16 @@ impl Lanes {
                 _mm256_loadu_pd(self.sum_sq.as_ptr().add(4)),
             )
         };
+        let (scale, minus_one, zero, half) =
+            (_mm256_set1_ps(grid.scale), _mm256_set1_ps(-1.0), _mm256_setzero_ps(), _mm256_set1_epi32(grid.half));
         // `v - v` is +0 for finite `v` and NaN otherwise: OR-ed together, any set bit means a
         // non-finite element.
         let mut bad = _mm256_setzero_ps();
-        for c in body.chunks_exact(Moments::LANES) {
-            // SAFETY: `c` holds exactly 8 f32.
-            let v = unsafe { _mm256_loadu_ps(c.as_ptr()) };
+        let steps = body.len() / Moments::LANES;
+        for i in 0..steps {
+            let at = i * Moments::LANES;
+            // SAFETY: `at + 8 <= body.len()`.
+            let v = unsafe { _mm256_loadu_ps(body.as_ptr().add(at)) };
             bad = _mm256_or_ps(bad, _mm256_sub_ps(v, v));
             // min_ps(v, m) = if v < m { v } else { m }, as in the portable code.
             mn = _mm256_min_ps(v, mn);
@@ -154,6 +171,17 @@ impl Lanes {
             s_hi = _mm256_add_pd(s_hi, hi);
             ss_lo = _mm256_add_pd(ss_lo, _mm256_mul_pd(lo, lo));
             ss_hi = _mm256_add_pd(ss_hi, _mm256_mul_pd(hi, hi));
+            if BIN {
+                let f = _mm256_floor_ps(_mm256_mul_ps(v, scale));
+                // A negative `v` whose product underflowed to -0 still belongs below 0.
+                let neg = _mm256_cmp_ps::<_CMP_LT_OQ>(v, zero);
+                let f = _mm256_blendv_ps(f, _mm256_min_ps(f, minus_one), neg);
+                // For `v` inside the range, `f` is an integer in [-half, half - 1] and the
+                // conversion is exact; outside it, the block is binned again (`add_slice`).
+                let k = _mm256_add_epi32(_mm256_cvtps_epi32(f), half);
+                // SAFETY: `idx` is as long as `body` (caller), so `at + 8 <= idx.len()`.
+                unsafe { _mm256_storeu_si256(idx.as_mut_ptr().add(at).cast::<__m256i>(), k) };
+            }
         }
         if _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_NEQ_UQ>(bad, _mm256_setzero_ps())) != 0 {
             return false;
@@ -201,11 +229,21 @@ impl MomentsAcc {
         MomentsAcc { lanes: Lanes::EMPTY, n: 0, nan: 0, inf: 0 }
     }
 
-    /// Adds the next segment; `true` if all its elements are finite.
-    fn add(&mut self, seg: &[f32]) -> bool {
+    /// Adds the next segment and, with `bins`, bins it with the grid into `idx` (as long as
+    /// `seg`) in the same pass where the fused kernel applies. Returns (all finite, `idx`
+    /// written: the bins of every element inside the grid's range, `u32::MAX` for NaN and
+    /// ±Inf; elements outside the range get meaningless bins).
+    fn add_binned(&mut self, seg: &[f32], bins: Option<(&BinGrid, &mut [u32])>) -> (bool, bool) {
         const L: usize = Moments::LANES;
-        let (body, rest) = seg.split_at(seg.len() - seg.len() % L);
-        let mut finite = self.lanes.add_finite(body);
+        let cut = seg.len() - seg.len() % L;
+        let (body, rest) = seg.split_at(cut);
+        let (grid, idx) = match bins {
+            Some((grid, idx)) if idx.len() == seg.len() => (Some(grid), idx),
+            _ => (None, &mut [][..]),
+        };
+        let fast = grid.and_then(BinGrid::f32_grid);
+        let (idx_body, idx_rest) = idx.split_at_mut(cut.min(idx.len()));
+        let (mut finite, mut binned) = self.lanes.add_finite_binned(body, fast.as_ref().map(|g| (g, idx_body)));
         if finite {
             self.n += body.len() as u64;
         } else {
@@ -219,7 +257,12 @@ impl MomentsAcc {
             finite &= v.is_finite();
             self.add_one(k, v);
         }
-        finite
+        if let (true, Some(grid)) = (binned, grid) {
+            grid.bins_of_portable(rest, idx_rest, false);
+        } else {
+            binned = false;
+        }
+        (finite, binned)
     }
 
     fn add_one(&mut self, lane: usize, v: f32) {
@@ -275,12 +318,6 @@ impl MomentsAcc {
 impl Moments {
     const LANES: usize = 8;
 
-    fn of(data: &[f32]) -> Moments {
-        let mut acc = MomentsAcc::new();
-        acc.add(data);
-        acc.finish(data)
-    }
-
     fn empty() -> Moments {
         Moments { n: 0, nan: 0, inf: 0, min: f64::INFINITY, max: f64::NEG_INFINITY, sum: 0.0, sum_sq: 0.0 }
     }
@@ -304,7 +341,35 @@ struct BinGrid {
     top: i64,
 }
 
+/// [`BinGrid`] in `f32`, for the fused kernel: bin of a finite `v` inside the range =
+/// `floor(v·scale) + half`, and `−1 + half` at most for `v < 0`. `v·scale` is exact when it is
+/// a normal `f32` (scale a power of two); when it is below `2^-126` in magnitude it may round,
+/// possibly to `−0`, but then `|v·scale| < 1` and the floor is 0 for `v ≥ 0` and −1 for
+/// `v < 0`, which the `v < 0` rule restores. So inside the range the bins equal
+/// [`BinGrid`]'s exactly (no clamp is needed there).
+struct GridF32 {
+    scale: f32,
+    half: i32,
+}
+
+impl GridF32 {
+    /// Placeholder for kernels that do not bin.
+    const UNUSED: GridF32 = GridF32 { scale: 1.0, half: 0 };
+}
+
 impl BinGrid {
+    /// The same grid in `f32`, when that is exact: the scale a normal power of two in `f32`,
+    /// at most `2^23` bins per side (exact `f32` integers).
+    fn f32_grid(&self) -> Option<GridF32> {
+        let scale = self.scale as f32;
+        let exact = f64::from(scale) == self.scale
+            && scale.is_normal()
+            && self.scale.to_bits() & ((1 << 52) - 1) == 0
+            && self.half <= 1 << 23
+            && self.top == 2 * self.half - 1;
+        exact.then_some(GridF32 { scale, half: self.half as i32 })
+    }
+
     /// Bins of `block` into `idx` (same length); non-finite elements get `u32::MAX` unless
     /// `finite_only` promises there are none.
     fn bins_of(&self, block: &[f32], idx: &mut [u32], finite_only: bool) {
@@ -373,7 +438,7 @@ impl BinGrid {
     }
 }
 
-/// Four interleaved `u32` histograms (one per element position mod 4) for a large sample,
+/// `SUB` interleaved `u32` histograms (one per element position mod `SUB`) for a large sample,
 /// so that runs of equal bins do not serialize on one counter; empty for small samples,
 /// which count straight into the `u64` histogram.
 struct SubHistograms {
@@ -383,9 +448,11 @@ struct SubHistograms {
 }
 
 impl SubHistograms {
+    const SUB: usize = 4;
+
     fn new(elements: usize, bins: usize) -> SubHistograms {
-        let interleave = elements >= 4 * bins && elements >= 4096;
-        SubHistograms { sub: if interleave { vec![0u32; 4 * bins] } else { Vec::new() }, pending: 0 }
+        let interleave = elements >= Self::SUB * bins && elements >= 4096;
+        SubHistograms { sub: if interleave { vec![0u32; Self::SUB * bins] } else { Vec::new() }, pending: 0 }
     }
 }
 
@@ -438,14 +505,14 @@ impl TensorStats {
 
     /// Fold one sample's activation (any shape) into the stats.
     ///
-    /// One pass over the C-order slice: block by block (channel blocks, or segments of 8192
-    /// elements), the moments in fixed-width lanes (AVX2 where available, bit-identical), then
-    /// the histogram bins of the same block while it is in cache (`floor` of an exact product,
-    /// no libm call); counts go through four interleaved `u32` sub-histograms when the sample
-    /// is large, so consecutive equal bins do not serialize on one counter.
+    /// One pass over the C-order slice, in blocks of 1024 elements (within each channel block
+    /// when there are per-channel blocks): the moments in fixed-width lanes and, in the same
+    /// loop, the histogram bins with the range so far (AVX2 where available, bit-identical to
+    /// the portable code, `floor` of an exact product, no libm call); a block whose values
+    /// need a larger range grows it and is binned again while it is in cache. Counts go
+    /// through four interleaved `u32` sub-histograms when the sample is large, so consecutive
+    /// equal bins do not serialize on one counter.
     pub fn update(&mut self, x: ArrayViewD<'_, f32>) {
-        /// Elements per segment of a tensor without channel blocks (fits in L1 with its bins).
-        const SEGMENT: usize = 8192;
         // One C-order slice (borrowed unless the view is not C-contiguous) serves every pass.
         let standard = x.as_standard_layout();
         let Some(data) = standard.as_slice() else { return };
@@ -455,9 +522,6 @@ impl TensorStats {
         // With enough elements per channel block, the moments are taken per block: a block's
         // abs-max is max(|min|, |max|), so no separate per-channel pass is needed.
         let blocks = layout.filter(|&(channels, inner): &(usize, usize)| channels > 0 && inner >= 16);
-        // Each block or segment is binned right after its moments, while it is in cache. The
-        // range grows with the largest |x| seen so far; since doubling commutes with binning
-        // (module docs), the histogram is the same as with the final range from the start.
         let mut counts = SubHistograms::new(data.len(), self.bins);
         let moments = match blocks {
             Some((channels, inner)) => {
@@ -466,27 +530,16 @@ impl TensorStats {
                 }
                 let mut total = Moments::empty();
                 for (k, block) in data.chunks_exact(inner).enumerate() {
-                    let m = Moments::of(block);
+                    let m = self.add_slice(block, &mut counts);
                     if m.n > 0 {
-                        let abs_max = m.min.abs().max(m.max.abs());
                         let slot = &mut self.channel_absmax[k % channels];
-                        *slot = slot.max(abs_max as f32);
-                        self.add_to_histogram(block, abs_max, m.nan + m.inf == 0, &mut counts);
+                        *slot = slot.max(m.min.abs().max(m.max.abs()) as f32);
                     }
                     total.add(&m);
                 }
                 total
             }
-            None => {
-                let mut acc = MomentsAcc::new();
-                for seg in data.chunks(SEGMENT) {
-                    let finite = acc.add(seg);
-                    if let Some(abs_max) = acc.abs_max() {
-                        self.add_to_histogram(seg, abs_max, finite, &mut counts);
-                    }
-                }
-                acc.finish(data)
-            }
+            None => self.add_slice(data, &mut counts),
         };
         self.flush_sub_histograms(&mut counts.sub);
         self.nan_count += moments.nan;
@@ -504,66 +557,84 @@ impl TensorStats {
         }
     }
 
-    /// Histogram counts of the finite elements of `data`, after growing the range to hold
-    /// `abs_max` (at least the largest finite |x| of `data`). `finite_only` promises no NaN or
-    /// ±Inf in `data`.
-    fn add_to_histogram(&mut self, data: &[f32], abs_max: f64, finite_only: bool, counts: &mut SubHistograms) {
+    /// The moments of `data` (lanes counted from its first element) and its histogram counts,
+    /// block by block: each block's moments and bins in one pass with the range so far; when
+    /// the block's values need a larger range, the range grows and the block is binned again.
+    /// Since doubling commutes with binning (module docs), the histogram is the same as with
+    /// the final range from the start.
+    fn add_slice(&mut self, data: &[f32], counts: &mut SubHistograms) -> Moments {
+        /// A multiple of `Moments::LANES`; the block and its bins stay in L1.
         const BLOCK: usize = 1024;
-        let exp = exp_above(abs_max);
-        if exp > self.hist_exp {
-            // The pending counts are bins of the old range.
-            self.flush_sub_histograms(&mut counts.sub);
-            self.grow_to(exp);
-        }
-        let scale = self.bins as f64 / pow2(self.hist_exp + 1);
-        let half = (self.bins / 2) as i64;
-        let top = self.bins as i64 - 1;
-        let grid = BinGrid { scale, half, top };
+        let mut acc = MomentsAcc::new();
         let mut idx = [0u32; BLOCK];
         for block in data.chunks(BLOCK) {
             let idx = &mut idx[..block.len()];
-            grid.bins_of(block, idx, finite_only);
-            if counts.sub.is_empty() {
-                for &j in idx.iter() {
-                    if j != u32::MAX {
-                        self.hist[j as usize] += 1;
-                    }
-                }
-                continue;
-            }
-            let sub = &mut counts.sub;
-            let mut quads = idx.chunks_exact(4);
-            if finite_only {
-                // Every bin is in [0, bins): one counter array per lane, no checks.
-                let (s01, s23) = sub.split_at_mut(2 * self.bins);
-                let (s0, s1) = s01.split_at_mut(self.bins);
-                let (s2, s3) = s23.split_at_mut(self.bins);
-                for q in &mut quads {
-                    s0[q[0] as usize] += 1;
-                    s1[q[1] as usize] += 1;
-                    s2[q[2] as usize] += 1;
-                    s3[q[3] as usize] += 1;
-                }
-            } else {
-                for q in &mut quads {
-                    for (lane, &j) in q.iter().enumerate() {
-                        if j != u32::MAX {
-                            sub[lane * self.bins + j as usize] += 1;
-                        }
-                    }
-                }
-            }
-            for &j in quads.remainder() {
-                if j != u32::MAX {
-                    sub[j as usize] += 1;
-                }
-            }
-            counts.pending += block.len();
-            // Flush before any u32 counter could overflow.
-            if counts.pending >= (1 << 31) {
+            let (finite, binned) = acc.add_binned(block, Some((&self.grid(), &mut *idx)));
+            // Nothing to count before the first finite value.
+            let Some(abs_max) = acc.abs_max() else { continue };
+            let exp = exp_above(abs_max);
+            let grows = exp > self.hist_exp;
+            if grows {
+                // The pending counts are bins of the old range.
                 self.flush_sub_histograms(&mut counts.sub);
-                counts.pending = 0;
+                self.grow_to(exp);
             }
+            if grows || !binned {
+                self.grid().bins_of(block, idx, finite);
+            }
+            self.count_bins(idx, finite, counts);
+        }
+        acc.finish(data)
+    }
+
+    /// The bin arithmetic of the current range.
+    fn grid(&self) -> BinGrid {
+        let half = (self.bins / 2) as i64;
+        BinGrid { scale: self.bins as f64 / pow2(self.hist_exp + 1), half, top: self.bins as i64 - 1 }
+    }
+
+    /// Counts bins (`u32::MAX` = not counted, only when not `finite_only`).
+    fn count_bins(&mut self, idx: &[u32], finite_only: bool, counts: &mut SubHistograms) {
+        if counts.sub.is_empty() {
+            for &j in idx {
+                if j != u32::MAX {
+                    self.hist[j as usize] += 1;
+                }
+            }
+            return;
+        }
+        const SUB: usize = SubHistograms::SUB;
+        let bins = self.bins;
+        let sub = &mut counts.sub;
+        let mut groups = idx.chunks_exact(SUB);
+        if finite_only {
+            // Every bin is in [0, bins): sub-histogram `k` counts position `k` of each group.
+            for g in &mut groups {
+                for (k, &j) in g.iter().enumerate() {
+                    // SAFETY: `j < bins` (finite elements are binned into [0, bins)) and
+                    // `sub.len() == SUB * bins`, so `k * bins + j < sub.len()`.
+                    unsafe { *sub.get_unchecked_mut(k * bins + j as usize) += 1 };
+                }
+            }
+        } else {
+            for g in &mut groups {
+                for (k, &j) in g.iter().enumerate() {
+                    if j != u32::MAX {
+                        sub[k * bins + j as usize] += 1;
+                    }
+                }
+            }
+        }
+        for &j in groups.remainder() {
+            if j != u32::MAX {
+                sub[j as usize] += 1;
+            }
+        }
+        counts.pending += idx.len();
+        // Flush before any u32 counter could overflow.
+        if counts.pending >= (1 << 31) {
+            self.flush_sub_histograms(&mut counts.sub);
+            counts.pending = 0;
         }
     }
 
@@ -1210,34 +1281,65 @@ mod tests {
         data.extend([f32::MIN_POSITIVE, -f32::MIN_POSITIVE, 3.999_999_8, -3.999_999_8, 1.0 / 512.0, -1.0 / 512.0]);
         for n in [0, 3, 8, 9, 1000, data.len()] {
             let body = &data[..n - n % Moments::LANES];
-            let (mut a, mut p) = (Lanes::EMPTY, Lanes::EMPTY);
+            let (mut a, mut b, mut p) = (Lanes::EMPTY, Lanes::EMPTY, Lanes::EMPTY);
+            let mut idx = vec![0u32; body.len()];
+            let grid = GridF32 { scale: 256.0, half: 1024 };
             // Twice: the second call continues from the lanes of the first.
             for _ in 0..2 {
-                // SAFETY: AVX2 is present (checked above).
-                assert!(unsafe { a.add_finite_avx2(body) });
+                // SAFETY: AVX2 is present (checked above); `idx` is as long as `body`.
+                assert!(unsafe { a.add_finite_avx2::<false>(body, &GridF32::UNUSED, &mut []) });
+                assert!(unsafe { b.add_finite_avx2::<true>(body, &grid, &mut idx) });
                 assert!(p.add_finite_portable(body));
             }
-            assert_eq!(a.min.map(f32::to_bits), p.min.map(f32::to_bits));
-            assert_eq!(a.max.map(f32::to_bits), p.max.map(f32::to_bits));
-            assert_eq!(a.sum.map(f64::to_bits), p.sum.map(f64::to_bits));
-            assert_eq!(a.sum_sq.map(f64::to_bits), p.sum_sq.map(f64::to_bits));
+            for l in [&a, &b] {
+                assert_eq!(l.min.map(f32::to_bits), p.min.map(f32::to_bits));
+                assert_eq!(l.max.map(f32::to_bits), p.max.map(f32::to_bits));
+                assert_eq!(l.sum.map(f64::to_bits), p.sum.map(f64::to_bits));
+                assert_eq!(l.sum_sq.map(f64::to_bits), p.sum_sq.map(f64::to_bits));
+            }
         }
         let mut bad = data.clone();
         for v in [f32::INFINITY, f32::NAN] {
             bad[40] = v;
             let mut l = Lanes::EMPTY;
             // SAFETY: AVX2 is present (checked above).
-            assert!(!unsafe { l.add_finite_avx2(&bad[..64]) });
+            assert!(!unsafe { l.add_finite_avx2::<false>(&bad[..64], &GridF32::UNUSED, &mut []) });
             assert_eq!(l.sum, Lanes::EMPTY.sum, "a refused body leaves the lanes alone");
         }
-        for (bins, exp) in [(2048usize, 2), (2048, -20), (4, 30), (1 << 20, 2)] {
+        // Range exponents down to the smallest and up to beyond f32::MAX (where tiny values
+        // underflow when scaled: negative ones must still land below 0), and bin counts with
+        // and without an exact f32 grid.
+        data.extend([-1e-38, -1.5e-39, 1e-38, -1e-30, -3e-20, 1e-10, -1e-10, 1e30, -1e35, 3e38, -3.4e38]);
+        for (bins, exp) in [
+            (2048usize, 2),
+            (2048, -20),
+            (2048, 100),
+            (2048, 128),
+            (4, 30),
+            (4, 128),
+            (1 << 20, 2),
+            (1 << 24, 2),
+            (1 << 25, 2),
+            (2052, 2),
+        ] {
             let grid = BinGrid { scale: bins as f64 / pow2(exp + 1), half: (bins / 2) as i64, top: bins as i64 - 1 };
-            let in_range: Vec<f32> = data.iter().copied().filter(|v| (f64::from(*v)).abs() < pow2(exp)).collect();
+            let mut in_range: Vec<f32> = data.iter().copied().filter(|v| (f64::from(*v)).abs() < pow2(exp)).collect();
+            in_range.truncate(in_range.len() - in_range.len() % Moments::LANES);
             let (mut a, mut p) = (vec![0u32; in_range.len()], vec![0u32; in_range.len()]);
             // SAFETY: AVX2 is present (checked above).
             unsafe { grid.bins_of_avx2(&in_range, &mut a, true) };
             grid.bins_of_portable(&in_range, &mut p, true);
             assert_eq!(a, p, "bins {bins}, exp {exp}");
+            let fast = grid.f32_grid();
+            let normal_scale = grid.scale >= f64::from(f32::MIN_POSITIVE);
+            assert_eq!(fast.is_some(), bins.is_power_of_two() && bins <= 1 << 24 && normal_scale, "bins {bins}");
+            if let Some(g) = fast {
+                let mut f = vec![0u32; in_range.len()];
+                let mut l = Lanes::EMPTY;
+                // SAFETY: AVX2 is present (checked above); `f` is as long as `in_range`.
+                assert!(unsafe { l.add_finite_avx2::<true>(&in_range, &g, &mut f) });
+                assert_eq!(f, p, "fused bins {bins}, exp {exp}");
+            }
         }
     }
 
