@@ -1129,7 +1129,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         reference: &reference,
         passes: 0,
     });
-    let sequential = || -> Result<(ModelProto, usize)> {
+    let mut sequential = || -> Result<(ModelProto, usize)> {
         let mut fold_fresh = |per: Vec<Option<TensorStats>>| cal::fold_stats(&mut fresh, per);
         let mut cur = model.clone();
         let mut seg = segment::Segmenter::new(&specs, &set, opts.quiet);
@@ -1241,15 +1241,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         }
         Ok((cur, seg.pieces))
     };
-    // The plain model's fake-quant twin (guarded runs) is built and loaded while the
-    // sequential pass runs: tract's plan optimization is single-threaded, and the sequential
-    // pass leaves a core idle while it loads its pieces and solves. It is wasted only when no
-    // edit is kept (then the guard does not run).
-    let (seq, plain_plan) = rayon::join(sequential, || match (&guard, &plain_ranges) {
-        (Some(g), Some(pr)) => g.plan(model, pr).map(Some),
-        _ => Ok(None),
-    });
-    let (cur, pieces) = seq?;
+    let (cur, pieces) = sequential()?;
     let mut regularized = report.layers.iter().any(|d| d.accepted);
     report.pieces = pieces;
     report.passes += 1;
@@ -1277,10 +1269,9 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
             }
         }
     }
-    if let (Some(guard), Some(rr), true) = (guard.as_mut(), &reg_ranges, regularized) {
+    if let (Some(guard), Some(rr), Some(pr), true) = (guard.as_mut(), &reg_ranges, &plain_ranges, regularized) {
         report.guard_samples = Some(guard.set.len());
-        let plain_plan = plain_plan?.context("internal error: no plain quantization to compare with")?;
-        let (b, f) = guard.compare(plain_plan, (&cur, rr))?;
+        let (b, f) = guard.compare((model, pr), (&cur, rr))?;
         report.passes += guard.passes;
         if !opts.quiet {
             eprintln!(
