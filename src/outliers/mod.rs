@@ -69,9 +69,7 @@
 //! 7. **Global guard** ([`guard`], `--regularize auto`): plain quantization (ranges of the
 //!    first pass) and the regularized model (ranges of step 6) are each quantized, run as
 //!    fast fake-quant twins on the guard's samples and compared with the original float
-//!    outputs (kept from the first pass); the two twins differ only in constants (edited
-//!    weights and biases, recalibrated scales), so one twin is loaded with those constants as
-//!    inputs and run with each model's values. The regularized model is returned only if its
+//!    outputs (kept from the first pass); the regularized model is returned only if its
 //!    worst-output SQNR is strictly higher, else the input model. The guard's samples are
 //!    the first [`GUARD_SAMPLES`] (8) calibration samples (all of them when there are
 //!    fewer), the first half of those bias correction measures on: the comparison is paired
@@ -86,13 +84,18 @@
 //! `auto`: one statistics pass (the calibration plain quantization needs anyway, plus the
 //! candidate layers' outlier detection from their outputs and the float outputs of the
 //! guard's samples), nothing more when no candidate layer has outliers; else one sequential
-//! pass (statistics, Gram matrices, recalibration) and, when an edit was kept, one twin
-//! loaded (tract's plan optimization of a fake-quant twin costs more than running it on the
-//! guard's samples) and two fake-quant forward passes over the guard's samples, run in one
-//! sample loop. Ranges are searched only for the variant the activation type reads
+//! pass (statistics, Gram matrices, recalibration) and, when an edit was kept, two fake-quant
+//! forward passes over the guard's samples, run in one sample loop. The plain model's twin
+//! is quantized and loaded concurrently with the sequential pass (plan optimization is
+//! single-threaded, so it fills a core the pass leaves idle while it loads pieces and
+//! solves; it is wasted when no edit is kept). Loading a twin (tract's plan optimization)
+//! costs more CPU than running it on the guard's samples; one twin with the constants where
+//! the two differ as inputs costs as much as two (MiniLM-L6: ~620 differing scales). Ranges
+//! are searched only for the variant the activation type reads
 //! ([`crate::calibrate::quantizer_ranges`]). A forced strength and `onnxq regularize` run
 //! the first two passes without calibration statistics. The report's `phase_seconds` and
-//! `phase_cpu_seconds` give each phase's wall and CPU time.
+//! `phase_cpu_seconds` give each phase's wall and CPU time (the plain twin's load counts in
+//! the sequential pass's).
 
 pub mod collect;
 pub mod guard;
@@ -1183,7 +1186,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         reference: &reference,
         passes: 0,
     });
-    let mut sequential = || -> Result<(ModelProto, usize)> {
+    let sequential = || -> Result<(ModelProto, usize)> {
         let mut fold_fresh = |per: Vec<Option<TensorStats>>| cal::fold_stats(&mut fresh, per);
         let mut cur = model.clone();
         let mut seg = segment::Segmenter::new(&specs, &set, opts.quiet);
@@ -1295,7 +1298,15 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         }
         Ok((cur, seg.pieces))
     };
-    let (cur, pieces) = sequential()?;
+    // The plain model's fake-quant twin (guarded runs) is built and loaded while the
+    // sequential pass runs: tract's plan optimization is single-threaded, and the sequential
+    // pass leaves a core idle while it loads its pieces and solves. It is wasted only when no
+    // edit is kept (then the guard does not run).
+    let (seq, plain_plan) = rayon::join(sequential, || match (&guard, &plain_ranges) {
+        (Some(g), Some(pr)) => g.plan(model, pr).map(Some),
+        _ => Ok(None),
+    });
+    let (cur, pieces) = seq?;
     let mut regularized = report.layers.iter().any(|d| d.accepted);
     report.pieces = pieces;
     report.passes += 1;
@@ -1323,9 +1334,10 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
             }
         }
     }
-    if let (Some(guard), Some(rr), Some(pr), true) = (guard.as_mut(), &reg_ranges, &plain_ranges, regularized) {
+    if let (Some(guard), Some(rr), true) = (guard.as_mut(), &reg_ranges, regularized) {
         report.guard_samples = Some(guard.set.len());
-        let (b, f) = guard.compare((model, pr), (&cur, rr))?;
+        let plain_plan = plain_plan?.context("internal error: no plain quantization to compare with")?;
+        let (b, f) = guard.compare(plain_plan, (&cur, rr))?;
         report.passes += guard.passes;
         if !opts.quiet {
             eprintln!(
