@@ -60,6 +60,21 @@ impl SampleStats {
         }
         Ok(())
     }
+
+    /// The (local) row ids of the outlier candidates whose input rows are missing, sorted.
+    pub fn missing_rows(&self) -> Vec<usize> {
+        let ids: std::collections::BTreeSet<usize> =
+            self.cands.iter().map(|c| c.0).filter(|r| !self.xrows.contains_key(r)).collect();
+        ids.into_iter().collect()
+    }
+
+    /// Adds input rows by (local) row id, e.g. those of [`SampleStats::missing_rows`]
+    /// gathered alone.
+    pub fn add_rows(&mut self, rows: Vec<(usize, Vec<f32>)>) {
+        for (r, x) in rows {
+            self.xrows.entry(r).or_insert(x);
+        }
+    }
 }
 
 /// Gram block size: products of `GRAM_BLOCK`-wide column blocks.
@@ -273,17 +288,22 @@ impl LayerAcc {
         let mut nonfinite = 0u64;
         let mut abs_max = 0f32;
         let mut abs: Vec<f32> = Vec::new();
-        for y in ys {
-            for &v in y.iter() {
-                if v.is_finite() {
-                    let a = v.abs();
-                    abs_max = abs_max.max(a);
-                    if a >= floor {
-                        abs.push(a);
-                    }
-                } else {
-                    nonfinite += 1;
+        let mut add = |v: f32| {
+            if v.is_finite() {
+                let a = v.abs();
+                abs_max = abs_max.max(a);
+                if a >= floor {
+                    abs.push(a);
                 }
+            } else {
+                nonfinite += 1;
+            }
+        };
+        for y in ys {
+            // The order of the values does not matter here: walk them in memory order.
+            match y.as_slice_memory_order() {
+                Some(flat) => flat.iter().for_each(|&v| add(v)),
+                None => y.iter().for_each(|&v| add(v)),
             }
         }
         // The sample's own M-th largest is a lower bound of the global one.
@@ -295,12 +315,15 @@ impl LayerAcc {
         };
         let bound = own_bound.max(shared);
         let mut cands = Vec::new();
-        for (gi, y) in ys.iter().enumerate() {
-            for ((i, j), &v) in y.indexed_iter() {
+        // Usually no value of the sample exceeds the bound: then there is nothing to look for.
+        let none_above = f64::from(abs_max) <= bound;
+        for (gi, y) in ys.iter().enumerate().filter(|_| !none_above) {
+            // In memory order (`finish` sorts the outliers).
+            ndarray::Zip::indexed(y).for_each(|(i, j), &v| {
                 if v.is_finite() && f64::from(v.abs()) > bound {
                     cands.push((i * g + gi, gi * ng + j, v));
                 }
-            }
+            });
         }
         Ok(SampleStats {
             rows,

@@ -372,6 +372,76 @@ pub fn conv_positions(layer: &Layer) -> usize {
     (1usize << 25).checked_div(k * k * g + k * m).unwrap_or(1).clamp(128, 4096)
 }
 
+/// A Conv layer's bias input `B` when it is a constant, `[M]`: `Some(None)` without `B`,
+/// `None` when `B` is computed (then its output minus `B` cannot be had without running it).
+pub fn conv_bias(view: &GraphView, layer: &Layer) -> Result<Option<Option<Vec<f32>>>> {
+    let node = view.nodes().get(layer.node_index).context("internal error: layer node out of range")?;
+    let Some(b) = node.input.get(2).filter(|b| !b.is_empty()) else { return Ok(Some(None)) };
+    let Some(t) = view.weight(b) else { return Ok(None) };
+    let v = to_f32(t).with_context(|| format!("layer {}: reading bias '{b}'", layer.node))?;
+    if v.len() != layer.n {
+        bail!("layer {}: bias '{b}' has {} values for {} output channels", layer.node, v.len(), layer.n);
+    }
+    Ok(Some(Some(v.iter().copied().collect())))
+}
+
+/// A Conv layer's pre-bias outputs `y = Y − B` at the rows [`input_rows`] gives, from its
+/// output `Y [N, M, OH, OW]` and its bias `B`: one `[positions, M/g]` matrix per group (in
+/// column-major memory order: each channel's plane is read in order), where position
+/// `p = (n·OH + oy)·OW + ox` reads `Y[n, gi·M/g + m, oy, ox]`.
+pub fn conv_output_rows(layer: &Layer, out: ArrayViewD<f32>, bias: Option<&[f32]>) -> Result<Vec<Array2<f32>>> {
+    let geo = layer.conv.as_ref().context("internal error: not a conv layer")?;
+    let shape = out.shape().to_vec();
+    let y4 = out
+        .into_dimensionality::<ndarray::Ix4>()
+        .with_context(|| format!("conv output of shape {shape:?} is not [N, M, OH, OW]"))?;
+    let (n, m, oh, ow) = y4.dim();
+    if m != geo.out_channels || bias.is_some_and(|b| b.len() != m) {
+        bail!("conv output of shape {shape:?} for {} output channels", geo.out_channels);
+    }
+    let y4 = y4.as_standard_layout();
+    let data = y4.as_slice().context("internal error: conv output not contiguous")?;
+    let plane = oh * ow;
+    // Offset of each picked position in channel 0's plane of its batch item.
+    let at: Vec<usize> =
+        subsample(n * plane, conv_positions(layer)).iter().map(|&p| p / plane * m * plane + p % plane).collect();
+    let ng = geo.group_out();
+    let mut ys = Vec::with_capacity(geo.groups);
+    for gi in 0..geo.groups {
+        let mut t = Array2::<f32>::zeros((ng, at.len()));
+        for (j, mut col) in t.outer_iter_mut().enumerate() {
+            let c = gi * ng + j;
+            let b = bias.map_or(0.0, |b| b[c]);
+            for (v, &a) in col.iter_mut().zip(&at) {
+                *v = data.get(a + c * plane).copied().unwrap_or(f32::NAN) - b;
+            }
+        }
+        ys.push(t.reversed_axes());
+    }
+    Ok(ys)
+}
+
+/// A Conv layer's input rows of the given row ids alone (`i·g + gi`: group `gi` at the `i`-th
+/// of the positions [`input_rows`] picks), from its input `x`.
+pub fn conv_patch_rows(layer: &Layer, x: ArrayViewD<f32>, ids: &[usize]) -> Result<Vec<(usize, Vec<f32>)>> {
+    let geo = layer.conv.as_ref().context("internal error: not a conv layer")?;
+    let shape = x.shape().to_vec();
+    let x4 = x
+        .into_dimensionality::<ndarray::Ix4>()
+        .with_context(|| format!("conv input of shape {shape:?} is not [N, C, H, W]"))?;
+    let r = geo.resolve(x4.shape())?;
+    let pos = subsample(r.positions(), conv_positions(layer));
+    let g = geo.groups.max(1);
+    ids.iter()
+        .map(|&id| {
+            let p = *pos.get(id / g).with_context(|| format!("outlier row {id} is outside the layer's input rows"))?;
+            let mut v = vec![0f32; geo.k()];
+            geo.patch(&x4, &r, id % g, p, &mut v);
+            Ok((id, v))
+        })
+        .collect()
+}
+
 /// A sample's input rows of the layer: `[rows, K]` (leading dims flattened) for MatMul and
 /// Gemm; for Conv the im2col patches of each group at the positions [`conv_positions`] picks.
 pub fn input_rows(layer: &Layer, x: ArrayViewD<f32>) -> Result<Vec<Array2<f32>>> {
@@ -393,5 +463,60 @@ pub fn input_rows(layer: &Layer, x: ArrayViewD<f32>) -> Result<Vec<Array2<f32>>>
             let rows = x.len() / k;
             Ok(vec![x.as_standard_layout().into_owned().into_shape_with_order((rows, k))?])
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::builder::{attr_int, attr_ints, graph, model, node, tensor_info};
+    use ndarray::Array4;
+
+    /// The Conv output read from the runtime, minus `B`, gives the same rows as the im2col
+    /// patches times the weight (grouped, strided, two batch items), and the patches of
+    /// single rows equal those rows.
+    #[test]
+    fn conv_output_rows_match_the_patches_times_the_weight() -> Result<()> {
+        let mut rng = crate::rng::Rng::new(7);
+        let (c, m, g) = (4usize, 6usize, 2usize);
+        let w = ArrayD::from_shape_fn(IxDyn(&[m, c / g, 3, 3]), |_| rng.normal() as f32);
+        let b = ArrayD::from_shape_fn(IxDyn(&[m]), |_| rng.normal() as f32);
+        let attrs = vec![attr_ints("pads", &[1, 1, 1, 1]), attr_ints("strides", &[2, 2]), attr_int("group", g as i64)];
+        let gp = graph(
+            "conv",
+            vec![node("Conv", "conv", &["x", "w", "b"], &["y"], attrs)],
+            vec![tensor_info("x", dtype::FLOAT, &[2, c as i64, 7, 7])],
+            vec![tensor_info("y", dtype::FLOAT, &[2, m as i64, 4, 4])],
+            vec![from_f32("w", &w), from_f32("b", &b)],
+        );
+        let md = model(gp, 13);
+        let (layers, _) = find_layers(&md)?;
+        let l = layers.first().context("no layer")?;
+        let x = ArrayD::from_shape_fn(IxDyn(&[2, c, 7, 7]), |_| rng.normal() as f32);
+        let rows = input_rows(l, x.view())?;
+        let wm = weight_matrix(&md, l)?;
+        let ng = m / g;
+        // Y from the rows: position p = (n·4 + oy)·4 + ox.
+        let mut y = Array4::<f32>::zeros((2, m, 4, 4));
+        for (gi, r) in rows.iter().enumerate() {
+            assert_eq!(r.nrows(), 32, "every position is a row");
+            let z = r.dot(&wm.slice(ndarray::s![.., gi * ng..(gi + 1) * ng]));
+            for ((p, j), &v) in z.indexed_iter() {
+                y[[p / 16, gi * ng + j, (p / 4) % 4, p % 4]] = v + b[[gi * ng + j]];
+            }
+        }
+        let view = GraphView::new(md.graph.as_ref().context("graph")?);
+        let bias = conv_bias(&view, l)?.context("constant bias")?;
+        let got = conv_output_rows(l, y.view().into_dyn(), bias.as_deref())?;
+        for (gi, r) in rows.iter().enumerate() {
+            let want = r.dot(&wm.slice(ndarray::s![.., gi * ng..(gi + 1) * ng]));
+            let diff = (&got[gi] - &want).mapv(f32::abs).fold(0f32, |a, &v| a.max(v));
+            assert!(diff < 1e-5, "group {gi}: {diff}");
+        }
+        let ids = [0usize, 5, 2 * 17 + 1, 63];
+        for (id, patch) in conv_patch_rows(l, x.view(), &ids)? {
+            assert_eq!(patch, rows[id % g].row(id / g).to_vec(), "row {id}");
+        }
+        Ok(())
     }
 }

@@ -26,11 +26,15 @@
 //! on a deterministic subsample of output positions, [`crate::im2col`], and every formula
 //! below holds per group with the group's rows and columns; see [`layer`]):
 //!
-//! 1. **Statistics** (streamed over the samples, see [`collect`]; a MatMul's `y` is its own
-//!    output tensor read from the runtime, not recomputed): the exact
+//! 1. **Statistics** (streamed over the samples, see [`collect`]): the exact
 //!    `q = quantile_0.999(|Y|)` over all calibration elements of the layer (pre-bias), the
 //!    Gram matrix `G = XᵀX` (f64), the column sums `Σ_i x_i`, the input rows of the outliers,
-//!    and (guarded runs) a bounded, evenly spaced subset of all input rows.
+//!    and (guarded runs) a bounded, evenly spaced subset of all input rows. Detection (which
+//!    layers have outliers, steps 1–2 without the Gram and rows) comes first and is cheap: a
+//!    MatMul's `y` is its own output tensor and a Conv's is its output minus its constant bias
+//!    `B` at the sampled positions, both read from the runtime instead of recomputed through
+//!    im2col and a matrix product (`onnxq outliers` then gathers only the outliers' patches);
+//!    only the layers found with outliers get the full statistics (step 6).
 //! 2. **Outliers**: `O = {(i, j) : |y_ij| > τ}`, `τ = c·q`, `c = 4`. Not `k` standard
 //!    deviations: those flag Gaussian tails everywhere. Layers without outliers are left alone.
 //! 3. **Relevance** ([`solve::relevance`]): each outlier's main contributor
@@ -78,13 +82,16 @@
 //!
 //! # Cost
 //! `auto`: one statistics pass (the calibration plain quantization needs anyway, plus the
-//! candidate layers' outlier statistics and the float outputs of the guard's samples),
-//! nothing more when no candidate layer has outliers; else one sequential pass (statistics,
-//! Gram matrices, recalibration) and, when an edit was kept, two fake-quant forward passes
-//! over the guard's samples, run in one sample loop. The plain model's twin is quantized and
-//! loaded concurrently with the sequential pass (plan optimization is single-threaded, so it
-//! fills a core the pass leaves idle while it loads pieces and solves; it is wasted when no
-//! edit is kept). Ranges are searched only for the variant the activation type reads
+//! candidate layers' outlier detection from their outputs and the float outputs of the
+//! guard's samples), nothing more when no candidate layer has outliers; else one sequential
+//! pass (statistics, Gram matrices, recalibration) and, when an edit was kept, two fake-quant
+//! forward passes over the guard's samples, run in one sample loop. The plain model's twin
+//! is quantized and loaded concurrently with the sequential pass (plan optimization is
+//! single-threaded, so it fills a core the pass leaves idle while it loads pieces and
+//! solves; it is wasted when no edit is kept). Loading a twin (tract's plan optimization)
+//! costs more CPU than running it on the guard's samples; one twin with the constants where
+//! the two differ as inputs costs as much as two (MiniLM-L6: ~620 differing scales). Ranges
+//! are searched only for the variant the activation type reads
 //! ([`crate::calibrate::quantizer_ranges`]). A forced strength and `onnxq regularize` run
 //! the first two passes without calibration statistics. The report's `phase_seconds` and
 //! `phase_cpu_seconds` give each phase's wall and CPU time (the plain twin's load counts in
@@ -415,7 +422,8 @@ struct PassOut {
 /// What an extra tensor of the statistics pass is for.
 #[derive(Clone, Copy)]
 enum Role {
-    /// A MatMul layer's output `y` (pre-bias), read from the runtime instead of recomputed.
+    /// A MatMul or Conv layer's output (`y`, for Conv plus its bias), read from the runtime
+    /// instead of recomputed.
     Output(usize),
     /// That layer's input: the rows of its outlier candidates.
     OutlierRows(usize),
@@ -429,25 +437,64 @@ enum Role {
 #[derive(Default)]
 struct PassSample {
     layers: Vec<Option<SampleStats>>,
-    /// A MatMul layer's input rows when the runtime hands them over before its output (the
-    /// usual, topological order): the outlier rows are picked once the output is seen.
-    pending_rows: Vec<Option<Array2<f32>>>,
+    /// A layer's input when the runtime hands it over before the layer's output (the usual,
+    /// topological order) and the pass reads `y` from that output: the outlier rows are
+    /// picked once the output is seen.
+    pending_rows: Vec<Option<ArrayD<f32>>>,
     outputs: Vec<Option<ArrayD<f32>>>,
 }
 
-/// A layer of a statistics pass and, when the pass computes its `y`, its weight `[K, N]`.
-type PassLayer<'a> = (&'a Layer, Option<Array2<f32>>);
-
-/// Whether the statistics pass reads the layer's `y` from the runtime (a MatMul's output is
-/// its pre-bias `y`); the other layers' `y` is computed from their input and weight.
-fn reads_output(l: &Layer) -> bool {
-    l.kind == LayerKind::MatMul && l.groups == 1
+/// How a statistics pass gets a layer's pre-bias output `y`.
+enum Source {
+    /// Computed from the layer's input rows and its weight `[K, N]`.
+    Computed(Array2<f32>),
+    /// A MatMul's output tensor, read from the runtime (it is `y`).
+    MatMulOutput,
+    /// A Conv's output tensor minus its bias input `B` (none: no `B`), read from the runtime
+    /// at the positions [`layer::input_rows`] picks.
+    ConvOutput(Option<Vec<f32>>),
 }
 
-/// The layers of a statistics pass with the weights it needs: only those of layers whose `y`
-/// it computes, so a big MatMul model's weights are not all converted up front.
+/// A layer of a statistics pass and how it gets `y`.
+type PassLayer<'a> = (&'a Layer, Source);
+
+/// The layers of a statistics pass and how each gets `y`: MatMul and Conv (with a constant or
+/// no `B`) layers read it from the runtime (the Conv's outlier rows are then the only im2col
+/// patches gathered); the others compute it, so only their weights are converted up front.
 fn with_weights<'a>(model: &ModelProto, layers: &'a [Layer]) -> Result<Vec<PassLayer<'a>>> {
-    layers.iter().map(|l| Ok((l, if reads_output(l) { None } else { Some(layer::weight_matrix(model, l)?) }))).collect()
+    let graph = model.graph.as_ref().context("the model has no graph")?;
+    let view = GraphView::new(graph);
+    layers
+        .iter()
+        .map(|l| {
+            let source = match l.kind {
+                LayerKind::MatMul if l.groups == 1 => Some(Source::MatMulOutput),
+                LayerKind::Conv => layer::conv_bias(&view, l)?.map(Source::ConvOutput),
+                _ => None,
+            };
+            Ok((
+                l,
+                match source {
+                    Some(s) => s,
+                    None => Source::Computed(layer::weight_matrix(model, l)?),
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Adds the input rows of a sample's outlier candidates from the layer's input `x`: all rows
+/// of a MatMul, only the candidates' patches of a Conv.
+fn attach_input(l: &Layer, s: &mut SampleStats, x: &ArrayViewD<'_, f32>) -> Result<()> {
+    if l.conv.is_some() {
+        let ids = s.missing_rows();
+        if !ids.is_empty() {
+            s.add_rows(layer::conv_patch_rows(l, x.view(), &ids)?);
+        }
+        Ok(())
+    } else {
+        s.attach_rows(&[as_rows(x, l.k)?.view()])
+    }
 }
 
 /// `value` as `[rows, width]` rows (a view when it is in standard layout).
@@ -465,25 +512,28 @@ fn as_rows<'a>(value: &'a ArrayViewD<'a, f32>, width: usize) -> Result<CowArray<
 /// One forward pass of `model_bytes` collecting, as asked: calibration statistics of
 /// `targets` ([`cal::calibrate_with`]), the values of `outputs` for the first `keep` samples, and outlier
 /// statistics (no Gram) of `layers`, all read in place from the runtime's buffers. A MatMul
-/// layer's `y` is its own output tensor (pre-bias), so it is not computed twice.
+/// or Conv layer's `y` comes from its own output tensor ([`Source`]), so it is not computed
+/// twice; with `rows` the outliers' input rows are gathered too (detection alone needs none).
 #[allow(clippy::too_many_arguments)]
 fn forward_pass(
     model_bytes: &[u8],
     specs: &[InputSpec],
     set: &SampleSet,
     targets: &[Target],
-    layers: &[PassLayer],
+    (layers, rows): (&[PassLayer], bool),
     (outputs, keep): (&[String], usize),
     opts: &Options,
     what: &str,
 ) -> Result<PassOut> {
     let mut extra: Vec<(String, Role)> = Vec::new();
-    for (li, (l, _)) in layers.iter().enumerate() {
-        if reads_output(l) {
-            extra.push((l.output.clone(), Role::Output(li)));
-            extra.push((l.input.clone(), Role::OutlierRows(li)));
+    for (li, l) in layers.iter().enumerate() {
+        if let Source::Computed(_) = l.1 {
+            extra.push((l.0.input.clone(), Role::Input(li)));
         } else {
-            extra.push((l.input.clone(), Role::Input(li)));
+            extra.push((l.0.output.clone(), Role::Output(li)));
+            if rows {
+                extra.push((l.0.input.clone(), Role::OutlierRows(li)));
+            }
         }
     }
     extra.extend(outputs.iter().map(|o| (o.clone(), Role::Kept)));
@@ -513,24 +563,30 @@ fn forward_pass(
         let Some(value) = value else { bail!("tensor '{name}' is not float") };
         let guard = accs.read().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?;
         let (Role::Output(li) | Role::OutlierRows(li) | Role::Input(li)) = *role else { return Ok(()) };
-        let ((l, w), acc) = layers.get(li).zip(guard.get(li)).context("internal error: unknown layer")?;
+        let ((l, source), acc) = layers.get(li).zip(guard.get(li)).context("internal error: unknown layer")?;
         let slot = st.layers.get_mut(li).context("internal error: unknown layer")?;
         let pending = st.pending_rows.get_mut(li).context("internal error: unknown layer")?;
         let r: Result<()> = (|| {
             match role {
                 Role::Output(_) => {
-                    let mut s = acc.output_stats(&[as_rows(&value, l.n)?.view()])?;
+                    let mut s = match source {
+                        Source::ConvOutput(b) => {
+                            let ys = layer::conv_output_rows(l, value.view(), b.as_deref())?;
+                            acc.output_stats(&ys.iter().map(|y| y.view()).collect::<Vec<_>>())?
+                        }
+                        _ => acc.output_stats(&[as_rows(&value, l.n)?.view()])?,
+                    };
                     if let Some(x) = pending.take() {
-                        s.attach_rows(&[x.view()])?;
+                        attach_input(l, &mut s, &x.view())?;
                     }
                     *slot = Some(s);
                 }
                 Role::OutlierRows(_) => match slot.as_mut() {
-                    Some(s) => s.attach_rows(&[as_rows(&value, l.k)?.view()])?,
-                    None => *pending = Some(as_rows(&value, l.k)?.into_owned()),
+                    Some(s) => attach_input(l, s, &value)?,
+                    None => *pending = Some(value.to_owned()),
                 },
                 _ => {
-                    let w = w.as_ref().context("internal error: the layer's weight was not read")?;
+                    let Source::Computed(w) = source else { bail!("internal error: the layer's weight was not read") };
                     *slot = Some(acc.sample(&layer::input_rows(l, value.view())?, w)?);
                 }
             }
@@ -638,13 +694,13 @@ pub fn analyze(model: &ModelProto, label: &str, data: &DataOptions, opts: &Optio
     }
     let pairs = with_weights(model, &layers)?;
     let bytes = crate::onnx::io::encode_for_runtime(model)?;
-    let pass = forward_pass(&bytes, &specs, &set, &[], &pairs, (&[], 0), opts, "outlier statistics")?;
+    let pass = forward_pass(&bytes, &specs, &set, &[], (&pairs, true), (&[], 0), opts, "outlier statistics")?;
     for ((l, w), st) in pairs.into_iter().zip(&pass.layers) {
         // Only the layers with outliers need their weight (relevance).
         let w = match w {
-            Some(w) => w,
-            None if st.outliers.is_empty() => Array2::zeros((0, 0)),
-            None => layer::weight_matrix(model, l)?,
+            Source::Computed(w) => w,
+            _ if st.outliers.is_empty() => Array2::zeros((0, 0)),
+            _ => layer::weight_matrix(model, l)?,
         };
         out.layers.push(describe_layer(l, st, &w, opts)?);
     }
@@ -1047,7 +1103,8 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         &specs,
         &set,
         &targets,
-        &pairs,
+        // Detection only: the sequential pass gathers the flagged layers' rows.
+        (&pairs, false),
         (if keep > 0 { &output_names } else { &[] }, keep),
         opts,
         if run.guard.is_some() { "calibrating" } else { "outlier statistics" },
@@ -1299,7 +1356,8 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
     report.regularized = regularized;
     if run.measure_float && regularized {
         let bytes = crate::onnx::io::encode_for_runtime(&out_model)?;
-        let pass = forward_pass(&bytes, &specs, &set, &[], &[], (&output_names, set.len()), opts, "float deviation")?;
+        let pass =
+            forward_pass(&bytes, &specs, &set, &[], (&[], false), (&output_names, set.len()), opts, "float deviation")?;
         report.passes += 1;
         let mut sums = vec![(0f64, 0f64, false); output_names.len()];
         for (r, c) in reference.iter().zip(&pass.outputs) {
