@@ -583,9 +583,7 @@ mod tests {
         assert_eq!(alias("d"), Some(Some("c".to_string())));
         assert_eq!((alias("a"), alias("c"), alias("y")), (Some(None), Some(None), Some(None)));
         // Only the Relu outputs, the input and the graph output are calibrated directly.
-        let sources = stats_sources(&targets);
-        let direct: Vec<&str> =
-            (0..targets.len()).filter(|&i| sources[i] == i).map(|i| targets[i].name.as_str()).collect();
+        let direct: Vec<&str> = pinned_targets(&targets).iter().map(|t| t.name.as_str()).collect();
         assert_eq!(direct, ["x", "a", "c", "y"]);
         Ok(())
     }

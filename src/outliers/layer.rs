@@ -15,7 +15,7 @@
 //! constant has `N` elements laid out along the last axis and nothing else reads it.
 
 use crate::array::dtype;
-use crate::im2col::{subsample, ConvGeometry};
+use crate::im2col::{subsample, ConvGeometry, Resolved};
 use crate::onnx::attr::{describe, NodeAttrs};
 use crate::onnx::pb::{ModelProto, TensorProto};
 use crate::onnx::tensor::{from_f32, to_f32};
@@ -425,12 +425,7 @@ pub fn conv_output_rows(layer: &Layer, out: ArrayViewD<f32>, bias: Option<&[f32]
 /// of the positions [`input_rows`] picks), from its input `x`.
 pub fn conv_patch_rows(layer: &Layer, x: ArrayViewD<f32>, ids: &[usize]) -> Result<Vec<(usize, Vec<f32>)>> {
     let geo = layer.conv.as_ref().context("internal error: not a conv layer")?;
-    let shape = x.shape().to_vec();
-    let x4 = x
-        .into_dimensionality::<ndarray::Ix4>()
-        .with_context(|| format!("conv input of shape {shape:?} is not [N, C, H, W]"))?;
-    let r = geo.resolve(x4.shape())?;
-    let pos = subsample(r.positions(), conv_positions(layer));
+    let (x4, r, pos) = conv_input(layer, geo, x)?;
     let g = geo.groups.max(1);
     ids.iter()
         .map(|&id| {
@@ -442,17 +437,28 @@ pub fn conv_patch_rows(layer: &Layer, x: ArrayViewD<f32>, ids: &[usize]) -> Resu
         .collect()
 }
 
+/// A Conv layer's input as `[N, C, H, W]`, its resolved geometry, and the output positions
+/// [`conv_positions`] picks (the rows [`input_rows`] and [`conv_patch_rows`] read).
+fn conv_input<'a>(
+    layer: &Layer,
+    geo: &ConvGeometry,
+    x: ArrayViewD<'a, f32>,
+) -> Result<(ndarray::ArrayView4<'a, f32>, Resolved, Vec<usize>)> {
+    let shape = x.shape().to_vec();
+    let x4 = x
+        .into_dimensionality::<ndarray::Ix4>()
+        .with_context(|| format!("conv input of shape {shape:?} is not [N, C, H, W]"))?;
+    let r = geo.resolve(x4.shape())?;
+    let pos = subsample(r.positions(), conv_positions(layer));
+    Ok((x4, r, pos))
+}
+
 /// A sample's input rows of the layer: `[rows, K]` (leading dims flattened) for MatMul and
 /// Gemm; for Conv the im2col patches of each group at the positions [`conv_positions`] picks.
 pub fn input_rows(layer: &Layer, x: ArrayViewD<f32>) -> Result<Vec<Array2<f32>>> {
     match &layer.conv {
         Some(geo) => {
-            let x4 = x
-                .view()
-                .into_dimensionality::<ndarray::Ix4>()
-                .with_context(|| format!("conv input of shape {:?} is not [N, C, H, W]", x.shape()))?;
-            let r = geo.resolve(x4.shape())?;
-            let pos = subsample(r.positions(), conv_positions(layer));
+            let (x4, _, pos) = conv_input(layer, geo, x)?;
             (0..geo.groups).map(|gi| geo.rows(&x4, gi, &pos)).collect()
         }
         None => {

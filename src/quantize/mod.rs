@@ -191,18 +191,7 @@ pub fn residual_stream(view: &GraphView, decomposed: &BTreeSet<usize>) -> Residu
     };
     let mut sums: Vec<usize> = Vec::new();
     for n in nodes {
-        let normalized = match n.op_type() {
-            "LayerNormalization" => n.input.first(),
-            "ReduceMean" => n.input.first().filter(|x| {
-                n.output.first().is_some_and(|o| {
-                    view.consumers(o)
-                        .iter()
-                        .any(|&(c, _)| nodes[c].op_type() == "Sub" && nodes[c].input.first().is_some_and(|s| s == *x))
-                })
-            }),
-            _ => None,
-        };
-        let Some(x) = normalized else { continue };
+        let Some(x) = normalized(view, n) else { continue };
         add_group(&mut rs, vec![x.clone()]);
         sums.extend(view.producer_index(x).filter(|&p| nodes[p].op_type() == "Add"));
     }
@@ -240,6 +229,28 @@ pub fn residual_stream(view: &GraphView, decomposed: &BTreeSet<usize>) -> Residu
     rs
 }
 
+/// The tensor a LayerNorm normalizes: a `LayerNormalization`'s input, or the `x` of a
+/// `ReduceMean(x)` that a `Sub(x, ·)` reads (the decomposed form).
+fn normalized<'a>(view: &GraphView, n: &'a NodeProto) -> Option<&'a String> {
+    let x = n.input.first()?;
+    match n.op_type() {
+        "LayerNormalization" => Some(x),
+        "ReduceMean" => (!mean_subtractions(view, n).is_empty()).then_some(x),
+        _ => None,
+    }
+}
+
+/// The `Sub(x, ·)` nodes reading `ReduceMean(x)`'s output (`n` is the ReduceMean).
+fn mean_subtractions(view: &GraphView, n: &NodeProto) -> Vec<usize> {
+    let nodes = view.nodes();
+    let (Some(x), Some(o)) = (n.input.first(), n.output.first()) else { return Vec::new() };
+    view.consumers(o)
+        .iter()
+        .map(|&(c, _)| c)
+        .filter(|&c| nodes[c].op_type() == "Sub" && nodes[c].input.first() == Some(x))
+        .collect()
+}
+
 /// A residual-stream group stays float (transformer-fused preset) when one of its tensors
 /// would keep less than this SQNR from the int8 step alone ([`step_sqnr_db`]). On the bench
 /// MiniLM-L6 the residual sums after the FFN and the FFN outputs of its last layers fall
@@ -249,7 +260,7 @@ pub const STREAM_MIN_SQNR_DB: f64 = 25.0;
 
 /// The SQNR a tensor keeps from its quantization step alone: `10·log10(E[x²] / (s²/12))`,
 /// with `s` the scale the quantizer derives from the calibrated range (`E[x²] = std² +
-/// mean²`; clipping is ignored). `+∞` for a tensor with a zero range.
+/// mean²`; clipping is ignored). `+∞` for a tensor that is all zeros.
 pub fn step_sqnr_db(r: &TensorEntry, ty: ActType) -> f64 {
     let [lo, hi] = match ty {
         ActType::U8 => r.range,
@@ -319,12 +330,8 @@ pub fn decomposition_nodes(view: &GraphView) -> BTreeSet<usize> {
                 }
             }
             "ReduceMean" => {
-                let (Some(x), Some(o)) = (n.input.first(), n.output.first()) else { continue };
-                for &(c, _) in view.consumers(o) {
+                for c in mean_subtractions(view, n) {
                     let sub = &nodes[c];
-                    if sub.op_type() != "Sub" || sub.input.first() != Some(x) {
-                        continue;
-                    }
                     out.insert(i);
                     out.insert(c);
                     let Some(sub_out) = sub.output.first() else { continue };
