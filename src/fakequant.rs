@@ -13,6 +13,12 @@
 //!   float (the quantized values are small integers, exact in f32); its integer output tensor
 //!   disappears and only `DequantizeLinear` may read it. Each reading `DequantizeLinear` becomes
 //!   `(q - zp) * scale` whose final `Mul` carries the DQ's output name.
+//! - A per-tensor `QuantizeLinear` of a float32 tensor read only by per-tensor
+//!   `DequantizeLinear`s (every activation pair `quantize` writes) is not spelled out: each
+//!   reading DQ becomes one `OnnxqFakeQuantize` node (domain `ai.onnxq.twin`, the op
+//!   [`crate::runtime`] registers with tract) computing both formulas in one pass, with the
+//!   f32 division ONNX specifies. A twin of six to eight float ops per pair made tract's plan
+//!   optimization several times slower (MiniLM-L6: about 1.9 CPU-s per twin load).
 //! - `DequantizeLinear` of any other integer tensor becomes `(Cast(x) - zp) * scale`.
 //! - `DynamicQuantizeLinear` becomes its float formula (ReduceMin/ReduceMax over all axes);
 //!   `MatMulInteger`/`ConvInteger` become `MatMul`/`Conv` of `(a - a_zp)` and `(b - b_zp)` in
@@ -32,7 +38,7 @@
 
 use crate::array::{dtype, ArrayData};
 use crate::onnx::attr::{describe, NodeAttrs};
-use crate::onnx::builder::{attr_int, node, Dim};
+use crate::onnx::builder::{attr_float, attr_int, node, Dim};
 use crate::onnx::pb::{AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto};
 use crate::onnx::tensor::{from_f32, from_f64, to_array, to_f32};
 use crate::onnx::{GraphView, NameAlloc};
@@ -43,10 +49,6 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 /// Op types the twin rewrites.
 pub const QUANT_OPS: &[&str] =
     &["QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"];
-
-/// `1.5·2²³`: adding it to an f32 of magnitude at most `2²²` rounds it to an integer (ties to
-/// even), see the fast twin's QuantizeLinear.
-const ROUND_MAGIC: f32 = 12_582_912.0;
 
 const UINT16: i32 = 4;
 const INT16: i32 = 5;
@@ -70,21 +72,10 @@ fn default_opset(model: &ModelProto) -> i64 {
 /// Builds the float fake-quant twin of `model` (see the module docs). A model without
 /// quantization ops comes back unchanged.
 pub fn twin(model: &ModelProto) -> Result<ModelProto> {
-    build(model, false)
+    build(model)
 }
 
-/// [`twin`] with QuantizeLinear's `x / scale` computed as `x · (1/scale)` in float32: one op
-/// instead of three (no double-precision copies), and `round(v) + zp` as
-/// `(v + 1.5·2²³) − (1.5·2²³ − zp)` (exact after the clip, see `Twin::quantize`), so the twin
-/// loads and runs faster, at the
-/// price of rounding a quotient within about one ulp of a `.5` tie to the other side (a
-/// one-step error on a tiny fraction of elements). For comparing quantized models with each
-/// other (the regularization guard), not for reporting what ONNX Runtime computes.
-pub fn fast_twin(model: &ModelProto) -> Result<ModelProto> {
-    build(model, true)
-}
-
-fn build(model: &ModelProto, fast: bool) -> Result<ModelProto> {
+fn build(model: &ModelProto) -> Result<ModelProto> {
     let graph = model.graph.as_ref().context("the model has no graph")?;
     if !needs_twin(model) {
         return Ok(model.clone());
@@ -95,7 +86,6 @@ fn build(model: &ModelProto, fast: bool) -> Result<ModelProto> {
     }
     let view = GraphView::new(graph);
     let mut tw = Twin::new(&view);
-    tw.fast = fast;
     tw.plan_names()?;
     for n in &graph.node {
         if !default_domain(n) {
@@ -110,10 +100,17 @@ fn build(model: &ModelProto, fast: bool) -> Result<ModelProto> {
             _ => tw.nodes.push(n.clone()),
         }
     }
+    let fused = !tw.fused.is_empty();
     let new_graph = tw.finish(graph);
     GraphView::new(&new_graph).validate().context("the float twin of the model is not a valid graph")?;
     let mut out = model.clone();
     out.graph = Some(new_graph);
+    if fused {
+        out.opset_import.push(crate::onnx::pb::OperatorSetIdProto {
+            domain: Some(crate::runtime::FAKE_QUANTIZE_DOMAIN.into()),
+            version: Some(1),
+        });
+    }
     Ok(out)
 }
 
@@ -128,6 +125,18 @@ struct QParams {
     axis: i64,
     /// A 1-D scale with more than one element.
     per_axis: bool,
+}
+
+/// The integer range `[qmin, qmax]` a QuantizeLinear with parameters `p` saturates to.
+fn quantize_range(n: &NodeProto, p: &QParams) -> Result<(f32, f32)> {
+    let ty = match n.attr_int("output_dtype")?.unwrap_or(0) {
+        0 => p.zp_type,
+        t if n.input.get(2).is_some_and(|s| !s.is_empty()) && t as i32 != p.zp_type => {
+            bail!("{}: output_dtype {t} differs from the zero point's type", describe(n))
+        }
+        t => t as i32,
+    };
+    qrange(n, ty)
 }
 
 /// Integer values of a decoded tensor.
@@ -174,8 +183,9 @@ struct Twin<'g, 'v> {
     retyped: HashSet<String>,
     /// Constants read by rewritten nodes: dropped when nothing reads them any more.
     consumed: BTreeSet<String>,
-    /// [`fast_twin`]: QuantizeLinear divides by multiplying with the float reciprocal.
-    fast: bool,
+    /// Per-tensor QuantizeLinear outputs (of a float input) read only by per-tensor
+    /// DequantizeLinear: each such pair becomes one fused node (module docs).
+    fused: HashSet<String>,
 }
 
 impl<'g, 'v> Twin<'g, 'v> {
@@ -188,7 +198,7 @@ impl<'g, 'v> Twin<'g, 'v> {
             float_of: HashMap::new(),
             retyped: HashSet::new(),
             consumed: BTreeSet::new(),
-            fast: false,
+            fused: HashSet::new(),
         }
     }
 
@@ -230,12 +240,33 @@ impl<'g, 'v> Twin<'g, 'v> {
                         );
                     }
                 }
+                if n.op_type() == "QuantizeLinear" && self.fusable(n, o)? {
+                    self.fused.insert(o.clone());
+                }
                 let f = self.alloc.fresh(&format!("{o}_float"));
                 self.float_of.insert(o.clone(), f);
                 self.retyped.insert(o.clone());
             }
         }
         Ok(())
+    }
+
+    /// Whether the QuantizeLinear `q` (output `o`) and every reader of `o` (all
+    /// DequantizeLinear, checked by the caller) quantize per tensor a tensor that is float32
+    /// (or of undeclared type: quantized activations are float32).
+    fn fusable(&mut self, q: &NodeProto, o: &str) -> Result<bool> {
+        let view = self.view;
+        let x = q.input.first().map_or("", String::as_str);
+        if x.is_empty() || !matches!(view.elem_type(x), 0 | dtype::FLOAT) || self.qparams(q)?.per_axis {
+            return Ok(false);
+        }
+        for &(ci, _) in view.consumers(o) {
+            let c = &view.nodes()[ci];
+            if c.op_type() != "DequantizeLinear" || self.qparams(c)?.per_axis {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// A constant input of `n` (None when the optional input is absent).
@@ -391,39 +422,18 @@ impl<'g, 'v> Twin<'g, 'v> {
             // The quantized output is read by nobody: drop the node.
             return Ok(());
         };
+        if self.fused.contains(qo) {
+            // Each reading DequantizeLinear computes the pair (`dequantize`).
+            return Ok(());
+        }
         let p = self.qparams(n)?;
-        let ty = match n.attr_int("output_dtype")?.unwrap_or(0) {
-            0 => p.zp_type,
-            t if n.input.get(2).is_some_and(|s| !s.is_empty()) && t as i32 != p.zp_type => {
-                bail!("{}: output_dtype {t} differs from the zero point's type", describe(n))
-            }
-            t => t as i32,
-        };
-        let (qmin, qmax) = qrange(n, ty)?;
+        let (qmin, qmax) = quantize_range(n, &p)?;
         let shape = self.param_shape(n, &p, x, &[x, qo])?;
-        let div = if self.fast {
-            let inv = self.init_f32(&format!("{qo}_inv_scale"), p.scale.iter().map(|&s| 1.0 / s).collect(), &shape)?;
-            self.emit("Mul", &format!("{qo}_div"), &[x, &inv], vec![])
-        } else {
-            let s64 =
-                self.init_f64(&format!("{qo}_scale_f64"), p.scale.iter().map(|&s| f64::from(s)).collect(), &shape)?;
-            self.exact_div(qo, x, &s64)
-        };
-        let add = if self.fast {
-            // round_half_even(v) + zp as (v + M) − (M − zp), M = 1.5·2²³: for |v| ≤ 2²² the sum
-            // rounds to the nearest integer (ties to even) in f32 and the difference is exact;
-            // beyond, both forms clip to the same end of [qmin, qmax]. Two vectorized
-            // additions instead of tract's scalar Round.
-            let m = self.init_f32(&format!("{qo}_round_magic"), vec![ROUND_MAGIC], &[])?;
-            let shifted = self.emit("Add", &format!("{qo}_round"), &[&div, &m], vec![]);
-            let back = p.zp.iter().map(|&z| ROUND_MAGIC - z as f32).collect();
-            let back = self.init_f32(&format!("{qo}_zero_point_magic"), back, &shape)?;
-            self.emit("Sub", &format!("{qo}_add_zero_point"), &[&shifted, &back], vec![])
-        } else {
-            let round = self.emit("Round", &format!("{qo}_round"), &[&div], vec![]);
-            let zp = self.init_f32(&format!("{qo}_zero_point"), p.zp.iter().map(|&z| z as f32).collect(), &shape)?;
-            self.emit("Add", &format!("{qo}_add_zero_point"), &[&round, &zp], vec![])
-        };
+        let s64 = self.init_f64(&format!("{qo}_scale_f64"), p.scale.iter().map(|&s| f64::from(s)).collect(), &shape)?;
+        let div = self.exact_div(qo, x, &s64);
+        let round = self.emit("Round", &format!("{qo}_round"), &[&div], vec![]);
+        let zp = self.init_f32(&format!("{qo}_zero_point"), p.zp.iter().map(|&z| z as f32).collect(), &shape)?;
+        let add = self.emit("Add", &format!("{qo}_add_zero_point"), &[&round, &zp], vec![]);
         let lo = self.init_f32(&format!("{qo}_qmin"), vec![qmin], &[])?;
         let hi = self.init_f32(&format!("{qo}_qmax"), vec![qmax], &[])?;
         self.emit_final("Clip", n, &[&add, &lo, &hi], &qf, vec![]);
@@ -439,6 +449,25 @@ impl<'g, 'v> Twin<'g, 'v> {
             self.consumed.insert(x.clone());
             let folded = fold_dequantize(n, t, &p)?;
             self.inits.push(from_f32(y, &folded));
+            return Ok(());
+        }
+        if self.fused.contains(x) {
+            let q = self.view.producer(x).with_context(|| format!("{}: no producer of '{x}'", describe(n)))?;
+            let qin = q.input.first().map_or("", String::as_str);
+            let pq = self.qparams(q)?;
+            let (qmin, qmax) = quantize_range(q, &pq)?;
+            let attrs = vec![
+                attr_float("q_scale", pq.scale[0]),
+                attr_float("q_zero_point", pq.zp[0] as f32),
+                attr_float("qmin", qmin),
+                attr_float("qmax", qmax),
+                attr_float("dq_scale", p.scale[0]),
+                attr_float("dq_zero_point", p.zp[0] as f32),
+            ];
+            self.emit_final(crate::runtime::FAKE_QUANTIZE_OP, n, &[qin], y, attrs);
+            if let Some(last) = self.nodes.last_mut() {
+                last.domain = Some(crate::runtime::FAKE_QUANTIZE_DOMAIN.into());
+            }
             return Ok(());
         }
         let (xf, rank_from): (String, Vec<&str>) = match self.float_of.get(x) {
@@ -726,6 +755,11 @@ mod tests {
     fn per_tensor_ties_round_to_even_and_clip() {
         let m = twin(&per_tensor_model(0.1)).unwrap();
         validate(&m);
+        // Each per-tensor Q → DQ pair is one fused node, in its own domain.
+        let ops: Vec<(&str, &str)> = m.graph.as_ref().unwrap().node.iter().map(|n| (n.op_type(), n.domain())).collect();
+        let fused = (crate::runtime::FAKE_QUANTIZE_OP, crate::runtime::FAKE_QUANTIZE_DOMAIN);
+        assert_eq!(ops, [fused, fused]);
+        assert!(m.opset_import.iter().any(|o| o.domain() == fused.1));
         let outs = m.graph.as_ref().unwrap().output.iter().map(|o| o.name().to_string()).collect::<Vec<_>>();
         assert_eq!(outs, ["y", "y2"]);
         // x/0.5: 2.5 → 2, 3.5 → 4, -2.5 → -2, -3.5 → -4, 0.5 → 0, 1.5 → 2; clipping at 0 and 255.

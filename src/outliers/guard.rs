@@ -1,10 +1,9 @@
 //! The global guard of `--regularize auto`: the worst-output SQNR, on the guard's samples (the
 //! first [`super::GUARD_SAMPLES`] calibration samples), of the int8 model that
 //! `quantize::quantize` makes from a float model and its calibrated ranges, against the
-//! original float model. The quantized model runs as its fast fake-quant twin
-//! ([`crate::fakequant::fast_twin`]: `x·(1/s)` instead of the exact `x/s`, which moves only
-//! quotients within about an ulp of a rounding tie, far below the differences the guard
-//! compares) and its outputs are compared in place. One forward pass of the twin per score,
+//! original float model. The quantized model runs as its fake-quant twin
+//! ([`crate::fakequant::twin`], one fused node per Q/DQ pair) and its outputs are compared
+//! in place. One forward pass of the twin per score,
 //! the two compared twins in one sample loop; the original model's outputs are computed once,
 //! in the first calibration pass, and kept.
 
@@ -38,11 +37,11 @@ pub fn ranges(calibration: &Calibration, method: &RangeMethod, act: ActType) -> 
 }
 
 impl Guard<'_> {
-    /// The fast fake-quant twin of `model` quantized with `ranges`, loaded for the original
+    /// The fake-quant twin of `model` quantized with `ranges`, loaded for the original
     /// model's graph outputs.
     pub fn plan(&self, model: &ModelProto, ranges: &BTreeMap<String, cal::TensorEntry>) -> Result<Plan> {
         let (q, _) = quantize::quantize(model, ranges, &self.qopts).context("quantizing the regularized model")?;
-        let twin = crate::fakequant::fast_twin(&q).context("building the fake-quant twin")?;
+        let twin = crate::fakequant::twin(&q).context("building the fake-quant twin")?;
         let bytes = crate::onnx::io::encode_for_runtime(&twin)?;
         Plan::load(&bytes, None, &self.facts, &self.output_names).context("cannot run the quantized model")
     }

@@ -68,7 +68,7 @@
 //!    recalibration of the regularized model.
 //! 7. **Global guard** ([`guard`], `--regularize auto`): plain quantization (ranges of the
 //!    first pass) and the regularized model (ranges of step 6) are each quantized, run as
-//!    fast fake-quant twins on the guard's samples and compared with the original float
+//!    fake-quant twins on the guard's samples and compared with the original float
 //!    outputs (kept from the first pass); the regularized model is returned only if its
 //!    worst-output SQNR is strictly higher, else the input model. The guard's samples are
 //!    the first [`GUARD_SAMPLES`] (8) calibration samples (all of them when there are
@@ -88,9 +88,9 @@
 //! forward passes over the guard's samples, run in one sample loop. The plain model's twin
 //! is quantized and loaded concurrently with the sequential pass (plan optimization is
 //! single-threaded, so it fills a core the pass leaves idle while it loads pieces and
-//! solves; it is wasted when no edit is kept). Loading a twin (tract's plan optimization)
-//! costs more CPU than running it on the guard's samples; one twin with the constants where
-//! the two differ as inputs costs as much as two (MiniLM-L6: ~620 differing scales). Ranges
+//! solves; it is wasted when no edit is kept). A twin loads about as fast as the float model
+//! (one fused node per Q/DQ pair, [`crate::fakequant`]); one twin with the constants where
+//! the two differ as inputs cost as much as two (MiniLM-L6: ~620 differing scales). Ranges
 //! are searched only for the variant the activation type reads
 //! ([`crate::calibrate::quantizer_ranges`]). A forced strength and `onnxq regularize` run
 //! the first two passes without calibration statistics. The report's `phase_seconds` and
