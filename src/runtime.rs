@@ -450,9 +450,35 @@ struct FakeQuantize {
 impl Eq for FakeQuantize {}
 
 impl FakeQuantize {
-    fn apply(&self, x: f32) -> f32 {
-        let q = ((x / self.q_scale).round_ties_even() + self.q_zero_point).clamp(self.qmin, self.qmax);
-        (q - self.dq_zero_point) * self.dq_scale
+    /// `1.5·2²³`: for `|v| <= 2²²`, `(v + M) − M` is `v` rounded to an integer, ties to even,
+    /// in f32 arithmetic (a libm `rintf` call per element otherwise, where the build does not
+    /// assume SSE4.1).
+    const ROUND_MAGIC: f32 = 12_582_912.0;
+    const MAGIC_LIMIT: f32 = 4_194_304.0;
+
+    /// Whether clamping `x / q_scale` to `±2²²` before rounding changes nothing: the clip to
+    /// `[qmin, qmax]` after adding the zero point then saturates the same way.
+    fn magic_rounding(&self) -> bool {
+        let reach = self.qmin.abs().max(self.qmax.abs()) + self.q_zero_point.abs();
+        reach < Self::MAGIC_LIMIT / 2.0
+    }
+
+    fn apply_slice(&self, xs: &mut [f32]) {
+        let (s, zp, lo, hi, dzp, ds) =
+            (self.q_scale, self.q_zero_point, self.qmin, self.qmax, self.dq_zero_point, self.dq_scale);
+        if self.magic_rounding() {
+            let (m, l) = (Self::ROUND_MAGIC, Self::MAGIC_LIMIT);
+            for x in xs {
+                let v = (*x / s).clamp(-l, l);
+                let q = ((v + m) - m + zp).clamp(lo, hi);
+                *x = (q - dzp) * ds;
+            }
+        } else {
+            for x in xs {
+                let q = ((*x / s).round_ties_even() + zp).clamp(lo, hi);
+                *x = (q - dzp) * ds;
+            }
+        }
     }
 }
 
@@ -466,9 +492,7 @@ impl tract_onnx::tract_core::ops::element_wise::ElementWiseMiniOp for FakeQuanti
             bail!("{FAKE_QUANTIZE_OP} takes float32, got {:?}", t.datum_type());
         }
         let mut plain = t.try_as_plain_ram_mut()?;
-        for x in plain.as_slice_mut::<f32>()? {
-            *x = self.apply(*x);
-        }
+        self.apply_slice(plain.as_slice_mut::<f32>()?);
         Ok(())
     }
 }
@@ -967,5 +991,31 @@ mod tests {
             assert_eq!(r, &reference);
         }
         Ok(())
+    }
+
+    /// The magic-number rounding of the fused fake-quant op equals `round_ties_even` then
+    /// the clip, bit for bit: ties, values beyond the clamp, tiny and non-finite inputs.
+    #[test]
+    fn fake_quantize_rounds_half_to_even_and_saturates() {
+        let mut xs: Vec<f32> = vec![0.0, -0.0, 1e-30, -1e-30, 1e30, -1e30, f32::INFINITY, f32::NEG_INFINITY];
+        for k in -700..700 {
+            let t = k as f32 * 0.25;
+            xs.extend([t, t * 0.37 + 1e-3, t * 3.0e4, t * 1e-4]);
+        }
+        for (s, zp, lo, hi) in [(0.5f32, 10.0f32, 0.0f32, 255.0f32), (0.013, -3.0, -128.0, 127.0), (1e-6, 0.0, 0.0, 65535.0)]
+        {
+            let op = FakeQuantize { q_scale: s, q_zero_point: zp, qmin: lo, qmax: hi, dq_scale: s, dq_zero_point: zp };
+            assert!(op.magic_rounding());
+            let mut got = xs.clone();
+            op.apply_slice(&mut got);
+            for (&x, &g) in xs.iter().zip(&got) {
+                let want = (((x / s).round_ties_even() + zp).clamp(lo, hi) - zp) * s;
+                assert_eq!(g.to_bits(), want.to_bits(), "x = {x}, scale {s}, zero point {zp}");
+            }
+        }
+        let mut nan = [f32::NAN];
+        FakeQuantize { q_scale: 1.0, q_zero_point: 0.0, qmin: 0.0, qmax: 255.0, dq_scale: 1.0, dq_zero_point: 0.0 }
+            .apply_slice(&mut nan);
+        assert!(nan[0].is_nan());
     }
 }

@@ -949,7 +949,9 @@ impl TensorStats {
         let steps = f64::from(qmax_levels.max(2) - 1);
         let r = self.hist_range();
         let w = self.bin_width();
-        // Non-empty bins as (lower, upper, count), clipped to the observed [min, max].
+        // Non-empty bins as (lower, upper, weight), clipped to the observed [min, max]; the
+        // weight is the count per unit length (a uniform density), or the count of a bin
+        // clipped to a point.
         let cells: Vec<(f64, f64, f64)> = self
             .hist
             .iter()
@@ -957,8 +959,8 @@ impl TensorStats {
             .filter(|(_, &c)| c > 0)
             .map(|(j, &c)| {
                 let u = (-r + j as f64 * w).max(self.min);
-                let v = (-r + (j + 1) as f64 * w).min(self.max);
-                (u, v.max(u), c as f64)
+                let v = (-r + (j + 1) as f64 * w).min(self.max).max(u);
+                (u, v, if v > u { c as f64 / (v - u) } else { c as f64 })
             })
             .collect();
         let mut best = (f64::INFINITY, lo0, hi0);
@@ -969,15 +971,10 @@ impl TensorStats {
             if s.is_nan() || s <= 0.0 {
                 continue;
             }
+            let grid = Grid { lo, hi, s, inv_s: 1.0 / s, s3: s * s * s, steps };
             let err: f64 = cells
                 .iter()
-                .map(|&(u, v, n)| {
-                    if v > u {
-                        n * segment_sq_err(u, v, lo, hi, s) / (v - u)
-                    } else {
-                        n * point_sq_err(u, lo, s, steps)
-                    }
-                })
+                .map(|&(u, v, weight)| weight * if v > u { grid.segment_sq_err(u, v) } else { grid.point_sq_err(u) })
                 .sum();
             // Ascending `a`, `<=`: ties go to the larger `a`.
             if err <= best.0 {
@@ -1095,7 +1092,9 @@ fn kl_divergence(p: &[f64], q: &[f64]) -> f64 {
 
 /// `∫_0^y (t − round(t))² dt` for `y >= 0` (grid points at the integers, starting at 0).
 fn rounding_sq_integral(y: f64) -> f64 {
-    let k = y.round();
+    // round(y) for y >= 0 without a libm call; a y within an ulp of a .5 tie may go either
+    // way, where the integral is continuous.
+    let k = (y + 0.5) as i64 as f64;
     let r = y - k;
     if k <= 0.0 {
         r * r * r / 3.0
@@ -1104,31 +1103,43 @@ fn rounding_sq_integral(y: f64) -> f64 {
     }
 }
 
-/// `∫_u^v (x − q(x))² dx` for the quantizer with grid `lo + s·k`, `k = 0..=(hi−lo)/s`,
-/// clipping outside `[lo, hi]`.
-fn segment_sq_err(u: f64, v: f64, lo: f64, hi: f64, s: f64) -> f64 {
-    let mut acc = 0.0;
-    if u < lo {
-        let b = v.min(lo);
-        acc += ((lo - u).powi(3) - (lo - b).powi(3)) / 3.0;
-    }
-    if v > hi {
-        let a = u.max(hi);
-        acc += ((v - hi).powi(3) - (a - hi).powi(3)) / 3.0;
-    }
-    let (a, b) = (u.max(lo), v.min(hi));
-    if b > a {
-        let ya = (a - lo) / s;
-        let yb = (b - lo) / s;
-        acc += s * s * s * (rounding_sq_integral(yb) - rounding_sq_integral(ya)).max(0.0);
-    }
-    acc
+/// The uniform quantizer with grid `lo + s·k`, `k = 0..=steps`, clipping outside `[lo, hi]`.
+struct Grid {
+    lo: f64,
+    hi: f64,
+    s: f64,
+    inv_s: f64,
+    s3: f64,
+    steps: f64,
 }
 
-/// `(x − q(x))²` for one point.
-fn point_sq_err(x: f64, lo: f64, s: f64, steps: f64) -> f64 {
-    let q = lo + s * ((x - lo) / s).round().clamp(0.0, steps);
-    (x - q) * (x - q)
+impl Grid {
+    /// `∫_u^v (x − q(x))² dx`.
+    fn segment_sq_err(&self, u: f64, v: f64) -> f64 {
+        let (lo, hi) = (self.lo, self.hi);
+        let mut acc = 0.0;
+        if u < lo {
+            let b = v.min(lo);
+            acc += ((lo - u).powi(3) - (lo - b).powi(3)) / 3.0;
+        }
+        if v > hi {
+            let a = u.max(hi);
+            acc += ((v - hi).powi(3) - (a - hi).powi(3)) / 3.0;
+        }
+        let (a, b) = (u.max(lo), v.min(hi));
+        if b > a {
+            let ya = (a - lo) * self.inv_s;
+            let yb = (b - lo) * self.inv_s;
+            acc += self.s3 * (rounding_sq_integral(yb) - rounding_sq_integral(ya)).max(0.0);
+        }
+        acc
+    }
+
+    /// `(x − q(x))²` for one point.
+    fn point_sq_err(&self, x: f64) -> f64 {
+        let q = self.lo + self.s * ((x - self.lo) / self.s).round().clamp(0.0, self.steps);
+        (x - q) * (x - q)
+    }
 }
 
 /// How a quantization range is chosen from [`TensorStats`].
