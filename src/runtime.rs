@@ -1002,7 +1002,8 @@ mod tests {
             let t = k as f32 * 0.25;
             xs.extend([t, t * 0.37 + 1e-3, t * 3.0e4, t * 1e-4]);
         }
-        for (s, zp, lo, hi) in [(0.5f32, 10.0f32, 0.0f32, 255.0f32), (0.013, -3.0, -128.0, 127.0), (1e-6, 0.0, 0.0, 65535.0)]
+        for (s, zp, lo, hi) in
+            [(0.5f32, 10.0f32, 0.0f32, 255.0f32), (0.013, -3.0, -128.0, 127.0), (1e-6, 0.0, 0.0, 65535.0)]
         {
             let op = FakeQuantize { q_scale: s, q_zero_point: zp, qmin: lo, qmax: hi, dq_scale: s, dq_zero_point: zp };
             assert!(op.magic_rounding());

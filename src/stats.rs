@@ -964,7 +964,11 @@ impl TensorStats {
             })
             .collect();
         let mut best = (f64::INFINITY, lo0, hi0);
-        for k in 1..=MSE_GRID_STEPS {
+        // Descending `a` with a strict `<`: ties go to the larger `a`. The clipping error alone
+        // (cells below `lo` or above `hi`, a lower bound of the total) only grows as `a`
+        // shrinks, so once it exceeds the best total no smaller `a` can win; the relative
+        // margin keeps rounding noise in the two sums from cutting a near-tie.
+        for k in (1..=MSE_GRID_STEPS).rev() {
             let a = f64::from(k) / f64::from(MSE_GRID_STEPS);
             let (lo, hi) = (a * lo0, a * hi0);
             let s = (hi - lo) / steps;
@@ -972,12 +976,24 @@ impl TensorStats {
                 continue;
             }
             let grid = Grid { lo, hi, s, inv_s: 1.0 / s, s3: s * s * s, steps };
+            if best.0.is_finite() {
+                let below = cells.partition_point(|c| c.0 < lo);
+                let above = cells.partition_point(|c| c.1 <= hi).max(below);
+                let clip: f64 = cells[..below]
+                    .iter()
+                    .chain(&cells[above..])
+                    .filter(|c| c.1 > c.0)
+                    .map(|&(u, v, weight)| weight * grid.clip_sq_err(u, v))
+                    .sum();
+                if clip > best.0 * (1.0 + 1e-9) {
+                    break;
+                }
+            }
             let err: f64 = cells
                 .iter()
                 .map(|&(u, v, weight)| weight * if v > u { grid.segment_sq_err(u, v) } else { grid.point_sq_err(u) })
                 .sum();
-            // Ascending `a`, `<=`: ties go to the larger `a`.
-            if err <= best.0 {
+            if err < best.0 {
                 best = (err, lo, hi);
             }
         }
@@ -1114,8 +1130,8 @@ struct Grid {
 }
 
 impl Grid {
-    /// `∫_u^v (x − q(x))² dx`.
-    fn segment_sq_err(&self, u: f64, v: f64) -> f64 {
+    /// The part of `∫_u^v (x − q(x))² dx` outside `[lo, hi]`, where `q` saturates.
+    fn clip_sq_err(&self, u: f64, v: f64) -> f64 {
         let (lo, hi) = (self.lo, self.hi);
         let mut acc = 0.0;
         if u < lo {
@@ -1126,6 +1142,13 @@ impl Grid {
             let a = u.max(hi);
             acc += ((v - hi).powi(3) - (a - hi).powi(3)) / 3.0;
         }
+        acc
+    }
+
+    /// `∫_u^v (x − q(x))² dx`.
+    fn segment_sq_err(&self, u: f64, v: f64) -> f64 {
+        let (lo, hi) = (self.lo, self.hi);
+        let mut acc = self.clip_sq_err(u, v);
         let (a, b) = (u.max(lo), v.min(hi));
         if b > a {
             let ya = (a - lo) * self.inv_s;
