@@ -458,14 +458,21 @@ pub fn evaluate(reference: &Model, candidate: &Model, data: &DataOptions, opts: 
                     .iter()
                     .find(|p| p.shapes == shapes)
                     .with_context(|| format!("sample {}: no plan for input shapes {shapes:?}", sample.source))?;
-                let r = pair
-                    .reference
-                    .run(&sample.inputs)
-                    .with_context(|| format!("sample {}: running REF {rl}", sample.source))?;
-                let c = pair
-                    .candidate
-                    .run(&sample.inputs)
-                    .with_context(|| format!("sample {}: running CAND {cl}", sample.source))?;
+                // Side by side too: with fewer samples than threads (the opset check runs one)
+                // the sample loop alone would leave a core idle.
+                let (r, c) = rayon::join(
+                    || {
+                        pair.reference
+                            .run(&sample.inputs)
+                            .with_context(|| format!("sample {}: running REF {rl}", sample.source))
+                    },
+                    || {
+                        pair.candidate
+                            .run(&sample.inputs)
+                            .with_context(|| format!("sample {}: running CAND {cl}", sample.source))
+                    },
+                );
+                let (r, c) = (r?, c?);
                 let cmp = r.iter().zip(&c).map(|(r, c)| compare(r, c)).collect();
                 pb.inc(1);
                 Ok((sample.source, cmp))
@@ -546,10 +553,12 @@ fn build_plans(
                 })
                 .collect()
         };
-        let reference =
-            Plan::load(rbytes, None, &facts(false), requested).with_context(|| format!("cannot run REF {rl}"))?;
-        let candidate =
-            Plan::load(cbytes, None, &facts(true), requested).with_context(|| format!("cannot run CAND {cl}"))?;
+        // tract's plan optimization is single threaded: the two load side by side.
+        let (reference, candidate) = rayon::join(
+            || Plan::load(rbytes, None, &facts(false), requested).with_context(|| format!("cannot run REF {rl}")),
+            || Plan::load(cbytes, None, &facts(true), requested).with_context(|| format!("cannot run CAND {cl}")),
+        );
+        let (reference, candidate) = (reference?, candidate?);
         plans.push(PlanPair { shapes: shapes.to_vec(), reference, candidate });
     }
     Ok(plans)
