@@ -473,6 +473,30 @@ enum ActSource {
     },
 }
 
+impl ActSource {
+    fn param_source(&self) -> ParamSource {
+        match self {
+            ActSource::Own | ActSource::FoldedRelu { .. } => ParamSource::Range,
+            ActSource::Fixed(_) => ParamSource::Fixed,
+            ActSource::SameAs(of) | ActSource::Derived { of, .. } => ParamSource::DerivedFrom(of.clone()),
+        }
+    }
+}
+
+/// Where a quantized activation's scale and zero point come from, so whether calibration has
+/// to measure it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ParamSource {
+    /// Its own calibrated range.
+    Range,
+    /// The op's value range (an Erf/Tanh output, a final Sigmoid, an attention mask).
+    Fixed,
+    /// Another quantized tensor's parameters, the same or moved along exactly (a data
+    /// movement, `y = x·c`, `y = x + k·step`; module docs, point 5).
+    DerivedFrom(String),
+}
+
 /// uint8 parameters of a tensor in [-1, 1] (Erf, Tanh) on which adding ±1 moves the zero
 /// point by a whole 127 steps: scale 1/127, zero point 127 (range [-1, 128/127]).
 const UNIT_U8: ActParams = ActParams { scale: 1.0 / 127.0, zero_point: 127, ty: ActType::U8 };
@@ -544,12 +568,34 @@ struct Ctx<'a> {
     opts: &'a QuantOptions,
     /// Placement without statistics: every float tensor counts as having a usable range,
     /// and the names asked about are recorded here.
-    assume_ranges: Option<std::cell::RefCell<BTreeSet<String>>>,
+    assume_ranges: Option<std::cell::RefCell<Asked>>,
+}
+
+/// The tensors a placement without statistics asked about (see [`Ctx::assume_ranges`]).
+#[derive(Default)]
+struct Asked {
+    /// Every activation considered for quantization.
+    tensors: BTreeSet<String>,
+    /// Those whose range would be read.
+    ranges: BTreeSet<String>,
 }
 
 impl Ctx<'_> {
-    /// Why an activation tensor cannot be quantized, or None when it can.
-    fn act_blocker(&self, name: &str) -> Option<String> {
+    /// The calibrated range of `name` (without statistics: None, and the read is recorded).
+    fn range(&self, name: &str) -> Option<&TensorEntry> {
+        if let Some(asked) = &self.assume_ranges {
+            let mut asked = asked.borrow_mut();
+            asked.tensors.insert(name.to_string());
+            asked.ranges.insert(name.to_string());
+            return None;
+        }
+        self.ranges.get(name)
+    }
+
+    /// Why an activation tensor cannot be quantized, or None when it can. `own_range`: its
+    /// parameters come from its own calibrated range, which must then exist and not be
+    /// dominated by sentinels; fixed or derived parameters ([`ParamSource`]) read no range.
+    fn act_blocker(&self, name: &str, own_range: bool) -> Option<String> {
         if self.opts.keep_float.contains(name) {
             return Some("kept float (--keep-float)".into());
         }
@@ -558,7 +604,14 @@ impl Ctx<'_> {
             return Some(format!("element type {} is not float", dtype::name(et)));
         }
         if let Some(asked) = &self.assume_ranges {
-            asked.borrow_mut().insert(name.to_string());
+            let mut asked = asked.borrow_mut();
+            asked.tensors.insert(name.to_string());
+            if own_range {
+                asked.ranges.insert(name.to_string());
+            }
+            return None;
+        }
+        if !own_range {
             return None;
         }
         let Some(r) = self.ranges.get(name) else {
@@ -591,24 +644,52 @@ fn masked_scores(ctx: &Ctx, n: &NodeProto) -> Option<(String, String, ActParams)
     {
         return None;
     }
-    let sentinel = |t: &str| ctx.ranges.get(t).is_some_and(|r| r.abs_max >= SENTINEL && r.min.is_finite());
+    let sentinel = |t: &str| ctx.range(t).is_some_and(|r| r.abs_max >= SENTINEL && r.min.is_finite());
     let (x, m) = match (sentinel(a), sentinel(b)) {
         (false, true) => (a, b),
         (true, false) => (b, a),
         _ => return None,
     };
-    if ctx.act_blocker(x).is_some() || ctx.opts.keep_float.contains(m) || ctx.opts.keep_float.contains(out) {
+    if ctx.act_blocker(x, true).is_some() || ctx.opts.keep_float.contains(m) || ctx.opts.keep_float.contains(out) {
         return None;
     }
     // The mask's lowest level only has to push any score below the scores' range: twice
     // their span (a scale ratio of the sentinel's own, ~1e36, overflows ONNX Runtime's
     // QLinearAdd).
-    let [lo, hi] = ctx.ranges.get(x)?.range;
+    let [lo, hi] = ctx.range(x)?.range;
     let low = -2.0 * (hi - lo);
     // A finite, negative low end gives a finite, positive scale (from_range falls back to
     // scale 1 otherwise, which would drop the mask).
     (low.is_finite() && low < 0.0)
         .then(|| (x.clone(), m.clone(), ActParams::from_range(low, 0.0, ctx.opts.activations)))
+}
+
+/// `x → (Mul node, y, c)` for each `y = Mul(x, c)` with `c` a positive power of two (a
+/// one-element constant) that is the only reader of the activation `x` (neither a graph
+/// input nor output), `y` being no graph output and outside the residual stream `rs`. Such
+/// an x, when it would take its own range, takes y's grid scaled by `1/c` instead of y taking
+/// x's scaled by `c`: the same grid either way (binning commutes with a power-of-two
+/// scaling, see [`crate::stats`]), but y's range is what the next layer reads anyway, so x
+/// (the decomposed Gelu's product `x·(1+erf(x/√2))` before its `·0.5`) needs no statistics.
+fn power_of_two_scalings(view: &GraphView, rs: &ResidualStream) -> BTreeMap<String, (usize, String, f32)> {
+    let power_of_two = |c: f32| c > 0.0 && c.is_normal() && c.to_bits() & 0x007f_ffff == 0 && (1.0 / c).is_normal();
+    let mut out = BTreeMap::new();
+    for (i, n) in view.nodes().iter().enumerate() {
+        let ([a, b], [y]) = (n.input.as_slice(), n.output.as_slice()) else { continue };
+        if n.op_type() != "Mul" || view.is_graph_output(y) || rs.group_of.contains_key(y) {
+            continue;
+        }
+        let c_of = |t: &str| view.weight(t).and_then(scalar_value).filter(|&c| power_of_two(c));
+        let (x, c) = match (c_of(a), c_of(b)) {
+            (None, Some(c)) if view.weight(a).is_none() => (a, c),
+            (Some(c), None) if view.weight(b).is_none() => (b, c),
+            _ => continue,
+        };
+        if view.consumers(x).len() == 1 && !view.is_graph_output(x) && !view.is_graph_input(x) {
+            out.insert(x.clone(), (i, y.clone(), c));
+        }
+    }
+    out
 }
 
 fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
@@ -639,7 +720,9 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
     let float_group = |name: &str| -> Option<String> {
         let members = &rs.groups[*rs.group_of.get(name)?];
         if let Some(asked) = &ctx.assume_ranges {
-            asked.borrow_mut().extend(members.iter().cloned());
+            let mut asked = asked.borrow_mut();
+            asked.tensors.extend(members.iter().cloned());
+            asked.ranges.extend(members.iter().cloned());
             return None;
         }
         let (t, db) = members
@@ -656,6 +739,7 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
         _ => FloatReaders::Never,
     };
     let mut blocked: BTreeMap<String, String> = BTreeMap::new();
+    let rescaled = power_of_two_scalings(view, &rs);
     let want_act = |p: &mut Plan, blocked: &mut BTreeMap<String, String>, name: &str, src: ActSource| -> bool {
         if name.is_empty() || view.weight(name).is_some() {
             return false;
@@ -663,7 +747,13 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
         if p.act_set.contains(name) {
             return true;
         }
-        if let Some(why) = ctx.act_blocker(name).or_else(|| float_group(name)) {
+        // `y = x·2^k` read only there: x takes y's grid scaled back, so y's range is read.
+        let src = match (src, rescaled.get(name)) {
+            (ActSource::Own, Some((_, y, c))) => ActSource::Derived { of: y.clone(), factor: 1.0 / c, shift: 0 },
+            (src, _) => src,
+        };
+        let own_range = src.param_source() == ParamSource::Range;
+        if let Some(why) = ctx.act_blocker(name, own_range).or_else(|| float_group(name)) {
             blocked.entry(name.to_string()).or_insert(why);
             return false;
         }
@@ -706,8 +796,8 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
         // grid, where a masked position saturates at the scores' lowest value, the mask on its
         // own bounded grid (see [`masked_scores`]): ONNX Runtime runs QLinearAdd and
         // QLinearSoftmax instead of leaving the attention's Softmax input float.
-        let masked = match (op, cnn_like, &ctx.assume_ranges) {
-            ("Add", true, None) => masked_scores(ctx, n),
+        let masked = match (op, cnn_like) {
+            ("Add", true) => masked_scores(ctx, n),
             _ => None,
         };
         if let Some((x, m, mask)) = masked {
@@ -812,7 +902,7 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
                     && producer_selected
                     && sole
                     && !view.is_graph_output(out)
-                    && ctx.act_blocker(out).is_none()
+                    && ctx.act_blocker(out, true).is_none()
                 {
                     // The producer's own output Q is replaced by the Relu's.
                     p.act_set.remove(inp.as_str());
@@ -894,7 +984,11 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
                             }),
                             ("MaxPool", Some(i0), _) => ActSource::SameAs(i0.clone()),
                             ("Mul", Some(x), Some(c)) if c > 0.0 => {
-                                ActSource::Derived { of: x.clone(), factor: c, shift: 0 }
+                                match p.acts.iter().find(|(t, _)| t == x).map(|(_, s)| s.param_source()) {
+                                    // x takes its grid from this output (power_of_two_scalings).
+                                    Some(ParamSource::DerivedFrom(of)) if &of == o => ActSource::Own,
+                                    _ => ActSource::Derived { of: x.clone(), factor: c, shift: 0 },
+                                }
                             }
                             ("Add", Some(x), Some(c)) => match p.acts.iter().find(|(t, _)| t == x).map(|(_, s)| s) {
                                 Some(ActSource::Fixed(fp)) => {
@@ -915,6 +1009,22 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
                     }
                     p.selected.insert(i);
                 }
+            }
+        }
+    }
+    // An `x` whose scaled output `y = x·2^k` ended up float: x takes its own range after all,
+    // or, when that is unusable, stays float too, and so does the Mul.
+    for (x, (mul, y, _)) in &rescaled {
+        let reversed = p.acts.iter().position(|(t, s)| t == x && matches!(s, ActSource::Derived { of, .. } if of == y));
+        let Some(k) = reversed.filter(|_| !p.act_set.contains(y)) else { continue };
+        match ctx.act_blocker(x, true) {
+            None => p.acts[k].1 = ActSource::Own,
+            Some(why) => {
+                p.acts.remove(k);
+                p.act_set.remove(x);
+                p.selected.remove(mul);
+                p.consts.retain(|&(i, _)| i != *mul);
+                blocked.insert(x.clone(), why);
             }
         }
     }
@@ -992,11 +1102,25 @@ pub fn quantize(
     Ok((out, report))
 }
 
-/// Every activation tensor whose range the placement consults when every float tensor has
-/// a usable range (a superset of what it quantizes: Relu folding and fusion choices look at
-/// neighbours too). Ranges can only block tensors, never make the placement look elsewhere,
-/// so [`quantize`] reads no statistics outside this set and calibration can skip the rest.
-pub fn activation_candidates(model: &ModelProto, opts: &QuantOptions) -> Result<BTreeSet<String>> {
+/// What the placement needs from calibration, found without statistics (see [`range_needs`]).
+#[derive(Debug, Clone, Default)]
+pub struct RangeNeeds {
+    /// Every activation the placement quantizes or looks at (a superset of what it
+    /// quantizes: Relu folding and fusion choices look at neighbours too).
+    pub consulted: BTreeSet<String>,
+    /// Where each activation it quantizes takes its parameters from.
+    pub sources: BTreeMap<String, ParamSource>,
+    /// The tensors whose calibrated range it reads: those taking their own range, and those
+    /// whose range decides whether something is quantized (residual-stream groups, the
+    /// sentinel test of a tensor that a folded Relu or a fusion depends on).
+    pub ranges_read: BTreeSet<String>,
+}
+
+/// The placement's needs when every float tensor has a usable range. Ranges can only block
+/// tensors, never make the placement look elsewhere, so [`quantize`] reads no statistics
+/// outside `ranges_read`, and calibration can skip the rest: fixed and derived activations
+/// ([`ParamSource`]) are quantized without a range of their own.
+pub fn range_needs(model: &ModelProto, opts: &QuantOptions) -> Result<RangeNeeds> {
     let graph = model.graph.as_ref().context("the model has no graph")?;
     let view = GraphView::new(graph);
     let order = view.topo_order()?;
@@ -1007,9 +1131,16 @@ pub fn activation_candidates(model: &ModelProto, opts: &QuantOptions) -> Result<
     let none = BTreeMap::new();
     let ctx = Ctx { view: &view, ranges: &none, opts, assume_ranges: Some(Default::default()) };
     let pl = plan(&ctx, preset, &order)?;
-    let mut asked = ctx.assume_ranges.map(|a| a.into_inner()).unwrap_or_default();
-    asked.extend(pl.acts.into_iter().map(|(name, _)| name));
-    Ok(asked)
+    let asked = ctx.assume_ranges.map(|a| a.into_inner()).unwrap_or_default();
+    let mut consulted = asked.tensors;
+    consulted.extend(pl.acts.iter().map(|(name, _)| name.clone()));
+    let sources = pl.acts.iter().map(|(name, s)| (name.clone(), s.param_source())).collect();
+    Ok(RangeNeeds { consulted, sources, ranges_read: asked.ranges })
+}
+
+/// Every activation tensor the placement quantizes or consults ([`RangeNeeds::consulted`]).
+pub fn activation_candidates(model: &ModelProto, opts: &QuantOptions) -> Result<BTreeSet<String>> {
+    Ok(range_needs(model, opts)?.consulted)
 }
 
 pub fn default_opset(m: &ModelProto) -> i64 {
@@ -1019,6 +1150,67 @@ pub fn default_opset(m: &ModelProto) -> i64 {
 type Rewritten = (GraphProto, Totals, Vec<TensorReport>);
 /// (quantized, scale, zero point) initializer names and the scales of one quantized weight.
 type WeightNames = (String, String, String, Vec<f32>);
+
+/// The `[lo, hi]` an activation's own parameters cover: its calibrated range for `ty`.
+fn own_range(ranges: &BTreeMap<String, TensorEntry>, t: &str, ty: ActType) -> Result<(f32, f32)> {
+    let r = ranges.get(t).with_context(|| format!("tensor '{t}': no range"))?;
+    Ok(match ty {
+        ActType::U8 => (r.range[0], r.range[1]),
+        ActType::S8 => (r.range_symmetric[0], r.range_symmetric[1]),
+    })
+}
+
+/// The parameters of every quantized activation, with how they were found when not from its
+/// own range (`fixed`, `derived from T`). A derived tensor whose source is not quantized
+/// takes its own range.
+fn act_params(
+    pl: &Plan,
+    ranges: &BTreeMap<String, TensorEntry>,
+    opts: &QuantOptions,
+) -> Result<HashMap<String, (ActParams, Option<String>)>> {
+    let sources: HashMap<&str, &ActSource> = pl.acts.iter().map(|(t, s)| (t.as_str(), s)).collect();
+    let mut done: HashMap<String, (ActParams, Option<String>)> = HashMap::new();
+    for (t, _) in &pl.acts {
+        // The chain of sources down to one whose parameters are known, then back up.
+        let mut chain = vec![t.as_str()];
+        while let Some(&cur) = chain.last() {
+            let next = match sources.get(cur) {
+                Some(ActSource::SameAs(of) | ActSource::Derived { of, .. }) => Some(of.as_str()),
+                _ => None,
+            };
+            match next {
+                Some(of) if sources.contains_key(of) && !done.contains_key(of) && !chain.contains(&of) => {
+                    chain.push(of)
+                }
+                _ => break,
+            }
+        }
+        for cur in chain.into_iter().rev() {
+            if done.contains_key(cur) {
+                continue;
+            }
+            let base = |of: &str| done.get(of).map(|(ap, _)| *ap);
+            let prm = match sources.get(cur) {
+                Some(ActSource::Fixed(fp)) => Some((*fp, Some("fixed".to_string()))),
+                Some(ActSource::SameAs(of)) => base(of).map(|ap| (ap, Some(format!("same as {of}")))),
+                Some(ActSource::Derived { of, factor, shift }) => base(of).map(|ap| {
+                    let prm = ActParams { scale: ap.scale * factor, zero_point: ap.zero_point - shift, ty: ap.ty };
+                    (prm, Some(format!("derived from {of}")))
+                }),
+                _ => None,
+            };
+            let prm = match prm {
+                Some(p) => p,
+                None => {
+                    let (lo, hi) = own_range(ranges, cur, opts.activations)?;
+                    (ActParams::from_range(lo, hi, opts.activations), None)
+                }
+            };
+            done.insert(cur.to_string(), prm);
+        }
+    }
+    Ok(done)
+}
 
 fn rewrite(
     graph: &GraphProto,
@@ -1032,7 +1224,9 @@ fn rewrite(
     let mut reports: Vec<TensorReport> = Vec::new();
     let mut totals = Totals::default();
 
-    // 1. Activation parameters: (scale name, zp name, params) per quantized tensor.
+    // 1. Activation parameters: (scale name, zp name, params) per quantized tensor, the
+    // parameters resolved first (a tensor may derive from one quantized after it).
+    let params = act_params(pl, ranges, opts)?;
     let mut act: HashMap<String, (String, String, ActParams)> = HashMap::new();
     for (t, src) in &pl.acts {
         match src {
@@ -1041,29 +1235,16 @@ fn rewrite(
                 act.insert(t.clone(), v);
             }
             _ => {
-                let derived = match src {
-                    ActSource::Fixed(fp) => Some((*fp, "fixed".to_string())),
-                    ActSource::Derived { of, factor, shift } => act.get(of).map(|(_, _, ap)| {
-                        let prm = ActParams { scale: ap.scale * factor, zero_point: ap.zero_point - shift, ty: ap.ty };
-                        (prm, format!("derived from {of}"))
-                    }),
-                    _ => None,
-                };
-                let (prm, lo, hi, method) = match derived {
-                    Some((prm, method)) => {
+                let (prm, method) = params.get(t).cloned().with_context(|| format!("tensor '{t}': no parameters"))?;
+                let (lo, hi) = match method {
+                    Some(_) => {
                         let (qlo, qhi) = prm.qmin_qmax();
                         let at = |q: i32| (q - prm.zero_point) as f32 * prm.scale;
-                        (prm, at(qlo), at(qhi), method)
+                        (at(qlo), at(qhi))
                     }
-                    None => {
-                        let r = ranges.get(t).with_context(|| format!("tensor '{t}': no range"))?;
-                        let (lo, hi) = match opts.activations {
-                            ActType::U8 => (r.range[0], r.range[1]),
-                            ActType::S8 => (r.range_symmetric[0], r.range_symmetric[1]),
-                        };
-                        (ActParams::from_range(lo, hi, opts.activations), lo, hi, opts.method.clone())
-                    }
+                    None => own_range(ranges, t, opts.activations)?,
                 };
+                let method = method.unwrap_or_else(|| opts.method.clone());
                 let sn = names.fresh(&format!("{t}_scale"));
                 let zn = names.fresh(&format!("{t}_zero_point"));
                 let (s, z) = act_scalar_tensors(&sn, &zn, &prm);
