@@ -1694,6 +1694,73 @@ mod tests {
         assert_eq!(reads("ln2")[0], "s2_dequantized");
     }
 
+    /// A decomposed Gelu `((1 + erf(x/√2))·x)·0.5` feeding a MatMul: only x and the Gelu's
+    /// output have their range read (the Erf output is fixed, the rest derived, the product
+    /// from the output); the model is the one all ranges give. When the output stays float,
+    /// the product takes its own range.
+    #[test]
+    fn a_decomposed_gelu_reads_only_its_input_and_output_ranges() {
+        use crate::onnx::builder::{graph, model, tensor_info};
+        use crate::onnx::tensor::vec_f32;
+        let mut w = vec_f32("w", &[0.5; 8]);
+        w.dims = vec![4, 2];
+        let nodes = vec![
+            node("Mul", "div", &["x", "inv_sqrt2"], &["d"], vec![]),
+            node("Erf", "erf", &["d"], &["e"], vec![]),
+            node("Add", "add", &["e", "one"], &["a"], vec![]),
+            node("Mul", "mul", &["a", "x"], &["p"], vec![]),
+            node("Mul", "half", &["p", "c_half"], &["y"], vec![]),
+            node("MatMul", "mm", &["y", "w"], &["z"], vec![]),
+        ];
+        let inits = vec![
+            scalar_f32("inv_sqrt2", std::f32::consts::FRAC_1_SQRT_2),
+            scalar_f32("one", 1.0),
+            scalar_f32("c_half", 0.5),
+            w,
+        ];
+        let g = graph(
+            "g",
+            nodes,
+            vec![tensor_info("x", dtype::FLOAT, &[1, 4])],
+            vec![tensor_info("z", dtype::FLOAT, &[1, 2])],
+            inits,
+        );
+        let m = model(g, 13);
+        let opts = QuantOptions { preset: Preset::Cnn, ..Default::default() };
+        let needs = range_needs(&m, &opts).unwrap();
+        let from = |t: &str| ParamSource::DerivedFrom(t.into());
+        let expected = [("x", ParamSource::Range), ("d", from("x")), ("e", ParamSource::Fixed), ("a", from("e"))];
+        for (t, src) in expected.into_iter().chain([("p", from("y")), ("y", ParamSource::Range)]) {
+            assert_eq!(needs.sources.get(t), Some(&src), "{t}");
+        }
+        assert_eq!(needs.ranges_read, ["x", "y"].map(String::from).into_iter().collect());
+        // Ranges as calibration measures them: y's exactly half of p's.
+        let all: BTreeMap<String, TensorEntry> =
+            [("x", entry(-4.0, 4.0)), ("d", entry(-2.8, 2.8)), ("e", entry(-1.0, 1.0)), ("a", entry(0.0, 2.0))]
+                .into_iter()
+                .chain([("p", entry(-0.34, 8.0)), ("y", entry(-0.17, 4.0))])
+                .map(|(n, e)| (n.to_string(), e))
+                .collect();
+        let read: BTreeMap<String, TensorEntry> =
+            all.iter().filter(|(t, _)| needs.ranges_read.contains(*t)).map(|(t, e)| (t.clone(), e.clone())).collect();
+        let (q_all, r_all) = quantize(&m, &all, &opts).unwrap();
+        let (q_read, r_read) = quantize(&m, &read, &opts).unwrap();
+        assert_eq!(q_all, q_read, "the same model from the ranges read alone");
+        let params = |r: &Report, t: &str| {
+            let t = r.tensors.iter().find(|x| x.name == t).unwrap();
+            (t.scale[0], t.zero_point, t.method.clone().unwrap_or_default())
+        };
+        let (sp, zp, how) = params(&r_read, "p");
+        assert_eq!((sp, zp, how.as_str()), (params(&r_all, "y").0 * 2.0, params(&r_all, "y").1, "derived from y"));
+        // y kept float: p takes its own range, which is then read.
+        let keep = QuantOptions { keep_float: ["y".to_string()].into(), ..opts };
+        let needs = range_needs(&m, &keep).unwrap();
+        assert_eq!(needs.sources.get("p"), Some(&ParamSource::Range));
+        assert!(needs.ranges_read.contains("p") && !needs.sources.contains_key("y"));
+        let (_, r) = quantize(&m, &all, &keep).unwrap();
+        assert_eq!(params(&r, "p").0, ActParams::from_range(-0.34, 8.0, ActType::U8).scale);
+    }
+
     #[test]
     fn globs() {
         assert!(glob_match("conv*", "conv1"));
