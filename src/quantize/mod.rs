@@ -460,6 +460,10 @@ enum ActSource {
     FoldedRelu {
         input: String,
     },
+    /// The input of a Relu expected to fold into its producer's Q: replaced by the Relu
+    /// output's, so no range of its own is read; when the Relu does not fold after all, it
+    /// takes its own range (see [`plan`]).
+    BeforeRelu,
     /// Parameters fixed by the op's value range, not by calibration.
     Fixed(ActParams),
     /// `scale = scale(of)·factor`, `zero point = zero_point(of) − shift`: the output of a Mul
@@ -474,9 +478,14 @@ enum ActSource {
 }
 
 impl ActSource {
+    /// Whether the placement reads this tensor's own range (see [`Ctx::act_blocker`]).
+    fn reads_range(&self) -> bool {
+        matches!(self, ActSource::Own | ActSource::FoldedRelu { .. })
+    }
+
     fn param_source(&self) -> ParamSource {
         match self {
-            ActSource::Own | ActSource::FoldedRelu { .. } => ParamSource::Range,
+            ActSource::Own | ActSource::FoldedRelu { .. } | ActSource::BeforeRelu => ParamSource::Range,
             ActSource::Fixed(_) => ParamSource::Fixed,
             ActSource::SameAs(of) | ActSource::Derived { of, .. } => ParamSource::DerivedFrom(of.clone()),
         }
@@ -740,6 +749,23 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
     };
     let mut blocked: BTreeMap<String, String> = BTreeMap::new();
     let rescaled = power_of_two_scalings(view, &rs);
+    // Relu → its only input, for Relus that fold into their producer's Q (module docs, point
+    // 3) when that producer is quantized. Only a plain one-in, one-out Relu: removing a node
+    // with extra outputs would leave them unproduced.
+    let relu_folds: BTreeMap<String, usize> = match opts.activations {
+        ActType::U8 => nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.op_type() == "Relu")
+            .filter_map(|(i, n)| match (n.input.as_slice(), n.output.as_slice()) {
+                ([inp], [out]) if view.consumers(inp).len() == 1 && !view.is_graph_output(inp) => {
+                    (!view.is_graph_output(out)).then(|| (inp.clone(), i))
+                }
+                _ => None,
+            })
+            .collect(),
+        ActType::S8 => BTreeMap::new(),
+    };
     let want_act = |p: &mut Plan, blocked: &mut BTreeMap<String, String>, name: &str, src: ActSource| -> bool {
         if name.is_empty() || view.weight(name).is_some() {
             return false;
@@ -747,13 +773,14 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
         if p.act_set.contains(name) {
             return true;
         }
-        // `y = x·2^k` read only there: x takes y's grid scaled back, so y's range is read.
+        // `y = x·2^k` read only there: x takes y's grid scaled back, so y's range is read. A
+        // Relu's only input: the Relu's output range is read when it folds.
         let src = match (src, rescaled.get(name)) {
             (ActSource::Own, Some((_, y, c))) => ActSource::Derived { of: y.clone(), factor: 1.0 / c, shift: 0 },
+            (ActSource::Own, None) if relu_folds.contains_key(name) => ActSource::BeforeRelu,
             (src, _) => src,
         };
-        let own_range = src.param_source() == ParamSource::Range;
-        if let Some(why) = ctx.act_blocker(name, own_range).or_else(|| float_group(name)) {
+        if let Some(why) = ctx.act_blocker(name, src.reads_range()).or_else(|| float_group(name)) {
             blocked.entry(name.to_string()).or_insert(why);
             return false;
         }
@@ -888,22 +915,14 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
             }
             "Relu" => {
                 // Fold into the producer's Q when the producer is a selected node and the
-                // Relu is its only consumer.
-                // Only a plain one-in, one-out Relu: removing a node with extra outputs would
-                // leave them unproduced.
+                // Relu is its only consumer (`relu_folds`).
                 let ([inp], [out]) = (n.input.as_slice(), n.output.as_slice()) else { continue };
                 // A producer that is itself a folded (removed) Relu cannot host a second fold:
                 // nothing would produce this Relu's output.
                 let producer_selected = view
                     .producer_index(inp)
                     .is_some_and(|pi| p.selected.contains(&pi) && !p.removed.contains(&pi) && p.act_set.contains(inp));
-                let sole = view.consumers(inp).len() == 1 && !view.is_graph_output(inp);
-                if opts.activations == ActType::U8
-                    && producer_selected
-                    && sole
-                    && !view.is_graph_output(out)
-                    && ctx.act_blocker(out, true).is_none()
-                {
+                if relu_folds.get(inp) == Some(&i) && producer_selected && ctx.act_blocker(out, true).is_none() {
                     // The producer's own output Q is replaced by the Relu's.
                     p.act_set.remove(inp.as_str());
                     p.acts.retain(|(t, _)| t != inp);
@@ -1012,19 +1031,27 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
             }
         }
     }
-    // An `x` whose scaled output `y = x·2^k` ended up float: x takes its own range after all,
-    // or, when that is unusable, stays float too, and so does the Mul.
-    for (x, (mul, y, _)) in &rescaled {
-        let reversed = p.acts.iter().position(|(t, s)| t == x && matches!(s, ActSource::Derived { of, .. } if of == y));
-        let Some(k) = reversed.filter(|_| !p.act_set.contains(y)) else { continue };
-        match ctx.act_blocker(x, true) {
+    // A tensor that was to take its parameters from a later one that stayed float (the output
+    // `y` of `y = x·2^k`, a Relu that did not fold) takes its own range after all, or, when
+    // that is unusable, stays float too (and so does the Mul reading it).
+    let pending = |s: &ActSource| match s {
+        ActSource::BeforeRelu => true,
+        ActSource::Derived { of, .. } => !p.act_set.contains(of),
+        _ => false,
+    };
+    let unresolved: Vec<usize> = (0..p.acts.len()).filter(|&k| pending(&p.acts[k].1)).collect();
+    for k in unresolved.into_iter().rev() {
+        let x = p.acts[k].0.clone();
+        match ctx.act_blocker(&x, true) {
             None => p.acts[k].1 = ActSource::Own,
             Some(why) => {
                 p.acts.remove(k);
-                p.act_set.remove(x);
-                p.selected.remove(mul);
-                p.consts.retain(|&(i, _)| i != *mul);
-                blocked.insert(x.clone(), why);
+                p.act_set.remove(&x);
+                if let Some((mul, _, _)) = rescaled.get(&x) {
+                    p.selected.remove(mul);
+                    p.consts.retain(|&(i, _)| i != *mul);
+                }
+                blocked.insert(x, why);
             }
         }
     }
@@ -1759,6 +1786,50 @@ mod tests {
         assert!(needs.ranges_read.contains("p") && !needs.sources.contains_key("y"));
         let (_, r) = quantize(&m, &all, &keep).unwrap();
         assert_eq!(params(&r, "p").0, ActParams::from_range(-0.34, 8.0, ActType::U8).scale);
+    }
+
+    /// A Relu folded into its producer's Q: the producer's output range is not read (the
+    /// Relu output's is); an excluded Relu does not fold, and then it is.
+    #[test]
+    fn a_folded_relu_input_needs_no_range() {
+        use crate::onnx::builder::{graph, model, tensor_info};
+        use crate::onnx::tensor::vec_f32;
+        let w = |name: &str| {
+            let mut t = vec_f32(name, &[0.5; 16]);
+            t.dims = vec![4, 4];
+            t
+        };
+        let nodes = vec![
+            node("MatMul", "mm1", &["x", "w1"], &["h"], vec![]),
+            node("Relu", "relu", &["h"], &["r"], vec![]),
+            node("MatMul", "mm2", &["r", "w2"], &["z"], vec![]),
+        ];
+        let g = graph(
+            "g",
+            nodes,
+            vec![tensor_info("x", dtype::FLOAT, &[1, 4])],
+            vec![tensor_info("z", dtype::FLOAT, &[1, 4])],
+            vec![w("w1"), w("w2")],
+        );
+        let m = model(g, 13);
+        let all: BTreeMap<String, TensorEntry> =
+            [("x", entry(-1.0, 1.0)), ("h", entry(-3.0, 2.0)), ("r", entry(0.0, 2.0))]
+                .into_iter()
+                .map(|(n, e)| (n.to_string(), e))
+                .collect();
+        for (exclude, read) in [(vec![], vec!["r", "x"]), (vec!["relu".to_string()], vec!["h", "r", "x"])] {
+            let opts = QuantOptions { preset: Preset::Cnn, exclude, ..Default::default() };
+            let needs = range_needs(&m, &opts).unwrap();
+            assert_eq!(needs.ranges_read.iter().map(|t| t.as_str()).collect::<Vec<_>>(), read);
+            let only: BTreeMap<String, TensorEntry> = all
+                .iter()
+                .filter(|(t, _)| needs.ranges_read.contains(*t))
+                .map(|(t, e)| (t.clone(), e.clone()))
+                .collect();
+            let (q, r) = quantize(&m, &only, &opts).unwrap();
+            assert_eq!(q, quantize(&m, &all, &opts).unwrap().0, "the same model from the ranges read alone");
+            assert_eq!(r.totals.relu_removed, usize::from(read.len() == 2));
+        }
     }
 
     #[test]
