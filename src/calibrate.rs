@@ -1,8 +1,10 @@
 //! Calibration: run samples through tract and fold per-tensor statistics in a streaming way.
 //!
-//! Owns the choice of which tensors to calibrate, the sample loop (parallel across samples
-//! with rayon, folded in sample order so results are identical for any thread count), and
-//! the stats JSON that `onnxq calibrate` writes and `onnxq quantize --stats` reads back.
+//! Owns the choice of which tensors to calibrate (every activation a quantizable node reads
+//! or writes for `onnxq calibrate`; for `quantize`, only those whose range its placement reads,
+//! [`quantization_targets`]), the sample loop (parallel across samples with rayon, folded in
+//! sample order so results are identical for any thread count), and the stats JSON that
+//! `onnxq calibrate` writes and `onnxq quantize --stats` reads back.
 //!
 //! Memory: samples are processed in chunks of a few per thread; each activation is reduced to
 //! a [`TensorStats`] (histogram + moments) inside tract's run, as soon as its node has computed

@@ -24,9 +24,22 @@
 //!    of rounding twice: `y = x·c` (c > 0) takes `scale(x)·c` and x's zero point, an Erf/Tanh
 //!    output takes the fixed uint8 grid scale 1/127, zero point 127, on which `y = x + 1`
 //!    only moves the zero point (the decomposed Gelu `x·0.5·(1+erf(x/√2))` then rounds the
-//!    Erf output and the product, nothing else);
+//!    Erf output and the product, nothing else). When `c` is a power of two and the Mul is
+//!    x's only reader, the grid goes the other way, the same grid since binning commutes
+//!    with such a scaling ([`crate::stats`]): x takes `scale(y)/c` and y's zero point, so the
+//!    range read is y's (the Gelu's output, the next layer's input), not the product's;
 //! 6. graph outputs stay float, except a final Sigmoid's (QLinearSigmoid), which gets a
 //!    DequantizeLinear that carries the output's name, on the fixed grid of [0, 1] (scale 1/255).
+//!
+//! Calibration measures only what the placement reads ([`range_needs`], the placement run
+//! without statistics): the activations taking their own range ([`ParamSource::Range`]) and
+//! those whose range decides whether something is quantized (sentinel tests of an attention
+//! mask's operands, residual-stream groups). Fixed and derived activations, and the input of
+//! a Relu that folds (the Relu output's range is read), need no statistics, so they are not
+//! pinned as tract outputs, which lets tract fuse them away (its GeluExact, Conv + Relu).
+//! Their parameters do not depend on a range: a derived tensor is quantized when its source
+//! is, whatever its own values (so `y = x·c` with c > 1 may be quantized past
+//! [`SENTINEL`] on x's grid).
 //!
 //! Presets choose what is marked. `cnn` marks every op ONNX Runtime has an int8 kernel for.
 //! `transformer` marks only the inputs and weights of Conv/MatMul/Gemm, and nodes outside
