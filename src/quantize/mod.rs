@@ -507,8 +507,7 @@ impl ActSource {
 
 /// Where a quantized activation's scale and zero point come from, so whether calibration has
 /// to measure it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ParamSource {
     /// Its own calibrated range.
     Range,
@@ -762,8 +761,8 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
     };
     let mut blocked: BTreeMap<String, String> = BTreeMap::new();
     let rescaled = power_of_two_scalings(view, &rs);
-    // Relu → its only input, for Relus that fold into their producer's Q (module docs, point
-    // 3) when that producer is quantized. Only a plain one-in, one-out Relu: removing a node
+    // The only input of a Relu → the Relu, for Relus that fold into their producer's Q (module
+    // docs, point 3) when that producer is quantized. Only a plain one-in, one-out Relu: removing a node
     // with extra outputs would leave them unproduced.
     let relu_folds: BTreeMap<String, usize> = match opts.activations {
         ActType::U8 => nodes
