@@ -3,8 +3,12 @@
 //! graph outputs, then through a plan that hands over every default target calibration pins
 //! (those not sharing another's statistics), without statistics (`watch`: what keeping them
 //! unfused costs tract), then calibrates every default target
-//! (statistics + histograms), then only the targets `quantize` calibrates, all on the same
-//! samples with the same threading, and prints one JSON line with the times and ratios.
+//! (statistics + histograms), all on the same samples with the same threading. Then it
+//! calibrates what `onnxq quantize` calibrates: the targets its default placement reads a
+//! range of, on the model as the pipeline has it when it calibrates
+//! ([`onnxq::pipeline::calibration_model`] of the prepared model: opset upgrade, input grid),
+//! also run plainly for comparison (`staged_plain_*`). One JSON line with the times and
+//! ratios (`quantize_ratio`, `quantize_cpu_ratio`: against the original model's plain run).
 //! Wall time and the process's CPU time (user + system, from /proc/self/stat; 0 where that
 //! is unavailable) are given for each; on a busy machine the CPU ratio is the fair one.
 
@@ -54,13 +58,31 @@ fn main() -> Result<()> {
     let c = cal::calibrate(&bytes, &specs, &set, &targets, &cal::CalibOptions::default())?;
     let calib = t2.elapsed().as_secs_f64();
     let calib_cpu = cpu_seconds() - c2;
-    // What `quantize` calibrates (the tensors its default placement consults).
-    let qtargets = cal::quantization_targets(&model.proto, &onnxq::quantize::QuantOptions::default())?;
+    drop(plan);
+    // What `quantize` calibrates: the tensors its default placement reads a range of, on the
+    // model the pipeline calibrates.
+    let mut qopts = onnxq::quantize::QuantOptions::default();
+    let (prepared, _) = onnxq::quantize::prepare::prepare(&model.proto)?;
+    let staged = onnxq::pipeline::calibration_model(prepared, &mut qopts, Some(&opts), true, true, &mut |_| {})?;
+    let qtargets = cal::quantization_targets(&staged.model, &qopts)?;
+    let sbytes = onnxq::onnx::io::encode_for_runtime(&staged.model)?;
+    let (sspecs, sset) = {
+        let sg = staged.model.graph.as_ref().context("no graph")?;
+        let sspecs = input_specs(sg);
+        let sset = onnxq::data::open(&sspecs, &opts)?;
+        (sspecs, sset)
+    };
+    let (t5, c5) = (Instant::now(), cpu_seconds());
+    let splan = onnxq::runtime::Plan::load(&sbytes, None, &input_facts(&sspecs, &sset)?, &outputs)?;
+    for_each_sample(&splan, &sset, &indicatif::ProgressBar::hidden(), |_, _| Ok(()), |_, _| Ok(()))?;
+    let (splain, splain_cpu) = (t5.elapsed().as_secs_f64(), cpu_seconds() - c5);
+    drop(splan);
     let (t4, c4) = (Instant::now(), cpu_seconds());
-    let q = cal::calibrate(&bytes, &specs, &set, &qtargets, &cal::CalibOptions::default())?;
+    let q = cal::calibrate(&sbytes, &sspecs, &sset, &qtargets, &cal::CalibOptions::default())?;
     let (qcalib, qcalib_cpu) = (t4.elapsed().as_secs_f64(), cpu_seconds() - c4);
+    let qpinned = cal::pinned_targets(&qtargets).len();
     println!(
-        "{{\"model\": \"{model_path}\", \"samples\": {}, \"tensors\": {}, \"pinned\": {}, \"plain_load_s\": {load_plain:.3}, \"plain_run_s\": {plain:.3}, \"watch_s\": {watch:.3}, \"watch_cpu_s\": {watch_cpu:.2}, \"calibrate_s\": {calib:.3}, \"ratio\": {:.3}, \"plain_cpu_s\": {plain_cpu:.2}, \"calibrate_cpu_s\": {calib_cpu:.2}, \"cpu_ratio\": {:.3}, \"quantize_tensors\": {}, \"quantize_calibrate_s\": {qcalib:.3}, \"quantize_ratio\": {:.3}, \"quantize_cpu_ratio\": {:.3}, \"threads\": {}}}",
+        "{{\"model\": \"{model_path}\", \"samples\": {}, \"tensors\": {}, \"pinned\": {}, \"plain_load_s\": {load_plain:.3}, \"plain_run_s\": {plain:.3}, \"watch_s\": {watch:.3}, \"watch_cpu_s\": {watch_cpu:.2}, \"calibrate_s\": {calib:.3}, \"ratio\": {:.3}, \"plain_cpu_s\": {plain_cpu:.2}, \"calibrate_cpu_s\": {calib_cpu:.2}, \"cpu_ratio\": {:.3}, \"staged_plain_s\": {splain:.3}, \"staged_plain_cpu_s\": {splain_cpu:.2}, \"quantize_tensors\": {}, \"quantize_pinned\": {qpinned}, \"quantize_calibrate_s\": {qcalib:.3}, \"quantize_calibrate_cpu_s\": {qcalib_cpu:.2}, \"quantize_ratio\": {:.3}, \"quantize_cpu_ratio\": {:.3}, \"threads\": {}}}",
         set.len(),
         c.tensors.len(),
         names.len(),

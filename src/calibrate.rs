@@ -1,8 +1,10 @@
 //! Calibration: run samples through tract and fold per-tensor statistics in a streaming way.
 //!
-//! Owns the choice of which tensors to calibrate, the sample loop (parallel across samples
-//! with rayon, folded in sample order so results are identical for any thread count), and
-//! the stats JSON that `onnxq calibrate` writes and `onnxq quantize --stats` reads back.
+//! Owns the choice of which tensors to calibrate (every activation a quantizable node reads
+//! or writes for `onnxq calibrate`; for `quantize`, only those whose range its placement reads,
+//! [`quantization_targets`]), the sample loop (parallel across samples with rayon, folded in
+//! sample order so results are identical for any thread count), and the stats JSON that
+//! `onnxq calibrate` writes and `onnxq quantize --stats` reads back.
 //!
 //! Memory: samples are processed in chunks of a few per thread; each activation is reduced to
 //! a [`TensorStats`] (histogram + moments) inside tract's run, as soon as its node has computed
@@ -188,12 +190,14 @@ pub fn default_targets(view: &GraphView) -> Result<Vec<Target>> {
     Ok(out)
 }
 
-/// The default targets that `quantize` with `opts` can read a range of (see
-/// [`crate::quantize::activation_candidates`]); calibrating only these gives the same
-/// quantized model with fewer pinned tract outputs.
+/// The default targets that `quantize` with `opts` reads a range of
+/// ([`crate::quantize::RangeNeeds::ranges_read`]: not the activations whose parameters are
+/// fixed or derived from another's, such as a decomposed Gelu's intermediates); calibrating
+/// only these gives the same quantized model with fewer pinned tract outputs, which tract
+/// may then fuse away.
 pub fn quantization_targets(model: &ModelProto, opts: &crate::quantize::QuantOptions) -> Result<Vec<Target>> {
     let graph = model.graph.as_ref().context("the model has no graph")?;
-    let wanted = crate::quantize::activation_candidates(model, opts)?;
+    let wanted = crate::quantize::range_needs(model, opts)?.ranges_read;
     Ok(default_targets(&GraphView::new(graph))?.into_iter().filter(|t| wanted.contains(&t.name)).collect())
 }
 

@@ -113,6 +113,86 @@ pub fn output_sqnr(reference: &ModelProto, cand: &ModelProto, data: &DataOptions
     Ok(worst)
 }
 
+/// The model static quantization calibrates (see [`calibration_model`]).
+pub struct CalibrationModel {
+    pub model: ModelProto,
+    /// What happened to the opset.
+    pub opset_note: Option<String>,
+    /// The exact ranges of the shifted input tensors (they replace the calibrated ones).
+    pub grid_ranges: BTreeMap<String, [f32; 2]>,
+    pub grid_inputs: Vec<quantize::input_grid::AlignedInput>,
+}
+
+/// The model `onnxq quantize` calibrates, from the prepared one ([`quantize::prepare`]): the
+/// opset upgraded to 13 when per-channel weights need it and the float outputs on the first
+/// sample of `data` stay the same, and with `input_grid` (uint8 activations only),
+/// lattice-valued graph inputs moved onto the uint8 grid (their ranges are then fixed, so
+/// this needs fresh calibration, not `--stats`; the nodes that must read the unshifted
+/// input join `qopts.exclude`). `mark(step)` is called after each step.
+pub fn calibration_model(
+    mut model: ModelProto,
+    qopts: &mut QuantOptions,
+    data: Option<&DataOptions>,
+    input_grid: bool,
+    quiet: bool,
+    mark: &mut dyn FnMut(&str),
+) -> Result<CalibrationModel> {
+    let mut opset_note = None;
+    let opset = quantize::default_opset(&model);
+    if qopts.per_channel && opset < 13 {
+        match quantize::opset::upgrade_to_13(&model) {
+            Ok(up) => match data {
+                Some(d) => {
+                    // The upgrade rewrites structure (axes attributes to inputs, Softmax's
+                    // coercion): a wrong rewrite changes the outputs of any sample, so one is
+                    // enough to tell.
+                    let check = DataOptions { max_samples: Some(1), ..d.clone() };
+                    let sqnr = output_sqnr(&model, &up, &check).context("checking the opset-13 upgrade")?;
+                    if sqnr >= 80.0 {
+                        opset_note =
+                            Some(format!("upgraded opset {opset} -> 13, float outputs match ({} dB)", fmt_db(sqnr)));
+                        model = up;
+                    } else {
+                        opset_note = Some(format!("opset {opset} -> 13 upgrade changed the float outputs ({sqnr:.1} dB): kept opset {opset}, per-tensor weights"));
+                    }
+                }
+                None => {
+                    opset_note = Some(format!("upgraded opset {opset} -> 13 (not verified: no samples)"));
+                    model = up;
+                }
+            },
+            Err(e) => opset_note = Some(format!("cannot upgrade opset {opset} to 13: {e:#}")),
+        }
+    }
+    mark("opset check");
+
+    let mut grid_ranges = BTreeMap::new();
+    let mut grid_inputs = Vec::new();
+    if let (true, quantize::params::ActType::U8, Some(d)) = (input_grid, qopts.activations, data) {
+        let (_, set) = specs_and_set(&model, d)?;
+        if let Some(a) = quantize::input_grid::align_inputs(&model, &set)? {
+            if !quiet {
+                for i in &a.inputs {
+                    eprintln!(
+                        "input '{}' is a lattice of step {:.6e}: shifted by {:.6e} onto the uint8 grid (zero point {}) for {} Conv",
+                        i.input,
+                        i.step,
+                        i.shift,
+                        i.zero_point,
+                        i.convs.len()
+                    );
+                }
+            }
+            qopts.exclude.extend(a.inputs.iter().flat_map(|i| i.float_nodes.iter().cloned()));
+            model = a.model;
+            grid_ranges = a.ranges;
+            grid_inputs = a.inputs;
+        }
+    }
+    mark("input grid");
+    Ok(CalibrationModel { model, opset_note, grid_ranges, grid_inputs })
+}
+
 pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &PipelineOptions) -> Result<PipelineReport> {
     let t0 = std::time::Instant::now();
     let mut phases = Phases::new();
@@ -143,66 +223,13 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
         return finish(model_path, out_path, opts, q, report, (opset_note, prepared), Vec::new(), 0, t0);
     }
 
-    // Opset upgrade for per-channel weights, verified on the samples.
     let data = opts.data.as_ref();
-    let opset = quantize::default_opset(&model);
-    if qopts.per_channel && opset < 13 {
-        match quantize::opset::upgrade_to_13(&model) {
-            Ok(up) => match data {
-                Some(d) => {
-                    // The upgrade rewrites structure (axes attributes to inputs, Softmax's
-                    // coercion): a wrong rewrite changes the outputs of any sample, so one is
-                    // enough to tell.
-                    let check = DataOptions { max_samples: Some(1), ..d.clone() };
-                    let sqnr = output_sqnr(&model, &up, &check).context("checking the opset-13 upgrade")?;
-                    if sqnr >= 80.0 {
-                        opset_note =
-                            Some(format!("upgraded opset {opset} -> 13, float outputs match ({} dB)", fmt_db(sqnr)));
-                        model = up;
-                    } else {
-                        opset_note = Some(format!("opset {opset} -> 13 upgrade changed the float outputs ({sqnr:.1} dB): kept opset {opset}, per-tensor weights"));
-                    }
-                }
-                None => {
-                    opset_note = Some(format!("upgraded opset {opset} -> 13 (not verified: no samples)"));
-                    model = up;
-                }
-            },
-            Err(e) => opset_note = Some(format!("cannot upgrade opset {opset} to 13: {e:#}")),
-        }
-    }
-
-    phases.mark("opset check");
-
-    // Lattice-valued inputs (normalized 8-bit images) moved onto the uint8 grid; the ranges
-    // of the shifted tensors are fixed, so this needs fresh calibration (not --stats).
-    let mut grid_ranges = BTreeMap::new();
-    let mut grid_inputs = Vec::new();
-    if let (true, quantize::params::ActType::U8, None, Some(d)) =
-        (opts.input_grid, qopts.activations, &opts.stats, data)
-    {
-        let (_, set) = specs_and_set(&model, d)?;
-        if let Some(a) = quantize::input_grid::align_inputs(&model, &set)? {
-            if !opts.quiet {
-                for i in &a.inputs {
-                    eprintln!(
-                        "input '{}' is a lattice of step {:.6e}: shifted by {:.6e} onto the uint8 grid (zero point {}) for {} Conv",
-                        i.input,
-                        i.step,
-                        i.shift,
-                        i.zero_point,
-                        i.convs.len()
-                    );
-                }
-            }
-            qopts.exclude.extend(a.inputs.iter().flat_map(|i| i.float_nodes.iter().cloned()));
-            model = a.model;
-            grid_ranges = a.ranges;
-            grid_inputs = a.inputs;
-        }
-    }
-
-    phases.mark("input grid");
+    let staged =
+        calibration_model(model, &mut qopts, data, opts.input_grid && opts.stats.is_none(), opts.quiet, &mut |step| {
+            phases.mark(step)
+        })?;
+    let (opset_note, grid_ranges, grid_inputs) = (staged.opset_note, staged.grid_ranges, staged.grid_inputs);
+    let mut model = staged.model;
 
     // Outlier-aware weight regularization; when guarded it returns the ranges it measured.
     let mut regularization: Option<crate::outliers::RegularizationReport> = None;

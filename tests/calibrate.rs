@@ -154,3 +154,50 @@ fn rearranged_tensors_share_statistics_exactly() {
         assert_eq!(a.channel_absmax(), b.channel_absmax(), "{na}");
     }
 }
+
+/// `quantize` calibrates only the tensors it reads a range of: not the decomposed Gelu's
+/// intermediates, whose parameters are fixed (the Erf output) or derived (`x/√2`, `1+erf`,
+/// and the product, which takes the grid of its `·0.5` output), yet the quantized model is
+/// byte for byte the one that calibrating every default target gives.
+#[test]
+fn quantization_targets_skip_fixed_and_derived_tensors_and_change_nothing() {
+    use onnxq::calibrate as cal;
+    use onnxq::quantize::{ParamSource, Preset, QuantOptions};
+    let loaded = onnxq::onnx::load(&fixture("transformer.onnx")).expect("load");
+    let (model, _) = onnxq::quantize::prepare::prepare(&loaded.proto).expect("prepare");
+    let g = model.graph.as_ref().expect("graph");
+    let specs = cal::input_specs(g);
+    let opts = onnxq::data::DataOptions {
+        sources: vec![onnxq::data::Source::Path(fixture("transformer/calib"))],
+        ..Default::default()
+    };
+    let set = onnxq::data::open(&specs, &opts).expect("samples");
+    let bytes = onnxq::onnx::io::encode_for_runtime(&model).expect("bytes");
+    let method = onnxq::stats::RangeMethod::Mse;
+    let ranges = |t: &[cal::Target]| {
+        let c = cal::calibrate(&bytes, &specs, &set, t, &cal::CalibOptions::default()).expect("calibrate");
+        cal::quantizer_ranges(&c, &method, false)
+    };
+    let all = ranges(&cal::default_targets(&onnxq::onnx::GraphView::new(g)).expect("targets"));
+    for preset in [Preset::Auto, Preset::Cnn] {
+        let qopts = QuantOptions { preset, method: method.to_string(), ..Default::default() };
+        let needs = onnxq::quantize::range_needs(&model, &qopts).expect("needs");
+        let source = |t: &str| needs.sources.get(t).cloned();
+        assert_eq!(source("gelu_erf"), Some(ParamSource::Fixed));
+        assert_eq!(source("gelu_mul"), Some(ParamSource::DerivedFrom("gelu_half_mul".into())));
+        assert_eq!(source("gelu_half_mul"), Some(ParamSource::Range));
+        let targets = cal::quantization_targets(&model, &qopts).expect("targets");
+        let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
+        for skipped in ["gelu_div", "gelu_erf", "gelu_add", "gelu_mul"] {
+            assert!(!names.contains(&skipped), "{preset}: {skipped} is calibrated");
+        }
+        for read in ["ffn1_add", "gelu_half_mul"] {
+            assert!(names.contains(&read), "{preset}: {read} is not calibrated");
+        }
+        let quantized = |r| {
+            let (q, _) = onnxq::quantize::quantize(&model, r, &qopts).expect("quantize");
+            onnxq::onnx::io::encode(&q).expect("encode")
+        };
+        assert!(quantized(&ranges(&targets)) == quantized(&all), "{preset}: the quantized model changed");
+    }
+}

@@ -24,13 +24,26 @@
 //!    of rounding twice: `y = x·c` (c > 0) takes `scale(x)·c` and x's zero point, an Erf/Tanh
 //!    output takes the fixed uint8 grid scale 1/127, zero point 127, on which `y = x + 1`
 //!    only moves the zero point (the decomposed Gelu `x·0.5·(1+erf(x/√2))` then rounds the
-//!    Erf output and the product, nothing else);
+//!    Erf output and the product, nothing else). When `c` is a power of two and the Mul is
+//!    x's only reader, the grid goes the other way, the same grid since binning commutes
+//!    with such a scaling ([`crate::stats`]): x takes `scale(y)/c` and y's zero point, so the
+//!    range read is y's (the Gelu's output, the next layer's input), not the product's;
 //! 6. a calibrated range is cut to its readers' saturation window ([`saturation_window`]:
 //!    HardSigmoid, Clip, a Sigmoid with a fixed output grid) plus one step each side when
 //!    every reader saturates there: the levels go where the readers can tell values apart
 //!    (PP-OCR det: +0.08 dB in ONNX Runtime, +0.33 dB in the fake-quant twin);
 //! 7. graph outputs stay float, except a final Sigmoid's (QLinearSigmoid), which gets a
 //!    DequantizeLinear that carries the output's name, on the fixed grid of [0, 1] (scale 1/255).
+//!
+//! Calibration measures only what the placement reads ([`range_needs`], the placement run
+//! without statistics): the activations taking their own range ([`ParamSource::Range`]) and
+//! those whose range decides whether something is quantized (sentinel tests of an attention
+//! mask's operands, residual-stream groups). Fixed and derived activations, and the input of
+//! a Relu that folds (the Relu output's range is read), need no statistics, so they are not
+//! pinned as tract outputs, which lets tract fuse them away (its GeluExact, Conv + Relu).
+//! Their parameters do not depend on a range: a derived tensor is quantized when its source
+//! is, whatever its own values (so `y = x·c` with c > 1 may be quantized past
+//! [`SENTINEL`] on x's grid).
 //!
 //! Presets choose what is marked. `cnn` marks every op ONNX Runtime has an int8 kernel for.
 //! `transformer` marks only the inputs and weights of Conv/MatMul/Gemm, and nodes outside
@@ -464,6 +477,10 @@ enum ActSource {
     FoldedRelu {
         input: String,
     },
+    /// The input of a Relu expected to fold into its producer's Q: replaced by the Relu
+    /// output's, so no range of its own is read; when the Relu does not fold after all, it
+    /// takes its own range (see [`plan`]).
+    BeforeRelu,
     /// Parameters fixed by the op's value range, not by calibration.
     Fixed(ActParams),
     /// `scale = scale(of)·factor`, `zero point = zero_point(of) − shift`: the output of a Mul
@@ -475,6 +492,34 @@ enum ActSource {
         factor: f32,
         shift: i32,
     },
+}
+
+impl ActSource {
+    /// Whether the placement reads this tensor's own range (see [`Ctx::act_blocker`]).
+    fn reads_range(&self) -> bool {
+        matches!(self, ActSource::Own | ActSource::FoldedRelu { .. })
+    }
+
+    fn param_source(&self) -> ParamSource {
+        match self {
+            ActSource::Own | ActSource::FoldedRelu { .. } | ActSource::BeforeRelu => ParamSource::Range,
+            ActSource::Fixed(_) => ParamSource::Fixed,
+            ActSource::SameAs(of) | ActSource::Derived { of, .. } => ParamSource::DerivedFrom(of.clone()),
+        }
+    }
+}
+
+/// Where a quantized activation's scale and zero point come from, so whether calibration has
+/// to measure it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParamSource {
+    /// Its own calibrated range.
+    Range,
+    /// The op's value range (an Erf/Tanh output, a final Sigmoid, an attention mask).
+    Fixed,
+    /// Another quantized tensor's parameters, the same or moved along exactly (a data
+    /// movement, `y = x·c`, `y = x + k·step`; module docs, point 5).
+    DerivedFrom(String),
 }
 
 /// uint8 parameters of a tensor in [-1, 1] (Erf, Tanh) on which adding ±1 moves the zero
@@ -548,12 +593,34 @@ struct Ctx<'a> {
     opts: &'a QuantOptions,
     /// Placement without statistics: every float tensor counts as having a usable range,
     /// and the names asked about are recorded here.
-    assume_ranges: Option<std::cell::RefCell<BTreeSet<String>>>,
+    assume_ranges: Option<std::cell::RefCell<Asked>>,
+}
+
+/// The tensors a placement without statistics asked about (see [`Ctx::assume_ranges`]).
+#[derive(Default)]
+struct Asked {
+    /// Every activation considered for quantization.
+    tensors: BTreeSet<String>,
+    /// Those whose range would be read.
+    ranges: BTreeSet<String>,
 }
 
 impl Ctx<'_> {
-    /// Why an activation tensor cannot be quantized, or None when it can.
-    fn act_blocker(&self, name: &str) -> Option<String> {
+    /// The calibrated range of `name` (without statistics: None, and the read is recorded).
+    fn range(&self, name: &str) -> Option<&TensorEntry> {
+        if let Some(asked) = &self.assume_ranges {
+            let mut asked = asked.borrow_mut();
+            asked.tensors.insert(name.to_string());
+            asked.ranges.insert(name.to_string());
+            return None;
+        }
+        self.ranges.get(name)
+    }
+
+    /// Why an activation tensor cannot be quantized, or None when it can. `own_range`: its
+    /// parameters come from its own calibrated range, which must then exist and not be
+    /// dominated by sentinels; fixed or derived parameters ([`ParamSource`]) read no range.
+    fn act_blocker(&self, name: &str, own_range: bool) -> Option<String> {
         if self.opts.keep_float.contains(name) {
             return Some("kept float (--keep-float)".into());
         }
@@ -562,7 +629,14 @@ impl Ctx<'_> {
             return Some(format!("element type {} is not float", dtype::name(et)));
         }
         if let Some(asked) = &self.assume_ranges {
-            asked.borrow_mut().insert(name.to_string());
+            let mut asked = asked.borrow_mut();
+            asked.tensors.insert(name.to_string());
+            if own_range {
+                asked.ranges.insert(name.to_string());
+            }
+            return None;
+        }
+        if !own_range {
             return None;
         }
         let Some(r) = self.ranges.get(name) else {
@@ -595,24 +669,52 @@ fn masked_scores(ctx: &Ctx, n: &NodeProto) -> Option<(String, String, ActParams)
     {
         return None;
     }
-    let sentinel = |t: &str| ctx.ranges.get(t).is_some_and(|r| r.abs_max >= SENTINEL && r.min.is_finite());
+    let sentinel = |t: &str| ctx.range(t).is_some_and(|r| r.abs_max >= SENTINEL && r.min.is_finite());
     let (x, m) = match (sentinel(a), sentinel(b)) {
         (false, true) => (a, b),
         (true, false) => (b, a),
         _ => return None,
     };
-    if ctx.act_blocker(x).is_some() || ctx.opts.keep_float.contains(m) || ctx.opts.keep_float.contains(out) {
+    if ctx.act_blocker(x, true).is_some() || ctx.opts.keep_float.contains(m) || ctx.opts.keep_float.contains(out) {
         return None;
     }
     // The mask's lowest level only has to push any score below the scores' range: twice
     // their span (a scale ratio of the sentinel's own, ~1e36, overflows ONNX Runtime's
     // QLinearAdd).
-    let [lo, hi] = ctx.ranges.get(x)?.range;
+    let [lo, hi] = ctx.range(x)?.range;
     let low = -2.0 * (hi - lo);
     // A finite, negative low end gives a finite, positive scale (from_range falls back to
     // scale 1 otherwise, which would drop the mask).
     (low.is_finite() && low < 0.0)
         .then(|| (x.clone(), m.clone(), ActParams::from_range(low, 0.0, ctx.opts.activations)))
+}
+
+/// `x → (Mul node, y, c)` for each `y = Mul(x, c)` with `c` a positive power of two (a
+/// one-element constant) that is the only reader of the activation `x` (neither a graph
+/// input nor output), `y` being no graph output and outside the residual stream `rs`. Such
+/// an x, when it would take its own range, takes y's grid scaled by `1/c` instead of y taking
+/// x's scaled by `c`: the same grid either way (binning commutes with a power-of-two
+/// scaling, see [`crate::stats`]), but y's range is what the next layer reads anyway, so x
+/// (the decomposed Gelu's product `x·(1+erf(x/√2))` before its `·0.5`) needs no statistics.
+fn power_of_two_scalings(view: &GraphView, rs: &ResidualStream) -> BTreeMap<String, (usize, String, f32)> {
+    let power_of_two = |c: f32| c > 0.0 && c.is_normal() && c.to_bits() & 0x007f_ffff == 0 && (1.0 / c).is_normal();
+    let mut out = BTreeMap::new();
+    for (i, n) in view.nodes().iter().enumerate() {
+        let ([a, b], [y]) = (n.input.as_slice(), n.output.as_slice()) else { continue };
+        if n.op_type() != "Mul" || view.is_graph_output(y) || rs.group_of.contains_key(y) {
+            continue;
+        }
+        let c_of = |t: &str| view.weight(t).and_then(scalar_value).filter(|&c| power_of_two(c));
+        let (x, c) = match (c_of(a), c_of(b)) {
+            (None, Some(c)) if view.weight(a).is_none() => (a, c),
+            (Some(c), None) if view.weight(b).is_none() => (b, c),
+            _ => continue,
+        };
+        if view.consumers(x).len() == 1 && !view.is_graph_output(x) && !view.is_graph_input(x) {
+            out.insert(x.clone(), (i, y.clone(), c));
+        }
+    }
+    out
 }
 
 fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
@@ -643,7 +745,9 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
     let float_group = |name: &str| -> Option<String> {
         let members = &rs.groups[*rs.group_of.get(name)?];
         if let Some(asked) = &ctx.assume_ranges {
-            asked.borrow_mut().extend(members.iter().cloned());
+            let mut asked = asked.borrow_mut();
+            asked.tensors.extend(members.iter().cloned());
+            asked.ranges.extend(members.iter().cloned());
             return None;
         }
         let (t, db) = members
@@ -660,6 +764,24 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
         _ => FloatReaders::Never,
     };
     let mut blocked: BTreeMap<String, String> = BTreeMap::new();
+    let rescaled = power_of_two_scalings(view, &rs);
+    // The only input of a Relu → the Relu, for Relus that fold into their producer's Q (module
+    // docs, point 3) when that producer is quantized. Only a plain one-in, one-out Relu: removing a node
+    // with extra outputs would leave them unproduced.
+    let relu_folds: BTreeMap<String, usize> = match opts.activations {
+        ActType::U8 => nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.op_type() == "Relu")
+            .filter_map(|(i, n)| match (n.input.as_slice(), n.output.as_slice()) {
+                ([inp], [out]) if view.consumers(inp).len() == 1 && !view.is_graph_output(inp) => {
+                    (!view.is_graph_output(out)).then(|| (inp.clone(), i))
+                }
+                _ => None,
+            })
+            .collect(),
+        ActType::S8 => BTreeMap::new(),
+    };
     let want_act = |p: &mut Plan, blocked: &mut BTreeMap<String, String>, name: &str, src: ActSource| -> bool {
         if name.is_empty() || view.weight(name).is_some() {
             return false;
@@ -667,7 +789,14 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
         if p.act_set.contains(name) {
             return true;
         }
-        if let Some(why) = ctx.act_blocker(name).or_else(|| float_group(name)) {
+        // `y = x·2^k` read only there: x takes y's grid scaled back, so y's range is read. A
+        // Relu's only input: the Relu's output range is read when it folds.
+        let src = match (src, rescaled.get(name)) {
+            (ActSource::Own, Some((_, y, c))) => ActSource::Derived { of: y.clone(), factor: 1.0 / c, shift: 0 },
+            (ActSource::Own, None) if relu_folds.contains_key(name) => ActSource::BeforeRelu,
+            (src, _) => src,
+        };
+        if let Some(why) = ctx.act_blocker(name, src.reads_range()).or_else(|| float_group(name)) {
             blocked.entry(name.to_string()).or_insert(why);
             return false;
         }
@@ -710,8 +839,8 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
         // grid, where a masked position saturates at the scores' lowest value, the mask on its
         // own bounded grid (see [`masked_scores`]): ONNX Runtime runs QLinearAdd and
         // QLinearSoftmax instead of leaving the attention's Softmax input float.
-        let masked = match (op, cnn_like, &ctx.assume_ranges) {
-            ("Add", true, None) => masked_scores(ctx, n),
+        let masked = match (op, cnn_like) {
+            ("Add", true) => masked_scores(ctx, n),
             _ => None,
         };
         if let Some((x, m, mask)) = masked {
@@ -802,22 +931,14 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
             }
             "Relu" => {
                 // Fold into the producer's Q when the producer is a selected node and the
-                // Relu is its only consumer.
-                // Only a plain one-in, one-out Relu: removing a node with extra outputs would
-                // leave them unproduced.
+                // Relu is its only consumer (`relu_folds`).
                 let ([inp], [out]) = (n.input.as_slice(), n.output.as_slice()) else { continue };
                 // A producer that is itself a folded (removed) Relu cannot host a second fold:
                 // nothing would produce this Relu's output.
                 let producer_selected = view
                     .producer_index(inp)
                     .is_some_and(|pi| p.selected.contains(&pi) && !p.removed.contains(&pi) && p.act_set.contains(inp));
-                let sole = view.consumers(inp).len() == 1 && !view.is_graph_output(inp);
-                if opts.activations == ActType::U8
-                    && producer_selected
-                    && sole
-                    && !view.is_graph_output(out)
-                    && ctx.act_blocker(out).is_none()
-                {
+                if relu_folds.get(inp) == Some(&i) && producer_selected && ctx.act_blocker(out, true).is_none() {
                     // The producer's own output Q is replaced by the Relu's.
                     p.act_set.remove(inp.as_str());
                     p.acts.retain(|(t, _)| t != inp);
@@ -898,7 +1019,11 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
                             }),
                             ("MaxPool", Some(i0), _) => ActSource::SameAs(i0.clone()),
                             ("Mul", Some(x), Some(c)) if c > 0.0 => {
-                                ActSource::Derived { of: x.clone(), factor: c, shift: 0 }
+                                match p.acts.iter().find(|(t, _)| t == x).map(|(_, s)| s.param_source()) {
+                                    // x takes its grid from this output (power_of_two_scalings).
+                                    Some(ParamSource::DerivedFrom(of)) if &of == o => ActSource::Own,
+                                    _ => ActSource::Derived { of: x.clone(), factor: c, shift: 0 },
+                                }
                             }
                             ("Add", Some(x), Some(c)) => match p.acts.iter().find(|(t, _)| t == x).map(|(_, s)| s) {
                                 Some(ActSource::Fixed(fp)) => {
@@ -919,6 +1044,30 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
                     }
                     p.selected.insert(i);
                 }
+            }
+        }
+    }
+    // A tensor that was to take its parameters from a later one that stayed float (the output
+    // `y` of `y = x·2^k`, a Relu that did not fold) takes its own range after all, or, when
+    // that is unusable, stays float too (and so does the Mul reading it).
+    let pending = |s: &ActSource| match s {
+        ActSource::BeforeRelu => true,
+        ActSource::Derived { of, .. } => !p.act_set.contains(of),
+        _ => false,
+    };
+    let unresolved: Vec<usize> = (0..p.acts.len()).filter(|&k| pending(&p.acts[k].1)).collect();
+    for k in unresolved.into_iter().rev() {
+        let x = p.acts[k].0.clone();
+        match ctx.act_blocker(&x, true) {
+            None => p.acts[k].1 = ActSource::Own,
+            Some(why) => {
+                p.acts.remove(k);
+                p.act_set.remove(&x);
+                if let Some((mul, _, _)) = rescaled.get(&x) {
+                    p.selected.remove(mul);
+                    p.consts.retain(|&(i, _)| i != *mul);
+                }
+                blocked.insert(x, why);
             }
         }
     }
@@ -996,11 +1145,25 @@ pub fn quantize(
     Ok((out, report))
 }
 
-/// Every activation tensor whose range the placement consults when every float tensor has
-/// a usable range (a superset of what it quantizes: Relu folding and fusion choices look at
-/// neighbours too). Ranges can only block tensors, never make the placement look elsewhere,
-/// so [`quantize`] reads no statistics outside this set and calibration can skip the rest.
-pub fn activation_candidates(model: &ModelProto, opts: &QuantOptions) -> Result<BTreeSet<String>> {
+/// What the placement needs from calibration, found without statistics (see [`range_needs`]).
+#[derive(Debug, Clone, Default)]
+pub struct RangeNeeds {
+    /// Every activation the placement quantizes or looks at (a superset of what it
+    /// quantizes: Relu folding and fusion choices look at neighbours too).
+    pub consulted: BTreeSet<String>,
+    /// Where each activation it quantizes takes its parameters from.
+    pub sources: BTreeMap<String, ParamSource>,
+    /// The tensors whose calibrated range it reads: those taking their own range, and those
+    /// whose range decides whether something is quantized (residual-stream groups, the
+    /// sentinel test of a tensor that a folded Relu or a fusion depends on).
+    pub ranges_read: BTreeSet<String>,
+}
+
+/// The placement's needs when every float tensor has a usable range. Ranges can only block
+/// tensors, never make the placement look elsewhere, so [`quantize`] reads no statistics
+/// outside `ranges_read`, and calibration can skip the rest: fixed and derived activations
+/// ([`ParamSource`]) are quantized without a range of their own.
+pub fn range_needs(model: &ModelProto, opts: &QuantOptions) -> Result<RangeNeeds> {
     let graph = model.graph.as_ref().context("the model has no graph")?;
     let view = GraphView::new(graph);
     let order = view.topo_order()?;
@@ -1011,9 +1174,16 @@ pub fn activation_candidates(model: &ModelProto, opts: &QuantOptions) -> Result<
     let none = BTreeMap::new();
     let ctx = Ctx { view: &view, ranges: &none, opts, assume_ranges: Some(Default::default()) };
     let pl = plan(&ctx, preset, &order)?;
-    let mut asked = ctx.assume_ranges.map(|a| a.into_inner()).unwrap_or_default();
-    asked.extend(pl.acts.into_iter().map(|(name, _)| name));
-    Ok(asked)
+    let asked = ctx.assume_ranges.map(|a| a.into_inner()).unwrap_or_default();
+    let mut consulted = asked.tensors;
+    consulted.extend(pl.acts.iter().map(|(name, _)| name.clone()));
+    let sources = pl.acts.iter().map(|(name, s)| (name.clone(), s.param_source())).collect();
+    Ok(RangeNeeds { consulted, sources, ranges_read: asked.ranges })
+}
+
+/// Every activation tensor the placement quantizes or consults ([`RangeNeeds::consulted`]).
+pub fn activation_candidates(model: &ModelProto, opts: &QuantOptions) -> Result<BTreeSet<String>> {
+    Ok(range_needs(model, opts)?.consulted)
 }
 
 pub fn default_opset(m: &ModelProto) -> i64 {
@@ -1100,6 +1270,96 @@ type Rewritten = (GraphProto, Totals, Vec<TensorReport>);
 /// (quantized, scale, zero point) initializer names and the scales of one quantized weight.
 type WeightNames = (String, String, String, Vec<f32>);
 
+/// The `[lo, hi]` an activation's own parameters cover: its calibrated range for `ty`.
+fn own_range(ranges: &BTreeMap<String, TensorEntry>, t: &str, ty: ActType) -> Result<(f32, f32)> {
+    let r = ranges.get(t).with_context(|| format!("tensor '{t}': no range"))?;
+    Ok(match ty {
+        ActType::U8 => (r.range[0], r.range[1]),
+        ActType::S8 => (r.range_symmetric[0], r.range_symmetric[1]),
+    })
+}
+
+/// A tensor's own calibrated range, cut to its readers' saturation window
+/// ([`saturation_window`]) with one step of margin on each side: rounding the zero point
+/// shifts the grid by up to half a step, and a window edge inside the grid would map
+/// saturated values to a level short of the readers' plateau. Also a note for the report
+/// (empty when nothing was cut).
+fn cut_own_range(
+    view: &GraphView,
+    pl: &Plan,
+    ranges: &BTreeMap<String, TensorEntry>,
+    t: &str,
+    opts: &QuantOptions,
+) -> Result<(f32, f32, String)> {
+    let (lo, hi) = own_range(ranges, t, opts.activations)?;
+    Ok(match saturation_window(view, pl, t, opts.activations) {
+        Some((a, b)) if lo < a || hi > b => {
+            let step = (b - a) / 254.0;
+            let (a, b) = (a - step, b + step);
+            let (clo, chi) = (lo.max(a).min(0.0), hi.min(b).max(0.0));
+            let (clo, chi) = match opts.activations {
+                ActType::U8 => (clo, chi),
+                ActType::S8 => (-chi.max(-clo), chi.max(-clo)),
+            };
+            (clo, chi, format!(", clipped to its readers' saturation window [{a}, {b}]"))
+        }
+        _ => (lo, hi, String::new()),
+    })
+}
+
+/// The parameters of every quantized activation, with how they were found when not from its
+/// own range (`fixed`, `derived from T`). A derived tensor whose source is not quantized
+/// takes its own range.
+fn act_params(
+    view: &GraphView,
+    pl: &Plan,
+    ranges: &BTreeMap<String, TensorEntry>,
+    opts: &QuantOptions,
+) -> Result<HashMap<String, (ActParams, Option<String>)>> {
+    let sources: HashMap<&str, &ActSource> = pl.acts.iter().map(|(t, s)| (t.as_str(), s)).collect();
+    let mut done: HashMap<String, (ActParams, Option<String>)> = HashMap::new();
+    for (t, _) in &pl.acts {
+        // The chain of sources down to one whose parameters are known, then back up.
+        let mut chain = vec![t.as_str()];
+        while let Some(&cur) = chain.last() {
+            let next = match sources.get(cur) {
+                Some(ActSource::SameAs(of) | ActSource::Derived { of, .. }) => Some(of.as_str()),
+                _ => None,
+            };
+            match next {
+                Some(of) if sources.contains_key(of) && !done.contains_key(of) && !chain.contains(&of) => {
+                    chain.push(of)
+                }
+                _ => break,
+            }
+        }
+        for cur in chain.into_iter().rev() {
+            if done.contains_key(cur) {
+                continue;
+            }
+            let base = |of: &str| done.get(of).map(|(ap, _)| *ap);
+            let prm = match sources.get(cur) {
+                Some(ActSource::Fixed(fp)) => Some((*fp, Some("fixed".to_string()))),
+                Some(ActSource::SameAs(of)) => base(of).map(|ap| (ap, Some(format!("same as {of}")))),
+                Some(ActSource::Derived { of, factor, shift }) => base(of).map(|ap| {
+                    let prm = ActParams { scale: ap.scale * factor, zero_point: ap.zero_point - shift, ty: ap.ty };
+                    (prm, Some(format!("derived from {of}")))
+                }),
+                _ => None,
+            };
+            let prm = match prm {
+                Some(p) => p,
+                None => {
+                    let (lo, hi, _) = cut_own_range(view, pl, ranges, cur, opts)?;
+                    (ActParams::from_range(lo, hi, opts.activations), None)
+                }
+            };
+            done.insert(cur.to_string(), prm);
+        }
+    }
+    Ok(done)
+}
+
 fn rewrite(
     graph: &GraphProto,
     view: &GraphView,
@@ -1112,7 +1372,9 @@ fn rewrite(
     let mut reports: Vec<TensorReport> = Vec::new();
     let mut totals = Totals::default();
 
-    // 1. Activation parameters: (scale name, zp name, params) per quantized tensor.
+    // 1. Activation parameters: (scale name, zp name, params) per quantized tensor, the
+    // parameters resolved first (a tensor may derive from one quantized after it).
+    let params = act_params(view, pl, ranges, opts)?;
     let mut act: HashMap<String, (String, String, ActParams)> = HashMap::new();
     for (t, src) in &pl.acts {
         match src {
@@ -1121,48 +1383,21 @@ fn rewrite(
                 act.insert(t.clone(), v);
             }
             _ => {
-                let derived = match src {
-                    ActSource::Fixed(fp) => Some((*fp, "fixed".to_string())),
-                    ActSource::Derived { of, factor, shift } => act.get(of).map(|(_, _, ap)| {
-                        let prm = ActParams { scale: ap.scale * factor, zero_point: ap.zero_point - shift, ty: ap.ty };
-                        (prm, format!("derived from {of}"))
-                    }),
-                    _ => None,
-                };
-                let (prm, lo, hi, method) = match derived {
-                    Some((prm, method)) => {
+                let (prm, mut method) =
+                    params.get(t).cloned().with_context(|| format!("tensor '{t}': no parameters"))?;
+                let (lo, hi) = match method {
+                    Some(_) => {
                         let (qlo, qhi) = prm.qmin_qmax();
                         let at = |q: i32| (q - prm.zero_point) as f32 * prm.scale;
-                        (prm, at(qlo), at(qhi), method)
+                        (at(qlo), at(qhi))
                     }
                     None => {
-                        let r = ranges.get(t).with_context(|| format!("tensor '{t}': no range"))?;
-                        let (lo, hi) = match opts.activations {
-                            ActType::U8 => (r.range[0], r.range[1]),
-                            ActType::S8 => (r.range_symmetric[0], r.range_symmetric[1]),
-                        };
-                        let mut method = opts.method.clone();
-                        let (lo, hi) = match saturation_window(view, pl, t, opts.activations) {
-                            Some((a, b)) if lo < a || hi > b => {
-                                // One step of margin on each side: rounding the zero point
-                                // shifts the grid by up to half a step, and a window edge
-                                // that falls inside the grid maps saturated values to a
-                                // level short of the readers' plateau.
-                                let step = (b - a) / 254.0;
-                                let (a, b) = (a - step, b + step);
-                                let (clo, chi) = (lo.max(a).min(0.0), hi.min(b).max(0.0));
-                                let (clo, chi) = match opts.activations {
-                                    ActType::U8 => (clo, chi),
-                                    ActType::S8 => (-chi.max(-clo), chi.max(-clo)),
-                                };
-                                method = format!("{method}, clipped to its readers' saturation window [{a}, {b}]");
-                                (clo, chi)
-                            }
-                            _ => (lo, hi),
-                        };
-                        (ActParams::from_range(lo, hi, opts.activations), lo, hi, method)
+                        let (lo, hi, note) = cut_own_range(view, pl, ranges, t, opts)?;
+                        method = Some(format!("{}{note}", opts.method));
+                        (lo, hi)
                     }
                 };
+                let method = method.unwrap_or_else(|| opts.method.clone());
                 let sn = names.fresh(&format!("{t}_scale"));
                 let zn = names.fresh(&format!("{t}_zero_point"));
                 let (s, z) = act_scalar_tensors(&sn, &zn, &prm);
@@ -1654,6 +1889,117 @@ mod tests {
         assert_eq!(reads("sum1"), ["a1", "h0"], "the float sum reads the exact LayerNorm output");
         assert_eq!(reads("sum2"), ["a2_dequantized", "h1_dequantized_1"]);
         assert_eq!(reads("ln2")[0], "s2_dequantized");
+    }
+
+    /// A decomposed Gelu `((1 + erf(x/√2))·x)·0.5` feeding a MatMul: only x and the Gelu's
+    /// output have their range read (the Erf output is fixed, the rest derived, the product
+    /// from the output); the model is the one all ranges give. When the output stays float,
+    /// the product takes its own range.
+    #[test]
+    fn a_decomposed_gelu_reads_only_its_input_and_output_ranges() {
+        use crate::onnx::builder::{graph, model, tensor_info};
+        use crate::onnx::tensor::vec_f32;
+        let mut w = vec_f32("w", &[0.5; 8]);
+        w.dims = vec![4, 2];
+        let nodes = vec![
+            node("Mul", "div", &["x", "inv_sqrt2"], &["d"], vec![]),
+            node("Erf", "erf", &["d"], &["e"], vec![]),
+            node("Add", "add", &["e", "one"], &["a"], vec![]),
+            node("Mul", "mul", &["a", "x"], &["p"], vec![]),
+            node("Mul", "half", &["p", "c_half"], &["y"], vec![]),
+            node("MatMul", "mm", &["y", "w"], &["z"], vec![]),
+        ];
+        let inits = vec![
+            scalar_f32("inv_sqrt2", std::f32::consts::FRAC_1_SQRT_2),
+            scalar_f32("one", 1.0),
+            scalar_f32("c_half", 0.5),
+            w,
+        ];
+        let g = graph(
+            "g",
+            nodes,
+            vec![tensor_info("x", dtype::FLOAT, &[1, 4])],
+            vec![tensor_info("z", dtype::FLOAT, &[1, 2])],
+            inits,
+        );
+        let m = model(g, 13);
+        let opts = QuantOptions { preset: Preset::Cnn, ..Default::default() };
+        let needs = range_needs(&m, &opts).unwrap();
+        let from = |t: &str| ParamSource::DerivedFrom(t.into());
+        let expected = [("x", ParamSource::Range), ("d", from("x")), ("e", ParamSource::Fixed), ("a", from("e"))];
+        for (t, src) in expected.into_iter().chain([("p", from("y")), ("y", ParamSource::Range)]) {
+            assert_eq!(needs.sources.get(t), Some(&src), "{t}");
+        }
+        assert_eq!(needs.ranges_read, ["x", "y"].map(String::from).into_iter().collect());
+        // Ranges as calibration measures them: y's exactly half of p's.
+        let all: BTreeMap<String, TensorEntry> =
+            [("x", entry(-4.0, 4.0)), ("d", entry(-2.8, 2.8)), ("e", entry(-1.0, 1.0)), ("a", entry(0.0, 2.0))]
+                .into_iter()
+                .chain([("p", entry(-0.34, 8.0)), ("y", entry(-0.17, 4.0))])
+                .map(|(n, e)| (n.to_string(), e))
+                .collect();
+        let read: BTreeMap<String, TensorEntry> =
+            all.iter().filter(|(t, _)| needs.ranges_read.contains(*t)).map(|(t, e)| (t.clone(), e.clone())).collect();
+        let (q_all, r_all) = quantize(&m, &all, &opts).unwrap();
+        let (q_read, r_read) = quantize(&m, &read, &opts).unwrap();
+        assert_eq!(q_all, q_read, "the same model from the ranges read alone");
+        let params = |r: &Report, t: &str| {
+            let t = r.tensors.iter().find(|x| x.name == t).unwrap();
+            (t.scale[0], t.zero_point, t.method.clone().unwrap_or_default())
+        };
+        let (sp, zp, how) = params(&r_read, "p");
+        assert_eq!((sp, zp, how.as_str()), (params(&r_all, "y").0 * 2.0, params(&r_all, "y").1, "derived from y"));
+        // y kept float: p takes its own range, which is then read.
+        let keep = QuantOptions { keep_float: ["y".to_string()].into(), ..opts };
+        let needs = range_needs(&m, &keep).unwrap();
+        assert_eq!(needs.sources.get("p"), Some(&ParamSource::Range));
+        assert!(needs.ranges_read.contains("p") && !needs.sources.contains_key("y"));
+        let (_, r) = quantize(&m, &all, &keep).unwrap();
+        assert_eq!(params(&r, "p").0, ActParams::from_range(-0.34, 8.0, ActType::U8).scale);
+    }
+
+    /// A Relu folded into its producer's Q: the producer's output range is not read (the
+    /// Relu output's is); an excluded Relu does not fold, and then it is.
+    #[test]
+    fn a_folded_relu_input_needs_no_range() {
+        use crate::onnx::builder::{graph, model, tensor_info};
+        use crate::onnx::tensor::vec_f32;
+        let w = |name: &str| {
+            let mut t = vec_f32(name, &[0.5; 16]);
+            t.dims = vec![4, 4];
+            t
+        };
+        let nodes = vec![
+            node("MatMul", "mm1", &["x", "w1"], &["h"], vec![]),
+            node("Relu", "relu", &["h"], &["r"], vec![]),
+            node("MatMul", "mm2", &["r", "w2"], &["z"], vec![]),
+        ];
+        let g = graph(
+            "g",
+            nodes,
+            vec![tensor_info("x", dtype::FLOAT, &[1, 4])],
+            vec![tensor_info("z", dtype::FLOAT, &[1, 4])],
+            vec![w("w1"), w("w2")],
+        );
+        let m = model(g, 13);
+        let all: BTreeMap<String, TensorEntry> =
+            [("x", entry(-1.0, 1.0)), ("h", entry(-3.0, 2.0)), ("r", entry(0.0, 2.0))]
+                .into_iter()
+                .map(|(n, e)| (n.to_string(), e))
+                .collect();
+        for (exclude, read) in [(vec![], vec!["r", "x"]), (vec!["relu".to_string()], vec!["h", "r", "x"])] {
+            let opts = QuantOptions { preset: Preset::Cnn, exclude, ..Default::default() };
+            let needs = range_needs(&m, &opts).unwrap();
+            assert_eq!(needs.ranges_read.iter().map(|t| t.as_str()).collect::<Vec<_>>(), read);
+            let only: BTreeMap<String, TensorEntry> = all
+                .iter()
+                .filter(|(t, _)| needs.ranges_read.contains(*t))
+                .map(|(t, e)| (t.clone(), e.clone()))
+                .collect();
+            let (q, r) = quantize(&m, &only, &opts).unwrap();
+            assert_eq!(q, quantize(&m, &all, &opts).unwrap().0, "the same model from the ranges read alone");
+            assert_eq!(r.totals.relu_removed, usize::from(read.len() == 2));
+        }
     }
 
     #[test]
