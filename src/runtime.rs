@@ -33,6 +33,9 @@
 //!   under `catch_unwind` so a tract panic becomes an error.
 //! - ONNX int64 shape computations come back as `TDim` tensors; they are converted to `I64`.
 //!   `f16` outputs are widened to `F32`; quantized datum types come back as their plain ints.
+//! - tract's ONNX op register takes extra ops: [`FAKE_QUANTIZE_OP`], the fake-quant twin's fused
+//!   QuantizeLinear → DequantizeLinear pair, is one there, an element-wise op (tract's
+//!   `ElementWiseMiniOp`) evaluated in place.
 //! - A runnable plan (`Arc<SimplePlan>`) is `Send + Sync`; `run` spawns a fresh state per call,
 //!   so one [`Plan`] can serve many rayon threads at once. tract's default executor is single
 //!   threaded, so parallelism is the caller's (per sample).
