@@ -299,13 +299,31 @@ impl LayerAcc {
                 nonfinite += 1;
             }
         };
+        let mut block_max = 0f32;
         for y in ys {
-            // The order of the values does not matter here: walk them in memory order.
+            // The order of the values does not matter here: walk them in memory order, in
+            // blocks whose max and floor test vectorize; a block with a non-finite value, or
+            // one holding values at or above the floor, is walked value by value.
             match y.as_slice_memory_order() {
-                Some(flat) => flat.iter().for_each(|&v| add(v)),
+                Some(flat) => {
+                    for block in flat.chunks(64) {
+                        let (mut bmax, mut bad) = (0f32, false);
+                        for &v in block {
+                            let a = v.abs();
+                            bad |= !a.is_finite();
+                            bmax = if a > bmax { a } else { bmax };
+                        }
+                        if bad || bmax >= floor {
+                            block.iter().for_each(|&v| add(v));
+                        } else {
+                            block_max = block_max.max(bmax);
+                        }
+                    }
+                }
                 None => y.iter().for_each(|&v| add(v)),
             }
         }
+        abs_max = abs_max.max(block_max);
         // The sample's own M-th largest is a lower bound of the global one.
         let own_bound = if abs.len() >= m {
             keep_largest(&mut abs, m);
