@@ -4,7 +4,7 @@
 //! original float model. The quantized model runs as its fake-quant twin
 //! ([`crate::fakequant::twin`], one fused node per Q/DQ pair) and its outputs are compared
 //! in place. One forward pass of the twin per score,
-//! the two compared twins in one sample loop; the original model's outputs are computed once,
+//! each twin loaded, run and dropped in turn; the original model's outputs are computed once,
 //! in the first calibration pass, and kept.
 
 use crate::calibrate::{self as cal, Calibration};
@@ -46,12 +46,12 @@ impl Guard<'_> {
         Plan::load(&bytes, None, &self.facts, &self.output_names).context("cannot run the quantized model")
     }
 
-    /// The worst-output SQNRs of `a` (a loaded twin, [`Guard::plan`]) and of `b` quantized
-    /// with its ranges. The two twins run on each sample one after the other, so the two
-    /// scores cost one sample loop.
-    pub fn compare(&mut self, a: Plan, b: (&ModelProto, &BTreeMap<String, cal::TensorEntry>)) -> Result<(f64, f64)> {
-        let s = self.sqnrs(&[a, self.plan(b.0, b.1)?])?;
-        Ok((s[0], s[1]))
+    /// The worst-output SQNR of `model` quantized with `ranges` (its twin loaded, run on the
+    /// guard's samples, and dropped: one twin's weights in memory at a time). Takes `&self`,
+    /// so it can run beside other work; the caller counts the pass.
+    pub fn score(&self, model: &ModelProto, ranges: &BTreeMap<String, cal::TensorEntry>) -> Result<f64> {
+        let plan = self.plan(model, ranges)?;
+        Ok(self.sqnrs(&[plan])?[0])
     }
 
     /// The worst-output SQNR of `twin`, a quantized model's fake-quant twin (one pass).
@@ -59,11 +59,12 @@ impl Guard<'_> {
         let bytes = crate::onnx::io::encode_for_runtime(twin)?;
         let plan =
             Plan::load(&bytes, None, &self.facts, &self.output_names).context("cannot run the quantized model")?;
+        self.passes += 1;
         Ok(self.sqnrs(&[plan])?[0])
     }
 
     /// The worst-output SQNR of each loaded twin, all run on each sample in one loop.
-    fn sqnrs(&mut self, plans: &[Plan]) -> Result<Vec<f64>> {
+    fn sqnrs(&self, plans: &[Plan]) -> Result<Vec<f64>> {
         let bar = cal::progress(self.set.len(), self.quiet, "guard");
         let n_out = self.output_names.len();
         let mut sums = vec![vec![(0f64, 0f64, false); n_out]; plans.len()];
@@ -97,7 +98,6 @@ impl Guard<'_> {
                 Ok(())
             },
         )?;
-        self.passes += plans.len();
         Ok(sums.iter().map(|s| worst_sqnr(s)).collect())
     }
 }

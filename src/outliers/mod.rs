@@ -85,10 +85,10 @@
 //! candidate layers' outlier detection from their outputs and the float outputs of the
 //! guard's samples), nothing more when no candidate layer has outliers; else one sequential
 //! pass (statistics, Gram matrices, recalibration) and, when an edit was kept, two fake-quant
-//! forward passes over the guard's samples, run in one sample loop. The plain model's twin
-//! is quantized and loaded concurrently with the sequential pass (plan optimization is
-//! single-threaded, so it fills a core the pass leaves idle while it loads pieces and
-//! solves; it is wasted when no edit is kept). A twin loads about as fast as the float model
+//! forward passes over the guard's samples. The plain model's twin is quantized, loaded
+//! and run concurrently with the sequential pass (plan optimization is single-threaded, so
+//! it fills a core the pass leaves idle while it loads pieces and solves; it is wasted when
+//! no edit is kept) and dropped before the regularized model's twin loads. A twin loads about as fast as the float model
 //! (one fused node per Q/DQ pair, [`crate::fakequant`]); one twin with the constants where
 //! the two differ as inputs cost as much as two (MiniLM-L6: ~620 differing scales). Ranges
 //! are searched only for the variant the activation type reads
@@ -1294,12 +1294,12 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         }
         Ok((cur, seg.pieces))
     };
-    // The plain model's fake-quant twin (guarded runs) is built and loaded while the
-    // sequential pass runs: tract's plan optimization is single-threaded, and the sequential
-    // pass leaves a core idle while it loads its pieces and solves. It is wasted only when no
-    // edit is kept (then the guard does not run).
-    let (seq, plain_plan) = rayon::join(sequential, || match (&guard, &plain_ranges) {
-        (Some(g), Some(pr)) => g.plan(model, pr).map(Some),
+    // Plain quantization's guard score (guarded runs) is computed while the sequential pass
+    // runs: tract's plan optimization is single-threaded, and the sequential pass leaves a
+    // core idle while it loads its pieces and solves; its twin is dropped before the
+    // regularized one loads. It is wasted only when no edit is kept.
+    let (seq, plain_score) = rayon::join(sequential, || match (&guard, &plain_ranges) {
+        (Some(g), Some(pr)) => g.score(model, pr).map(Some),
         _ => Ok(None),
     });
     let (cur, pieces) = seq?;
@@ -1332,8 +1332,9 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
     }
     if let (Some(guard), Some(rr), true) = (guard.as_mut(), &reg_ranges, regularized) {
         report.guard_samples = Some(guard.set.len());
-        let plain_plan = plain_plan?.context("internal error: no plain quantization to compare with")?;
-        let (b, f) = guard.compare(plain_plan, (&cur, rr))?;
+        let b = plain_score?.context("internal error: no plain quantization to compare with")?;
+        let f = guard.score(&cur, rr)?;
+        guard.passes += 2;
         report.passes += guard.passes;
         if !opts.quiet {
             eprintln!(
