@@ -77,7 +77,7 @@ pub struct Target {
 }
 
 /// Ops whose output holds exactly the values of their first input, rearranged.
-const REARRANGING_OPS: &[&str] = &["Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"];
+pub const REARRANGING_OPS: &[&str] = &["Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"];
 
 /// For each target, the index of the target whose statistics it takes (itself when it is
 /// calibrated directly). A target is an alias only without a channel axis (per-channel

@@ -39,10 +39,14 @@ pub fn ranges(calibration: &Calibration, method: &RangeMethod, act: ActType) -> 
 impl Guard<'_> {
     /// The fake-quant twin of `model` quantized with `ranges`, loaded for the original
     /// model's graph outputs.
-    pub fn plan(&self, model: &ModelProto, ranges: &BTreeMap<String, cal::TensorEntry>) -> Result<Plan> {
+    fn plan(&self, model: &ModelProto, ranges: &BTreeMap<String, cal::TensorEntry>) -> Result<Plan> {
         let (q, _) = quantize::quantize(model, ranges, &self.qopts).context("quantizing the regularized model")?;
-        let twin = crate::fakequant::twin(&q).context("building the fake-quant twin")?;
-        let bytes = crate::onnx::io::encode_for_runtime(&twin)?;
+        self.load(&crate::fakequant::twin(&q).context("building the fake-quant twin")?)
+    }
+
+    /// A fake-quant twin loaded for the original model's graph outputs.
+    fn load(&self, twin: &ModelProto) -> Result<Plan> {
+        let bytes = crate::onnx::io::encode_for_runtime(twin)?;
         Plan::load(&bytes, None, &self.facts, &self.output_names).context("cannot run the quantized model")
     }
 
@@ -56,9 +60,7 @@ impl Guard<'_> {
 
     /// The worst-output SQNR of `twin`, a quantized model's fake-quant twin (one pass).
     pub fn sqnr_of_twin(&mut self, twin: &ModelProto) -> Result<f64> {
-        let bytes = crate::onnx::io::encode_for_runtime(twin)?;
-        let plan =
-            Plan::load(&bytes, None, &self.facts, &self.output_names).context("cannot run the quantized model")?;
+        let plan = self.load(twin)?;
         self.passes += 1;
         Ok(self.sqnrs(&[plan])?[0])
     }

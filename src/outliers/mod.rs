@@ -88,13 +88,14 @@
 //! forward passes over the guard's samples. The plain model's twin is quantized, loaded
 //! and run concurrently with the sequential pass (plan optimization is single-threaded, so
 //! it fills a core the pass leaves idle while it loads pieces and solves; it is wasted when
-//! no edit is kept) and dropped before the regularized model's twin loads. A twin loads about as fast as the float model
-//! (one fused node per Q/DQ pair, [`crate::fakequant`]); one twin with the constants where
-//! the two differ as inputs cost as much as two (MiniLM-L6: ~620 differing scales). Ranges
-//! are searched only for the variant the activation type reads
+//! no edit is kept) and dropped before the regularized model's twin loads. A twin loads
+//! about as fast as the float model (one fused node per Q/DQ pair, [`crate::fakequant`]);
+//! one twin with the constants where the two differ as inputs cost as much as two
+//! (MiniLM-L6: ~620 differing scales). Ranges are searched only for the variant the
+//! activation type reads
 //! ([`crate::calibrate::quantizer_ranges`]). A forced strength and `onnxq regularize` run
 //! the first two passes without calibration statistics. The report's `phase_seconds` and
-//! `phase_cpu_seconds` give each phase's wall and CPU time (the plain twin's load counts in
+//! `phase_cpu_seconds` give each phase's wall and CPU time (the plain twin's load and run count in
 //! the sequential pass's).
 
 pub mod collect;

@@ -605,13 +605,21 @@ struct Asked {
     ranges: BTreeSet<String>,
 }
 
+impl Asked {
+    /// Records that `name` was considered, and whether its range would be read.
+    fn note(&mut self, name: &str, reads_range: bool) {
+        self.tensors.insert(name.to_string());
+        if reads_range {
+            self.ranges.insert(name.to_string());
+        }
+    }
+}
+
 impl Ctx<'_> {
     /// The calibrated range of `name` (without statistics: None, and the read is recorded).
     fn range(&self, name: &str) -> Option<&TensorEntry> {
         if let Some(asked) = &self.assume_ranges {
-            let mut asked = asked.borrow_mut();
-            asked.tensors.insert(name.to_string());
-            asked.ranges.insert(name.to_string());
+            asked.borrow_mut().note(name, true);
             return None;
         }
         self.ranges.get(name)
@@ -629,11 +637,7 @@ impl Ctx<'_> {
             return Some(format!("element type {} is not float", dtype::name(et)));
         }
         if let Some(asked) = &self.assume_ranges {
-            let mut asked = asked.borrow_mut();
-            asked.tensors.insert(name.to_string());
-            if own_range {
-                asked.ranges.insert(name.to_string());
-            }
+            asked.borrow_mut().note(name, own_range);
             return None;
         }
         if !own_range {
@@ -746,8 +750,7 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
         let members = &rs.groups[*rs.group_of.get(name)?];
         if let Some(asked) = &ctx.assume_ranges {
             let mut asked = asked.borrow_mut();
-            asked.tensors.extend(members.iter().cloned());
-            asked.ranges.extend(members.iter().cloned());
+            members.iter().for_each(|t| asked.note(t, true));
             return None;
         }
         let (t, db) = members
@@ -1217,7 +1220,7 @@ fn saturation_window(view: &GraphView, pl: &Plan, t: &str, ty: ActType) -> Optio
             let n = &view.nodes()[ci];
             let out = n.output.first()?;
             let w = match n.op_type() {
-                "Identity" | "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze" | "Transpose" if slot == 0 => {
+                op if slot == 0 && crate::calibrate::REARRANGING_OPS.contains(&op) => {
                     stack.push(out.clone());
                     continue;
                 }
@@ -1307,17 +1310,25 @@ fn cut_own_range(
     })
 }
 
-/// The parameters of every quantized activation, with how they were found when not from its
-/// own range (`fixed`, `derived from T`). A derived tensor whose source is not quantized
-/// takes its own range.
+/// One quantized activation's parameters, the range they cover and how they were found
+/// (the range method, or `fixed`, `same as T`, `derived from T`), as the report lists them.
+#[derive(Clone)]
+struct ActChoice {
+    prm: ActParams,
+    range: [f32; 2],
+    method: String,
+}
+
+/// The parameters of every quantized activation ([`ActChoice`]). A derived tensor whose
+/// source is not quantized takes its own range.
 fn act_params(
     view: &GraphView,
     pl: &Plan,
     ranges: &BTreeMap<String, TensorEntry>,
     opts: &QuantOptions,
-) -> Result<HashMap<String, (ActParams, Option<String>)>> {
+) -> Result<HashMap<String, ActChoice>> {
     let sources: HashMap<&str, &ActSource> = pl.acts.iter().map(|(t, s)| (t.as_str(), s)).collect();
-    let mut done: HashMap<String, (ActParams, Option<String>)> = HashMap::new();
+    let mut done: HashMap<String, ActChoice> = HashMap::new();
     for (t, _) in &pl.acts {
         // The chain of sources down to one whose parameters are known, then back up.
         let mut chain = vec![t.as_str()];
@@ -1337,24 +1348,29 @@ fn act_params(
             if done.contains_key(cur) {
                 continue;
             }
-            let base = |of: &str| done.get(of).map(|(ap, _)| *ap);
-            let prm = match sources.get(cur) {
-                Some(ActSource::Fixed(fp)) => Some((*fp, Some("fixed".to_string()))),
-                Some(ActSource::SameAs(of)) => base(of).map(|ap| (ap, Some(format!("same as {of}")))),
+            let base = |of: &str| done.get(of).map(|c| c.prm);
+            let found = match sources.get(cur) {
+                Some(ActSource::Fixed(fp)) => Some((*fp, "fixed".to_string())),
+                Some(ActSource::SameAs(of)) => base(of).map(|ap| (ap, format!("same as {of}"))),
                 Some(ActSource::Derived { of, factor, shift }) => base(of).map(|ap| {
                     let prm = ActParams { scale: ap.scale * factor, zero_point: ap.zero_point - shift, ty: ap.ty };
-                    (prm, Some(format!("derived from {of}")))
+                    (prm, format!("derived from {of}"))
                 }),
                 _ => None,
             };
-            let prm = match prm {
-                Some(p) => p,
+            let choice = match found {
+                Some((prm, method)) => {
+                    let (qlo, qhi) = prm.qmin_qmax();
+                    let at = |q: i32| (q - prm.zero_point) as f32 * prm.scale;
+                    ActChoice { prm, range: [at(qlo), at(qhi)], method }
+                }
                 None => {
-                    let (lo, hi, _) = cut_own_range(view, pl, ranges, cur, opts)?;
-                    (ActParams::from_range(lo, hi, opts.activations), None)
+                    let (lo, hi, note) = cut_own_range(view, pl, ranges, cur, opts)?;
+                    let prm = ActParams::from_range(lo, hi, opts.activations);
+                    ActChoice { prm, range: [lo, hi], method: format!("{}{note}", opts.method) }
                 }
             };
-            done.insert(cur.to_string(), prm);
+            done.insert(cur.to_string(), choice);
         }
     }
     Ok(done)
@@ -1383,21 +1399,8 @@ fn rewrite(
                 act.insert(t.clone(), v);
             }
             _ => {
-                let (prm, mut method) =
+                let ActChoice { prm, range, method } =
                     params.get(t).cloned().with_context(|| format!("tensor '{t}': no parameters"))?;
-                let (lo, hi) = match method {
-                    Some(_) => {
-                        let (qlo, qhi) = prm.qmin_qmax();
-                        let at = |q: i32| (q - prm.zero_point) as f32 * prm.scale;
-                        (at(qlo), at(qhi))
-                    }
-                    None => {
-                        let (lo, hi, note) = cut_own_range(view, pl, ranges, t, opts)?;
-                        method = Some(format!("{}{note}", opts.method));
-                        (lo, hi)
-                    }
-                };
-                let method = method.unwrap_or_else(|| opts.method.clone());
                 let sn = names.fresh(&format!("{t}_scale"));
                 let zn = names.fresh(&format!("{t}_zero_point"));
                 let (s, z) = act_scalar_tensors(&sn, &zn, &prm);
@@ -1410,7 +1413,7 @@ fn rewrite(
                     scale: vec![prm.scale],
                     zero_point: prm.zero_point,
                     axis: None,
-                    range: Some([lo, hi]),
+                    range: Some(range),
                     method: Some(method),
                 });
                 act.insert(t.clone(), (sn, zn, prm));
