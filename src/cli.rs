@@ -136,6 +136,12 @@ pub struct QuantizeArgs {
     /// The default (kept for scripts written when bias correction was on by default)
     #[arg(long, hide = true, conflicts_with = "bias_correction")]
     pub no_bias_correction: bool,
+    /// How constant MatMul/Conv weights are rounded to int8: nearest (the default) or gptq
+    /// (each rounding error is compensated on the layer's other inputs, weighed by the
+    /// layer's inputs on the first 8 samples of --data/--random; one extra pass). With
+    /// --weights-only it needs --data or --random
+    #[arg(long, value_name = "HOW", default_value = "nearest", value_parser = ["nearest", "gptq"])]
+    pub weight_rounding: String,
     /// Quantize graph inputs as they are: no shift of lattice-valued inputs (e.g. normalized
     /// 8-bit images) onto the uint8 grid of their first Conv
     #[arg(long)]
@@ -351,7 +357,9 @@ fn run_quantize(a: QuantizeArgs) -> Result<()> {
             weights_only: a.weights_only,
             keep_float: Default::default(),
             method: a.method.to_string(),
+            hessians: None,
         },
+        gptq: a.weight_rounding == "gptq",
         method: a.method.clone(),
         data: if has_data { Some(a.data.options()?) } else { None },
         stats: a.stats.clone(),

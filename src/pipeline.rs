@@ -37,6 +37,8 @@ pub struct PipelineOptions {
     /// Outlier-aware weight regularization before static quantization.
     pub regularize: crate::outliers::Regularize,
     pub outlier: crate::outliers::Options,
+    /// GPTQ weight rounding (`quantize::gptq`) in static quantization with data.
+    pub gptq: bool,
 }
 
 /// One tensor's measured cost for `--keep-float`.
@@ -204,6 +206,11 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
     let mut opset_note = None;
     let samples;
 
+    if opts.gptq && (opts.dynamic || opts.data.is_none()) {
+        bail!(
+            "--weight-rounding gptq weighs rounding errors by the layers' inputs: it needs calibration samples (--data or --random) and does not apply to --dynamic"
+        );
+    }
     if opts.dynamic {
         let (q, report) = quantize::dynamic::quantize_dynamic(&model, &qopts)?;
         return finish(model_path, out_path, opts, q, report, (None, prepared), Vec::new(), 0, t0);
@@ -218,6 +225,12 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
                 ));
                 model = up;
             }
+        }
+        if let (true, Some(d)) = (opts.gptq, opts.data.as_ref()) {
+            let h = quantize::gptq::collect(&model, d).with_context(|| {
+                format!("estimating the layer Hessians of {} for GPTQ rounding", model_path.display())
+            })?;
+            qopts.hessians = Some(std::sync::Arc::new(h));
         }
         let (q, report) = quantize::quantize(&model, &BTreeMap::new(), &qopts)?;
         return finish(model_path, out_path, opts, q, report, (opset_note, prepared), Vec::new(), 0, t0);
@@ -300,6 +313,12 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
         }
     }
     phases.mark("calibration");
+    if let (true, Some(d)) = (opts.gptq, data) {
+        let h = quantize::gptq::collect(&model, d)
+            .with_context(|| format!("estimating the layer Hessians of {} for GPTQ rounding", model_path.display()))?;
+        qopts.hessians = Some(std::sync::Arc::new(h));
+    }
+    phases.mark("gptq");
     let (mut q, mut report) = quantize::quantize(&model, &ranges, &qopts)?;
     phases.mark("quantize");
     let mut bias_correction = None;

@@ -585,3 +585,29 @@ fn calibrating_only_placement_candidates_changes_nothing() {
 fn quantized_names(r: &serde_json::Value) -> Vec<&str> {
     r["quantization"]["tensors"].as_array().expect("tensors").iter().filter_map(|t| t["name"].as_str()).collect()
 }
+
+/// `--weight-rounding gptq` compensates each weight's rounding error on the layer's other
+/// inputs: on held-out samples the int8-weight models of both CNN and transformer fixtures
+/// come out more accurate than with nearest rounding, with the same scales; without
+/// calibration samples it is a clean error.
+#[test]
+fn gptq_weight_rounding_beats_nearest_rounding() {
+    let dir = tempdir();
+    for name in ["cnn", "transformer"] {
+        let model = format!("{name}.onnx");
+        let mut db = Vec::new();
+        for how in ["nearest", "gptq"] {
+            let out = dir.path().join(format!("{name}_{how}.onnx"));
+            let c = calib(name);
+            let o = quantize(&model, &out, &["--weights-only", "--weight-rounding", how, "--data", &c, "-q"]);
+            assert!(o.status.success(), "{name} {how}: {}", stderr(&o));
+            db.push(sqnr(name, &out));
+        }
+        eprintln!("{name}: nearest {} dB, gptq {} dB", db[0], db[1]);
+        assert!(db[1] > db[0] + 0.25, "{name}: gptq {} dB vs nearest {} dB", db[1], db[0]);
+    }
+    let out = dir.path().join("x.onnx");
+    let o = quantize("cnn.onnx", &out, &["--weights-only", "--weight-rounding", "gptq"]);
+    assert_clean_error(&o, &["needs calibration samples"]);
+    assert!(!out.exists());
+}

@@ -444,21 +444,34 @@ fn conv_input<'a>(
     geo: &ConvGeometry,
     x: ArrayViewD<'a, f32>,
 ) -> Result<(ndarray::ArrayView4<'a, f32>, Resolved, Vec<usize>)> {
+    conv_input_at(geo, x, conv_positions(layer))
+}
+
+fn conv_input_at<'a>(
+    geo: &ConvGeometry,
+    x: ArrayViewD<'a, f32>,
+    positions: usize,
+) -> Result<(ndarray::ArrayView4<'a, f32>, Resolved, Vec<usize>)> {
     let shape = x.shape().to_vec();
     let x4 = x
         .into_dimensionality::<ndarray::Ix4>()
         .with_context(|| format!("conv input of shape {shape:?} is not [N, C, H, W]"))?;
     let r = geo.resolve(x4.shape())?;
-    let pos = subsample(r.positions(), conv_positions(layer));
+    let pos = subsample(r.positions(), positions);
     Ok((x4, r, pos))
 }
 
 /// A sample's input rows of the layer: `[rows, K]` (leading dims flattened) for MatMul and
 /// Gemm; for Conv the im2col patches of each group at the positions [`conv_positions`] picks.
 pub fn input_rows(layer: &Layer, x: ArrayViewD<f32>) -> Result<Vec<Array2<f32>>> {
+    input_rows_at(layer, x, conv_positions(layer))
+}
+
+/// [`input_rows`] with at most `positions` Conv output positions per sample (evenly spaced).
+pub fn input_rows_at(layer: &Layer, x: ArrayViewD<f32>, positions: usize) -> Result<Vec<Array2<f32>>> {
     match &layer.conv {
         Some(geo) => {
-            let (x4, _, pos) = conv_input(layer, geo, x)?;
+            let (x4, _, pos) = conv_input_at(geo, x, positions)?;
             (0..geo.groups).map(|gi| geo.rows(&x4, gi, &pos)).collect()
         }
         None => {

@@ -91,7 +91,7 @@ pub fn select(rel: &[Relevance], min_share: f64, max_count: usize) -> Vec<usize>
 
 /// `Σ a_i b_i` with eight independent partial sums (vectorizable; fixed order, so
 /// deterministic).
-fn dot(a: &[f64], b: &[f64]) -> f64 {
+pub fn dot(a: &[f64], b: &[f64]) -> f64 {
     let mut acc = [0f64; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());
@@ -177,6 +177,11 @@ impl Cholesky {
 
     pub fn dim(&self) -> usize {
         self.n
+    }
+
+    /// The factor `L`, row-major (`n × n`, zero above the diagonal).
+    pub fn lower(self) -> Vec<f64> {
+        self.l
     }
 
     /// Solves `A z = b`.

@@ -67,6 +67,7 @@
 
 pub mod bias_correction;
 pub mod dynamic;
+pub mod gptq;
 pub mod input_grid;
 pub mod opset;
 pub mod params;
@@ -148,6 +149,8 @@ pub struct QuantOptions {
     pub keep_float: BTreeSet<String>,
     /// Name of the range method, for the report.
     pub method: String,
+    /// Layer Hessians for GPTQ weight rounding ([`gptq`]); nearest rounding without.
+    pub hessians: Option<std::sync::Arc<gptq::Hessians>>,
 }
 
 impl Default for QuantOptions {
@@ -162,6 +165,7 @@ impl Default for QuantOptions {
             weights_only: false,
             keep_float: BTreeSet::new(),
             method: "minmax".into(),
+            hessians: None,
         }
     }
 }
@@ -1024,6 +1028,11 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
                                 ActType::S8 => ActParams { scale: 1.0 / 127.0, zero_point: 0, ty: ActType::S8 },
                             }),
                             ("MaxPool", Some(i0), _) => ActSource::SameAs(i0.clone()),
+                            // Nearest-neighbour resizing copies input values: the input's grid
+                            // holds them exactly (a grid of its own would round them again).
+                            ("Resize", Some(i0), _) if n.attr_string("mode")?.is_none_or(|m| m == "nearest") => {
+                                ActSource::SameAs(i0.clone())
+                            }
                             ("Mul", Some(x), Some(c)) if c > 0.0 => {
                                 match p.acts.iter().find(|(t, _)| t == x).map(|(_, s)| s.param_source()) {
                                     // x takes its grid from this output (power_of_two_scalings).
@@ -1547,7 +1556,12 @@ fn rewrite(
         if bytes_before.insert(w.clone()) {
             totals.weight_bytes_before += crate::dump::tensor_bytes(t);
         }
-        let q = quantize_weight(&a, axis);
+        let mut q = quantize_weight(&a, axis);
+        if let Some(h) = opts.hessians.as_ref().and_then(|h| h.by_weight.get(w.as_str())) {
+            if h.layer.node_index == ni || h.layer.node == n.name() {
+                q = gptq::requantize(&a, q, h).with_context(|| format!("{}: GPTQ rounding of '{w}'", describe(n)))?;
+            }
+        }
         let qn = names.fresh(&format!("{w}_quantized"));
         let sn = names.fresh(&format!("{w}_scale"));
         let zn = names.fresh(&format!("{w}_zero_point"));
