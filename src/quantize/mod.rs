@@ -1943,6 +1943,20 @@ mod tests {
         assert_eq!(range("a"), [-8.0, 8.0], "a is also read by a Mul");
     }
 
+    /// A decomposed Gelu `y = ((1 + erf(x·(1/√2)))·x)·0.5` (tensors d, e, a, p, y) and its
+    /// constants.
+    fn gelu_nodes() -> (Vec<NodeProto>, Vec<TensorProto>) {
+        let nodes = vec![
+            node("Mul", "div", &["x", "inv_sqrt2"], &["d"], vec![]),
+            node("Erf", "erf", &["d"], &["e"], vec![]),
+            node("Add", "add", &["e", "one"], &["a"], vec![]),
+            node("Mul", "mul", &["a", "x"], &["p"], vec![]),
+            node("Mul", "half", &["p", "c_half"], &["y"], vec![]),
+        ];
+        let c = std::f32::consts::FRAC_1_SQRT_2;
+        (nodes, vec![scalar_f32("inv_sqrt2", c), scalar_f32("one", 1.0), scalar_f32("c_half", 0.5)])
+    }
+
     /// A decomposed Gelu's input is cut below where its Erf, on the fixed grid, outputs −1
     /// (`1 + erf` is then exactly 0, and so is the product): the lowest level of x still maps
     /// the Erf to −1, and the upper side is left alone.
@@ -1954,15 +1968,8 @@ mod tests {
             assert!((erf_inverse(want) - a).abs() < 1e-5, "erf⁻¹({want}) = {}", erf_inverse(want));
         }
         let c = std::f32::consts::FRAC_1_SQRT_2;
-        let nodes = vec![
-            node("Mul", "div", &["x", "inv_sqrt2"], &["d"], vec![]),
-            node("Erf", "erf", &["d"], &["e"], vec![]),
-            node("Add", "add", &["e", "one"], &["a"], vec![]),
-            node("Mul", "mul", &["a", "x"], &["p"], vec![]),
-            node("Mul", "half", &["p", "c_half"], &["y"], vec![]),
-            node("Relu", "r", &["y"], &["z"], vec![]),
-        ];
-        let inits = vec![scalar_f32("inv_sqrt2", c), scalar_f32("one", 1.0), scalar_f32("c_half", 0.5)];
+        let (mut nodes, inits) = gelu_nodes();
+        nodes.push(node("Relu", "r", &["y"], &["z"], vec![]));
         let g = graph(
             "g",
             nodes,
@@ -2067,20 +2074,9 @@ mod tests {
         use crate::onnx::tensor::vec_f32;
         let mut w = vec_f32("w", &[0.5; 8]);
         w.dims = vec![4, 2];
-        let nodes = vec![
-            node("Mul", "div", &["x", "inv_sqrt2"], &["d"], vec![]),
-            node("Erf", "erf", &["d"], &["e"], vec![]),
-            node("Add", "add", &["e", "one"], &["a"], vec![]),
-            node("Mul", "mul", &["a", "x"], &["p"], vec![]),
-            node("Mul", "half", &["p", "c_half"], &["y"], vec![]),
-            node("MatMul", "mm", &["y", "w"], &["z"], vec![]),
-        ];
-        let inits = vec![
-            scalar_f32("inv_sqrt2", std::f32::consts::FRAC_1_SQRT_2),
-            scalar_f32("one", 1.0),
-            scalar_f32("c_half", 0.5),
-            w,
-        ];
+        let (mut nodes, mut inits) = gelu_nodes();
+        nodes.push(node("MatMul", "mm", &["y", "w"], &["z"], vec![]));
+        inits.push(w);
         let g = graph(
             "g",
             nodes,
