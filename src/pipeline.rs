@@ -1,6 +1,7 @@
 //! The `onnxq quantize` pipeline, end to end: load → (opset upgrade, checked on the first sample)
 //! → lattice graph inputs shifted onto the uint8 grid (`quantize::input_grid`) → calibrate
-//! (or read `--stats`) → place and insert Q/DQ → optionally leave the most harmful tensors float
+//! (or read `--stats`) → (`--weight-rounding gptq`: layer Hessians from one pass over 8
+//! samples, `quantize::gptq`) → place and insert Q/DQ → optionally leave the most harmful tensors float
 //! (`--keep-float N`) → save atomically with a JSON report. Bias correction (opt-in) compares
 //! on the first 8 samples (`outliers::GUARD_SAMPLES`) against the float outputs the
 //! regularization pass kept.
@@ -69,7 +70,8 @@ pub struct PipelineReport {
     pub bias_correction: Option<BiasCorrectionReport>,
     pub seconds: f64,
     /// Wall time of each step that ran (s): load, opset check, input grid, regularization,
-    /// calibration, quantize, bias correction, guard, keep float, save.
+    /// calibration, gptq (`--weight-rounding gptq`), quantize, bias correction, guard, keep
+    /// float, save.
     pub phase_seconds: BTreeMap<String, f64>,
 }
 
@@ -227,10 +229,7 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
             }
         }
         if let (true, Some(d)) = (opts.gptq, opts.data.as_ref()) {
-            let h = quantize::gptq::collect(&model, d).with_context(|| {
-                format!("estimating the layer Hessians of {} for GPTQ rounding", model_path.display())
-            })?;
-            qopts.hessians = Some(std::sync::Arc::new(h));
+            qopts.hessians = Some(hessians(&model, d, model_path)?);
         }
         let (q, report) = quantize::quantize(&model, &BTreeMap::new(), &qopts)?;
         return finish(model_path, out_path, opts, q, report, (opset_note, prepared), Vec::new(), 0, t0);
@@ -314,9 +313,7 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
     }
     phases.mark("calibration");
     if let (true, Some(d)) = (opts.gptq, data) {
-        let h = quantize::gptq::collect(&model, d)
-            .with_context(|| format!("estimating the layer Hessians of {} for GPTQ rounding", model_path.display()))?;
-        qopts.hessians = Some(std::sync::Arc::new(h));
+        qopts.hessians = Some(hessians(&model, d, model_path)?);
     }
     phases.mark("gptq");
     let (mut q, mut report) = quantize::quantize(&model, &ranges, &qopts)?;
@@ -396,6 +393,17 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
     out.bias_correction = bias_correction;
     out.input_grid = grid_inputs;
     Ok(out)
+}
+
+/// The layer Hessians GPTQ rounding weighs errors by ([`quantize::gptq::collect`]).
+fn hessians(
+    model: &ModelProto,
+    data: &DataOptions,
+    path: &std::path::Path,
+) -> Result<std::sync::Arc<quantize::gptq::Hessians>> {
+    let h = quantize::gptq::collect(model, data)
+        .with_context(|| format!("estimating the layer Hessians of {} for GPTQ rounding", path.display()))?;
+    Ok(std::sync::Arc::new(h))
 }
 
 /// What bias correction did.

@@ -599,9 +599,16 @@ fn gptq_weight_rounding_beats_nearest_rounding() {
         for how in ["nearest", "gptq"] {
             let out = dir.path().join(format!("{name}_{how}.onnx"));
             let c = calib(name);
-            let o = quantize(&model, &out, &["--weights-only", "--weight-rounding", how, "--data", &c, "-q"]);
+            let report = dir.path().join(format!("{name}_{how}.json"));
+            let r = report.to_str().expect("utf8");
+            let args = ["--weights-only", "--weight-rounding", how, "--data", &c, "--report", r, "-q"];
+            let o = quantize(&model, &out, &args);
             assert!(o.status.success(), "{name} {how}: {}", stderr(&o));
             db.push(sqnr(name, &out));
+            let r: serde_json::Value = read_json(&report);
+            let tensors = r["quantization"]["tensors"].as_array().expect("tensors");
+            let gptq = tensors.iter().filter(|t| t["kind"] == "weight" && t["method"] == "gptq").count();
+            assert_eq!(gptq > 0, how == "gptq", "{name} {how}: {gptq} weights marked gptq");
         }
         eprintln!("{name}: nearest {} dB, gptq {} dB", db[0], db[1]);
         assert!(db[1] > db[0] + 0.25, "{name}: gptq {} dB vs nearest {} dB", db[1], db[0]);

@@ -1557,10 +1557,12 @@ fn rewrite(
             totals.weight_bytes_before += crate::dump::tensor_bytes(t);
         }
         let mut q = quantize_weight(&a, axis);
+        let mut rounding = None;
+        // The Hessians are keyed by weights read by one node only, so `n` is their layer.
         if let Some(h) = opts.hessians.as_ref().and_then(|h| h.by_weight.get(w.as_str())) {
-            if h.layer.node_index == ni || h.layer.node == n.name() {
-                q = gptq::requantize(&a, q, h).with_context(|| format!("{}: GPTQ rounding of '{w}'", describe(n)))?;
-            }
+            let before = q.values.clone();
+            q = gptq::requantize(&a, q, h).with_context(|| format!("{}: GPTQ rounding of '{w}'", describe(n)))?;
+            rounding = (q.values != before).then(|| "gptq".to_string());
         }
         let qn = names.fresh(&format!("{w}_quantized"));
         let sn = names.fresh(&format!("{w}_scale"));
@@ -1585,7 +1587,7 @@ fn rewrite(
             zero_point: 0,
             axis,
             range: None,
-            method: None,
+            method: rounding,
         });
         totals.weights_quantized += 1;
         wq.insert(key, (qn, sn, zn, q.scales));

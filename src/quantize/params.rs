@@ -115,20 +115,7 @@ pub fn quantize_weight(w: &ArrayD<f32>, axis: Option<usize>) -> QuantWeight {
                     abs_max[c] = run.iter().fold(abs_max[c], |m, v| m.max(v.abs()));
                 });
             }
-            let mut scales: Vec<f32> = abs_max.iter().copied().map(symmetric_scale).collect();
-            if std::env::var("ONNXQ_WMSE").is_ok() {
-                let mut per: Vec<Vec<f32>> = vec![Vec::new(); channels];
-                if inner == 1 {
-                    for row in data.chunks(channels) {
-                        per.iter_mut().zip(row).for_each(|(p, &v)| p.push(v));
-                    }
-                } else {
-                    for_each_channel_run(data, channels, inner, |c, run| per[c].extend_from_slice(run));
-                }
-                for (c, vals) in per.iter().enumerate() {
-                    scales[c] = mse_weight_scale(vals, abs_max[c]);
-                }
-            }
+            let scales: Vec<f32> = abs_max.into_iter().map(symmetric_scale).collect();
             if inner == 1 {
                 for row in data.chunks(channels) {
                     values.extend(row.iter().zip(&scales).map(|(&x, &s)| q8(x, s)));
@@ -147,29 +134,6 @@ pub fn quantize_weight(w: &ArrayD<f32>, axis: Option<usize>) -> QuantWeight {
             QuantWeight { values: w.mapv(|x| q8(x, s)), scales: vec![s], axis: None }
         }
     }
-}
-
-/// The symmetric scale `α·max|w|/127` (α from 1 down to 0.5 by 0.01) with the least
-/// squared rounding and clipping error over `vals`.
-fn mse_weight_scale(vals: &[f32], abs_max: f32) -> f32 {
-    let base = symmetric_scale(abs_max);
-    let err = |s: f32| -> f64 {
-        vals.iter()
-            .map(|&x| {
-                let d = (q8(x, s) as f32) * s - x;
-                (d as f64) * (d as f64)
-            })
-            .sum()
-    };
-    let (mut best, mut best_err) = (base, err(base));
-    for k in 1..=50 {
-        let s = base * (1.0 - 0.01 * k as f32);
-        let e = err(s);
-        if e < best_err {
-            (best, best_err) = (s, e);
-        }
-    }
-    best
 }
 
 /// Calls `f(channel, run)` on consecutive runs of `data` (a standard-layout tensor whose
