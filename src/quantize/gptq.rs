@@ -34,6 +34,7 @@ use crate::outliers::layer::{find_layers, input_rows_at, Layer, LayerKind};
 use crate::quantize::params::QuantWeight;
 use anyhow::{bail, Context, Result};
 use ndarray::{Array2, ArrayD};
+use rayon::prelude::*;
 use std::collections::BTreeMap;
 
 /// Calibration samples the Hessians are estimated on (the first ones).
@@ -186,15 +187,22 @@ pub fn round_columns(w: Array2<f64>, scales: &[f32], gram: &Array2<f64>, rows: u
     let l = crate::outliers::solve::Cholesky::new(&hr).context("GPTQ: the damped Hessian")?.lower();
     // U = R⁻¹ = J L⁻¹ J (upper triangular, H⁻¹ = UᵀU). Column c of L⁻¹ by forward
     // substitution (contiguous dot products with rows of L), stored row-major.
+    // Columns are independent: computed in parallel, each the same whatever the threads.
+    let cols: Vec<Vec<f64>> = (0..k)
+        .into_par_iter()
+        .map(|c| {
+            let mut x = vec![0f64; k - c];
+            for m in c..k {
+                let s = crate::outliers::solve::dot(&l[m * k + c..m * k + m], &x[..m - c]);
+                x[m - c] = (if m == c { 1.0 } else { 0.0 } - s) / l[m * k + m];
+            }
+            x
+        })
+        .collect();
     let mut linv = vec![0f64; k * k];
-    let mut x = vec![0f64; k];
-    for c in 0..k {
-        x[..c].iter_mut().for_each(|v| *v = 0.0);
-        for m in c..k {
-            let row = &l[m * k + c..m * k + m];
-            let s = crate::outliers::solve::dot(row, &x[c..m]);
-            x[m] = (if m == c { 1.0 } else { 0.0 } - s) / l[m * k + m];
-            linv[m * k + c] = x[m];
+    for (c, x) in cols.iter().enumerate() {
+        for (m, v) in (c..k).zip(x) {
+            linv[m * k + c] = *v;
         }
     }
     let u = |a: usize, b: usize| linv[(k - 1 - a) * k + (k - 1 - b)];
@@ -214,13 +222,18 @@ pub fn round_columns(w: Array2<f64>, scales: &[f32], gram: &Array2<f64>, rows: u
         // Rows k2 > kk take the error of row kk, weighed by U[kk][k2] (contiguous, reversed,
         // in L⁻¹'s row k−1−kk).
         let urow = &linv[(k - 1 - kk) * k..(k - 1 - kk) * k + (k - 1 - kk)];
-        for (later, &f) in rest.chunks_exact_mut(n).zip(urow.iter().rev()) {
-            if f == 0.0 {
-                continue;
+        let update = |(later, &f): (&mut [f64], &f64)| {
+            if f != 0.0 {
+                for (x, e) in later.iter_mut().zip(&err) {
+                    *x -= e * f;
+                }
             }
-            for (x, e) in later.iter_mut().zip(&err) {
-                *x -= e * f;
-            }
+        };
+        // Rows are independent; large steps are split over the threads.
+        if rest.len() >= 1 << 16 {
+            rest.par_chunks_exact_mut(n).zip(urow.par_iter().rev()).for_each(update);
+        } else {
+            rest.chunks_exact_mut(n).zip(urow.iter().rev()).for_each(update);
         }
     }
     Ok(Some(q))
