@@ -83,7 +83,7 @@ const GRAM_BLOCK: usize = 256;
 /// `XᵀX` of one sample's rows in f32, only its blocks on and above the diagonal: block row
 /// `r` (columns `b0 = r·GRAM_BLOCK .. b1` of `X`) is `X[:, b0..b1]ᵀ · X[:, b0..]`, `[b1 − b0, K − b0]`
 /// (about half of `K × K`, nothing allocated or zeroed for the lower blocks).
-fn upper_gram(x: ArrayView2<f32>) -> Vec<Array2<f32>> {
+pub fn upper_gram(x: ArrayView2<f32>) -> Vec<Array2<f32>> {
     let k = x.ncols();
     (0..k)
         .step_by(GRAM_BLOCK)
@@ -97,14 +97,14 @@ fn upper_gram(x: ArrayView2<f32>) -> Vec<Array2<f32>> {
 /// Adds the upper triangle of a sample's [`upper_gram`] blocks to `acc` (`K × K`, f64). Block
 /// rows are added in parallel; each element still receives the samples in fold order, so the
 /// sum does not depend on the thread count.
-fn add_upper(acc: &mut Array2<f64>, blocks: &[Array2<f32>]) -> Result<()> {
+pub fn add_upper(acc: &mut Array2<f64>, blocks: &[Array2<f32>]) -> Result<()> {
     let k = acc.ncols();
     let expected = k.div_ceil(GRAM_BLOCK);
     if acc.nrows() != k || blocks.len() != expected {
         bail!("Gram blocks of a {}-column input for a {:?} accumulator", blocks.len() * GRAM_BLOCK, acc.dim());
     }
     let Some(flat) = acc.as_slice_mut() else { bail!("internal error: Gram accumulator not contiguous") };
-    flat.par_chunks_mut(GRAM_BLOCK * k).zip(blocks.par_iter()).enumerate().try_for_each(|(r, (rows, blk))| {
+    let add = |(r, (rows, blk)): (usize, (&mut [f64], &Array2<f32>))| -> Result<()> {
         let b0 = r * GRAM_BLOCK;
         if blk.dim() != (rows.len() / k, k - b0) {
             bail!("Gram block {r} has shape {:?}", blk.dim());
@@ -116,7 +116,24 @@ fn add_upper(acc: &mut Array2<f64>, blocks: &[Array2<f32>]) -> Result<()> {
             }
         }
         Ok(())
-    })
+    };
+    // One block row (K ≤ GRAM_BLOCK, e.g. every group of a depthwise Conv) has nothing to
+    // split: added in place, without a parallel job per call.
+    if blocks.len() == 1 {
+        flat.chunks_mut(GRAM_BLOCK * k).zip(blocks).enumerate().try_for_each(add)
+    } else {
+        flat.par_chunks_mut(GRAM_BLOCK * k).zip(blocks.par_iter()).enumerate().try_for_each(add)
+    }
+}
+
+/// Copies the upper triangle of a square matrix onto its lower one (an [`add_upper`]
+/// accumulator made whole).
+pub fn mirror_upper(g: &mut Array2<f64>) {
+    for i in 0..g.nrows() {
+        for j in 0..i {
+            g[[i, j]] = g[[j, i]];
+        }
+    }
 }
 
 /// The accumulator of one layer.
@@ -435,13 +452,7 @@ impl LayerAcc {
         }
         self.cands.sort_by(|a, b| a.row.cmp(&b.row).then(a.j.cmp(&b.j)));
         self.prune_rows();
-        for g in self.gram.iter_mut().flatten() {
-            for i in 0..g.nrows() {
-                for j in 0..i {
-                    g[[i, j]] = g[[j, i]];
-                }
-            }
-        }
+        self.gram.iter_mut().flatten().for_each(mirror_upper);
         let mut kept = Vec::with_capacity(self.kept.len());
         for (ids, xs, ys) in self.kept {
             let width = |v: &Vec<f32>| if ids.is_empty() { 0 } else { v.len() / ids.len() };

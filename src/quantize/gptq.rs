@@ -17,9 +17,11 @@
 //! `H` comes from one extra forward pass over at most [`SAMPLES`] calibration samples
 //! ([`collect`]): a layer's input rows (leading dims flattened for MatMul, the im2col patches
 //! of each group at a deterministic subsample of output positions for Conv, as
-//! [`crate::outliers::layer::input_rows`] gives them), `XᵀX` per sample in f32, summed over
-//! samples in f64 in sample order (deterministic whatever the thread count). A weight read by
-//! more than one node, a Gemm, or a layer whose rows are all zero keeps nearest rounding.
+//! [`crate::outliers::layer::input_rows`] gives them), `XᵀX` per sample in f32 (its blocks
+//! on and above the diagonal, [`crate::outliers::collect::upper_gram`], as the regularization
+//! computes it), summed over samples in f64 in sample order (deterministic whatever the
+//! thread count). A weight read by more than one node, a Gemm, or a layer whose rows are all
+//! zero keeps nearest rounding.
 //!
 //! Measured in ONNX Runtime on 32 held-out samples, `--weights-only`: PaddleOCR detector
 //! 33.64 → 38.58 dB SQNR, MiniLM-L6 26.79 / 28.96 → 29.23 / 29.72 dB. With activations
@@ -30,6 +32,7 @@
 use crate::calibrate::{for_each_sample_with, input_facts, input_specs};
 use crate::data::DataOptions;
 use crate::onnx::pb::ModelProto;
+use crate::outliers::collect::{add_upper, mirror_upper, upper_gram};
 use crate::outliers::layer::{find_layers, input_rows_at, Layer, LayerKind};
 use crate::quantize::params::QuantWeight;
 use anyhow::{bail, Context, Result};
@@ -57,8 +60,9 @@ pub struct LayerHessian {
     pub rows: u64,
 }
 
-/// One sample's contribution to a layer: (layer index, Gram per group, rows).
-type SampleGram = (usize, Vec<Array2<f32>>, u64);
+/// One sample's contribution to a layer: (layer index, per group the blocks of `XᵀX` on and
+/// above the diagonal, rows).
+type SampleGram = (usize, Vec<Vec<Array2<f32>>>, u64);
 
 /// Hessians by weight tensor name.
 #[derive(Debug, Clone, Default)]
@@ -70,17 +74,12 @@ pub struct Hessians {
 /// weight that no other node reads.
 fn eligible(model: &ModelProto) -> Result<Vec<Layer>> {
     let (layers, _) = find_layers(model)?;
-    let mut uses: BTreeMap<&str, usize> = BTreeMap::new();
     let g = model.graph.as_ref().context("the model has no graph")?;
-    for n in &g.node {
-        for i in &n.input {
-            *uses.entry(i.as_str()).or_default() += 1;
-        }
-    }
+    let view = crate::onnx::GraphView::new(g);
     Ok(layers
         .into_iter()
         .filter(|l| matches!(l.kind, LayerKind::MatMul | LayerKind::Conv))
-        .filter(|l| uses.get(l.weight.as_str()) == Some(&1))
+        .filter(|l| view.consumers(&l.weight).len() == 1)
         .collect())
 }
 
@@ -111,26 +110,23 @@ pub fn collect(model: &ModelProto, data: &DataOptions) -> Result<Hessians> {
         |_, x| {
             let per_output = plan.run_visit_f32(x, |p, view| -> Result<Vec<SampleGram>> {
                 let Some(view) = view else { return Ok(Vec::new()) };
+                let gram = |l: &Layer| -> Result<(Vec<Vec<Array2<f32>>>, u64)> {
+                    let rows = input_rows_at(l, view.view(), CONV_POSITIONS)
+                        .with_context(|| format!("layer {}: input rows", l.node))?;
+                    let n = rows.first().map_or(0, |r| r.nrows() as u64);
+                    Ok((rows.iter().map(|r| upper_gram(r.view())).collect(), n))
+                };
                 let mut out = Vec::new();
                 // MatMul readers of one tensor share their rows and Gram.
-                let mut shared: Option<(Vec<Array2<f32>>, u64)> = None;
+                let mut shared = None;
                 for &li in &readers[p] {
                     let l = &layers[li];
-                    if l.kind == LayerKind::MatMul {
-                        if shared.is_none() {
-                            let rows = input_rows_at(l, view.view(), CONV_POSITIONS)?;
-                            let n = rows.iter().map(|r| r.nrows() as u64).sum();
-                            shared = Some((rows.iter().map(|r| r.t().dot(r)).collect(), n));
-                        }
-                        if let Some((g, n)) = &shared {
-                            out.push((li, g.clone(), *n));
-                        }
-                    } else {
-                        let rows = input_rows_at(l, view.view(), CONV_POSITIONS)
-                            .with_context(|| format!("layer {}: input rows", l.node))?;
-                        let n = rows.first().map_or(0, |r| r.nrows() as u64);
-                        out.push((li, rows.iter().map(|r| r.t().dot(r)).collect(), n));
-                    }
+                    let (g, n) = match (l.kind, &shared) {
+                        (LayerKind::MatMul, Some(s)) => Clone::clone(s),
+                        (LayerKind::MatMul, None) => shared.insert(gram(l)?).clone(),
+                        _ => gram(l)?,
+                    };
+                    out.push((li, g, n));
                 }
                 Ok(out)
             })?;
@@ -138,16 +134,13 @@ pub fn collect(model: &ModelProto, data: &DataOptions) -> Result<Hessians> {
         },
         |_, per_output| {
             for (li, grams, n) in per_output.into_iter().flatten() {
-                let slot =
-                    acc[li].get_or_insert_with(|| (grams.iter().map(|g| Array2::zeros(g.raw_dim())).collect(), 0));
+                let k = layers[li].k;
+                let slot = acc[li].get_or_insert_with(|| (vec![Array2::zeros((k, k)); grams.len()], 0));
                 if slot.0.len() != grams.len() {
                     bail!("layer {}: {} groups, then {}", layers[li].node, slot.0.len(), grams.len());
                 }
                 for (a, g) in slot.0.iter_mut().zip(&grams) {
-                    if a.dim() != g.dim() {
-                        bail!("layer {}: Gram of {:?}, then {:?}", layers[li].node, a.dim(), g.dim());
-                    }
-                    a.zip_mut_with(g, |a, &g| *a += f64::from(g));
+                    add_upper(a, g).with_context(|| format!("layer {}", layers[li].node))?;
                 }
                 slot.1 += n;
             }
@@ -156,7 +149,8 @@ pub fn collect(model: &ModelProto, data: &DataOptions) -> Result<Hessians> {
     )?;
     let mut by_weight = BTreeMap::new();
     for (l, a) in layers.into_iter().zip(acc) {
-        if let Some((grams, rows)) = a.filter(|a| a.1 > 0) {
+        if let Some((mut grams, rows)) = a.filter(|a| a.1 > 0) {
+            grams.iter_mut().for_each(mirror_upper);
             by_weight.insert(l.weight.clone(), LayerHessian { layer: l, grams, rows });
         }
     }
