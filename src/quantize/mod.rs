@@ -541,6 +541,12 @@ fn scalar_value(t: &TensorProto) -> Option<f32> {
     const_values(t)?.first().copied()
 }
 
+/// The value of `name` when it is a one-element constant greater than 0 (a scaling `x·c`
+/// that keeps x's grid, moved along).
+fn positive_scalar(view: &GraphView, name: &str) -> Option<f32> {
+    view.weight(name).and_then(scalar_value).filter(|&c| c > 0.0)
+}
+
 /// The values of a float constant when all are finite.
 fn const_values(t: &TensorProto) -> Option<Vec<f32>> {
     if t.data_type() != dtype::FLOAT {
@@ -826,9 +832,7 @@ fn plan(ctx: &Ctx, preset: Preset, order: &[usize]) -> Result<Plan> {
         // Under the cnn-like presets, a Gelu's `x·c` (c > 0, a Div by 1/c before `prepare`) is
         // quantized on x's grid scaled by c: the same integers, so no extra rounding, and
         // ONNX Runtime runs it as a QLinearMul instead of a float Mul between DQ and Q.
-        let exact_scaling = cnn_like
-            && op == "Mul"
-            && n.input.iter().any(|x| view.weight(x).and_then(scalar_value).is_some_and(|c| c > 0.0));
+        let exact_scaling = cnn_like && op == "Mul" && n.input.iter().any(|x| positive_scalar(view, x).is_some());
         if decomposed.contains(&i) && opts.op_types.is_none() && !exact_scaling {
             p.skipped.push(Skipped {
                 name: n.name().into(),
@@ -1247,7 +1251,6 @@ fn saturation_window(view: &GraphView, pl: &Plan, t: &str, ty: ActType) -> Optio
         }
         Some(((erf_inverse(plo as f64) as f32, erf_inverse(phi as f64) as f32), at(q0 as f32)))
     };
-    let positive_scalar = |x: &str| view.weight(x).and_then(scalar_value).filter(|c| c.is_finite() && *c > 0.0);
     let mut hull: Option<(f32, f32)> = None;
     // Tensors reached from t, each with the factor f > 0 it holds t scaled by.
     let mut stack = vec![(t.to_string(), 1.0f32)];
@@ -1269,9 +1272,8 @@ fn saturation_window(view: &GraphView, pl: &Plan, t: &str, ty: ActType) -> Optio
                     continue;
                 }
                 // `x·c`, c > 0: the window of its output over c.
-                "Mul" if n.input.len() == 2 && positive_scalar(other).is_some() => {
-                    let c = positive_scalar(other)?;
-                    stack.push((out.clone(), f * c));
+                "Mul" if n.input.len() == 2 && positive_scalar(view, other).is_some() => {
+                    stack.push((out.clone(), f * positive_scalar(view, other)?));
                     continue;
                 }
                 "HardSigmoid" => {
@@ -1304,8 +1306,7 @@ fn saturation_window(view: &GraphView, pl: &Plan, t: &str, ty: ActType) -> Optio
                 // exactly 0 on the Erf's fixed grid wherever the Erf outputs its lowest
                 // level, −1, so x below that point is never told apart.
                 "Mul" if n.input.len() == 2 => {
-                    let c = gelu_scaling(view, &x, other)?;
-                    let erf = view.producer(view.producer(other)?.input.first()?)?;
+                    let (c, erf) = gelu_scaling(view, &x, other)?;
                     let ((zlo, _), lowest) = erf_window(erf)?;
                     // That level must be −1 itself (the Add makes it 0).
                     if (lowest + 1.0).abs() > 1e-5 {
@@ -1329,8 +1330,8 @@ fn saturation_window(view: &GraphView, pl: &Plan, t: &str, ty: ActType) -> Optio
 }
 
 /// When `g = 1 + erf(x·c)` (an `Add` of the constant 1 to an `Erf` of `x·c`, c > 0 a scalar
-/// constant): c.
-fn gelu_scaling(view: &GraphView, x: &str, g: &str) -> Option<f32> {
+/// constant): c and the Erf.
+fn gelu_scaling<'a>(view: &'a GraphView, x: &str, g: &str) -> Option<(f32, &'a NodeProto)> {
     let add = view.producer(g)?;
     if add.op_type() != "Add" || add.input.len() != 2 {
         return None;
@@ -1338,18 +1339,10 @@ fn gelu_scaling(view: &GraphView, x: &str, g: &str) -> Option<f32> {
     let one = add.input.iter().any(|i| view.weight(i).and_then(scalar_value) == Some(1.0));
     let erf = add.input.iter().find_map(|i| view.producer(i).filter(|p| p.op_type() == "Erf"))?;
     let scaled = view.producer(erf.input.first()?)?;
-    if !one || scaled.op_type() != "Mul" || scaled.input.len() != 2 {
-        return None;
+    match (one, scaled.op_type(), scaled.input.as_slice()) {
+        (true, "Mul", [a, c]) | (true, "Mul", [c, a]) if a == x => Some((positive_scalar(view, c)?, erf)),
+        _ => None,
     }
-    let (a, b) = (&scaled.input[0], &scaled.input[1]);
-    let c = if a == x {
-        view.weight(b)
-    } else if b == x {
-        view.weight(a)
-    } else {
-        None
-    };
-    c.and_then(scalar_value).filter(|c| c.is_finite() && *c > 0.0)
 }
 
 /// `erf⁻¹(v)` for `v ∈ (−1, 1)`, by bisection on [`erf`] (to f64 resolution).
