@@ -1863,22 +1863,31 @@ mod tests {
         }
     }
 
+    /// A model of `nodes` (constants `inits`) reading the input x `[1, 4]` and writing `out`
+    /// `[1, cols]`.
+    fn x_model(nodes: Vec<NodeProto>, inits: Vec<TensorProto>, out: &str, cols: i64, opset: i64) -> ModelProto {
+        use crate::onnx::builder::{graph, model, tensor_info};
+        let inputs = vec![tensor_info("x", dtype::FLOAT, &[1, 4])];
+        model(graph("g", nodes, inputs, vec![tensor_info(out, dtype::FLOAT, &[1, cols])], inits), opset)
+    }
+
+    /// Calibrated ranges by tensor name.
+    fn ranges_of(entries: &[(&str, TensorEntry)]) -> BTreeMap<String, TensorEntry> {
+        entries.iter().map(|(n, e)| (n.to_string(), e.clone())).collect()
+    }
+
     #[test]
     fn a_final_sigmoid_is_quantized_and_keeps_the_output_name() {
-        use crate::onnx::builder::{graph, model, tensor_info};
-        let g = graph(
-            "g",
+        let m = x_model(
             vec![node("Mul", "sq", &["x", "x"], &["m"], vec![]), node("Sigmoid", "sig", &["m"], &["y"], vec![])],
-            vec![tensor_info("x", dtype::FLOAT, &[1, 4])],
-            vec![tensor_info("y", dtype::FLOAT, &[1, 4])],
             vec![],
+            "y",
+            4,
+            13,
         );
         let ranges: BTreeMap<String, TensorEntry> =
-            [("x", entry(-2.0, 2.0)), ("m", entry(0.0, 4.0)), ("y", entry(0.5, 0.98))]
-                .into_iter()
-                .map(|(n, e)| (n.to_string(), e))
-                .collect();
-        let (q, report) = quantize(&model(g, 13), &ranges, &QuantOptions::default()).unwrap();
+            ranges_of(&[("x", entry(-2.0, 2.0)), ("m", entry(0.0, 4.0)), ("y", entry(0.5, 0.98))]);
+        let (q, report) = quantize(&m, &ranges, &QuantOptions::default()).unwrap();
         let g = q.graph.unwrap();
         let sig = g.node.iter().find(|n| n.name() == "sig").unwrap();
         assert_eq!(sig.input[0], "m_dequantized");
@@ -1899,12 +1908,11 @@ mod tests {
     /// another op also reads keeps its range.
     #[test]
     fn ranges_are_cut_to_the_readers_saturation_window() {
-        use crate::onnx::builder::{attr_float, graph, model, tensor_info};
+        use crate::onnx::builder::attr_float;
         let hs = |name: &str, x: &str, y: &str| {
             node("HardSigmoid", name, &[x], &[y], vec![attr_float("alpha", 1.0 / 6.0), attr_float("beta", 0.5)])
         };
-        let g = graph(
-            "g",
+        let m = x_model(
             vec![
                 node("Mul", "mul", &["x", "x"], &["m"], vec![]),
                 node("Identity", "id", &["m"], &["mi"], vec![]),
@@ -1914,11 +1922,12 @@ mod tests {
                 node("Mul", "gate", &["g1", "a"], &["p"], vec![]),
                 node("Mul", "out", &["p", "g2"], &["y"], vec![]),
             ],
-            vec![tensor_info("x", dtype::FLOAT, &[1, 4])],
-            vec![tensor_info("y", dtype::FLOAT, &[1, 4])],
             vec![],
+            "y",
+            4,
+            13,
         );
-        let ranges: BTreeMap<String, TensorEntry> = [
+        let ranges = ranges_of(&[
             ("x", entry(-4.0, 4.0)),
             ("m", entry(-20.0, 10.0)),
             ("mi", entry(-20.0, 10.0)),
@@ -1926,11 +1935,8 @@ mod tests {
             ("g1", entry(0.0, 1.0)),
             ("g2", entry(0.0, 1.0)),
             ("p", entry(-8.0, 8.0)),
-        ]
-        .into_iter()
-        .map(|(n, e)| (n.to_string(), e))
-        .collect();
-        let (_, report) = quantize(&model(g, 13), &ranges, &QuantOptions::default()).unwrap();
+        ]);
+        let (_, report) = quantize(&m, &ranges, &QuantOptions::default()).unwrap();
         let range = |t: &str| report.tensors.iter().find(|r| r.name == t).and_then(|r| r.range).unwrap();
         let step = 6.0 / 254.0;
         let [lo, hi] = range("m");
@@ -1957,7 +1963,6 @@ mod tests {
     /// the Erf to −1, and the upper side is left alone.
     #[test]
     fn a_gelu_input_is_cut_where_its_erf_saturates() {
-        use crate::onnx::builder::{graph, model, tensor_info};
         for (a, want) in [(0.5, 0.520_499_877_8), (2.0, 0.995_322_265_0), (-1.3, -0.934_007_944_9)] {
             assert!((erf(a) - want).abs() < 2e-7, "erf({a}) = {}", erf(a));
             assert!((erf_inverse(want) - a).abs() < 1e-5, "erf⁻¹({want}) = {}", erf_inverse(want));
@@ -1965,17 +1970,10 @@ mod tests {
         let c = std::f32::consts::FRAC_1_SQRT_2;
         let (mut nodes, inits) = gelu_nodes();
         nodes.push(node("Relu", "r", &["y"], &["z"], vec![]));
-        let g = graph(
-            "g",
-            nodes,
-            vec![tensor_info("x", dtype::FLOAT, &[1, 4])],
-            vec![tensor_info("z", dtype::FLOAT, &[1, 4])],
-            inits,
-        );
-        let ranges: BTreeMap<String, TensorEntry> =
-            [("x", entry(-9.0, 4.0)), ("y", entry(-0.17, 4.0))].into_iter().map(|(n, e)| (n.to_string(), e)).collect();
+        let m = x_model(nodes, inits, "z", 4, 13);
+        let ranges = ranges_of(&[("x", entry(-9.0, 4.0)), ("y", entry(-0.17, 4.0))]);
         let opts = QuantOptions { preset: Preset::Cnn, ..Default::default() };
-        let (_, report) = quantize(&model(g, 13), &ranges, &opts).unwrap();
+        let (_, report) = quantize(&m, &ranges, &opts).unwrap();
         let t = report.tensors.iter().find(|r| r.name == "x").unwrap();
         let [lo, hi] = t.range.unwrap();
         assert!(hi == 4.0 && lo > -3.0 && lo < -2.88, "x: [{lo}, {hi}]");
@@ -1991,7 +1989,6 @@ mod tests {
     /// second block is quantized like ONNX Runtime's placement, sum included.
     #[test]
     fn transformer_fused_keeps_coarse_residual_groups_float() {
-        use crate::onnx::builder::{graph, model, tensor_info};
         use crate::onnx::tensor::vec_f32;
         let w = |name: &str, dims: &[i64], v: f32| {
             let n: i64 = dims.iter().product();
@@ -2019,14 +2016,7 @@ mod tests {
             node("Add", "sum2", &["a2", "h1"], &["s2"], vec![]),
             ln("ln2", "s2", "y"),
         ];
-        let g = graph(
-            "g",
-            nodes,
-            vec![tensor_info("x", dtype::FLOAT, &[1, 4])],
-            vec![tensor_info("y", dtype::FLOAT, &[1, 4])],
-            inits,
-        );
-        let m = model(g, 17);
+        let m = x_model(nodes, inits, "y", 4, 17);
         let view = GraphView::new(m.graph.as_ref().unwrap());
         assert_eq!(detect_preset(&view), Preset::TransformerFused);
         let rs = residual_stream(&view, &decomposition_nodes(&view));
@@ -2065,21 +2055,13 @@ mod tests {
     /// the product takes its own range.
     #[test]
     fn a_decomposed_gelu_reads_only_its_input_and_output_ranges() {
-        use crate::onnx::builder::{graph, model, tensor_info};
         use crate::onnx::tensor::vec_f32;
         let mut w = vec_f32("w", &[0.5; 8]);
         w.dims = vec![4, 2];
         let (mut nodes, mut inits) = gelu_nodes();
         nodes.push(node("MatMul", "mm", &["y", "w"], &["z"], vec![]));
         inits.push(w);
-        let g = graph(
-            "g",
-            nodes,
-            vec![tensor_info("x", dtype::FLOAT, &[1, 4])],
-            vec![tensor_info("z", dtype::FLOAT, &[1, 2])],
-            inits,
-        );
-        let m = model(g, 13);
+        let m = x_model(nodes, inits, "z", 2, 13);
         let opts = QuantOptions { preset: Preset::Cnn, ..Default::default() };
         let needs = range_needs(&m, &opts).unwrap();
         let from = |t: &str| ParamSource::DerivedFrom(t.into());
@@ -2089,12 +2071,14 @@ mod tests {
         }
         assert_eq!(needs.ranges_read, ["x", "y"].map(String::from).into_iter().collect());
         // Ranges as calibration measures them: y's exactly half of p's.
-        let all: BTreeMap<String, TensorEntry> =
-            [("x", entry(-4.0, 4.0)), ("d", entry(-2.8, 2.8)), ("e", entry(-1.0, 1.0)), ("a", entry(0.0, 2.0))]
-                .into_iter()
-                .chain([("p", entry(-0.34, 8.0)), ("y", entry(-0.17, 4.0))])
-                .map(|(n, e)| (n.to_string(), e))
-                .collect();
+        let all = ranges_of(&[
+            ("x", entry(-4.0, 4.0)),
+            ("d", entry(-2.8, 2.8)),
+            ("e", entry(-1.0, 1.0)),
+            ("a", entry(0.0, 2.0)),
+            ("p", entry(-0.34, 8.0)),
+            ("y", entry(-0.17, 4.0)),
+        ]);
         let read: BTreeMap<String, TensorEntry> =
             all.iter().filter(|(t, _)| needs.ranges_read.contains(*t)).map(|(t, e)| (t.clone(), e.clone())).collect();
         let (q_all, r_all) = quantize(&m, &all, &opts).unwrap();
@@ -2119,7 +2103,6 @@ mod tests {
     /// Relu output's is); an excluded Relu does not fold, and then it is.
     #[test]
     fn a_folded_relu_input_needs_no_range() {
-        use crate::onnx::builder::{graph, model, tensor_info};
         use crate::onnx::tensor::vec_f32;
         let w = |name: &str| {
             let mut t = vec_f32(name, &[0.5; 16]);
@@ -2131,19 +2114,8 @@ mod tests {
             node("Relu", "relu", &["h"], &["r"], vec![]),
             node("MatMul", "mm2", &["r", "w2"], &["z"], vec![]),
         ];
-        let g = graph(
-            "g",
-            nodes,
-            vec![tensor_info("x", dtype::FLOAT, &[1, 4])],
-            vec![tensor_info("z", dtype::FLOAT, &[1, 4])],
-            vec![w("w1"), w("w2")],
-        );
-        let m = model(g, 13);
-        let all: BTreeMap<String, TensorEntry> =
-            [("x", entry(-1.0, 1.0)), ("h", entry(-3.0, 2.0)), ("r", entry(0.0, 2.0))]
-                .into_iter()
-                .map(|(n, e)| (n.to_string(), e))
-                .collect();
+        let m = x_model(nodes, vec![w("w1"), w("w2")], "z", 4, 13);
+        let all = ranges_of(&[("x", entry(-1.0, 1.0)), ("h", entry(-3.0, 2.0)), ("r", entry(0.0, 2.0))]);
         for (exclude, read) in [(vec![], vec!["r", "x"]), (vec!["relu".to_string()], vec!["h", "r", "x"])] {
             let opts = QuantOptions { preset: Preset::Cnn, exclude, ..Default::default() };
             let needs = range_needs(&m, &opts).unwrap();
