@@ -74,7 +74,13 @@ pub struct Target {
     /// every sample, so when that tensor is calibrated too its statistics are copied instead
     /// of pinning this one as an extra tract output (pinned outputs stop tract from fusing).
     pub same_values_as: Option<String>,
+    /// Keep per-channel statistics along the channel axis too (tensors that
+    /// [`crate::quantize::equalize`] may rescale per channel after calibration).
+    pub channel_stats: bool,
 }
+
+/// Histogram bins of each channel's own statistics ([`Target::channel_stats`]).
+pub const CHANNEL_BINS: usize = 1024;
 
 /// Ops whose output holds exactly the values of their first input, rearranged.
 pub const REARRANGING_OPS: &[&str] = &["Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"];
@@ -152,7 +158,7 @@ pub fn default_targets(view: &GraphView) -> Result<Vec<Target>> {
         if et != 0 && et != dtype::FLOAT {
             return;
         }
-        out.push(Target { name: name.to_string(), channel_axis: axis, same_values_as: None });
+        out.push(Target { name: name.to_string(), channel_axis: axis, same_values_as: None, channel_stats: false });
     };
     // Output -> data input of every rearranging node, quantizable or not (an Identity is not,
     // yet its output often feeds a quantizable node).
@@ -198,7 +204,23 @@ pub fn default_targets(view: &GraphView) -> Result<Vec<Target>> {
 pub fn quantization_targets(model: &ModelProto, opts: &crate::quantize::QuantOptions) -> Result<Vec<Target>> {
     let graph = model.graph.as_ref().context("the model has no graph")?;
     let wanted = crate::quantize::range_needs(model, opts)?.ranges_read;
-    Ok(default_targets(&GraphView::new(graph))?.into_iter().filter(|t| wanted.contains(&t.name)).collect())
+    let rescalable: std::collections::HashSet<String> = if opts.equalize {
+        crate::quantize::equalize::candidates(model)?.into_iter().map(|p| p.tensor).collect()
+    } else {
+        Default::default()
+    };
+    Ok(default_targets(&GraphView::new(graph))?
+        .into_iter()
+        .filter(|t| wanted.contains(&t.name))
+        .map(|mut t| {
+            if rescalable.contains(&t.name) {
+                // Direct (not an alias of another's statistics): channels need the layout.
+                t.channel_axis = Some(ChannelAxis::One);
+                t.channel_stats = true;
+            }
+            t
+        })
+        .collect())
 }
 
 #[derive(Debug, Clone)]
@@ -331,6 +353,9 @@ pub fn view_stats(a: ndarray::ArrayViewD<'_, f32>, t: &Target, bins: usize) -> T
         ChannelAxis::Last => a.ndim().checked_sub(1),
     });
     let mut s = TensorStats::new(bins, axis);
+    if t.channel_stats {
+        s = s.with_channel_stats(CHANNEL_BINS);
+    }
     s.update(a);
     s
 }
@@ -444,6 +469,10 @@ pub struct TensorEntry {
     pub range_symmetric: [f32; 2],
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub channel_abs_max: Vec<f32>,
+    /// Per-channel statistics, when the calibration kept them ([`Target::channel_stats`]);
+    /// not part of the stats file.
+    #[serde(skip)]
+    pub channels: Option<std::sync::Arc<Vec<TensorStats>>>,
 }
 
 impl TensorEntry {
@@ -479,6 +508,7 @@ impl TensorEntry {
             range: [lo, hi],
             range_symmetric: [slo, shi],
             channel_abs_max: s.channel_absmax().to_vec(),
+            channels: (!s.channel_stats().is_empty()).then(|| std::sync::Arc::new(s.channel_stats().to_vec())),
         }
     }
 }

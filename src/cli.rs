@@ -146,6 +146,10 @@ pub struct QuantizeArgs {
     /// 8-bit images) onto the uint8 grid of their first Conv
     #[arg(long)]
     pub no_input_grid: bool,
+    /// Leave the activations between two convolutions as they are: no per-channel rescaling
+    /// (folded into the two convolutions' weights) that evens out their channels' ranges
+    #[arg(long)]
+    pub no_equalize: bool,
     /// Outlier-aware weight regularization before quantization: auto (the default with
     /// --data/--random: keep each layer's edit only if the quantized model gets better on the
     /// calibration samples), off, or a strength (lambda multiplier, applied without the guard)
@@ -358,6 +362,7 @@ fn run_quantize(a: QuantizeArgs) -> Result<()> {
             keep_float: Default::default(),
             method: a.method.to_string(),
             hessians: None,
+            equalize: !a.no_equalize && !a.weights_only && !a.dynamic && a.stats.is_none(),
         },
         gptq: a.weight_rounding == "gptq",
         method: a.method.clone(),
@@ -422,6 +427,7 @@ fn run_calibrate(a: CalibrateArgs) -> Result<()> {
                     name: t.clone(),
                     channel_axis: None,
                     same_values_as: None,
+                    channel_stats: false,
                 }))
             })
             .collect::<Result<Vec<_>>>()?

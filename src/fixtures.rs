@@ -10,6 +10,7 @@
 //! | `constants`    | an MLP whose weights live in Constant nodes; output from MatMul |
 //! | `shared`       | one weight used by two MatMuls |
 //! | `outliers`     | an MLP whose second layer has injected activation outliers (one token, two columns) |
+//! | `convchain`    | Conv → Relu → Conv (1×1) → Relu → depthwise Conv, channels 100× apart in range; GlobalAveragePool features |
 
 use crate::array::{dtype, ArrayData};
 use crate::npy::write_npz;
@@ -336,9 +337,64 @@ fn outliers() -> Fixture {
     }
 }
 
+/// Convolutions whose intermediate channels span ranges 100× apart (per output channel gains
+/// on conv1 and conv2), the case per-channel equalization ([`crate::quantize::equalize`])
+/// is for: relu1 → conv2 (dense 1×1) and relu2 → conv3 (depthwise 3×3).
+fn convchain() -> Fixture {
+    let mut b = Builder::new(16);
+    let gain = |c: usize, n: usize| 0.1f32 * 100f32.powf(c as f32 / (n - 1) as f32);
+    // Channel order mixed so the large channels are not all at one end.
+    let order = [3usize, 7, 0, 5, 1, 6, 2, 4];
+    let mut w1 = b.randn(8 * 27, 1.0 / 27f32.sqrt());
+    for (c, chunk) in w1.chunks_mut(27).enumerate() {
+        chunk.iter_mut().for_each(|v| *v *= gain(order[c], 8));
+    }
+    let w1 = b.init("conv1.weight", &[8, 3, 3, 3], w1);
+    let b1v: Vec<f32> = (0..8).map(|c| 0.3 * gain(order[c], 8)).collect();
+    let b1 = b.init("conv1.bias", &[8], b1v);
+    let pads = || vec![attr_ints("kernel_shape", &[3, 3]), attr_ints("pads", &[1, 1, 1, 1])];
+    let c1 = b.op("Conv", "conv1", &["image", &w1, &b1], pads());
+    let r1 = b.op("Relu", "relu1", &[&c1], vec![]);
+    let mut w2 = b.randn(8 * 8, 0.3);
+    for (o, row) in w2.chunks_mut(8).enumerate() {
+        // Each output reads the inputs with weights inversely proportional to their ranges.
+        for (c, v) in row.iter_mut().enumerate() {
+            *v *= gain(order[o], 8) / gain(order[c], 8).sqrt();
+        }
+    }
+    let w2 = b.init("conv2.weight", &[8, 8, 1, 1], w2);
+    let b2v = b.randn(8, 0.05);
+    let b2 = b.init("conv2.bias", &[8], b2v);
+    let c2 = b.op("Conv", "conv2", &[&r1, &w2, &b2], vec![attr_ints("kernel_shape", &[1, 1])]);
+    let r2 = b.op("Relu", "relu2", &[&c2], vec![]);
+    let w3v = b.randn(8 * 9, 1.0 / 3.0);
+    let w3 = b.init("conv3.weight", &[8, 1, 3, 3], w3v);
+    let b3v = b.randn(8, 0.05);
+    let b3 = b.init("conv3.bias", &[8], b3v);
+    let mut dw = pads();
+    dw.push(attr_int("group", 8));
+    let c3 = b.op("Conv", "conv3", &[&r2, &w3, &b3], dw);
+    let r3 = b.op("Relu", "relu3", &[&c3], vec![]);
+    let gap = b.op("GlobalAveragePool", "gap", &[&r3], vec![]);
+    b.nodes.push(node("Flatten", "flatten", &[&gap], &["features"], vec![attr_int("axis", 1)]));
+    let g = graph(
+        "convchain",
+        b.nodes,
+        vec![tensor_info("image", dtype::FLOAT, &[1, 3, 16, 16])],
+        vec![tensor_info("features", dtype::FLOAT, &[1, 8])],
+        b.inits,
+    );
+    Fixture {
+        name: "convchain",
+        model: model(g, 13),
+        sample: |r| vec![("image", f32_array(&[1, 3, 16, 16], r, 1.0))],
+        seed: 106,
+    }
+}
+
 /// All fixtures, in a fixed order.
 pub fn all() -> Vec<Fixture> {
-    vec![cnn(), transformer(), constants(), shared(), outliers()]
+    vec![cnn(), transformer(), constants(), shared(), outliers(), convchain()]
 }
 
 /// Writes `<dir>/<name>.onnx`, `<dir>/<name>/calib/NNNN.npz` and `<dir>/<name>/eval/NNNN.npz`.

@@ -62,6 +62,11 @@ pub struct PipelineReport {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub input_grid: Vec<quantize::input_grid::AlignedInput>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub equalized: Vec<quantize::equalize::Equalized>,
+    /// Rescalable tensors left as they are, with the reason.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub equalize_skipped: Vec<quantize::equalize::Skipped>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub kept_float: Vec<TensorCost>,
     pub quantization: Report,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -312,6 +317,25 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
         }
     }
     phases.mark("calibration");
+    // Per-channel rescaling between convolutions (the float function is unchanged; the
+    // rescaled tensors' ranges come from the per-channel statistics just gathered).
+    let mut equalized = (Vec::new(), Vec::new());
+    if qopts.equalize {
+        let act = qopts.activations;
+        equalized = quantize::equalize::apply(&mut model, &mut ranges, &opts.method, act)?;
+        if let Some((plain, plain_ranges)) = plain_alternative.as_mut() {
+            quantize::equalize::apply(plain, plain_ranges, &opts.method, act)?;
+        }
+        if !opts.quiet && !equalized.0.is_empty() {
+            let min = equalized.0.iter().map(|e| e.min_scale).fold(f64::INFINITY, f64::min);
+            eprintln!(
+                "equalized {} activations between convolutions per channel (channel scales {:.3}..1)",
+                equalized.0.len(),
+                min
+            );
+        }
+    }
+    phases.mark("equalize");
     if let (true, Some(d)) = (opts.gptq, data) {
         qopts.hessians = Some(hessians(&model, d, model_path)?);
     }
@@ -392,6 +416,7 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
     out.regularization = regularization;
     out.bias_correction = bias_correction;
     out.input_grid = grid_inputs;
+    (out.equalized, out.equalize_skipped) = equalized;
     Ok(out)
 }
 
@@ -598,6 +623,8 @@ fn finish(
         opset_upgrade: opset_note,
         prepared,
         input_grid: Vec::new(),
+        equalized: Vec::new(),
+        equalize_skipped: Vec::new(),
         kept_float: kept,
         quantization: report,
         regularization: None,

@@ -54,6 +54,9 @@ use std::str::FromStr;
 
 /// Histogram bins used when the caller has no preference.
 pub const DEFAULT_BINS: usize = 2048;
+/// Histogram cells `(lower, upper, weight)` (see `TensorStats::cells`).
+type Cells = Vec<(f64, f64, f64)>;
+
 /// Number of clipping factors `a = k / MSE_GRID_STEPS` tried by [`RangeMethod::Mse`].
 pub const MSE_GRID_STEPS: u32 = 200;
 /// Smallest histogram half-range exponent: `R >= 2^-24`.
@@ -470,6 +473,11 @@ pub struct TensorStats {
     sum: f64,
     sum_sq: f64,
     channel_absmax: Vec<f32>,
+    /// Bins of the per-channel statistics (0: none are kept).
+    channel_bins: usize,
+    /// Per channel along `channel_axis`: the same statistics of that channel's values alone
+    /// (kept only when asked for with [`TensorStats::with_channel_stats`]).
+    channel_stats: Vec<TensorStats>,
     /// `R = 2^hist_exp`.
     hist_exp: i32,
     hist: Vec<u64>,
@@ -498,9 +506,19 @@ impl TensorStats {
             sum: 0.0,
             sum_sq: 0.0,
             channel_absmax: Vec::new(),
+            channel_bins: 0,
+            channel_stats: Vec::new(),
             hist_exp: MIN_EXP,
             hist: vec![0; bins],
         }
+    }
+
+    /// The same empty statistics that also keep, per channel along the channel axis, the
+    /// statistics of that channel's values alone, with `bins` bins (what
+    /// [`scaled_range`] reads to range a tensor whose channels are rescaled).
+    pub fn with_channel_stats(mut self, bins: usize) -> Self {
+        self.channel_bins = bins.clamp(4, MAX_BINS).div_ceil(4) * 4;
+        self
     }
 
     /// Fold one sample's activation (any shape) into the stats.
@@ -554,6 +572,16 @@ impl TensorStats {
         }
         if let (Some((channels, inner)), None) = (layout, blocks) {
             self.update_channel_absmax(data, channels, inner, finite_only);
+        }
+        if let (Some((channels, inner)), true) = (layout, self.channel_bins > 0) {
+            if channels > 0 && inner > 0 {
+                if self.channel_stats.len() < channels {
+                    self.channel_stats.resize(channels, TensorStats::new(self.channel_bins, None));
+                }
+                for (k, block) in data.chunks_exact(inner).enumerate() {
+                    self.channel_stats[k % channels].update(ndarray::ArrayView1::from(block).into_dyn());
+                }
+            }
         }
     }
 
@@ -687,6 +715,13 @@ impl TensorStats {
         for (a, b) in self.channel_absmax.iter_mut().zip(&other.channel_absmax) {
             *a = a.max(*b);
         }
+        if other.channel_stats.len() > self.channel_stats.len() {
+            let bins = other.channel_stats.first().map_or(DEFAULT_BINS, |c| c.bins);
+            self.channel_stats.resize(other.channel_stats.len(), TensorStats::new(bins, None));
+        }
+        for (a, b) in self.channel_stats.iter_mut().zip(&other.channel_stats) {
+            a.merge(b);
+        }
         if other.count == 0 {
             return;
         }
@@ -736,7 +771,19 @@ impl TensorStats {
 
     /// The same statistics without the per-channel abs-max (and its axis).
     pub fn without_channels(&self) -> TensorStats {
-        TensorStats { channel_axis: None, channel_absmax: Vec::new(), ..self.clone() }
+        TensorStats {
+            channel_axis: None,
+            channel_absmax: Vec::new(),
+            channel_bins: 0,
+            channel_stats: Vec::new(),
+            ..self.clone()
+        }
+    }
+
+    /// Per channel, the statistics of that channel's values alone (empty unless asked for
+    /// with [`TensorStats::with_channel_stats`]).
+    pub fn channel_stats(&self) -> &[TensorStats] {
+        &self.channel_stats
     }
 
     /// Number of histogram bins (a multiple of 4).
@@ -947,22 +994,7 @@ impl TensorStats {
             return (0.0, 0.0);
         }
         let steps = f64::from(qmax_levels.max(2) - 1);
-        let r = self.hist_range();
-        let w = self.bin_width();
-        // Non-empty bins as (lower, upper, weight), clipped to the observed [min, max]; the
-        // weight is the count per unit length (a uniform density), or the count of a bin
-        // clipped to a point.
-        let cells: Vec<(f64, f64, f64)> = self
-            .hist
-            .iter()
-            .enumerate()
-            .filter(|(_, &c)| c > 0)
-            .map(|(j, &c)| {
-                let u = (-r + j as f64 * w).max(self.min);
-                let v = (-r + (j + 1) as f64 * w).min(self.max).max(u);
-                (u, v, if v > u { c as f64 / (v - u) } else { c as f64 })
-            })
-            .collect();
+        let cells = self.cells();
         let mut best = (f64::INFINITY, lo0, hi0);
         // Descending `a` with a strict `<`: ties go to the larger `a`. The clipping error alone
         // (cells below `lo` or above `hi`, a lower bound of the total) only grows as `a`
@@ -998,6 +1030,24 @@ impl TensorStats {
             }
         }
         (best.1, best.2)
+    }
+
+    /// Non-empty bins as (lower, upper, weight), clipped to the observed [min, max]; the
+    /// weight is the count per unit length (a uniform density), or the count of a bin
+    /// clipped to a point.
+    fn cells(&self) -> Cells {
+        let r = self.hist_range();
+        let w = self.bin_width();
+        self.hist
+            .iter()
+            .enumerate()
+            .filter(|(_, &c)| c > 0)
+            .map(|(j, &c)| {
+                let u = (-r + j as f64 * w).max(self.min);
+                let v = (-r + (j + 1) as f64 * w).min(self.max).max(u);
+                (u, v, if v > u { c as f64 / (v - u) } else { c as f64 })
+            })
+            .collect()
     }
 
     /// Summary of the statistics (serializes with a fixed field order).
@@ -1163,6 +1213,88 @@ impl Grid {
         let q = self.lo + self.s * ((x - self.lo) / self.s).round().clamp(0.0, self.steps);
         (x - q) * (x - q)
     }
+}
+
+/// The range that `method` gives a tensor whose channel `c` holds the values of
+/// `channels[c]` multiplied by `scale[c] > 0` (a tensor rescaled per channel after its
+/// statistics were taken, see [`crate::quantize::equalize`]), as [`TensorStats::range`] would
+/// on that tensor's own statistics. `MinMax` is exact. `Mse` searches the same candidates
+/// `a·(lo₀, hi₀)`, with the error of each channel evaluated on its own histogram against the
+/// grid mapped back by `1/scale[c]` and weighted by `scale[c]²`; the 200 factors are searched
+/// coarse to fine (every 8th, then the 15 around the best; ties to the larger factor). Other
+/// methods need the rescaled tensor's own histogram: `None`.
+pub fn scaled_range(
+    channels: &[TensorStats],
+    scale: &[f64],
+    method: &RangeMethod,
+    qmax_levels: u32,
+    symmetric: bool,
+) -> Option<(f32, f32)> {
+    if channels.len() != scale.len() || scale.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+        return None;
+    }
+    let seen: Vec<(&TensorStats, f64)> =
+        channels.iter().zip(scale).filter(|(c, _)| c.count > 0).map(|(c, &s)| (c, s)).collect();
+    if seen.is_empty() {
+        return Some((0.0, 0.0));
+    }
+    let min = seen.iter().map(|(c, s)| c.min * s).fold(f64::INFINITY, f64::min);
+    let max = seen.iter().map(|(c, s)| c.max * s).fold(f64::NEG_INFINITY, f64::max);
+    let m = min.abs().max(max.abs());
+    let (lo0, hi0) = if symmetric { (-m, m) } else { (min.min(0.0), max.max(0.0)) };
+    let (lo, hi) = match method {
+        RangeMethod::MinMax => (lo0, hi0),
+        RangeMethod::Mse => {
+            if hi0 <= lo0 || hi0.is_nan() || lo0.is_nan() {
+                return Some((0.0, 0.0));
+            }
+            let steps = f64::from(qmax_levels.max(2) - 1);
+            let cells: Vec<(Cells, f64)> = seen.iter().map(|(c, s)| (c.cells(), *s)).collect();
+            let error = |k: u32| -> f64 {
+                let a = f64::from(k) / f64::from(MSE_GRID_STEPS);
+                let (lo, hi) = (a * lo0, a * hi0);
+                let s_all = (hi - lo) / steps;
+                if s_all.is_nan() || s_all <= 0.0 {
+                    return f64::INFINITY;
+                }
+                cells
+                    .iter()
+                    .map(|(cells, sc)| {
+                        let s = s_all / sc;
+                        let grid = Grid { lo: lo / sc, hi: hi / sc, s, inv_s: 1.0 / s, s3: s * s * s, steps };
+                        let e: f64 = cells
+                            .iter()
+                            .map(|&(u, v, w)| w * if v > u { grid.segment_sq_err(u, v) } else { grid.point_sq_err(u) })
+                            .sum();
+                        e * sc * sc
+                    })
+                    .sum()
+            };
+            const COARSE: u32 = 8;
+            let mut best = (f64::INFINITY, MSE_GRID_STEPS);
+            for k in (1..=MSE_GRID_STEPS / COARSE).rev().map(|i| i * COARSE) {
+                let e = error(k);
+                if e < best.0 {
+                    best = (e, k);
+                }
+            }
+            let k0 = best.1;
+            let around = (k0.saturating_sub(COARSE - 1).max(1)..=(k0 + COARSE - 1).min(MSE_GRID_STEPS)).rev();
+            for k in around.filter(|&k| k != k0) {
+                // Ties go to the larger factor: a smaller one must be strictly better.
+                let e = error(k);
+                if e < best.0 || (e == best.0 && k > best.1) {
+                    best = (e, k);
+                }
+            }
+            let a = f64::from(best.1) / f64::from(MSE_GRID_STEPS);
+            (a * lo0, a * hi0)
+        }
+        RangeMethod::Percentile(_) | RangeMethod::Entropy => return None,
+    };
+    let lo = if lo.is_nan() { 0.0 } else { lo.min(0.0) };
+    let hi = if hi.is_nan() { 0.0 } else { hi.max(0.0) };
+    Some((lo as f32, hi as f32))
 }
 
 /// How a quantization range is chosen from [`TensorStats`].

@@ -55,7 +55,14 @@ fn every_fixture_quantizes_within_an_sqnr_bound() {
     // Bounds sit a few dB below what the quantizer reaches (transformer: 27.7 dB under the
     // transformer-fused preset auto picks); a wrong scale, zero point, axis or bias scale
     // drops far below them.
-    let cases = [("cnn", 35.0), ("transformer", 25.0), ("constants", 30.0), ("shared", 17.0), ("outliers", 6.0)];
+    let cases = [
+        ("cnn", 35.0),
+        ("transformer", 25.0),
+        ("constants", 30.0),
+        ("shared", 17.0),
+        ("outliers", 6.0),
+        ("convchain", 35.0),
+    ];
     let dir = tempdir();
     for (name, bound) in cases {
         let out = dir.path().join(format!("{name}.onnx"));
@@ -617,4 +624,38 @@ fn gptq_weight_rounding_beats_nearest_rounding() {
     let o = quantize("cnn.onnx", &out, &["--weights-only", "--weight-rounding", "gptq"]);
     assert_clean_error(&o, &["needs calibration samples"]);
     assert!(!out.exists());
+}
+
+/// The activations between two convolutions (relu1 → 1×1 conv2, relu2 → depthwise conv3),
+/// whose channels span ranges 100× apart, are rescaled per channel into the convolutions'
+/// weights: the held-out SQNR rises well above plain quantization's (measured 32.8 →
+/// 39.3 dB), the report lists both tensors, and `--no-equalize` or a percentile range (which
+/// cannot be recomputed from per-channel statistics) leaves the model as calibrated.
+#[test]
+fn equalizing_conv_chains_beats_plain_quantization() {
+    let dir = tempdir();
+    let c = calib("convchain");
+    let mut db = Vec::new();
+    for (tag, extra) in [("eq", None), ("plain", Some("--no-equalize")), ("pct", Some("--method=percentile:99.99"))] {
+        let out = dir.path().join(format!("{tag}.onnx"));
+        let report = dir.path().join(format!("{tag}.json"));
+        let mut args = vec!["--data", &c, "--report", report.to_str().expect("utf8"), "-q"];
+        args.extend(extra);
+        let o = quantize("convchain.onnx", &out, &args);
+        assert!(o.status.success(), "{tag}: {}", stderr(&o));
+        db.push(sqnr("convchain", &out));
+        let r: serde_json::Value = read_json(&report);
+        let done: Vec<&str> = r["equalized"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|e| e["tensor"].as_str()).collect())
+            .unwrap_or_default();
+        let skipped = r["equalize_skipped"].as_array().map_or(0, |a| a.len());
+        match tag {
+            "eq" => assert_eq!((done, skipped), (vec!["relu1", "relu2"], 0), "{}", r["equalized"]),
+            "plain" => assert_eq!((done.len(), skipped), (0, 0)),
+            _ => assert_eq!((done.len(), skipped), (0, 2)),
+        }
+    }
+    eprintln!("convchain: equalized {} dB, plain {} dB, percentile {} dB", db[0], db[1], db[2]);
+    assert!(db[0] > db[1] + 3.0, "equalized {} dB vs plain {} dB", db[0], db[1]);
 }

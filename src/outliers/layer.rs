@@ -332,7 +332,7 @@ fn constant_mut<'a>(model: &'a mut ModelProto, name: &str) -> Result<&'a mut Ten
 }
 
 /// Replaces a constant's values, keeping its name and dims.
-fn replace(model: &mut ModelProto, name: &str, values: Vec<f32>) -> Result<()> {
+pub(crate) fn replace(model: &mut ModelProto, name: &str, values: Vec<f32>) -> Result<()> {
     let t = constant_mut(model, name)?;
     let dims: Vec<usize> = t.dims.iter().map(|&d| d.max(0) as usize).collect();
     let tensor_name = t.name().to_string();

@@ -67,6 +67,7 @@
 
 pub mod bias_correction;
 pub mod dynamic;
+pub mod equalize;
 pub mod gptq;
 pub mod input_grid;
 pub mod opset;
@@ -151,6 +152,9 @@ pub struct QuantOptions {
     pub method: String,
     /// Layer Hessians for GPTQ weight rounding ([`gptq`]); nearest rounding without.
     pub hessians: Option<std::sync::Arc<gptq::Hessians>>,
+    /// Rescale activations between two convolutions per channel before quantizing
+    /// ([`equalize`]); calibration then keeps those tensors' per-channel statistics.
+    pub equalize: bool,
 }
 
 impl Default for QuantOptions {
@@ -166,6 +170,7 @@ impl Default for QuantOptions {
             keep_float: BTreeSet::new(),
             method: "minmax".into(),
             hessians: None,
+            equalize: false,
         }
     }
 }
@@ -1860,6 +1865,7 @@ mod tests {
             range: [lo, hi],
             range_symmetric: [-hi, hi],
             channel_abs_max: Vec::new(),
+            channels: None,
         }
     }
 

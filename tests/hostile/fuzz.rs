@@ -44,6 +44,7 @@ fn entry(abs: f64) -> TensorEntry {
         range: [-abs as f32, abs as f32],
         range_symmetric: [-abs as f32, abs as f32],
         channel_abs_max: vec![],
+        channels: None,
     }
 }
 
