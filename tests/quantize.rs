@@ -630,13 +630,20 @@ fn gptq_weight_rounding_beats_nearest_rounding() {
 /// whose channels span ranges 100× apart, are rescaled per channel into the convolutions'
 /// weights: the held-out SQNR rises well above plain quantization's (measured 32.8 →
 /// 39.3 dB), the report lists both tensors, and `--no-equalize` or a percentile range (which
-/// cannot be recomputed from per-channel statistics) leaves the model as calibrated.
+/// cannot be recomputed from per-channel statistics) or minmax ranges leave the model as
+/// calibrated.
 #[test]
 fn equalizing_conv_chains_beats_plain_quantization() {
     let dir = tempdir();
     let c = calib("convchain");
     let mut db = Vec::new();
-    for (tag, extra) in [("eq", None), ("plain", Some("--no-equalize")), ("pct", Some("--method=percentile:99.99"))] {
+    let cases = [
+        ("eq", None),
+        ("plain", Some("--no-equalize")),
+        ("pct", Some("--method=percentile:99.99")),
+        ("minmax", Some("--method=minmax")),
+    ];
+    for (tag, extra) in cases {
         let out = dir.path().join(format!("{tag}.onnx"));
         let report = dir.path().join(format!("{tag}.json"));
         let mut args = vec!["--data", &c, "--report", report.to_str().expect("utf8"), "-q"];
@@ -653,9 +660,9 @@ fn equalizing_conv_chains_beats_plain_quantization() {
         match tag {
             "eq" => assert_eq!((done, skipped), (vec!["relu1", "relu2"], 0), "{}", r["equalized"]),
             "plain" => assert_eq!((done.len(), skipped), (0, 0)),
-            _ => assert_eq!((done.len(), skipped), (0, 2)),
+            _ => assert_eq!((done.len(), skipped), (0, 2), "{tag}"),
         }
     }
-    eprintln!("convchain: equalized {} dB, plain {} dB, percentile {} dB", db[0], db[1], db[2]);
+    eprintln!("convchain: equalized {} dB, plain {} dB, percentile {} dB, minmax {} dB", db[0], db[1], db[2], db[3]);
     assert!(db[0] > db[1] + 3.0, "equalized {} dB vs plain {} dB", db[0], db[1]);
 }
