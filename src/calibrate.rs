@@ -79,8 +79,10 @@ pub struct Target {
     pub channel_stats: bool,
 }
 
-/// Histogram bins of each channel's own statistics ([`Target::channel_stats`]).
-pub const CHANNEL_BINS: usize = 1024;
+/// Histogram bins of each channel's own statistics ([`Target::channel_stats`]): 512 keeps
+/// PP-OCR det's 1128 channels to 4.6 MB per sample's statistics; 1024 bins measured the same
+/// within calibration noise (README).
+pub const CHANNEL_BINS: usize = 512;
 
 /// Ops whose output holds exactly the values of their first input, rearranged.
 pub const REARRANGING_OPS: &[&str] = &["Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"];

@@ -629,7 +629,7 @@ fn gptq_weight_rounding_beats_nearest_rounding() {
 /// The activations between two convolutions (relu1 → 1×1 conv2, relu2 → depthwise conv3),
 /// whose channels span ranges 100× apart, are rescaled per channel into the convolutions'
 /// weights: the held-out SQNR rises well above plain quantization's (measured 32.8 →
-/// 39.3 dB), the report lists both tensors, and `--no-equalize` or a percentile range (which
+/// 39.4 dB), the report lists both tensors, and `--no-equalize` or a percentile range (which
 /// cannot be recomputed from per-channel statistics) or minmax ranges leave the model as
 /// calibrated.
 #[test]
