@@ -61,7 +61,9 @@ fn main() -> Result<()> {
     drop(plan);
     // What `quantize` calibrates: the tensors its default placement reads a range of, on the
     // model the pipeline calibrates.
-    let mut qopts = onnxq::quantize::QuantOptions::default();
+    // (per-channel statistics of the tensors equalization may rescale included, as the CLI's
+    // default has it)
+    let mut qopts = onnxq::quantize::QuantOptions { equalize: true, ..Default::default() };
     let (prepared, _) = onnxq::quantize::prepare::prepare(&model.proto)?;
     let staged = onnxq::pipeline::calibration_model(prepared, &mut qopts, Some(&opts), true, true, &mut |_| {})?;
     let qtargets = cal::quantization_targets(&staged.model, &qopts)?;
