@@ -1007,7 +1007,7 @@ impl TensorStats {
             if s.is_nan() || s <= 0.0 {
                 continue;
             }
-            let grid = Grid { lo, hi, s, inv_s: 1.0 / s, s3: s * s * s, steps };
+            let grid = Grid::new(lo, hi, s, steps);
             if best.0.is_finite() {
                 let below = cells.partition_point(|c| c.0 < lo);
                 let above = cells.partition_point(|c| c.1 <= hi).max(below);
@@ -1021,10 +1021,7 @@ impl TensorStats {
                     break;
                 }
             }
-            let err: f64 = cells
-                .iter()
-                .map(|&(u, v, weight)| weight * if v > u { grid.segment_sq_err(u, v) } else { grid.point_sq_err(u) })
-                .sum();
+            let err = grid.cells_sq_err(&cells);
             if err < best.0 {
                 best = (err, lo, hi);
             }
@@ -1180,6 +1177,20 @@ struct Grid {
 }
 
 impl Grid {
+    /// The grid from `lo` with step `s` and `steps` steps (`hi` its top).
+    fn new(lo: f64, hi: f64, s: f64, steps: f64) -> Grid {
+        Grid { lo, hi, s, inv_s: 1.0 / s, s3: s * s * s, steps }
+    }
+
+    /// `Σ (x − q(x))²` over histogram cells ([`TensorStats::cells`]) under a uniform density
+    /// inside each cell.
+    fn cells_sq_err(&self, cells: &[(f64, f64, f64)]) -> f64 {
+        cells
+            .iter()
+            .map(|&(u, v, weight)| weight * if v > u { self.segment_sq_err(u, v) } else { self.point_sq_err(u) })
+            .sum()
+    }
+
     /// The part of `∫_u^v (x − q(x))² dx` outside `[lo, hi]`, where `q` saturates.
     fn clip_sq_err(&self, u: f64, v: f64) -> f64 {
         let (lo, hi) = (self.lo, self.hi);
@@ -1259,15 +1270,7 @@ pub fn scaled_range(
                 }
                 cells
                     .iter()
-                    .map(|(cells, sc)| {
-                        let s = s_all / sc;
-                        let grid = Grid { lo: lo / sc, hi: hi / sc, s, inv_s: 1.0 / s, s3: s * s * s, steps };
-                        let e: f64 = cells
-                            .iter()
-                            .map(|&(u, v, w)| w * if v > u { grid.segment_sq_err(u, v) } else { grid.point_sq_err(u) })
-                            .sum();
-                        e * sc * sc
-                    })
+                    .map(|(cells, sc)| Grid::new(lo / sc, hi / sc, s_all / sc, steps).cells_sq_err(cells) * sc * sc)
                     .sum()
             };
             const COARSE: u32 = 8;

@@ -249,30 +249,30 @@ pub fn apply(
     Ok((done, skipped))
 }
 
-/// Per input channel of `Conv₂`'s weight, the largest `|w|` reading it (`Conv`: `[M, C/g, k…]`,
-/// channel `c` read by output channels of group `c / (C/g)` at slot `c mod (C/g)`;
-/// `ConvTranspose`: `[C, M/g, k…]`, row `c`).
+/// For `Conv₂`'s weight of `shape`, the input channel each element (by C-order index) reads:
+/// `Conv` `[M, C/g, k…]`, element `[o, cl, …]` reads channel `(o / (M/g))·(C/g) + cl`;
+/// `ConvTranspose` `[C, M/g, k…]`, element `[c, …]` reads channel `c`.
+fn read_channel(shape: &[usize], channels: usize, conv: bool) -> impl Fn(usize) -> usize {
+    let (rows, per) = (shape.first().copied().unwrap_or(1), shape.get(1).copied().unwrap_or(1).max(1));
+    let inner: usize = shape.iter().skip(2).product::<usize>().max(1);
+    let m_per = (rows / (channels / per).max(1)).max(1);
+    move |i| {
+        let (row, col) = (i / (per * inner), (i / inner) % per);
+        if conv {
+            (row / m_per) * per + col
+        } else {
+            row
+        }
+    }
+}
+
+/// Per input channel of `Conv₂`'s weight, the largest `|w|` reading it ([`read_channel`]).
 fn column_abs_max(w: &ndarray::ArrayD<f32>, channels: usize, conv: bool) -> Vec<f64> {
     let mut out = vec![0f64; channels];
-    let shape = w.shape();
-    if conv {
-        let (m, per) = (shape[0], shape[1]);
-        let groups = (channels / per.max(1)).max(1);
-        let m_per = m / groups;
-        for (o, block) in w.outer_iter().enumerate() {
-            let g = o / m_per.max(1);
-            for (cl, plane) in block.outer_iter().enumerate() {
-                let c = g * per + cl;
-                if let Some(slot) = out.get_mut(c) {
-                    *slot = plane.iter().fold(*slot, |a, &v| a.max(f64::from(v.abs())));
-                }
-            }
-        }
-    } else {
-        for (c, block) in w.outer_iter().enumerate() {
-            if let Some(slot) = out.get_mut(c) {
-                *slot = block.iter().fold(0f64, |a, &v| a.max(f64::from(v.abs())));
-            }
+    let channel = read_channel(w.shape(), channels, conv);
+    for (i, &v) in w.iter().enumerate() {
+        if let Some(slot) = out.get_mut(channel(i)) {
+            *slot = slot.max(f64::from(v.abs()));
         }
     }
     out
@@ -341,7 +341,7 @@ fn scale_rows(model: &mut ModelProto, name: &str, factor: &[f64], channels: usiz
     crate::outliers::layer::replace(model, name, values)
 }
 
-/// Multiplies the weights of `Conv₂` that read input channel `c` by `s[c]`.
+/// Multiplies the weights of `Conv₂` that read input channel `c` by `s[c]` ([`read_channel`]).
 fn scale_input_channels(
     model: &mut ModelProto,
     name: &str,
@@ -349,26 +349,9 @@ fn scale_input_channels(
     s: &[f64],
     conv: bool,
 ) -> Result<()> {
-    let mut w = w.as_standard_layout().into_owned();
-    let channels = s.len();
-    if conv {
-        let per = w.shape()[1];
-        let groups = (channels / per.max(1)).max(1);
-        let m_per = (w.shape()[0] / groups).max(1);
-        for (o, mut block) in w.outer_iter_mut().enumerate() {
-            let g = o / m_per;
-            for (cl, mut plane) in block.outer_iter_mut().enumerate() {
-                let f = s.get(g * per + cl).copied().unwrap_or(1.0);
-                plane.mapv_inplace(|v| (f64::from(v) * f) as f32);
-            }
-        }
-    } else {
-        for (c, mut block) in w.outer_iter_mut().enumerate() {
-            let f = s.get(c).copied().unwrap_or(1.0);
-            block.mapv_inplace(|v| (f64::from(v) * f) as f32);
-        }
-    }
-    crate::outliers::layer::replace(model, name, w.iter().copied().collect())
+    let channel = read_channel(w.shape(), s.len(), conv);
+    let values = w.iter().enumerate().map(|(i, &v)| (f64::from(v) * s.get(channel(i)).copied().unwrap_or(1.0)) as f32);
+    crate::outliers::layer::replace(model, name, values.collect())
 }
 
 #[cfg(test)]
