@@ -54,6 +54,7 @@ use tract_onnx::prelude::{
 };
 
 use crate::array::{dtype, ArrayData};
+use crate::quantize::params::{round_small, ROUND_LIMIT};
 use ndarray::ArrayViewD;
 
 /// A concrete fact (element type and shape) for one graph input.
@@ -453,27 +454,19 @@ struct FakeQuantize {
 impl Eq for FakeQuantize {}
 
 impl FakeQuantize {
-    /// `1.5·2²³`: for `|v| <= 2²²`, `(v + M) − M` is `v` rounded to an integer, ties to even,
-    /// in f32 arithmetic (a libm `rintf` call per element otherwise, where the build does not
-    /// assume SSE4.1).
-    const ROUND_MAGIC: f32 = 12_582_912.0;
-    const MAGIC_LIMIT: f32 = 4_194_304.0;
-
-    /// Whether clamping `x / q_scale` to `±2²²` before rounding changes nothing: the clip to
+    /// Whether [`round_small`]'s saturation at `±2²²` changes nothing: the clip to
     /// `[qmin, qmax]` after adding the zero point then saturates the same way.
     fn magic_rounding(&self) -> bool {
         let reach = self.qmin.abs().max(self.qmax.abs()) + self.q_zero_point.abs();
-        reach < Self::MAGIC_LIMIT / 2.0
+        reach < ROUND_LIMIT / 2.0
     }
 
     fn apply_slice(&self, xs: &mut [f32]) {
         let (s, zp, lo, hi, dzp, ds) =
             (self.q_scale, self.q_zero_point, self.qmin, self.qmax, self.dq_zero_point, self.dq_scale);
         if self.magic_rounding() {
-            let (m, l) = (Self::ROUND_MAGIC, Self::MAGIC_LIMIT);
             for x in xs {
-                let v = (*x / s).clamp(-l, l);
-                let q = ((v + m) - m + zp).clamp(lo, hi);
+                let q = (round_small(*x / s) + zp).clamp(lo, hi);
                 *x = (q - dzp) * ds;
             }
         } else {

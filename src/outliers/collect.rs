@@ -11,9 +11,10 @@
 //!   largest value of any subset with at least `M` elements (a single sample) or of the values
 //!   folded so far. Each sample keeps the elements above that bound with their input rows
 //!   `x_i`, the fold prunes them as the bound rises; the exact `τ` filters them at the end;
-//! - optionally, per group, the Gram matrix `G = XᵀX` (each sample's in f32 on the blocks on
-//!   and above the diagonal only, its upper triangle summed over samples in f64, in sample
-//!   order, and mirrored at the end) and the column sums `Σ_i x_i`;
+//! - optionally, per group, the Gram matrix `G = XᵀX` ([`GramAcc`]: the product of every
+//!   [`GRAM_ROWS`] rows in f32 on the blocks on and above the diagonal only, its upper
+//!   triangle summed in f64, in sample order, and mirrored at the end) and the column sums
+//!   `Σ_i x_i`;
 //! - optionally a bounded, evenly spaced subset of the input rows of every sample (for the
 //!   local acceptance test of an edit).
 //!
@@ -41,8 +42,8 @@ pub struct SampleStats {
     /// (local row, column, y)
     cands: Vec<(usize, usize, f32)>,
     xrows: BTreeMap<usize, Vec<f32>>,
-    /// Per group: the blocks of the sample's Gram on and above the diagonal ([`upper_gram`]).
-    gram: Option<Vec<Vec<Array2<f32>>>>,
+    /// Per group: the sample's input rows, for the Gram ([`GramAcc`]).
+    gram: Option<Vec<Array2<f32>>>,
     colsum: Vec<Vec<f64>>,
     /// Per group: the kept rows (local row ids, input rows, outputs `y` on them).
     kept: Vec<(Vec<usize>, Array2<f32>, Array2<f32>)>,
@@ -136,6 +137,66 @@ pub fn mirror_upper(g: &mut Array2<f64>) {
     }
 }
 
+/// Rows buffered by [`GramAcc`] before their product is taken: one f32 product over this
+/// many rows instead of one per sample (MiniLM-L6: 64 rows a sample) makes the matrix
+/// product efficient and the f64 additions of `K²/2` elements eight times rarer.
+pub const GRAM_ROWS: usize = 512;
+
+/// A streaming `G = XᵀX` (`K × K`, f64): rows are buffered, and every [`GRAM_ROWS`] rows
+/// their [`upper_gram`] (f32) is added to the f64 sum ([`add_upper`]). The flush points
+/// depend only on the row counts, so the sum is the same for any thread count.
+#[derive(Debug)]
+pub struct GramAcc {
+    k: usize,
+    pending: Vec<f32>,
+    acc: Option<Array2<f64>>,
+}
+
+impl GramAcc {
+    pub fn new(k: usize) -> GramAcc {
+        GramAcc { k, pending: Vec::new(), acc: None }
+    }
+
+    /// Adds the rows of `x` (`[rows, K]`).
+    pub fn add(&mut self, x: ArrayView2<f32>) -> Result<()> {
+        if x.ncols() != self.k {
+            bail!("rows of {} columns for a {}-column Gram matrix", x.ncols(), self.k);
+        }
+        for row in x.outer_iter() {
+            match row.as_slice() {
+                Some(r) => self.pending.extend_from_slice(r),
+                None => self.pending.extend(row.iter()),
+            }
+            if self.pending.len() >= GRAM_ROWS * self.k {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let rows = self.pending.len() / self.k.max(1);
+        let x = ArrayView2::from_shape((rows, self.k), &self.pending)?;
+        let blocks = upper_gram(x);
+        let k = self.k;
+        add_upper(self.acc.get_or_insert_with(|| Array2::zeros((k, k))), &blocks)?;
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// The whole matrix (zero without rows).
+    pub fn finish(mut self) -> Result<Array2<f64>> {
+        self.flush()?;
+        let k = self.k;
+        let mut g = self.acc.take().unwrap_or_else(|| Array2::zeros((k, k)));
+        mirror_upper(&mut g);
+        Ok(g)
+    }
+}
+
 /// The accumulator of one layer.
 #[derive(Debug)]
 pub struct LayerAcc {
@@ -158,7 +219,7 @@ pub struct LayerAcc {
     top: Vec<f32>,
     cands: Vec<Outlier>,
     xrows: BTreeMap<u64, Vec<f32>>,
-    gram: Option<Vec<Array2<f64>>>,
+    gram: Option<Vec<GramAcc>>,
     colsum: Vec<Vec<f64>>,
     kept: Vec<(Vec<u64>, Vec<f32>, Vec<f32>)>,
 }
@@ -248,28 +309,35 @@ impl LayerAcc {
     /// Computes one sample's statistics from the layer's input rows (one `[rows, K]` matrix
     /// per group, the same rows for every group) and `w` (`[K, N]`). Thread safe: only reads
     /// the accumulator.
-    pub fn sample(&self, xg: &[Array2<f32>], w: &Array2<f32>) -> Result<SampleStats> {
+    pub fn sample(&self, xg: Vec<Array2<f32>>, w: &Array2<f32>) -> Result<SampleStats> {
         let (k, n) = w.dim();
         let g = self.groups;
         if xg.len() != g || n % g != 0 {
             bail!("{} input matrices for {g} groups and {n} output columns", xg.len());
         }
         let ng = n / g;
-        let rows = xg.first().map_or(0, |x| x.nrows());
-        if xg.iter().any(|x| x.dim() != (rows, k)) {
+        if xg.iter().any(|x| x.ncols() != k) {
             bail!("input rows do not have the weight's K = {k} columns");
         }
-        let ys: Vec<Array2<f32>> =
-            xg.iter().enumerate().map(|(gi, x)| x.dot(&w.slice(s![.., gi * ng..(gi + 1) * ng]))).collect();
+        let ys = xg.iter().enumerate().map(|(gi, x)| x.dot(&w.slice(s![.., gi * ng..(gi + 1) * ng]))).collect();
+        self.sample_with(xg, ys)
+    }
+
+    /// [`LayerAcc::sample`] with the outputs `y` given (one `[rows, N/g]` matrix per group,
+    /// e.g. read from the runtime): the rows of `xg` and `ys` must correspond.
+    pub fn sample_with(&self, xg: Vec<Array2<f32>>, ys: Vec<Array2<f32>>) -> Result<SampleStats> {
+        let g = self.groups;
+        let rows = xg.first().map_or(0, |x| x.nrows());
+        if xg.len() != g || xg.iter().any(|x| x.nrows() != rows) {
+            bail!("{} input matrices of unequal rows for {g} groups", xg.len());
+        }
+        if ys.iter().any(|y| y.nrows() != rows) {
+            bail!("{} input rows but outputs of {:?} rows", rows, ys.iter().map(|y| y.nrows()).collect::<Vec<_>>());
+        }
         let views: Vec<ArrayView2<f32>> = ys.iter().map(|y| y.view()).collect();
         let mut st = self.output_stats(&views)?;
         let xv: Vec<ArrayView2<f32>> = xg.iter().map(|x| x.view()).collect();
         st.attach_rows(&xv)?;
-        if self.want_gram {
-            // One sample's Gram in f32 (few rows), accumulated over samples in f64.
-            st.gram = Some(xg.iter().map(|x| upper_gram(x.view())).collect());
-            st.colsum = xg.iter().map(|x| x.mapv(f64::from).sum_axis(Axis(0)).to_vec()).collect();
-        }
         if self.keep_rows > 0 {
             let pick = crate::im2col::subsample(rows, self.keep_rows);
             st.kept = xg
@@ -277,6 +345,11 @@ impl LayerAcc {
                 .zip(&ys)
                 .map(|(x, y)| (pick.clone(), x.select(Axis(0), &pick), y.select(Axis(0), &pick)))
                 .collect();
+        }
+        if self.want_gram {
+            // The rows go to the layer's Gram accumulator when the sample is folded.
+            st.colsum = xg.iter().map(|x| x.mapv(f64::from).sum_axis(Axis(0)).to_vec()).collect();
+            st.gram = Some(xg);
         }
         Ok(st)
     }
@@ -393,15 +466,13 @@ impl LayerAcc {
         for (i, x) in s.xrows {
             self.xrows.insert(base + i as u64, x);
         }
-        if let Some(gs) = s.gram {
-            let k = |blocks: &Vec<Array2<f32>>| blocks.first().map_or(0, |b| b.ncols());
-            let acc = self.gram.get_or_insert_with(|| gs.iter().map(|b| Array2::zeros((k(b), k(b)))).collect());
-            if acc.len() != gs.len() {
-                bail!("Gram matrices of {} and {} groups", acc.len(), gs.len());
+        if let Some(xs) = s.gram {
+            let acc = self.gram.get_or_insert_with(|| xs.iter().map(|x| GramAcc::new(x.ncols())).collect());
+            if acc.len() != xs.len() {
+                bail!("Gram matrices of {} and {} groups", acc.len(), xs.len());
             }
-            // The upper triangle only (mirrored in `finish`).
-            for (a, b) in acc.iter_mut().zip(&gs) {
-                add_upper(a, b)?;
+            for (a, x) in acc.iter_mut().zip(&xs) {
+                a.add(x.view())?;
             }
             if self.colsum.is_empty() {
                 self.colsum = s.colsum;
@@ -452,7 +523,10 @@ impl LayerAcc {
         }
         self.cands.sort_by(|a, b| a.row.cmp(&b.row).then(a.j.cmp(&b.j)));
         self.prune_rows();
-        self.gram.iter_mut().flatten().for_each(mirror_upper);
+        let gram = match self.gram {
+            Some(accs) => Some(accs.into_iter().map(GramAcc::finish).collect::<Result<Vec<_>>>()?),
+            None => None,
+        };
         let mut kept = Vec::with_capacity(self.kept.len());
         for (ids, xs, ys) in self.kept {
             let width = |v: &Vec<f32>| if ids.is_empty() { 0 } else { v.len() / ids.len() };
@@ -469,7 +543,7 @@ impl LayerAcc {
             tau,
             outliers: self.cands,
             xrows: self.xrows,
-            gram: self.gram,
+            gram,
             colsum: self.colsum,
             kept,
             groups: self.groups,
@@ -494,7 +568,7 @@ mod tests {
             (0..2).map(|_| Array2::from_shape_fn((rows, k), |_| r.normal() as f32)).collect();
         xs[1][[4, 2]] = 50.0; // an outlier in group 1, row 4
         let mut acc = LayerAcc::new(1, 0.9, 3.0, true, 2, 2);
-        let s = acc.sample(&xs, &w)?;
+        let s = acc.sample(xs.clone(), &w)?;
         acc.merge(s)?;
         let st = acc.finish()?;
         assert!(!st.outliers.is_empty());
@@ -543,7 +617,7 @@ mod tests {
             .collect();
         let mut acc = LayerAcc::new(samples, 0.9, 2.0, true, 1, 0);
         for x in &xs {
-            let s = acc.sample(&[x.clone().into_shape_with_order((rows, k))?], &w)?;
+            let s = acc.sample(vec![x.clone().into_shape_with_order((rows, k))?], &w)?;
             acc.merge(s)?;
         }
         let st = acc.finish()?;

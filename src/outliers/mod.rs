@@ -588,7 +588,7 @@ fn forward_pass(
                 },
                 _ => {
                     let Source::Computed(w) = source else { bail!("internal error: the layer's weight was not read") };
-                    *slot = Some(acc.sample(&layer::input_rows(l, value.view())?, w)?);
+                    *slot = Some(acc.sample(layer::input_rows(l, value.view())?, w)?);
                 }
             }
             Ok(())
@@ -1200,17 +1200,36 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
                 l.groups,
                 keep,
             ));
+            // MatMul and Conv (constant or no bias) layers run through in their piece, and `y`
+            // is read from the runtime instead of recomputed (as in the statistics pass).
+            let cur_graph = cur.graph.as_ref().context("the model has no graph")?;
+            let source = match l.kind {
+                LayerKind::MatMul if l.groups == 1 => Some(Source::MatMulOutput),
+                LayerKind::Conv => layer::conv_bias(&GraphView::new(cur_graph), l)?.map(Source::ConvOutput),
+                _ => None,
+            };
             seg.advance(
                 &cur,
                 l.node_index,
                 &l.input,
+                source.is_some(),
                 &later[idx + 1..],
                 &collect,
-                |_, x, got| {
+                |(_, x, y, got)| {
                     let Some(ArrayData::F32(x)) = x else { bail!("input '{}' is not float", l.input) };
                     let rows = layer::input_rows(l, x.view())?;
                     let a = acc.read().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?;
-                    Ok((a.sample(&rows, &w)?, stats_of(got)))
+                    let s = match (&source, y) {
+                        (Some(Source::MatMulOutput), Some(ArrayData::F32(y))) => {
+                            a.sample_with(rows, vec![as_rows(&y.view(), l.n)?.into_owned()])?
+                        }
+                        (Some(Source::ConvOutput(b)), Some(ArrayData::F32(y))) => {
+                            a.sample_with(rows, layer::conv_output_rows(l, y.view(), b.as_deref())?)?
+                        }
+                        (Some(_), _) => bail!("the output of layer {} is not float", l.node),
+                        _ => a.sample(rows, &w)?,
+                    };
+                    Ok((s, stats_of(got)))
                 },
                 |_, (s, per)| {
                     fold_fresh(per);
@@ -1285,7 +1304,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
             seg.finish(
                 &cur,
                 &collect,
-                |_, _, got| Ok(stats_of(got)),
+                |(_, _, _, got)| Ok(stats_of(got)),
                 |_, per| {
                     fold_fresh(per);
                     Ok(())

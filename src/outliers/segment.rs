@@ -191,6 +191,11 @@ fn subgraph_free(g: &GraphProto, out: &mut Vec<String>) {
     }
 }
 
+/// What a piece hands to the map for one sample: the index of the sample, the value of the
+/// tensor it ends at (`None` after the last layer), the layer's output when the piece runs
+/// through the layer, and the collected tensors it produced (with their index in `collect`).
+pub type Visit<'v> = (usize, Option<&'v ArrayData>, Option<&'v ArrayData>, &'v [(usize, &'v ArrayData)]);
+
 /// One sample's mapped value and the frontier tensors it produced.
 type PieceResult<T> = (T, Vec<(String, ArrayData)>);
 
@@ -218,18 +223,24 @@ impl<'a> Segmenter<'a> {
     /// parallel); `fold` receives the results in sample order. `later` are the node indices
     /// of layers still to come (what must stay cached). `model` must keep the same graph
     /// structure between calls (only constant values may change).
+    ///
+    /// With `through`, the piece also runs node `upto` itself and hands over its first output
+    /// (the layer's `y` as the runtime computes it, instead of recomputing it); the next
+    /// piece runs the node again, with whatever weights it has by then. That output is
+    /// neither cached nor collected from this piece.
     #[allow(clippy::too_many_arguments)]
     pub fn advance<T: Send>(
         &mut self,
         model: &ModelProto,
         upto: usize,
         want: &str,
+        through: bool,
         later: &[usize],
         collect: &[String],
-        map: impl Fn(usize, Option<&ArrayData>, &[(usize, &ArrayData)]) -> Result<T> + Sync,
+        map: impl Fn(Visit) -> Result<T> + Sync,
         fold: impl FnMut(usize, T) -> Result<()>,
     ) -> Result<()> {
-        self.run(model, Some((upto, want)), later, collect, map, fold)
+        self.run(model, Some((upto, want, through)), later, collect, map, fold)
     }
 
     /// Runs the rest of the graph (after the last `advance`) for the `collect` tensors.
@@ -237,7 +248,7 @@ impl<'a> Segmenter<'a> {
         &mut self,
         model: &ModelProto,
         collect: &[String],
-        map: impl Fn(usize, Option<&ArrayData>, &[(usize, &ArrayData)]) -> Result<T> + Sync,
+        map: impl Fn(Visit) -> Result<T> + Sync,
         fold: impl FnMut(usize, T) -> Result<()>,
     ) -> Result<()> {
         self.run(model, None, &[], collect, map, fold)
@@ -246,17 +257,17 @@ impl<'a> Segmenter<'a> {
     fn run<T: Send>(
         &mut self,
         model: &ModelProto,
-        upto: Option<(usize, &str)>,
+        upto: Option<(usize, &str, bool)>,
         later: &[usize],
         collect: &[String],
-        map: impl Fn(usize, Option<&ArrayData>, &[(usize, &ArrayData)]) -> Result<T> + Sync,
+        map: impl Fn(Visit) -> Result<T> + Sync,
         mut fold: impl FnMut(usize, T) -> Result<()>,
     ) -> Result<()> {
         let graph = model.graph.as_ref().context("the model has no graph")?;
         let view = GraphView::new(graph);
         let lay = Layout::new(&view)?;
         let end = match upto {
-            Some((node, _)) => *lay.pos.get(node).context("internal error: layer node out of range")?,
+            Some((node, _, _)) => *lay.pos.get(node).context("internal error: layer node out of range")?,
             None => lay.order.len(),
         };
         if end < self.start {
@@ -281,6 +292,14 @@ impl<'a> Segmenter<'a> {
         let mut cached_in = BTreeSet::new();
         let mut pulled = BTreeSet::new();
         let range: Vec<usize> = lay.order[self.start..end].to_vec();
+        // The layer node when the piece runs through it (and its output's name).
+        let through = match upto {
+            Some((node, _, true)) => {
+                let y = view.nodes()[node].output.first().filter(|o| !o.is_empty());
+                Some((node, y.context("internal error: the layer node has no output")?.clone()))
+            }
+            _ => None,
+        };
         for &i in &range {
             for r in lay.reads(i) {
                 lay.resolve(&r, self.start, &mut cached_in, &mut pulled);
@@ -297,7 +316,13 @@ impl<'a> Segmenter<'a> {
             }
         }
         let want_from_input = upto.is_some() && view.is_graph_input(want);
-        let mut nodes: Vec<usize> = pulled.iter().copied().chain(range.iter().copied()).collect();
+        if let Some((node, _)) = &through {
+            for r in lay.reads(*node) {
+                lay.resolve(&r, self.start, &mut cached_in, &mut pulled);
+            }
+        }
+        let mut nodes: Vec<usize> =
+            pulled.iter().copied().chain(range.iter().copied()).chain(through.iter().map(|t| t.0)).collect();
         nodes.sort_by_key(|&i| lay.pos[i]);
         nodes.dedup();
         let produced: HashSet<&str> =
@@ -310,6 +335,13 @@ impl<'a> Segmenter<'a> {
         if want_computed {
             outputs.push(want.to_string());
         }
+        let y_at = through.as_ref().map(|(_, y)| match outputs.iter().position(|o| o == y) {
+            Some(at) => at,
+            None => {
+                outputs.push(y.clone());
+                outputs.len() - 1
+            }
+        });
         let new_cached: Vec<String> = keep
             .iter()
             .filter(|t| range.iter().any(|&i| view.nodes()[i].output.iter().any(|o| o == *t)))
@@ -354,7 +386,7 @@ impl<'a> Segmenter<'a> {
         } else {
             let (bytes, facts) = self.piece(model, &view, &nodes, &graph_inputs, &cache_inputs, &outputs)?;
             let plan = Plan::load(&bytes, None, &facts, &outputs).with_context(|| match upto {
-                Some((node, _)) => {
+                Some((node, _, _)) => {
                     format!("cannot run the model piece ending before node '{}'", view.nodes()[node].name())
                 }
                 None => "cannot run the last model piece".to_string(),
@@ -408,7 +440,9 @@ impl<'a> Segmenter<'a> {
                     };
                     let got: Vec<(usize, &ArrayData)> =
                         collected.iter().filter_map(|&(at, ci)| outs.get(at).map(|v| (ci, v))).collect();
-                    let r = map(i, value, &got).with_context(|| format!("sample {source}: tensor '{want}'"))?;
+                    let output = y_at.and_then(|at| outs.get(at));
+                    let r =
+                        map((i, value, output, &got)).with_context(|| format!("sample {source}: tensor '{want}'"))?;
                     let names = plan.as_ref().map(|p| p.outputs()).unwrap_or(&[]);
                     let fresh: Vec<(String, ArrayData)> = names
                         .iter()
@@ -570,9 +604,10 @@ mod tests {
             &m,
             m2,
             "c",
+            false,
             &[m3],
             &[],
-            |_, v, _| v.cloned().context("value"),
+            |(_, v, _, _)| v.cloned().context("value"),
             |_, v| {
                 got_c.push(v);
                 Ok(())
@@ -592,9 +627,10 @@ mod tests {
             &m,
             m3,
             "e",
+            false,
             &[],
             &["y".to_string()],
-            |_, v, got| {
+            |(_, v, _, got)| {
                 assert_eq!(got.len(), 0, "y is produced by m3, after this piece");
                 v.cloned().context("value")
             },
@@ -612,7 +648,7 @@ mod tests {
         seg.finish(
             &m,
             &["y".to_string()],
-            |_, v, got| {
+            |(_, v, _, got)| {
                 assert!(v.is_none());
                 Ok(got.iter().map(|(i, v)| (*i, (*v).clone())).collect::<Vec<_>>())
             },

@@ -11,6 +11,7 @@
 
 use anyhow::{bail, Result};
 use ndarray::Array2;
+use rayon::prelude::*;
 use std::collections::BTreeMap;
 
 /// One outlier element of a layer's output.
@@ -135,7 +136,7 @@ impl Cholesky {
         let mut jb = 0;
         while jb < n {
             let je = (jb + CHOL_BLOCK).min(n);
-            // The block's columns: s = a_ij − Σ_{jb≤p<j} l_ip l_jp (earlier blocks already
+            // The diagonal block: s = a_ij − Σ_{jb≤p<j} l_ip l_jp (earlier blocks already
             // subtracted by the trailing updates).
             for j in jb..je {
                 let dot_jj = dot(&l[j * n + jb..j * n + j], &l[j * n + jb..j * n + j]);
@@ -145,26 +146,39 @@ impl Cholesky {
                 }
                 let d = s.sqrt();
                 l[j * n + j] = d;
-                for i in j + 1..n {
+                for i in j + 1..je {
                     let (ri, rj) = (i * n, j * n);
                     let t = dot(&l[ri + jb..ri + j], &l[rj + jb..rj + j]);
                     l[ri + j] = (l[ri + j] - t) / d;
                 }
             }
+            // The panel below it, row by row (each row's block segment stays in cache; rows
+            // are independent, so they run in parallel), with the same sums as column order.
+            if je < n {
+                let (done, below) = l.split_at_mut(je * n);
+                let diag = &done[jb * n..];
+                below.par_chunks_mut(n).for_each(|row| {
+                    for j in jb..je {
+                        let rj = (j - jb) * n;
+                        let t = dot(&row[jb..j], &diag[rj + jb..rj + j]);
+                        row[j] = (row[j] - t) / diag[rj + j];
+                    }
+                });
+            }
             // Trailing update of the lower triangle, one block row at a time.
             if je < n {
                 let full = ndarray::ArrayViewMut2::from_shape((n, n), &mut l)?;
-                let (left, mut right) = full.split_at(ndarray::Axis(1), je);
+                let (left, right) = full.split_at(ndarray::Axis(1), je);
                 let panel = left.slice(ndarray::s![je.., jb..]);
-                let mut rb = je;
-                while rb < n {
-                    let re = (rb + CHOL_BLOCK).min(n);
-                    let rows = panel.slice(ndarray::s![rb - je..re - je, ..]);
-                    let cols = panel.slice(ndarray::s![..re - je, ..]);
-                    let mut c = right.slice_mut(ndarray::s![rb..re, ..re - je]);
+                let mut trailing = right.slice_move(ndarray::s![je.., ..]);
+                let rows: Vec<_> = trailing.axis_chunks_iter_mut(ndarray::Axis(0), CHOL_BLOCK).collect();
+                rows.into_par_iter().enumerate().for_each(|(r, mut c)| {
+                    let (rb, re) = (r * CHOL_BLOCK, (r * CHOL_BLOCK + c.nrows()));
+                    let mut c = c.slice_mut(ndarray::s![.., ..re]);
+                    let rows = panel.slice(ndarray::s![rb..re, ..]);
+                    let cols = panel.slice(ndarray::s![..re, ..]);
                     ndarray::linalg::general_mat_mul(-1.0, &rows, &cols.t(), 1.0, &mut c);
-                    rb = re;
-                }
+                });
             }
             jb = je;
         }

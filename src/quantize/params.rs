@@ -54,16 +54,33 @@ impl ActParams {
         }
     }
 
-    /// The stored integer of one value, exactly as QuantizeLinear computes it.
+    /// The stored integer of one value, exactly as QuantizeLinear computes it (the zero
+    /// point is within the 8-bit range, so [`round_small`]'s saturation changes nothing).
     pub fn quantize(&self, x: f32) -> i32 {
         let (lo, hi) = self.qmin_qmax();
-        ((x / self.scale).round_ties_even() + self.zero_point as f32).clamp(lo as f32, hi as f32) as i32
+        (round_small(x / self.scale) + self.zero_point as f32).clamp(lo as f32, hi as f32) as i32
     }
 
     /// Quantize then dequantize one value, exactly as QuantizeLinear → DequantizeLinear.
     pub fn fake(&self, x: f32) -> f32 {
         (self.quantize(x) - self.zero_point) as f32 * self.scale
     }
+}
+
+/// `1.5·2²³`: for `|v| <= 2²²`, `(v + M) − M` is `v` rounded to an integer, ties to even, in
+/// f32 arithmetic (a libm `rintf` call per element otherwise, where the build does not assume
+/// SSE4.1).
+const ROUND_MAGIC: f32 = 12_582_912.0;
+
+/// Where [`round_small`] is exact: `2²²`.
+pub const ROUND_LIMIT: f32 = 4_194_304.0;
+
+/// `v` rounded half to even, for `|v| <= ROUND_LIMIT`; larger values saturate at
+/// `±ROUND_LIMIT` (NaN stays NaN). Wherever the result is clipped to a range well inside
+/// `±ROUND_LIMIT` afterwards (8-bit quantization), it equals `round_ties_even` then the clip.
+#[inline]
+pub fn round_small(v: f32) -> f32 {
+    (v.clamp(-ROUND_LIMIT, ROUND_LIMIT) + ROUND_MAGIC) - ROUND_MAGIC
 }
 
 /// A symmetric int8 weight: values in [-127, 127], one scale per channel along `axis`
@@ -220,6 +237,25 @@ mod tests {
         assert!((p.scale - 2.0 / 127.0).abs() < 1e-9);
         let degenerate = ActParams::from_range(0.0, 0.0, ActType::S8);
         assert_eq!(degenerate.scale, 1.0);
+    }
+
+    #[test]
+    fn act_quantize_matches_round_ties_even_and_clamp() {
+        for ty in [ActType::U8, ActType::S8] {
+            let p = ActParams::from_range(-3.1, 7.9, ty);
+            let (lo, hi) = p.qmin_qmax();
+            // Ties (k + ½)·scale, values around them, out of range and huge ones.
+            let mut xs: Vec<f32> = (-300..300).map(|k| (k as f32 + 0.5) * p.scale).collect();
+            xs.extend((-3000..3000).map(|k| k as f32 * 0.0037));
+            xs.extend([1e9, -1e9, f32::MAX, f32::MIN, 0.0, -0.0]);
+            for x in xs {
+                let want = ((x / p.scale).round_ties_even() + p.zero_point as f32).clamp(lo as f32, hi as f32) as i32;
+                assert_eq!(p.quantize(x), want, "x = {x}, {ty:?}");
+            }
+        }
+        assert_eq!(round_small(2.5), 2.0);
+        assert_eq!(round_small(-3.5), -4.0);
+        assert_eq!(round_small(1e30), ROUND_LIMIT);
     }
 
     #[test]
