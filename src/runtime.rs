@@ -180,19 +180,50 @@ impl Plan {
         let mut results: Vec<Option<T>> = self.output_slots.iter().map(|_| None).collect();
         self.run_streaming(inputs, |slot, value| {
             for (p, _) in self.output_slots.iter().enumerate().filter(|&(_, &s)| s == slot) {
-                let r = match value.datum_type().unquantized() {
-                    DatumType::F32 => visit(p, value.to_plain_array_view::<f32>().ok()),
-                    // float16 outputs are widened, as `run` does.
-                    DatumType::F16 => {
-                        let wide = value.cast_to::<f32>().ok();
-                        visit(p, wide.as_ref().and_then(|t| t.to_plain_array_view::<f32>().ok()))
-                    }
-                    _ => visit(p, None),
-                };
-                results[p] = Some(r);
+                results[p] = Some(with_f32_view(value, |v| visit(p, v)));
             }
         })?;
         results.into_iter().enumerate().map(|(p, r)| r.ok_or_else(|| anyhow!("missing output {p}"))).collect()
+    }
+
+    /// [`Plan::run_visit_f32`] that also returns a copy of the outputs marked in `copy` (by
+    /// index in [`Plan::outputs`], any element type, as [`Plan::run`] converts them; `None`
+    /// for the others): a piece of a model hands over the few tensors it must keep and reads
+    /// the rest in place.
+    pub fn run_each<T>(
+        &self,
+        inputs: &[ArrayData],
+        copy: &[bool],
+        mut visit: impl FnMut(usize, Option<ArrayViewD<'_, f32>>) -> T,
+    ) -> Result<(Vec<Option<ArrayData>>, Vec<T>)> {
+        if copy.len() != self.output_slots.len() {
+            bail!("internal error: {} copy flags for {} outputs", copy.len(), self.output_slots.len());
+        }
+        let mut copies: Vec<Option<Result<ArrayData>>> = self.output_slots.iter().map(|_| None).collect();
+        let mut results: Vec<Option<T>> = self.output_slots.iter().map(|_| None).collect();
+        self.run_streaming(inputs, |slot, value| {
+            for (p, _) in self.output_slots.iter().enumerate().filter(|&(_, &s)| s == slot) {
+                if copy[p] {
+                    copies[p] = Some(to_array(value));
+                }
+                results[p] = Some(with_f32_view(value, |v| visit(p, v)));
+            }
+        })?;
+        let copies = copies
+            .into_iter()
+            .enumerate()
+            .map(|(p, c)| {
+                c.transpose().with_context(|| {
+                    format!("converting output tensor '{}'", self.outputs.get(p).map_or("?", String::as_str))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let results = results
+            .into_iter()
+            .enumerate()
+            .map(|(p, r)| r.ok_or_else(|| anyhow!("missing output {p}")))
+            .collect::<Result<Vec<T>>>()?;
+        Ok((copies, results))
     }
 
     fn unique_outputs(&self) -> usize {
@@ -706,6 +737,19 @@ fn to_tensor(data: &ArrayData) -> Tensor {
 
 /// Converts a tract output to our array type: f16 widens to F32, TDim/u32/u64 to I64,
 /// i16/u16 to I32 (u64 values above i64::MAX wrap).
+/// Hands `value` to `f` as a view into tract's buffer when it is plain `f32`; float16 is widened
+/// into a temporary, as [`Plan::run`] does; other element types give `None`.
+fn with_f32_view<R>(value: &Tensor, f: impl FnOnce(Option<ArrayViewD<'_, f32>>) -> R) -> R {
+    match value.datum_type().unquantized() {
+        DatumType::F32 => f(value.to_plain_array_view::<f32>().ok()),
+        DatumType::F16 => {
+            let wide = value.cast_to::<f32>().ok();
+            f(wide.as_ref().and_then(|t| t.to_plain_array_view::<f32>().ok()))
+        }
+        _ => f(None),
+    }
+}
+
 fn to_array(t: &Tensor) -> Result<ArrayData> {
     fn plain<T: tract_onnx::prelude::Datum>(t: &Tensor) -> Result<ndarray::ArrayD<T>> {
         Ok(t.to_plain_array_view::<T>()?.to_owned())

@@ -651,4 +651,28 @@ mod tests {
         assert!(diff < 1e-6 * g.mapv(f64::abs).sum(), "{diff}");
         Ok(())
     }
+    #[test]
+    fn gram_accumulator_flushes_in_batches_and_matches_the_batch_product() -> Result<()> {
+        let mut rng = crate::rng::Rng::new(5);
+        let k = 300;
+        // 3 × 300 rows: one flush after 512 rows (inside the second chunk), the rest at the end.
+        let chunks: Vec<Array2<f32>> =
+            (0..3).map(|_| Array2::from_shape_fn((300, k), |_| rng.normal() as f32)).collect();
+        let mut acc = GramAcc::new(k);
+        for c in &chunks {
+            acc.add(c.view())?;
+        }
+        let g = acc.finish()?;
+        let mut want = Array2::<f64>::zeros((k, k));
+        for c in &chunks {
+            let c = c.mapv(f64::from);
+            want += &c.t().dot(&c);
+        }
+        let scale = want.iter().map(|v| v.abs()).fold(0.0, f64::max);
+        let err = (&g - &want).mapv(f64::abs).iter().copied().fold(0.0, f64::max);
+        assert!(err < 1e-5 * scale, "max error {err} of {scale}");
+        assert!((0..k).all(|i| (0..k).all(|j| g[[i, j]] == g[[j, i]])), "symmetric");
+        assert!(GramAcc::new(3).add(Array2::<f32>::zeros((2, 4)).view()).is_err());
+        Ok(())
+    }
 }

@@ -117,6 +117,7 @@ use collect::{LayerAcc, LayerStats, SampleStats};
 use layer::{Layer, LayerKind, NotALayer};
 use ndarray::{Array2, ArrayD, ArrayViewD, CowArray, Ix2};
 use rayon::prelude::*;
+use segment::Visit;
 use serde::Serialize;
 use solve::{Cholesky, Outlier};
 use std::collections::{BTreeMap, BTreeSet};
@@ -1156,12 +1157,17 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         .collect();
     let collect_targets: Vec<&Target> = collect.iter().filter_map(|n| targets.iter().find(|t| &t.name == n)).collect();
     let mut fresh: Vec<Option<TensorStats>> = vec![None; collect.len()];
-    // One sample's statistics of the collected tensors a piece handed out (the others `None`).
-    let stats_of = |got: &[(usize, &ArrayData)]| -> Vec<Option<TensorStats>> {
+    // One sample's statistics of a collected tensor, in the runtime's buffer, and all of them
+    // by index in `collect` (the ones the piece did not produce `None`).
+    let stat = |ci: usize, v: ArrayViewD<'_, f32>| -> Result<TensorStats> {
+        let t = collect_targets.get(ci).context("internal error: unknown collected tensor")?;
+        Ok(cal::view_stats(v, t, 2048))
+    };
+    let per_collected = |got: Vec<(usize, TensorStats)>| -> Vec<Option<TensorStats>> {
         let mut per = vec![None; collect_targets.len()];
-        for (ci, v) in got {
-            if let (Some(slot), Some(t)) = (per.get_mut(*ci), collect_targets.get(*ci)) {
-                *slot = cal::sample_stats(v, t, 2048);
+        for (ci, s) in got {
+            if let Some(slot) = per.get_mut(ci) {
+                *slot = Some(s);
             }
         }
         per
@@ -1210,12 +1216,11 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
             };
             seg.advance(
                 &cur,
-                l.node_index,
-                &l.input,
-                source.is_some(),
+                (l.node_index, &l.input, source.is_some()),
                 &later[idx + 1..],
                 &collect,
-                |(_, x, y, got)| {
+                stat,
+                |Visit { value: x, output: y, collected, .. }| {
                     let Some(ArrayData::F32(x)) = x else { bail!("input '{}' is not float", l.input) };
                     let rows = layer::input_rows(l, x.view())?;
                     let a = acc.read().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?;
@@ -1229,7 +1234,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
                         (Some(_), _) => bail!("the output of layer {} is not float", l.node),
                         _ => a.sample(rows, &w)?,
                     };
-                    Ok((s, stats_of(got)))
+                    Ok((s, per_collected(collected)))
                 },
                 |_, (s, per)| {
                     fold_fresh(per);
@@ -1304,7 +1309,8 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
             seg.finish(
                 &cur,
                 &collect,
-                |(_, _, _, got)| Ok(stats_of(got)),
+                stat,
+                |v| Ok(per_collected(v.collected)),
                 |_, per| {
                     fold_fresh(per);
                     Ok(())

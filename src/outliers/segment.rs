@@ -25,6 +25,7 @@ use crate::onnx::pb::{GraphProto, ModelProto, NodeProto};
 use crate::onnx::GraphView;
 use crate::runtime::{InputFact, Plan};
 use anyhow::{bail, Context, Result};
+use ndarray::ArrayViewD;
 use rayon::prelude::*;
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -191,10 +192,18 @@ fn subgraph_free(g: &GraphProto, out: &mut Vec<String>) {
     }
 }
 
-/// What a piece hands to the map for one sample: the index of the sample, the value of the
-/// tensor it ends at (`None` after the last layer), the layer's output when the piece runs
-/// through the layer, and the collected tensors it produced (with their index in `collect`).
-pub type Visit<'v> = (usize, Option<&'v ArrayData>, Option<&'v ArrayData>, &'v [(usize, &'v ArrayData)]);
+/// What a piece hands to the map for one sample.
+pub struct Visit<'v, S> {
+    /// The sample's index.
+    pub sample: usize,
+    /// The tensor the piece ends at (`None` after the last layer).
+    pub value: Option<&'v ArrayData>,
+    /// The layer's output, when the piece runs through the layer.
+    pub output: Option<&'v ArrayData>,
+    /// `stat` of each collected float tensor the piece produced (its index in `collect`),
+    /// computed in the runtime's buffer as soon as the tensor was (no copy).
+    pub collected: Vec<(usize, S)>,
+}
 
 /// One sample's mapped value and the frontier tensors it produced.
 type PieceResult<T> = (T, Vec<(String, ArrayData)>);
@@ -229,38 +238,40 @@ impl<'a> Segmenter<'a> {
     /// piece runs the node again, with whatever weights it has by then. That output is
     /// neither cached nor collected from this piece.
     #[allow(clippy::too_many_arguments)]
-    pub fn advance<T: Send>(
+    pub fn advance<S: Send, T: Send>(
         &mut self,
         model: &ModelProto,
-        upto: usize,
-        want: &str,
-        through: bool,
+        (upto, want, through): (usize, &str, bool),
         later: &[usize],
         collect: &[String],
-        map: impl Fn(Visit) -> Result<T> + Sync,
+        stat: impl Fn(usize, ArrayViewD<'_, f32>) -> Result<S> + Sync,
+        map: impl Fn(Visit<S>) -> Result<T> + Sync,
         fold: impl FnMut(usize, T) -> Result<()>,
     ) -> Result<()> {
-        self.run(model, Some((upto, want, through)), later, collect, map, fold)
+        self.run(model, Some((upto, want, through)), later, collect, stat, map, fold)
     }
 
     /// Runs the rest of the graph (after the last `advance`) for the `collect` tensors.
-    pub fn finish<T: Send>(
+    pub fn finish<S: Send, T: Send>(
         &mut self,
         model: &ModelProto,
         collect: &[String],
-        map: impl Fn(Visit) -> Result<T> + Sync,
+        stat: impl Fn(usize, ArrayViewD<'_, f32>) -> Result<S> + Sync,
+        map: impl Fn(Visit<S>) -> Result<T> + Sync,
         fold: impl FnMut(usize, T) -> Result<()>,
     ) -> Result<()> {
-        self.run(model, None, &[], collect, map, fold)
+        self.run(model, None, &[], collect, stat, map, fold)
     }
 
-    fn run<T: Send>(
+    #[allow(clippy::too_many_arguments)]
+    fn run<S: Send, T: Send>(
         &mut self,
         model: &ModelProto,
         upto: Option<(usize, &str, bool)>,
         later: &[usize],
         collect: &[String],
-        map: impl Fn(Visit) -> Result<T> + Sync,
+        stat: impl Fn(usize, ArrayViewD<'_, f32>) -> Result<S> + Sync,
+        map: impl Fn(Visit<S>) -> Result<T> + Sync,
         mut fold: impl FnMut(usize, T) -> Result<()>,
     ) -> Result<()> {
         let graph = model.graph.as_ref().context("the model has no graph")?;
@@ -395,6 +406,17 @@ impl<'a> Segmenter<'a> {
             Some(plan)
         };
         let need_sample = want_from_input || !graph_inputs.is_empty();
+        // Outputs copied out of the runtime: the tensor the piece ends at, the layer's output,
+        // and what the next pieces read; the collected ones are only visited.
+        let copy: Vec<bool> = outputs
+            .iter()
+            .enumerate()
+            .map(|(at, o)| (want_computed && at == 0) || y_at == Some(at) || new_cached.contains(o))
+            .collect();
+        let mut collected_at: Vec<Option<usize>> = vec![None; outputs.len()];
+        for &(at, ci) in &collected {
+            collected_at[at] = Some(ci);
+        }
         let pb = progress(self.set.len(), self.quiet, "outlier statistics");
         let chunk = (rayon::current_num_threads() * 2).max(1);
         let n = self.set.len();
@@ -407,7 +429,7 @@ impl<'a> Segmenter<'a> {
                 .map(|i| {
                     let sample = if need_sample { Some(self.set.load(i)?) } else { None };
                     let source = self.set.source(i).unwrap_or_default();
-                    let mut outs = Vec::new();
+                    let (mut outs, mut stats) = (Vec::new(), Vec::new());
                     if let Some(plan) = &plan {
                         let mut inputs = Vec::with_capacity(graph_inputs.len() + cache_inputs.len());
                         for &k in &graph_inputs {
@@ -422,12 +444,19 @@ impl<'a> Segmenter<'a> {
                                     .with_context(|| format!("sample {source}: tensor '{t}' was not cached"))?,
                             );
                         }
-                        outs = plan.run(&inputs).with_context(|| format!("sample {source}"))?;
+                        let (copies, visited) = plan
+                            .run_each(&inputs, &copy, |at, view| {
+                                let ci = collected_at.get(at).copied().flatten()?;
+                                Some(stat(ci, view?).map(|s| (ci, s)))
+                            })
+                            .with_context(|| format!("sample {source}"))?;
+                        outs = copies;
+                        stats = visited.into_iter().flatten().collect::<Result<Vec<_>>>()?;
                     }
                     let value = if upto.is_none() {
                         None
                     } else if want_computed {
-                        Some(outs.first().context("internal error: missing output")?)
+                        Some(outs.first().and_then(Option::as_ref).context("internal error: missing output")?)
                     } else if want_cached {
                         Some(
                             cache[i]
@@ -438,17 +467,15 @@ impl<'a> Segmenter<'a> {
                         let k = self.specs.iter().position(|s| s.name == want).context("internal error: input spec")?;
                         Some(&sample.as_ref().context("internal error: sample not loaded")?.inputs[k])
                     };
-                    let got: Vec<(usize, &ArrayData)> =
-                        collected.iter().filter_map(|&(at, ci)| outs.get(at).map(|v| (ci, v))).collect();
-                    let output = y_at.and_then(|at| outs.get(at));
-                    let r =
-                        map((i, value, output, &got)).with_context(|| format!("sample {source}: tensor '{want}'"))?;
+                    let output = y_at.and_then(|at| outs.get(at)).and_then(Option::as_ref);
+                    let r = map(Visit { sample: i, value, output, collected: stats })
+                        .with_context(|| format!("sample {source}: tensor '{want}'"))?;
                     let names = plan.as_ref().map(|p| p.outputs()).unwrap_or(&[]);
                     let fresh: Vec<(String, ArrayData)> = names
                         .iter()
                         .zip(outs)
                         .filter(|(name, _)| new_cached.contains(name))
-                        .map(|(name, v)| (name.clone(), v))
+                        .filter_map(|(name, v)| v.map(|v| (name.clone(), v)))
                         .collect();
                     pb.inc(1);
                     Ok((r, fresh))
@@ -602,12 +629,11 @@ mod tests {
         let mut got_c = Vec::new();
         seg.advance(
             &m,
-            m2,
-            "c",
-            false,
+            (m2, "c", false),
             &[m3],
             &[],
-            |(_, v, _, _)| v.cloned().context("value"),
+            |_, v| Ok(v.to_owned()),
+            |v| v.value.cloned().context("value"),
             |_, v| {
                 got_c.push(v);
                 Ok(())
@@ -625,14 +651,13 @@ mod tests {
         let mut got_e = Vec::new();
         seg.advance(
             &m,
-            m3,
-            "e",
-            false,
+            (m3, "e", false),
             &[],
             &["y".to_string()],
-            |(_, v, _, got)| {
-                assert_eq!(got.len(), 0, "y is produced by m3, after this piece");
-                v.cloned().context("value")
+            |_, v| Ok(v.to_owned()),
+            |v| {
+                assert_eq!(v.collected.len(), 0, "y is produced by m3, after this piece");
+                v.value.cloned().context("value")
             },
             |_, v| {
                 got_e.push(v);
@@ -648,9 +673,10 @@ mod tests {
         seg.finish(
             &m,
             &["y".to_string()],
-            |(_, v, _, got)| {
-                assert!(v.is_none());
-                Ok(got.iter().map(|(i, v)| (*i, (*v).clone())).collect::<Vec<_>>())
+            |_, v| Ok(ArrayData::F32(v.to_owned())),
+            |v| {
+                assert!(v.value.is_none());
+                Ok(v.collected)
             },
             |_, v| {
                 got_y.push(v);
@@ -666,6 +692,83 @@ mod tests {
             assert_eq!(g[0].0, 0);
             assert_eq!(g[0].1, want[0]);
         }
+        Ok(())
+    }
+    #[test]
+    fn a_piece_running_through_a_layer_hands_its_output_and_the_next_piece_reruns_it() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut rng = crate::rng::Rng::new(2);
+        for i in 0..3 {
+            let x =
+                ArrayData::F32(ArrayD::from_shape_vec(IxDyn(&[2, 4]), (0..8).map(|_| rng.normal() as f32).collect())?);
+            crate::npy::write_npz(&dir.path().join(format!("{i}.npz")), &[("x", &x)])?;
+        }
+        let mut m = chain();
+        let specs = crate::calibrate::input_specs(m.graph.as_ref().context("g")?);
+        let set = crate::data::open(
+            &specs,
+            &crate::data::DataOptions {
+                sources: vec![crate::data::Source::Path(dir.path().into())],
+                ..Default::default()
+            },
+        )?;
+        let d_of = |m: &ModelProto| -> Result<Vec<ArrayData>> {
+            let bytes = crate::onnx::io::encode_for_runtime(m)?;
+            let facts = crate::calibrate::input_facts(&specs, &set)?;
+            let plan = Plan::load(&bytes, None, &facts, &["d".to_string()])?;
+            (0..set.len()).map(|i| Ok(plan.run(&set.load(i)?.inputs)?.remove(0))).collect()
+        };
+        let before = d_of(&m)?;
+        let g = m.graph.as_ref().context("g")?;
+        let idx = |name: &str| g.node.iter().position(|n| n.name() == name).expect("node");
+        let (m2, m3) = (idx("m2"), idx("m3"));
+        let collect = ["d".to_string()];
+        let to_array = |_: usize, v: ArrayViewD<'_, f32>| Ok(ArrayData::F32(v.to_owned()));
+        let mut seg = Segmenter::new(&specs, &set, true);
+        let mut got = Vec::new();
+        seg.advance(
+            &m,
+            (m2, "c", true),
+            &[m3],
+            &collect,
+            to_array,
+            |v| {
+                // `d` is m2's output: handed over as the layer's output, not collected (the next
+                // piece computes it again with the weights m2 has by then).
+                assert!(v.collected.is_empty());
+                Ok((v.value.cloned().context("c")?, v.output.cloned().context("d")?))
+            },
+            |_, v| {
+                got.push(v);
+                Ok(())
+            },
+        )?;
+        for ((_, d), want) in got.iter().zip(&before) {
+            assert_eq!(d, want);
+        }
+        let gm = m.graph.as_mut().context("g")?;
+        let w2 = gm.initializer.iter_mut().find(|t| t.name() == "W2").context("W2")?;
+        *w2 = from_f32("W2", &ArrayD::from_elem(IxDyn(&[4, 4]), 0.5f32));
+        let after = d_of(&m)?;
+        let mut again = Vec::new();
+        seg.advance(
+            &m,
+            (m3, "e", false),
+            &[],
+            &collect,
+            to_array,
+            |v| Ok(v.collected),
+            |_, v| {
+                again.push(v);
+                Ok(())
+            },
+        )?;
+        for (c, want) in again.iter().zip(&after) {
+            assert_eq!(c.len(), 1);
+            assert_eq!(c[0].0, 0);
+            assert_eq!(&c[0].1, want, "the edited m2 ran again");
+        }
+        assert_ne!(after[0], before[0]);
         Ok(())
     }
 }
