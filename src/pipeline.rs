@@ -509,7 +509,7 @@ impl CheckSamples {
             reference: &self.reference,
             passes: 0,
         };
-        g.sqnr_of_twin(&crate::fakequant::twin(q)?)
+        g.sqnr_of_twin(crate::fakequant::twin(q)?)
     }
 }
 

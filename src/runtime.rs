@@ -107,10 +107,30 @@ impl Plan {
         inputs: &[InputFact],
         outputs: &[String],
     ) -> Result<Plan> {
+        Plan::load_with(model_bytes, model_dir, inputs, outputs, &mut || {})
+    }
+
+    /// [`Plan::load`] of a runtime encoding that it owns: the weights table is dropped as soon
+    /// as tract has copied the weights, before the plan is optimized (which packs them again),
+    /// so a caller that dropped the model after encoding it never holds the weights three
+    /// times (the fake-quant twin's float weights, e.g.).
+    pub fn load_owned(model: crate::onnx::io::RuntimeBytes, inputs: &[InputFact], outputs: &[String]) -> Result<Plan> {
+        let (bytes, weights) = model.into_parts();
+        let mut weights = Some(weights);
+        Plan::load_with(&bytes, None, inputs, outputs, &mut || drop(weights.take()))
+    }
+
+    fn load_with(
+        model_bytes: &[u8],
+        model_dir: Option<&Path>,
+        inputs: &[InputFact],
+        outputs: &[String],
+        parsed: &mut dyn FnMut(),
+    ) -> Result<Plan> {
         if outputs.is_empty() {
             bail!("no output tensors requested");
         }
-        let prepared = prepare(model_bytes, model_dir, inputs, Some(outputs))?;
+        let prepared = prepare(model_bytes, model_dir, inputs, Some(outputs), parsed)?;
         let Prepared { model, input_dts, output_slots, diag } = prepared;
         let (plan, watch, consts) = guarded("build a runnable plan from", || unpinned_plan(model))
             .map_err(|e| diag.explain(e, "tract could not build a runnable plan for the model"))?;
@@ -343,7 +363,7 @@ fn unpinned_plan(
 /// Loads, types and optimizes the model for `inputs` with its own graph outputs, to report
 /// unsupported ops or shape errors early. Nothing is run.
 pub fn check_runnable(model_bytes: &[u8], inputs: &[InputFact]) -> Result<()> {
-    prepare(model_bytes, None, inputs, None).map(|_| ())
+    prepare(model_bytes, None, inputs, None, &mut || {}).map(|_| ())
 }
 
 /// An optimized model with the bookkeeping `Plan` needs.
@@ -359,6 +379,7 @@ fn prepare(
     model_dir: Option<&Path>,
     inputs: &[InputFact],
     outputs: Option<&[String]>,
+    parsed: &mut dyn FnMut(),
 ) -> Result<Prepared> {
     let proto = tpb::ModelProto::decode(model_bytes).context("tract could not decode the ONNX model (ModelProto)")?;
     let mut onnx = tract_onnx::onnx().with_ignore_value_info(true);
@@ -390,6 +411,9 @@ fn prepare(
     }
     // The decoded proto holds a copy of every weight; tract's model now holds its own.
     drop(proto);
+    // So does the weights table, which `onnx` keeps alive; the caller may release its own.
+    drop(onnx);
+    parsed();
 
     // Inputs: match tract's sources by name, reorder them as the caller's facts, set the facts.
     let sources: Vec<OutletId> = model.input_outlets()?.to_vec();

@@ -161,6 +161,12 @@ impl std::ops::Deref for RuntimeBytes {
 }
 
 impl RuntimeBytes {
+    /// The protobuf bytes and the weights table they reference, apart: the table can then be
+    /// dropped as soon as the runtime has copied the weights (see `runtime::Plan::load_owned`).
+    pub fn into_parts(self) -> (Vec<u8>, Arc<RuntimeWeights>) {
+        (self.bytes, self.weights)
+    }
+
     /// The weights the encoding references.
     pub fn weights(&self) -> &RuntimeWeights {
         &self.weights

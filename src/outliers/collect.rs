@@ -83,11 +83,14 @@ const GRAM_BLOCK: usize = 256;
 
 /// `XᵀX` of one sample's rows in f32, only its blocks on and above the diagonal: block row
 /// `r` (columns `b0 = r·GRAM_BLOCK .. b1` of `X`) is `X[:, b0..b1]ᵀ · X[:, b0..]`, `[b1 − b0, K − b0]`
-/// (about half of `K × K`, nothing allocated or zeroed for the lower blocks).
+/// (about half of `K × K`, nothing allocated or zeroed for the lower blocks), block rows in
+/// parallel.
 pub fn upper_gram(x: ArrayView2<f32>) -> Vec<Array2<f32>> {
     let k = x.ncols();
-    (0..k)
-        .step_by(GRAM_BLOCK)
+    let starts: Vec<usize> = (0..k).step_by(GRAM_BLOCK).collect();
+    // The block rows are independent products: computed in parallel (each one alone).
+    starts
+        .into_par_iter()
         .map(|b0| {
             let b1 = (b0 + GRAM_BLOCK).min(k);
             x.slice(s![.., b0..b1]).t().dot(&x.slice(s![.., b0..]))

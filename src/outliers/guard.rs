@@ -41,13 +41,18 @@ impl Guard<'_> {
     /// model's graph outputs.
     fn plan(&self, model: &ModelProto, ranges: &BTreeMap<String, cal::TensorEntry>) -> Result<Plan> {
         let (q, _) = quantize::quantize(model, ranges, &self.qopts).context("quantizing the regularized model")?;
-        self.load(&crate::fakequant::twin(&q).context("building the fake-quant twin")?)
+        let twin = crate::fakequant::twin(&q).context("building the fake-quant twin")?;
+        drop(q);
+        self.load(twin)
     }
 
-    /// A fake-quant twin loaded for the original model's graph outputs.
-    fn load(&self, twin: &ModelProto) -> Result<Plan> {
-        let bytes = crate::onnx::io::encode_for_runtime(twin)?;
-        Plan::load(&bytes, None, &self.facts, &self.output_names).context("cannot run the quantized model")
+    /// A fake-quant twin loaded for the original model's graph outputs. The twin is dropped
+    /// once encoded, so its float weights live only until tract has copied them
+    /// ([`Plan::load_owned`]).
+    fn load(&self, twin: ModelProto) -> Result<Plan> {
+        let bytes = crate::onnx::io::encode_for_runtime(&twin)?;
+        drop(twin);
+        Plan::load_owned(bytes, &self.facts, &self.output_names).context("cannot run the quantized model")
     }
 
     /// The worst-output SQNR of `model` quantized with `ranges` (its twin loaded, run on the
@@ -59,7 +64,7 @@ impl Guard<'_> {
     }
 
     /// The worst-output SQNR of `twin`, a quantized model's fake-quant twin (one pass).
-    pub fn sqnr_of_twin(&mut self, twin: &ModelProto) -> Result<f64> {
+    pub fn sqnr_of_twin(&mut self, twin: ModelProto) -> Result<f64> {
         let plan = self.load(twin)?;
         self.passes += 1;
         Ok(self.sqnrs(&[plan])?[0])

@@ -857,9 +857,10 @@ fn compute_edit(
 /// The local acceptance test ([`LocalError`], module docs) of `edit` from the layer's
 /// statistics: on the kept rows, `z = y + b` (the outputs kept with them) and
 /// `z' = z + x·(W' − W) + (b' − b)`, where only the edited columns of `W' − W` are non-zero
-/// (so the product is over those columns only); on the outlier rows both directly. Each is
-/// fake-quantized to uint8 with the range of its own values over the kept rows and the outlier
-/// rows; the errors against `z` are summed over the kept rows' non-outlier elements.
+/// (so `z'` differs from `z` on those columns only, and is not materialized elsewhere); on the
+/// outlier rows both directly. Each is fake-quantized to uint8 with the range of its own values
+/// over the kept rows and the outlier rows; the errors against `z` are summed over the kept
+/// rows' non-outlier elements (in fixed chunks of rows, in parallel, added in order).
 fn local_error(st: &LayerStats, w: &Array2<f32>, bias: Option<&[f32]>, edit: &Edit) -> Result<(f64, f64)> {
     let (_, n) = w.dim();
     let g = st.groups.max(1);
@@ -868,15 +869,15 @@ fn local_error(st: &LayerStats, w: &Array2<f32>, bias: Option<&[f32]>, edit: &Ed
     let b_old = |j: usize| bias.and_then(|b| b.get(j)).copied().unwrap_or(0.0);
     let b_new = |j: usize| edit.bias.as_ref().and_then(|b| b.get(j)).copied().unwrap_or(b_old(j));
     let edited: Vec<usize> = edit.report.columns.iter().map(|c| c.j).collect();
-    // Per group: (row ids, z, z') on the kept rows, and z, z' on the outlier rows.
-    let mut kept = Vec::with_capacity(g);
     let (mut lo, mut hi) = ([0f32; 2], [0f32; 2]);
-    let mut extend = |z: &Array2<f32>, zn: &Array2<f32>| {
-        for (v, vn) in z.iter().zip(zn.iter()) {
-            (lo[0], hi[0]) = (lo[0].min(*v), hi[0].max(*v));
-            (lo[1], hi[1]) = (lo[1].min(*vn), hi[1].max(*vn));
-        }
+    let mut extend = |v: f32, vn: f32| {
+        (lo[0], hi[0]) = (lo[0].min(v), hi[0].max(v));
+        (lo[1], hi[1]) = (lo[1].min(vn), hi[1].max(vn));
     };
+    // Per group: the bias of each column, and the change of each edited column on the kept rows
+    // (`x·(w'_j − w_j) + b'_j − b_j`, by column within the group).
+    type Shifts = Vec<Option<ndarray::Array1<f32>>>;
+    let mut groups: Vec<(Vec<f32>, Shifts)> = Vec::with_capacity(g);
     for gi in 0..g {
         let cols = gi * ng..(gi + 1) * ng;
         let rows: Vec<&Vec<f32>> =
@@ -885,48 +886,62 @@ fn local_error(st: &LayerStats, w: &Array2<f32>, bias: Option<&[f32]>, edit: &Ed
             let k = rows[0].len();
             let xo = Array2::from_shape_vec((rows.len(), k), rows.into_iter().flatten().copied().collect())?;
             let (wo, wn) = (w.slice(ndarray::s![.., cols.clone()]), edit.w.slice(ndarray::s![.., cols.clone()]));
-            let (mut z, mut zn) = (xo.dot(&wo), xo.dot(&wn));
-            for (c, j) in cols.clone().enumerate() {
-                z.column_mut(c).mapv_inplace(|v| v + b_old(j));
-                zn.column_mut(c).mapv_inplace(|v| v + b_new(j));
+            let (z, zn) = (xo.dot(&wo), xo.dot(&wn));
+            for (r, rn) in z.outer_iter().zip(zn.outer_iter()) {
+                for (c, (&v, &vn)) in r.iter().zip(rn.iter()).enumerate() {
+                    extend(v + b_old(gi * ng + c), vn + b_new(gi * ng + c));
+                }
             }
-            extend(&z, &zn);
         }
         let (ids, x, y) = st.kept.get(gi).context("internal error: no kept rows for the group")?;
         if y.dim() != (ids.len(), ng) {
             bail!("internal error: kept outputs of shape {:?}, expected [{}, {ng}]", y.dim(), ids.len());
         }
-        let mut z = y.clone();
-        for (c, j) in cols.clone().enumerate() {
-            z.column_mut(c).mapv_inplace(|v| v + b_old(j));
-        }
-        let mut zn = z.clone();
+        let b0: Vec<f32> = cols.clone().map(b_old).collect();
+        let mut shifts: Shifts = vec![None; ng];
         for &j in edited.iter().filter(|j| cols.contains(j)) {
             let d: ndarray::Array1<f32> = (0..w.nrows()).map(|k| edit.w[[k, j]] - w[[k, j]]).collect();
             let shift = b_new(j) - b_old(j);
-            let delta = x.dot(&d);
-            zn.column_mut(j - gi * ng).zip_mut_with(&delta, |v, dv| *v += dv + shift);
+            shifts[j - gi * ng] = Some(x.dot(&d).mapv(|v| v + shift));
         }
-        extend(&z, &zn);
-        kept.push((ids, z, zn));
+        for (r, yr) in y.outer_iter().enumerate() {
+            for (c, (&yv, s)) in yr.iter().zip(&shifts).enumerate() {
+                let v = yv + b0[c];
+                extend(v, s.as_ref().map_or(v, |s| v + s[r]));
+            }
+        }
+        groups.push((b0, shifts));
     }
     let (p0, p1) = (ActParams::from_range(lo[0], hi[0], ActType::U8), ActParams::from_range(lo[1], hi[1], ActType::U8));
     let outlier_rows: BTreeSet<u64> = outlier.iter().map(|&(r, _)| r).collect();
-    let (mut before, mut after) = (0f64, 0f64);
-    for (gi, (ids, z, zn)) in kept.iter().enumerate() {
-        for ((&id, zr), znr) in ids.iter().zip(z.outer_iter()).zip(zn.outer_iter()) {
-            // Most rows hold no outlier: one lookup per row, per element only on outlier rows.
-            let has = outlier_rows.contains(&id);
-            for (c, (&v, &vn)) in zr.iter().zip(znr.iter()).enumerate() {
-                if (has && outlier.contains(&(id, gi * ng + c))) || !(v.is_finite() && vn.is_finite()) {
-                    continue;
-                }
-                before += f64::from(p0.fake(v) - v).powi(2);
-                after += f64::from(p1.fake(vn) - v).powi(2);
-            }
-        }
+    const CHUNK: usize = 256;
+    let mut parts: Vec<(usize, usize)> = Vec::new();
+    for (gi, (ids, _, _)) in st.kept.iter().enumerate().take(g) {
+        parts.extend((0..ids.len()).step_by(CHUNK).map(|r0| (gi, r0)));
     }
-    Ok((before, after))
+    let sums: Vec<(f64, f64)> = parts
+        .into_par_iter()
+        .map(|(gi, r0)| {
+            let ((ids, _, y), (b0, shifts)) = (&st.kept[gi], &groups[gi]);
+            let (mut before, mut after) = (0f64, 0f64);
+            for r in r0..(r0 + CHUNK).min(ids.len()) {
+                let id = ids[r];
+                // Most rows hold no outlier: one lookup per row, per element only on outlier rows.
+                let has = outlier_rows.contains(&id);
+                for (c, ((&yv, &b), s)) in y.row(r).iter().zip(b0).zip(shifts).enumerate() {
+                    let v = yv + b;
+                    let vn = s.as_ref().map_or(v, |s| v + s[r]);
+                    if (has && outlier.contains(&(id, gi * ng + c))) || !(v.is_finite() && vn.is_finite()) {
+                        continue;
+                    }
+                    before += f64::from(p0.fake(v) - v).powi(2);
+                    after += f64::from(p1.fake(vn) - v).powi(2);
+                }
+            }
+            (before, after)
+        })
+        .collect();
+    Ok(sums.iter().fold((0f64, 0f64), |a, s| (a.0 + s.0, a.1 + s.1)))
 }
 
 fn fmt_err(v: f64) -> String {

@@ -246,7 +246,7 @@ impl<'a> Segmenter<'a> {
         collect: &[String],
         stat: impl Fn(usize, ArrayViewD<'_, f32>) -> Result<S> + Sync,
         map: impl Fn(Visit<S>) -> Result<T> + Sync,
-        fold: impl FnMut(usize, T) -> Result<()>,
+        fold: impl FnMut(usize, T) -> Result<()> + Send,
     ) -> Result<()> {
         self.run(model, Some((upto, want, through)), later, collect, stat, map, fold)
     }
@@ -258,7 +258,7 @@ impl<'a> Segmenter<'a> {
         collect: &[String],
         stat: impl Fn(usize, ArrayViewD<'_, f32>) -> Result<S> + Sync,
         map: impl Fn(Visit<S>) -> Result<T> + Sync,
-        fold: impl FnMut(usize, T) -> Result<()>,
+        fold: impl FnMut(usize, T) -> Result<()> + Send,
     ) -> Result<()> {
         self.run(model, None, &[], collect, stat, map, fold)
     }
@@ -272,7 +272,7 @@ impl<'a> Segmenter<'a> {
         collect: &[String],
         stat: impl Fn(usize, ArrayViewD<'_, f32>) -> Result<S> + Sync,
         map: impl Fn(Visit<S>) -> Result<T> + Sync,
-        mut fold: impl FnMut(usize, T) -> Result<()>,
+        mut fold: impl FnMut(usize, T) -> Result<()> + Send,
     ) -> Result<()> {
         let graph = model.graph.as_ref().context("the model has no graph")?;
         let view = GraphView::new(graph);
@@ -420,76 +420,95 @@ impl<'a> Segmenter<'a> {
         let pb = progress(self.set.len(), self.quiet, "outlier statistics");
         let chunk = (rayon::current_num_threads() * 2).max(1);
         let n = self.set.len();
-        let mut s0 = 0;
-        while s0 < n {
-            let s1 = (s0 + chunk).min(n);
-            let cache = &self.cache;
-            let results: Vec<Result<PieceResult<T>>> = (s0..s1)
-                .into_par_iter()
-                .map(|i| {
-                    let sample = if need_sample { Some(self.set.load(i)?) } else { None };
-                    let source = self.set.source(i).unwrap_or_default();
-                    let (mut outs, mut stats) = (Vec::new(), Vec::new());
-                    if let Some(plan) = &plan {
-                        let mut inputs = Vec::with_capacity(graph_inputs.len() + cache_inputs.len());
-                        for &k in &graph_inputs {
-                            let s = sample.as_ref().context("internal error: sample not loaded")?;
-                            inputs.push(s.inputs[k].clone());
-                        }
-                        for t in &cache_inputs {
-                            inputs.push(
-                                cache[i]
-                                    .get(t)
-                                    .cloned()
-                                    .with_context(|| format!("sample {source}: tensor '{t}' was not cached"))?,
-                            );
-                        }
-                        let (copies, visited) = plan
-                            .run_each(&inputs, &copy, |at, view| {
-                                let ci = collected_at.get(at).copied().flatten()?;
-                                Some(stat(ci, view?).map(|s| (ci, s)))
-                            })
-                            .with_context(|| format!("sample {source}"))?;
-                        outs = copies;
-                        stats = visited.into_iter().flatten().collect::<Result<Vec<_>>>()?;
-                    }
-                    let value = if upto.is_none() {
-                        None
-                    } else if want_computed {
-                        Some(outs.first().and_then(Option::as_ref).context("internal error: missing output")?)
-                    } else if want_cached {
-                        Some(
-                            cache[i]
-                                .get(want)
-                                .with_context(|| format!("sample {source}: tensor '{want}' was not cached"))?,
-                        )
-                    } else {
-                        let k = self.specs.iter().position(|s| s.name == want).context("internal error: input spec")?;
-                        Some(&sample.as_ref().context("internal error: sample not loaded")?.inputs[k])
-                    };
-                    let output = y_at.and_then(|at| outs.get(at)).and_then(Option::as_ref);
-                    let r = map(Visit { sample: i, value, output, collected: stats })
-                        .with_context(|| format!("sample {source}: tensor '{want}'"))?;
-                    let names = plan.as_ref().map(|p| p.outputs()).unwrap_or(&[]);
-                    let fresh: Vec<(String, ArrayData)> = names
-                        .iter()
-                        .zip(outs)
-                        .filter(|(name, _)| new_cached.contains(name))
-                        .filter_map(|(name, v)| v.map(|v| (name.clone(), v)))
-                        .collect();
-                    pb.inc(1);
-                    Ok((r, fresh))
-                })
-                .collect();
-            for (k, r) in results.into_iter().enumerate() {
-                let i = s0 + k;
-                let (value, fresh) = r?;
-                fold(i, value)?;
-                let c = &mut self.cache[i];
-                c.retain(|name, _| keep.contains(name));
-                c.extend(fresh);
+        let (set, specs) = (self.set, self.specs);
+        // One sample (`cache` holds the cached tensors of samples `from..`).
+        let one = |cache: &[HashMap<String, ArrayData>], from: usize, i: usize| -> Result<PieceResult<T>> {
+            let sample = if need_sample { Some(set.load(i)?) } else { None };
+            let source = set.source(i).unwrap_or_default();
+            let (mut outs, mut stats) = (Vec::new(), Vec::new());
+            if let Some(plan) = &plan {
+                let mut inputs = Vec::with_capacity(graph_inputs.len() + cache_inputs.len());
+                for &k in &graph_inputs {
+                    let s = sample.as_ref().context("internal error: sample not loaded")?;
+                    inputs.push(s.inputs[k].clone());
+                }
+                for t in &cache_inputs {
+                    inputs.push(
+                        cache[i - from]
+                            .get(t)
+                            .cloned()
+                            .with_context(|| format!("sample {source}: tensor '{t}' was not cached"))?,
+                    );
+                }
+                let (copies, visited) = plan
+                    .run_each(&inputs, &copy, |at, view| {
+                        let ci = collected_at.get(at).copied().flatten()?;
+                        Some(stat(ci, view?).map(|s| (ci, s)))
+                    })
+                    .with_context(|| format!("sample {source}"))?;
+                outs = copies;
+                stats = visited.into_iter().flatten().collect::<Result<Vec<_>>>()?;
             }
-            s0 = s1;
+            let value = if upto.is_none() {
+                None
+            } else if want_computed {
+                Some(outs.first().and_then(Option::as_ref).context("internal error: missing output")?)
+            } else if want_cached {
+                Some(
+                    cache[i - from]
+                        .get(want)
+                        .with_context(|| format!("sample {source}: tensor '{want}' was not cached"))?,
+                )
+            } else {
+                let k = specs.iter().position(|s| s.name == want).context("internal error: input spec")?;
+                Some(&sample.as_ref().context("internal error: sample not loaded")?.inputs[k])
+            };
+            let output = y_at.and_then(|at| outs.get(at)).and_then(Option::as_ref);
+            let r = map(Visit { sample: i, value, output, collected: stats })
+                .with_context(|| format!("sample {source}: tensor '{want}'"))?;
+            let names = plan.as_ref().map(|p| p.outputs()).unwrap_or(&[]);
+            let fresh: Vec<(String, ArrayData)> = names
+                .iter()
+                .zip(outs)
+                .filter(|(name, _)| new_cached.contains(name))
+                .filter_map(|(name, v)| v.map(|v| (name.clone(), v)))
+                .collect();
+            pb.inc(1);
+            Ok((r, fresh))
+        };
+        // Chunk after chunk, each chunk's samples in parallel; the results of one chunk are
+        // folded (in sample order, with the cache updates) while the next chunk runs.
+        let mut pending: Option<(usize, Vec<Result<PieceResult<T>>>)> = None;
+        let mut s0 = 0;
+        loop {
+            let next = (s0 < n).then(|| (s0, (s0 + chunk).min(n)));
+            if pending.is_none() && next.is_none() {
+                break;
+            }
+            let (done, rest) = self.cache.split_at_mut(next.map_or(n, |c| c.0));
+            let prev = pending.take();
+            let fold = &mut fold;
+            let keep = &keep;
+            let (folded, mapped) = rayon::join(
+                move || -> Result<()> {
+                    let Some((from, results)) = prev else { return Ok(()) };
+                    for (k, r) in results.into_iter().enumerate() {
+                        let i = from + k;
+                        let (value, fresh) = r?;
+                        fold(i, value)?;
+                        let c = done.get_mut(i).context("internal error: sample cache")?;
+                        c.retain(|name, _| keep.contains(name));
+                        c.extend(fresh);
+                    }
+                    Ok(())
+                },
+                || next.map(|(a, b)| (a, (a..b).into_par_iter().map(|i| one(rest, a, i)).collect::<Vec<_>>())),
+            );
+            folded?;
+            pending = mapped;
+            if let Some((_, b)) = next {
+                s0 = b;
+            }
         }
         pb.finish_and_clear();
         self.start = end;
