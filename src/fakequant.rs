@@ -43,7 +43,7 @@ use crate::onnx::pb::{AttributeProto, GraphProto, ModelProto, NodeProto, TensorP
 use crate::onnx::tensor::{from_f32, from_f64, to_array, to_f32};
 use crate::onnx::{GraphView, NameAlloc};
 use anyhow::{bail, Context, Result};
-use ndarray::{ArrayD, Axis, IxDyn, Zip};
+use ndarray::{ArrayD, IxDyn};
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 /// Op types the twin rewrites.
@@ -684,12 +684,22 @@ fn fold_dequantize(n: &NodeProto, x: &TensorProto, p: &QParams) -> Result<ArrayD
     if v.shape()[axis] != c {
         bail!("{}: '{}' has {} elements on axis {axis} but the scale has {c}", describe(n), x.name(), v.shape()[axis]);
     }
-    let mut out = ArrayD::<f32>::zeros(v.raw_dim());
-    for (ch, (mut o, q)) in out.axis_iter_mut(Axis(axis)).zip(v.axis_iter(Axis(axis))).enumerate() {
-        let (zp, s) = (p.zp[ch], p.scale[ch]);
-        Zip::from(&mut o).and(&q).for_each(|o, &q| *o = (q - zp) as f32 * s);
+    // In memory order: element `i` is on channel `(i / inner) % c`, `inner` the size of the
+    // dims after the axis (a weight's output channels last: the channel cycles along each row).
+    let inner: usize = v.shape()[axis + 1..].iter().product();
+    let v = v.as_standard_layout();
+    let src = v.as_slice().context("internal error: integer tensor not contiguous")?;
+    let mut out = Vec::with_capacity(src.len());
+    for row in src.chunks(c * inner.max(1)) {
+        if inner == 1 {
+            out.extend(row.iter().zip(p.zp.iter().zip(&p.scale)).map(|(&q, (&zp, &s))| (q - zp) as f32 * s));
+        } else {
+            for (block, (&zp, &s)) in row.chunks(inner).zip(p.zp.iter().zip(&p.scale)) {
+                out.extend(block.iter().map(|&q| (q - zp) as f32 * s));
+            }
+        }
     }
-    Ok(out)
+    Ok(ArrayD::from_shape_vec(v.raw_dim(), out)?)
 }
 
 #[cfg(test)]

@@ -85,7 +85,11 @@
 //! candidate layers' outlier detection from their outputs and the float outputs of the
 //! guard's samples), nothing more when no candidate layer has outliers; else one sequential
 //! pass (statistics, Gram matrices, recalibration) and, when an edit was kept, two fake-quant
-//! forward passes over the guard's samples. The plain model's twin is quantized, loaded
+//! forward passes over the guard's samples. In the sequential pass a MatMul or Conv layer's
+//! piece runs through the layer, so `y` comes from the runtime (the next piece runs the layer
+//! again with its edited weights), calibration statistics are taken in the runtime's buffers,
+//! Gram rows are multiplied [`collect::GRAM_ROWS`] at a time, and each chunk of samples is
+//! folded while the next one runs ([`segment`]). The plain model's twin is quantized, loaded
 //! and run concurrently with the sequential pass (plan optimization is single-threaded, so
 //! it fills a core the pass leaves idle while it loads pieces and solves; it is wasted when
 //! no edit is kept) and dropped before the regularized model's twin loads. A twin loads

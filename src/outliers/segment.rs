@@ -14,7 +14,13 @@
 //! Besides the tensor a layer reads, each piece can hand out *collected* tensors (those among
 //! a given list that the piece's own nodes produce), so that calibration statistics of the
 //! edited model are gathered in the same pass; [`Segmenter::finish`] runs the rest of the
-//! graph after the last layer for them.
+//! graph after the last layer for them. A collected tensor is read in the runtime's buffer
+//! (a `stat` closure, no copy); only the cached frontier, the layer's input and output are
+//! copied out. A piece can run *through* its layer and hand over the layer's output (then
+//! the next piece runs that node again, with the weights it has by then).
+//!
+//! Samples run in chunks, each chunk's samples in parallel; a chunk's results are folded, in
+//! sample order, while the next chunk runs.
 
 use crate::array::{dtype, ArrayData};
 use crate::calibrate::progress;
