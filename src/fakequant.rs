@@ -689,15 +689,19 @@ fn fold_dequantize(n: &NodeProto, x: &TensorProto, p: &QParams) -> Result<ArrayD
     let inner: usize = v.shape()[axis + 1..].iter().product();
     let v = v.as_standard_layout();
     let src = v.as_slice().context("internal error: integer tensor not contiguous")?;
+    if src.is_empty() || c == 0 {
+        return Ok(ArrayD::zeros(v.raw_dim()));
+    }
     let mut out = Vec::with_capacity(src.len());
-    for row in src.chunks(c * inner.max(1)) {
-        if inner == 1 {
+    if inner == 1 {
+        for row in src.chunks(c) {
             out.extend(row.iter().zip(p.zp.iter().zip(&p.scale)).map(|(&q, (&zp, &s))| (q - zp) as f32 * s));
-        } else {
-            for (block, (&zp, &s)) in row.chunks(inner).zip(p.zp.iter().zip(&p.scale)) {
-                out.extend(block.iter().map(|&q| (q - zp) as f32 * s));
-            }
         }
+    } else {
+        crate::quantize::params::for_each_channel_run(src, c, inner, |ch, run| {
+            let (zp, s) = (p.zp[ch], p.scale[ch]);
+            out.extend(run.iter().map(|&q| (q - zp) as f32 * s));
+        });
     }
     Ok(ArrayD::from_shape_vec(v.raw_dim(), out)?)
 }

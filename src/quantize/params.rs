@@ -106,9 +106,7 @@ fn symmetric_scale(abs_max: f32) -> f32 {
 /// rounding mode (the sum lies in [2^23, 2^24), where the f32 step is 1): unlike
 /// `round_ties_even`, which is a libm call without SSE4.1, it vectorizes. NaN stays NaN (→ 0).
 fn q8(x: f32, scale: f32) -> i8 {
-    const SHIFT: f32 = 12_582_912.0; // 1.5 * 2^23
-    let y = (x / scale).clamp(-127.0, 127.0);
-    ((y + SHIFT) - SHIFT) as i8
+    round_small((x / scale).clamp(-127.0, 127.0)) as i8
 }
 
 /// Quantizes a float weight to int8, per channel along `axis` or per tensor.
@@ -156,7 +154,7 @@ pub fn quantize_weight(w: &ArrayD<f32>, axis: Option<usize>) -> QuantWeight {
 /// Calls `f(channel, run)` on consecutive runs of `data` (a standard-layout tensor whose
 /// channel axis has `channels` entries and `inner` elements per entry after it), in memory
 /// order, so a per-channel pass reads memory sequentially whatever the axis.
-fn for_each_channel_run(data: &[f32], channels: usize, inner: usize, mut f: impl FnMut(usize, &[f32])) {
+pub(crate) fn for_each_channel_run<T>(data: &[T], channels: usize, inner: usize, mut f: impl FnMut(usize, &[T])) {
     if channels == 0 || inner == 0 {
         return;
     }
