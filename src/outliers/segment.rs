@@ -620,24 +620,27 @@ mod tests {
         model(g, 13)
     }
 
-    #[test]
-    fn pieces_reproduce_the_full_model_and_see_edits() -> Result<()> {
-        let dir = tempfile::tempdir()?;
-        let mut rng = crate::rng::Rng::new(1);
+    /// Three random samples of `chain`'s input `x` written to `dir`, opened.
+    fn samples(dir: &std::path::Path, seed: u64) -> Result<(Vec<InputSpec>, SampleSet)> {
+        let mut rng = crate::rng::Rng::new(seed);
         for i in 0..3 {
             let x =
                 ArrayData::F32(ArrayD::from_shape_vec(IxDyn(&[2, 4]), (0..8).map(|_| rng.normal() as f32).collect())?);
-            crate::npy::write_npz(&dir.path().join(format!("{i}.npz")), &[("x", &x)])?;
+            crate::npy::write_npz(&dir.join(format!("{i}.npz")), &[("x", &x)])?;
         }
-        let mut m = chain();
-        let specs = crate::calibrate::input_specs(m.graph.as_ref().context("g")?);
+        let specs = crate::calibrate::input_specs(chain().graph.as_ref().context("g")?);
         let set = crate::data::open(
             &specs,
-            &crate::data::DataOptions {
-                sources: vec![crate::data::Source::Path(dir.path().into())],
-                ..Default::default()
-            },
+            &crate::data::DataOptions { sources: vec![crate::data::Source::Path(dir.into())], ..Default::default() },
         )?;
+        Ok((specs, set))
+    }
+
+    #[test]
+    fn pieces_reproduce_the_full_model_and_see_edits() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (specs, set) = samples(dir.path(), 1)?;
+        let mut m = chain();
         // Reference: the full model with all intermediates.
         let full = |m: &ModelProto| -> Result<Vec<Vec<ArrayData>>> {
             let bytes = crate::onnx::io::encode_for_runtime(m)?;
@@ -719,24 +722,12 @@ mod tests {
         }
         Ok(())
     }
+
     #[test]
     fn a_piece_running_through_a_layer_hands_its_output_and_the_next_piece_reruns_it() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let mut rng = crate::rng::Rng::new(2);
-        for i in 0..3 {
-            let x =
-                ArrayData::F32(ArrayD::from_shape_vec(IxDyn(&[2, 4]), (0..8).map(|_| rng.normal() as f32).collect())?);
-            crate::npy::write_npz(&dir.path().join(format!("{i}.npz")), &[("x", &x)])?;
-        }
+        let (specs, set) = samples(dir.path(), 2)?;
         let mut m = chain();
-        let specs = crate::calibrate::input_specs(m.graph.as_ref().context("g")?);
-        let set = crate::data::open(
-            &specs,
-            &crate::data::DataOptions {
-                sources: vec![crate::data::Source::Path(dir.path().into())],
-                ..Default::default()
-            },
-        )?;
         let d_of = |m: &ModelProto| -> Result<Vec<ArrayData>> {
             let bytes = crate::onnx::io::encode_for_runtime(m)?;
             let facts = crate::calibrate::input_facts(&specs, &set)?;
