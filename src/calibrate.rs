@@ -342,12 +342,6 @@ pub fn model_bytes(model: &crate::onnx::Model) -> Result<crate::onnx::io::Runtim
     crate::onnx::io::encode_for_runtime(&model.proto)
 }
 
-/// One sample's statistics of the target `t` (`None` for non-float values).
-pub fn sample_stats(value: &ArrayData, t: &Target, bins: usize) -> Option<TensorStats> {
-    let ArrayData::F32(a) = value else { return None };
-    Some(view_stats(a.view(), t, bins))
-}
-
 /// One sample's statistics of the target `t` from a view of its value.
 pub fn view_stats(a: ndarray::ArrayViewD<'_, f32>, t: &Target, bins: usize) -> TensorStats {
     let axis = t.channel_axis.and_then(|ax| match ax {

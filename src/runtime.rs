@@ -195,15 +195,9 @@ impl Plan {
     pub fn run_visit_f32<T>(
         &self,
         inputs: &[ArrayData],
-        mut visit: impl FnMut(usize, Option<ArrayViewD<'_, f32>>) -> T,
+        visit: impl FnMut(usize, Option<ArrayViewD<'_, f32>>) -> T,
     ) -> Result<Vec<T>> {
-        let mut results: Vec<Option<T>> = self.output_slots.iter().map(|_| None).collect();
-        self.run_streaming(inputs, |slot, value| {
-            for (p, _) in self.output_slots.iter().enumerate().filter(|&(_, &s)| s == slot) {
-                results[p] = Some(with_f32_view(value, |v| visit(p, v)));
-            }
-        })?;
-        results.into_iter().enumerate().map(|(p, r)| r.ok_or_else(|| anyhow!("missing output {p}"))).collect()
+        Ok(self.run_each(inputs, &vec![false; self.output_slots.len()], visit)?.1)
     }
 
     /// [`Plan::run_visit_f32`] that also returns a copy of the outputs marked in `copy` (by

@@ -461,6 +461,17 @@ enum Source {
     ConvOutput(Option<Vec<f32>>),
 }
 
+/// How `l`'s `y` can be read from the runtime: a MatMul's output, or a Conv's output minus its
+/// constant (or absent) bias; `None` when it must be computed (Gemm, grouped MatMul, a Conv
+/// with a computed bias).
+fn runtime_source(view: &GraphView, l: &Layer) -> Result<Option<Source>> {
+    Ok(match l.kind {
+        LayerKind::MatMul if l.groups == 1 => Some(Source::MatMulOutput),
+        LayerKind::Conv => layer::conv_bias(view, l)?.map(Source::ConvOutput),
+        _ => None,
+    })
+}
+
 /// A layer of a statistics pass and how it gets `y`.
 type PassLayer<'a> = (&'a Layer, Source);
 
@@ -473,11 +484,7 @@ fn with_weights<'a>(model: &ModelProto, layers: &'a [Layer]) -> Result<Vec<PassL
     layers
         .iter()
         .map(|l| {
-            let source = match l.kind {
-                LayerKind::MatMul if l.groups == 1 => Some(Source::MatMulOutput),
-                LayerKind::Conv => layer::conv_bias(&view, l)?.map(Source::ConvOutput),
-                _ => None,
-            };
+            let source = runtime_source(&view, l)?;
             Ok((
                 l,
                 match source {
@@ -1228,18 +1235,14 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
             // MatMul and Conv (constant or no bias) layers run through in their piece, and `y`
             // is read from the runtime instead of recomputed (as in the statistics pass).
             let cur_graph = cur.graph.as_ref().context("the model has no graph")?;
-            let source = match l.kind {
-                LayerKind::MatMul if l.groups == 1 => Some(Source::MatMulOutput),
-                LayerKind::Conv => layer::conv_bias(&GraphView::new(cur_graph), l)?.map(Source::ConvOutput),
-                _ => None,
-            };
+            let source = runtime_source(&GraphView::new(cur_graph), l)?;
             seg.advance(
                 &cur,
                 (l.node_index, &l.input, source.is_some()),
                 &later[idx + 1..],
                 &collect,
                 stat,
-                |Visit { value: x, output: y, collected, .. }| {
+                |Visit { value: x, output: y, collected }| {
                     let Some(ArrayData::F32(x)) = x else { bail!("input '{}' is not float", l.input) };
                     let rows = layer::input_rows(l, x.view())?;
                     let a = acc.read().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?;

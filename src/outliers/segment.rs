@@ -198,10 +198,19 @@ fn subgraph_free(g: &GraphProto, out: &mut Vec<String>) {
     }
 }
 
-/// What a piece hands to the map for one sample.
+/// The position of `name` among a piece's outputs, added at the end when it is not there yet.
+fn output_slot(outputs: &mut Vec<String>, name: &str) -> usize {
+    match outputs.iter().position(|o| o == name) {
+        Some(at) => at,
+        None => {
+            outputs.push(name.to_string());
+            outputs.len() - 1
+        }
+    }
+}
+
+/// What a piece hands to the map for one sample (whose index `fold` receives).
 pub struct Visit<'v, S> {
-    /// The sample's index.
-    pub sample: usize,
     /// The tensor the piece ends at (`None` after the last layer).
     pub value: Option<&'v ArrayData>,
     /// The layer's output, when the piece runs through the layer.
@@ -352,13 +361,7 @@ impl<'a> Segmenter<'a> {
         if want_computed {
             outputs.push(want.to_string());
         }
-        let y_at = through.as_ref().map(|(_, y)| match outputs.iter().position(|o| o == y) {
-            Some(at) => at,
-            None => {
-                outputs.push(y.clone());
-                outputs.len() - 1
-            }
-        });
+        let y_at = through.as_ref().map(|(_, y)| output_slot(&mut outputs, y));
         let new_cached: Vec<String> = keep
             .iter()
             .filter(|t| range.iter().any(|&i| view.nodes()[i].output.iter().any(|o| o == *t)))
@@ -375,14 +378,7 @@ impl<'a> Segmenter<'a> {
             if !range.iter().any(|&i| view.nodes()[i].output.iter().any(|o| o == t)) {
                 continue;
             }
-            let at = match outputs.iter().position(|o| o == t) {
-                Some(at) => at,
-                None => {
-                    outputs.push(t.clone());
-                    outputs.len() - 1
-                }
-            };
-            collected.push((at, ci));
+            collected.push((output_slot(&mut outputs, t), ci));
         }
 
         // Inputs: graph inputs read by the piece (spec order), then cached tensors.
@@ -470,7 +466,7 @@ impl<'a> Segmenter<'a> {
                 Some(&sample.as_ref().context("internal error: sample not loaded")?.inputs[k])
             };
             let output = y_at.and_then(|at| outs.get(at)).and_then(Option::as_ref);
-            let r = map(Visit { sample: i, value, output, collected: stats })
+            let r = map(Visit { value, output, collected: stats })
                 .with_context(|| format!("sample {source}: tensor '{want}'"))?;
             let names = plan.as_ref().map(|p| p.outputs()).unwrap_or(&[]);
             let fresh: Vec<(String, ArrayData)> = names
