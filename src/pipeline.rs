@@ -122,6 +122,11 @@ pub fn output_sqnr(reference: &ModelProto, cand: &ModelProto, data: &DataOptions
     Ok(worst)
 }
 
+/// "1 node", "3 nodes".
+fn nodes(n: usize) -> String {
+    format!("{n} node{}", if n == 1 { "" } else { "s" })
+}
+
 /// The model static quantization calibrates (see [`calibration_model`]).
 pub struct CalibrationModel {
     pub model: ModelProto,
@@ -133,8 +138,8 @@ pub struct CalibrationModel {
 }
 
 /// The model `onnxq quantize` calibrates, from the prepared one ([`quantize::prepare`]): the
-/// opset upgraded to 13 when per-channel weights need it and the float outputs on the first
-/// sample of `data` stay the same, and with `input_grid` (uint8 activations only),
+/// opset upgraded to 13 when per-channel weights need it (when a node's signature had to be
+/// rewritten, only if the float outputs on the first sample of `data` stay the same), and with `input_grid` (uint8 activations only),
 /// lattice-valued graph inputs moved onto the uint8 grid (their ranges are then fixed, so
 /// this needs fresh calibration, not `--stats`; the nodes that must read the unshifted
 /// input join `qopts.exclude`). `mark(step)` is called after each step.
@@ -150,7 +155,13 @@ pub fn calibration_model(
     let opset = quantize::default_opset(&model);
     if qopts.per_channel && opset < 13 {
         match quantize::opset::upgrade_to_13(&model) {
-            Ok(up) => match data {
+            // No node's signature differs: only the version number changed, nothing to check.
+            Ok((up, 0)) => {
+                opset_note = Some(format!("upgraded opset {opset} -> 13 (version only: no node needed a rewrite)"));
+                model = up;
+            }
+            Ok((up, rewritten)) => match data {
+                // The rewrite is what could go wrong: check it on a sample.
                 Some(d) => {
                     // The upgrade rewrites structure (axes attributes to inputs, Softmax's
                     // coercion): a wrong rewrite changes the outputs of any sample, so one is
@@ -158,15 +169,21 @@ pub fn calibration_model(
                     let check = DataOptions { max_samples: Some(1), ..d.clone() };
                     let sqnr = output_sqnr(&model, &up, &check).context("checking the opset-13 upgrade")?;
                     if sqnr >= 80.0 {
-                        opset_note =
-                            Some(format!("upgraded opset {opset} -> 13, float outputs match ({} dB)", fmt_db(sqnr)));
+                        opset_note = Some(format!(
+                            "upgraded opset {opset} -> 13 ({} rewritten), float outputs match ({} dB)",
+                            nodes(rewritten),
+                            fmt_db(sqnr)
+                        ));
                         model = up;
                     } else {
                         opset_note = Some(format!("opset {opset} -> 13 upgrade changed the float outputs ({sqnr:.1} dB): kept opset {opset}, per-tensor weights"));
                     }
                 }
                 None => {
-                    opset_note = Some(format!("upgraded opset {opset} -> 13 (not verified: no samples)"));
+                    opset_note = Some(format!(
+                        "upgraded opset {opset} -> 13 ({} rewritten, not verified: no samples)",
+                        nodes(rewritten)
+                    ));
                     model = up;
                 }
             },
@@ -225,7 +242,7 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
 
     if qopts.weights_only {
         if quantize::default_opset(&model) < 13 && qopts.per_channel {
-            if let Ok(up) = quantize::opset::upgrade_to_13(&model) {
+            if let Ok((up, _)) = quantize::opset::upgrade_to_13(&model) {
                 opset_note = Some(format!(
                     "upgraded opset {} -> 13 (not verified: no samples)",
                     quantize::default_opset(&model)

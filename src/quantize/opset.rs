@@ -4,8 +4,10 @@
 //! move from attribute to input; Dropout's `ratio` attribute is dropped (inference is the
 //! identity); Softmax/LogSoftmax/Hardmax are kept only when they act on the last axis (their
 //! 2-D coercion changed at 13). Anything else that blocks the upgrade is an error naming
-//! the node, and the caller falls back to per-tensor weights. The caller also checks that
-//! the upgraded float model gives the same outputs as the original on its samples.
+//! the node, and the caller falls back to per-tensor weights. Every other op keeps its
+//! meaning across 11–13 (its later versions only add types or optional inputs), so when no
+//! node needed a rewrite the upgrade only changes the version number; otherwise the caller
+//! checks that the upgraded float model gives the same outputs as the original on a sample.
 
 use crate::onnx::attr::NodeAttrs;
 use crate::onnx::builder::Dim;
@@ -14,10 +16,11 @@ use crate::onnx::tensor::vec_i64;
 use crate::onnx::{describe, GraphView, NameAlloc};
 use anyhow::{bail, Context, Result};
 
-pub fn upgrade_to_13(model: &ModelProto) -> Result<ModelProto> {
+/// The model at opset 13 and the number of nodes whose signature had to be rewritten.
+pub fn upgrade_to_13(model: &ModelProto) -> Result<(ModelProto, usize)> {
     let from = super::default_opset(model);
     if from >= 13 {
-        return Ok(model.clone());
+        return Ok((model.clone(), 0));
     }
     if from < 11 {
         bail!("upgrading from opset {from} is not supported (only 11 and 12)");
@@ -28,6 +31,7 @@ pub fn upgrade_to_13(model: &ModelProto) -> Result<ModelProto> {
     let mut names = NameAlloc::new(graph);
     let mut new_inits = Vec::new();
     let g = m.graph.as_mut().context("the model has no graph")?;
+    let mut rewritten = 0;
     for n in g.node.iter_mut() {
         if !n.domain().is_empty() && n.domain() != "ai.onnx" {
             continue;
@@ -45,6 +49,7 @@ pub fn upgrade_to_13(model: &ModelProto) -> Result<ModelProto> {
                     }
                     n.input.truncate(1);
                     n.input.push(name);
+                    rewritten += 1;
                 }
             }
             "Split" => {
@@ -55,10 +60,13 @@ pub fn upgrade_to_13(model: &ModelProto) -> Result<ModelProto> {
                     n.attribute.retain(|a| a.name() != "split");
                     n.input.truncate(1);
                     n.input.push(name);
+                    rewritten += 1;
                 }
             }
             "Dropout" => {
+                let before = n.attribute.len();
                 n.attribute.retain(|a| a.name() != "ratio");
+                rewritten += usize::from(n.attribute.len() != before);
             }
             "Softmax" | "LogSoftmax" | "Hardmax" => {
                 let axis = n.attr_int_or("axis", 1)?;
@@ -87,7 +95,7 @@ pub fn upgrade_to_13(model: &ModelProto) -> Result<ModelProto> {
     if m.ir_version() < 7 {
         m.ir_version = Some(7);
     }
-    Ok(m)
+    Ok((m, rewritten))
 }
 
 #[cfg(test)]
@@ -111,7 +119,8 @@ mod tests {
         let mut g2 = g.clone();
         g2.value_info.push(tensor_info("y", dtype::FLOAT, &[1, 2, 3]));
         let m = model(g2, 11);
-        let up = upgrade_to_13(&m).unwrap();
+        let (up, rewritten) = upgrade_to_13(&m).unwrap();
+        assert_eq!(rewritten, 1);
         let gu = up.graph.as_ref().unwrap();
         assert_eq!(gu.node[0].input, vec!["x".to_string(), "u_axes".to_string()]);
         assert!(gu.node[0].attribute.is_empty());

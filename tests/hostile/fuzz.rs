@@ -65,7 +65,7 @@ pub fn exercise(bytes: &[u8], dir: &Path) -> Outcome {
         // What `onnxq quantize` does: graph preparation, opset upgrade, then quantization.
         let (mut m, _) = quantize::prepare::prepare(&model.proto)?;
         if quantize::default_opset(&m) < 13 {
-            if let Ok(up) = quantize::opset::upgrade_to_13(&m) {
+            if let Ok((up, _)) = quantize::opset::upgrade_to_13(&m) {
                 m = up;
             }
         }
