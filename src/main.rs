@@ -1,9 +1,37 @@
 //! The `onnxq` binary: parses arguments, runs the command, prints the error chain on failure.
+//! It also sets up the allocator for a calibration-shaped workload ([`one_malloc_arena`]).
 
 use clap::Parser;
 use std::process::ExitCode;
 
+/// One glibc malloc arena for the whole process (unless `MALLOC_ARENA_MAX` says otherwise).
+/// By default glibc gives threads that allocate at the same time arenas of their own, and
+/// memory freed in an arena is reused only from it: each worker's freed per-sample
+/// activations then stay resident beside the others'. Measured peak RSS of `quantize`
+/// (2 threads): MiniLM-L6 294–364 → 251 MB, PP-OCR det 653–680 → 581–595 MB, in the same
+/// time (runtime ops allocate per node, not per element).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn one_malloc_arena() {
+    use std::ffi::c_int;
+    /// glibc's `M_ARENA_MAX` parameter number (malloc.h).
+    const M_ARENA_MAX: c_int = -8;
+    extern "C" {
+        fn mallopt(param: c_int, value: c_int) -> c_int;
+    }
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: glibc's mallopt only sets an allocator parameter; this runs before any
+        // other thread exists.
+        unsafe {
+            mallopt(M_ARENA_MAX, 1);
+        }
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn one_malloc_arena() {}
+
 fn main() -> ExitCode {
+    one_malloc_arena();
     let cli = onnxq::cli::Cli::parse();
     match onnxq::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -420,6 +420,10 @@ impl LayerAcc {
         // The sample's own M-th largest is a lower bound of the global one.
         let own_bound = if abs.len() >= m {
             keep_largest(&mut abs, m);
+            // The sample's statistics are held until they are folded: do not hold the
+            // capacity of every value pushed before the cut (a Conv layer's early samples
+            // push them all).
+            abs.shrink_to_fit();
             min_of(&abs) as f64 * self.factor
         } else {
             0.0
