@@ -86,8 +86,10 @@
 //! guard's samples), nothing more when no candidate layer has outliers; else one sequential
 //! pass (statistics, Gram matrices, recalibration) and, when an edit was kept, two fake-quant
 //! forward passes over the guard's samples. In the sequential pass a MatMul or Conv layer's
-//! piece runs through the layer, so `y` comes from the runtime (the next piece runs the layer
-//! again with its edited weights), calibration statistics are taken in the runtime's buffers,
+//! piece runs through the layer, so `y` comes from the runtime; a MatMul's output is then
+//! kept for the next piece when the local acceptance keeps all its input rows (a kept edit
+//! recomputes only the edited columns from them), else the next piece runs the layer again
+//! with its edited weights ([`segment::Through`]). Calibration statistics are taken in the runtime's buffers,
 //! Gram rows are multiplied [`collect::GRAM_ROWS`] at a time, and each chunk of samples is
 //! folded while the next one runs ([`segment`]). The plain model's twin is quantized, loaded
 //! and run concurrently with the sequential pass (plan optimization is single-threaded, so
@@ -121,7 +123,7 @@ use collect::{LayerAcc, LayerStats, SampleStats};
 use layer::{Layer, LayerKind, NotALayer};
 use ndarray::{Array2, ArrayD, ArrayViewD, CowArray, Ix2};
 use rayon::prelude::*;
-use segment::Visit;
+use segment::{Through, Visit};
 use serde::Serialize;
 use solve::{Cholesky, Outlier};
 use std::collections::{BTreeMap, BTreeSet};
@@ -511,7 +513,7 @@ fn attach_input(l: &Layer, s: &mut SampleStats, x: &ArrayViewD<'_, f32>) -> Resu
 }
 
 /// `value` as `[rows, width]` rows (a view when it is in standard layout).
-fn as_rows<'a>(value: &'a ArrayViewD<'a, f32>, width: usize) -> Result<CowArray<'a, f32, Ix2>> {
+pub(crate) fn as_rows<'a>(value: &'a ArrayViewD<'a, f32>, width: usize) -> Result<CowArray<'a, f32, Ix2>> {
     if width == 0 || value.ndim() == 0 || value.shape()[value.ndim() - 1] != width {
         bail!("a tensor of shape {:?} does not end with {width}", value.shape());
     }
@@ -519,6 +521,47 @@ fn as_rows<'a>(value: &'a ArrayViewD<'a, f32>, width: usize) -> Result<CowArray<
     Ok(match value.view().into_shape_with_order((rows, width)) {
         Ok(v) => CowArray::from(v),
         Err(_) => CowArray::from(value.as_standard_layout().into_owned().into_shape_with_order((rows, width))?),
+    })
+}
+
+/// Brings a layer output kept by [`Through::Keep`] up to date after the layer's weight went
+/// from `w` to `w_new`: in each sample's cached `y` (`rows` rows of `N`), the columns that
+/// changed are recomputed from the kept input rows (all of them, in row order),
+/// `y_rj = Σ_k x_rk·w'_kj` summed in `f64`; the other columns are the runtime's.
+pub(crate) fn update_kept_output(
+    seg: &mut segment::Segmenter,
+    l: &Layer,
+    st: &LayerStats,
+    w: &Array2<f32>,
+    w_new: &Array2<f32>,
+    rows: usize,
+) -> Result<()> {
+    let changed: Vec<usize> = (0..l.n.min(w.ncols())).filter(|&j| w.column(j) != w_new.column(j)).collect();
+    if changed.is_empty() {
+        return Ok(());
+    }
+    let (ids, x, _) = st.kept.first().context("internal error: no kept rows")?;
+    if st.kept.len() != 1 || x.nrows() != ids.len() || ids.iter().enumerate().any(|(r, &id)| id != r as u64) {
+        bail!("internal error: layer {}: the kept rows are not every input row", l.node);
+    }
+    let cols: Vec<Vec<f64>> =
+        changed.iter().map(|&j| w_new.column(j).iter().map(|&v| f64::from(v)).collect()).collect();
+    seg.update_cached(&l.output, |i, y| {
+        let ArrayData::F32(y) = y else { bail!("the output of layer {} is not float", l.node) };
+        let n = l.n;
+        let y = y
+            .as_slice_mut()
+            .with_context(|| format!("internal error: the output of layer {} is not contiguous", l.node))?;
+        if y.len() != rows * n || x.nrows() < (i + 1) * rows {
+            bail!("internal error: layer {}: {} output values for {rows} rows of {n}", l.node, y.len());
+        }
+        for r in 0..rows {
+            let xr = x.row(i * rows + r);
+            for (c, &j) in cols.iter().zip(&changed) {
+                y[r * n + j] = xr.iter().zip(c).map(|(&a, &b)| f64::from(a) * b).sum::<f64>() as f32;
+            }
+        }
+        Ok(())
     })
 }
 
@@ -1143,8 +1186,13 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
     report.phase_seconds.insert("1 statistics pass".into(), t0.elapsed().as_secs_f64());
     let c1 = phase_cpu(&mut report, "1 statistics pass", c0);
     let t1 = Instant::now();
-    let flagged: Vec<&Layer> =
-        layers.iter().zip(&first.layers).filter(|(_, st)| !st.outliers.is_empty()).map(|(l, _)| l).collect();
+    // The flagged layers and their input rows per sample.
+    let (flagged, flagged_rows): (Vec<&Layer>, Vec<usize>) = layers
+        .iter()
+        .zip(&first.layers)
+        .filter(|(_, st)| !st.outliers.is_empty())
+        .map(|(l, st)| (l, (st.rows as usize).div_ceil(set.len().max(1))))
+        .unzip();
     report.layers_with_outliers = flagged.len();
     let base_cal = first.calibration;
     let reference = first.outputs;
@@ -1233,12 +1281,20 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
                 keep,
             ));
             // MatMul and Conv (constant or no bias) layers run through in their piece, and `y`
-            // is read from the runtime instead of recomputed (as in the statistics pass).
+            // is read from the runtime instead of recomputed (as in the statistics pass). A
+            // MatMul whose input rows are all kept (for the local acceptance) keeps its output
+            // for the next piece, which then does not run it again: an accepted edit changes
+            // only its edited columns, recomputed from those rows (`update_kept_output`).
             let cur_graph = cur.graph.as_ref().context("the model has no graph")?;
             let source = runtime_source(&GraphView::new(cur_graph), l)?;
+            let through = match &source {
+                None => Through::No,
+                Some(Source::MatMulOutput) if keep > 0 && keep >= flagged_rows[idx] => Through::Keep,
+                Some(_) => Through::Rerun,
+            };
             seg.advance(
                 &cur,
-                (l.node_index, &l.input, source.is_some()),
+                (l.node_index, &l.input, through),
                 &later[idx + 1..],
                 &collect,
                 stat,
@@ -1273,59 +1329,83 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
                 reason,
                 edit: None,
             };
-            if st.outliers.is_empty() {
-                report.layers.push(decline("no outliers once the earlier layers were regularized".into()));
-                continue;
-            }
-            let bias = layer::bias_values(&cur, l)?;
-            let edit = match compute_edit(l, &st, &w, bias.clone(), opts, run.full_edits) {
-                Ok(e) => e,
-                Err(e) => {
-                    report.layers.push(decline(format!("not regularized: {e:#}")));
-                    continue;
+            // The new weight when an edit is kept.
+            let kept_edit: Option<Array2<f32>> = 'decide: {
+                if st.outliers.is_empty() {
+                    report.layers.push(decline("no outliers once the earlier layers were regularized".into()));
+                    break 'decide None;
                 }
+                let bias = layer::bias_values(&cur, l)?;
+                let edit = match compute_edit(l, &st, &w, bias.clone(), opts, run.full_edits) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        report.layers.push(decline(format!("not regularized: {e:#}")));
+                        break 'decide None;
+                    }
+                };
+                let decision = if run.guard.is_some() {
+                    let (before, after) =
+                        local_error(&st, &w, bias.as_deref(), &edit).with_context(|| format!("layer {}", l.node))?;
+                    let accepted = after < before;
+                    LayerDecision {
+                        node: l.node.clone(),
+                        accepted,
+                        local_error: Some(LocalError { before, after }),
+                        reason: format!(
+                            "int8 output error {} -> {}: {}",
+                            fmt_err(before),
+                            fmt_err(after),
+                            if accepted { "kept" } else { "reverted" }
+                        ),
+                        edit: Some(edit.report.clone()),
+                    }
+                } else {
+                    LayerDecision {
+                        node: l.node.clone(),
+                        accepted: true,
+                        local_error: None,
+                        reason: "applied (unguarded)".into(),
+                        edit: Some(edit.report.clone()),
+                    }
+                };
+                if decision.accepted {
+                    layer::write_weight(&mut cur, l, &edit.w)?;
+                    if let Some(b) = &edit.bias {
+                        layer::write_bias(&mut cur, l, b)?;
+                    }
+                }
+                if !opts.quiet {
+                    eprintln!(
+                        "layer {}: {} outliers (max/tau {:.1}): {}",
+                        l.node,
+                        st.outliers.len(),
+                        st.abs_max / st.tau.max(f64::MIN_POSITIVE),
+                        decision.reason
+                    );
+                }
+                let accepted = decision.accepted;
+                report.layers.push(decision);
+                accepted.then_some(edit.w)
             };
-            let decision = if run.guard.is_some() {
-                let (before, after) =
-                    local_error(&st, &w, bias.as_deref(), &edit).with_context(|| format!("layer {}", l.node))?;
-                let accepted = after < before;
-                LayerDecision {
-                    node: l.node.clone(),
-                    accepted,
-                    local_error: Some(LocalError { before, after }),
-                    reason: format!(
-                        "int8 output error {} -> {}: {}",
-                        fmt_err(before),
-                        fmt_err(after),
-                        if accepted { "kept" } else { "reverted" }
-                    ),
-                    edit: Some(edit.report.clone()),
+            if through == Through::Keep {
+                if let Some(w_new) = &kept_edit {
+                    update_kept_output(&mut seg, l, &st, &w, w_new, flagged_rows[idx])?;
                 }
-            } else {
-                LayerDecision {
-                    node: l.node.clone(),
-                    accepted: true,
-                    local_error: None,
-                    reason: "applied (unguarded)".into(),
-                    edit: Some(edit.report.clone()),
-                }
-            };
-            if decision.accepted {
-                layer::write_weight(&mut cur, l, &edit.w)?;
-                if let Some(b) = &edit.bias {
-                    layer::write_bias(&mut cur, l, b)?;
+                // No later piece produces the kept output: its statistics are taken here.
+                if let Some(ci) = collect.iter().position(|c| c == &l.output) {
+                    let seg = &seg;
+                    let stats: Vec<Result<TensorStats>> = (0..set.len())
+                        .into_par_iter()
+                        .map(|i| match seg.cached(i, &l.output) {
+                            Some(ArrayData::F32(y)) => stat(ci, y.view()),
+                            _ => bail!("internal error: the output of layer {} is not cached", l.node),
+                        })
+                        .collect();
+                    for s in stats {
+                        fold_fresh(per_collected(vec![(ci, s?)]));
+                    }
                 }
             }
-            if !opts.quiet {
-                eprintln!(
-                    "layer {}: {} outliers (max/tau {:.1}): {}",
-                    l.node,
-                    st.outliers.len(),
-                    st.abs_max / st.tau.max(f64::MIN_POSITIVE),
-                    decision.reason
-                );
-            }
-            report.layers.push(decision);
         }
         if report.layers.iter().any(|d| d.accepted) && !collect.is_empty() {
             seg.finish(

@@ -16,8 +16,11 @@
 //! edited model are gathered in the same pass; [`Segmenter::finish`] runs the rest of the
 //! graph after the last layer for them. A collected tensor is read in the runtime's buffer
 //! (a `stat` closure, no copy); only the cached frontier, the layer's input and output are
-//! copied out. A piece can run *through* its layer and hand over the layer's output (then
-//! the next piece runs that node again, with the weights it has by then).
+//! copied out. A piece can run *through* its layer and hand over the layer's output: then
+//! either the next piece runs that node again, with the weights it has by then
+//! ([`Through::Rerun`]), or the output is cached as it is and the next piece starts after
+//! the node ([`Through::Keep`]); the caller brings the cached output up to date with
+//! [`Segmenter::update_cached`] when it changes the node's weights.
 //!
 //! Samples run in chunks, each chunk's samples in parallel; a chunk's results are folded, in
 //! sample order, while the next chunk runs.
@@ -209,6 +212,18 @@ fn output_slot(outputs: &mut Vec<String>, name: &str) -> usize {
     }
 }
 
+/// Whether a piece runs the layer node it ends before, and what the next piece does with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Through {
+    /// The piece stops before the node.
+    No,
+    /// The piece runs the node and hands over its output; the next piece runs it again.
+    Rerun,
+    /// The piece runs the node, hands over its output and caches it; the next piece starts
+    /// after the node.
+    Keep,
+}
+
 /// What a piece hands to the map for one sample (whose index `fold` receives).
 pub struct Visit<'v, S> {
     /// The tensor the piece ends at (`None` after the last layer).
@@ -248,15 +263,17 @@ impl<'a> Segmenter<'a> {
     /// of layers still to come (what must stay cached). `model` must keep the same graph
     /// structure between calls (only constant values may change).
     ///
-    /// With `through`, the piece also runs node `upto` itself and hands over its first output
-    /// (the layer's `y` as the runtime computes it, instead of recomputing it); the next
-    /// piece runs the node again, with whatever weights it has by then. That output is
-    /// neither cached nor collected from this piece.
+    /// With `through` other than [`Through::No`], the piece also runs node `upto` itself and
+    /// hands over its first output (the layer's `y` as the runtime computes it, instead of
+    /// recomputing it). That output is not collected from this piece. With
+    /// [`Through::Rerun`] the next piece runs the node again, with whatever weights it has
+    /// by then; with [`Through::Keep`] the output is cached instead (also when it is in
+    /// `collect`: the caller takes its statistics) and the next piece starts after the node.
     #[allow(clippy::too_many_arguments)]
     pub fn advance<S: Send, T: Send>(
         &mut self,
         model: &ModelProto,
-        (upto, want, through): (usize, &str, bool),
+        (upto, want, through): (usize, &str, Through),
         later: &[usize],
         collect: &[String],
         stat: impl Fn(usize, ArrayViewD<'_, f32>) -> Result<S> + Sync,
@@ -282,7 +299,7 @@ impl<'a> Segmenter<'a> {
     fn run<S: Send, T: Send>(
         &mut self,
         model: &ModelProto,
-        upto: Option<(usize, &str, bool)>,
+        upto: Option<(usize, &str, Through)>,
         later: &[usize],
         collect: &[String],
         stat: impl Fn(usize, ArrayViewD<'_, f32>) -> Result<S> + Sync,
@@ -299,18 +316,20 @@ impl<'a> Segmenter<'a> {
         if end < self.start {
             bail!("internal error: layers must be visited in topological order");
         }
+        // Where the next piece starts.
+        let resume = if matches!(upto, Some((_, _, Through::Keep))) { end + 1 } else { end };
         let mut last = later.iter().filter_map(|&i| lay.pos.get(i).copied()).max().unwrap_or(end).max(end);
         if !collect.is_empty() {
             // The rest of the graph runs later (`finish`): keep what it reads.
             last = last.max(lay.order.len().saturating_sub(1));
         }
 
-        // What must be cached after this piece: everything read at positions [end, last].
+        // What must be cached after this piece: everything read at positions [resume, last].
         let mut keep = BTreeSet::new();
         let mut scratch = BTreeSet::new();
-        for &i in lay.order.get(end..=last).unwrap_or(&[]) {
+        for &i in lay.order.get(resume..=last).unwrap_or(&[]) {
             for r in lay.reads(i) {
-                lay.resolve(&r, end, &mut keep, &mut scratch);
+                lay.resolve(&r, resume, &mut keep, &mut scratch);
             }
         }
 
@@ -320,7 +339,7 @@ impl<'a> Segmenter<'a> {
         let range: Vec<usize> = lay.order[self.start..end].to_vec();
         // The layer node when the piece runs through it (and its output's name).
         let through = match upto {
-            Some((node, _, true)) => {
+            Some((node, _, Through::Rerun | Through::Keep)) => {
                 let y = view.nodes()[node].output.first().filter(|o| !o.is_empty());
                 Some((node, y.context("internal error: the layer node has no output")?.clone()))
             }
@@ -362,11 +381,14 @@ impl<'a> Segmenter<'a> {
             outputs.push(want.to_string());
         }
         let y_at = through.as_ref().map(|(_, y)| output_slot(&mut outputs, y));
-        let new_cached: Vec<String> = keep
-            .iter()
-            .filter(|t| range.iter().any(|&i| view.nodes()[i].output.iter().any(|o| o == *t)))
-            .cloned()
-            .collect();
+        // With `Keep`, the layer's output is among them.
+        let runs_here = |t: &str| {
+            range
+                .iter()
+                .chain(through.iter().map(|t| &t.0).filter(|_| resume > end))
+                .any(|&i| view.nodes()[i].output.iter().any(|o| o == t))
+        };
+        let new_cached: Vec<String> = keep.iter().filter(|t| runs_here(t)).cloned().collect();
         for t in &new_cached {
             if !outputs.contains(t) {
                 outputs.push(t.clone());
@@ -513,8 +535,23 @@ impl<'a> Segmenter<'a> {
             }
         }
         pb.finish_and_clear();
-        self.start = end;
+        self.start = resume;
         Ok(())
+    }
+
+    /// Changes every sample's cached value of tensor `name` with `f(sample, value)` (samples
+    /// in parallel, each on its own): e.g. a layer's output kept by [`Through::Keep`], after
+    /// the layer's weights changed.
+    pub fn update_cached(&mut self, name: &str, f: impl Fn(usize, &mut ArrayData) -> Result<()> + Sync) -> Result<()> {
+        self.cache.par_iter_mut().enumerate().try_for_each(|(i, c)| {
+            let v = c.get_mut(name).with_context(|| format!("internal error: tensor '{name}' is not cached"))?;
+            f(i, v)
+        })
+    }
+
+    /// Sample `i`'s cached value of tensor `name`.
+    pub fn cached(&self, i: usize, name: &str) -> Option<&ArrayData> {
+        self.cache.get(i)?.get(name)
     }
 
     /// Serializes the piece as a model and its input facts.
@@ -653,7 +690,7 @@ mod tests {
         let mut got_c = Vec::new();
         seg.advance(
             &m,
-            (m2, "c", false),
+            (m2, "c", Through::No),
             &[m3],
             &[],
             |_, v| Ok(v.to_owned()),
@@ -675,7 +712,7 @@ mod tests {
         let mut got_e = Vec::new();
         seg.advance(
             &m,
-            (m3, "e", false),
+            (m3, "e", Through::No),
             &[],
             &["y".to_string()],
             |_, v| Ok(v.to_owned()),
@@ -740,7 +777,7 @@ mod tests {
         let mut got = Vec::new();
         seg.advance(
             &m,
-            (m2, "c", true),
+            (m2, "c", Through::Rerun),
             &[m3],
             &collect,
             to_array,
@@ -765,7 +802,7 @@ mod tests {
         let mut again = Vec::new();
         seg.advance(
             &m,
-            (m3, "e", false),
+            (m3, "e", Through::No),
             &[],
             &collect,
             to_array,
@@ -781,6 +818,131 @@ mod tests {
             assert_eq!(&c[0].1, want, "the edited m2 ran again");
         }
         assert_ne!(after[0], before[0]);
+        Ok(())
+    }
+
+    #[test]
+    fn a_piece_keeping_a_layers_output_caches_it_and_the_next_piece_reads_the_update() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (specs, set) = samples(dir.path(), 3)?;
+        let m = chain();
+        let of = |m: &ModelProto, name: &str| -> Result<Vec<ArrayData>> {
+            let bytes = crate::onnx::io::encode_for_runtime(m)?;
+            let facts = crate::calibrate::input_facts(&specs, &set)?;
+            let plan = Plan::load(&bytes, None, &facts, &[name.to_string()])?;
+            (0..set.len()).map(|i| Ok(plan.run(&set.load(i)?.inputs)?.remove(0))).collect()
+        };
+        let (d_before, e_before) = (of(&m, "d")?, of(&m, "e")?);
+        let g = m.graph.as_ref().context("g")?;
+        let idx = |name: &str| g.node.iter().position(|n| n.name() == name).expect("node");
+        let (m2, m3) = (idx("m2"), idx("m3"));
+        let collect = ["d".to_string(), "e".to_string()];
+        let to_array = |_: usize, v: ArrayViewD<'_, f32>| Ok(ArrayData::F32(v.to_owned()));
+        let mut seg = Segmenter::new(&specs, &set, true);
+        let mut got = Vec::new();
+        seg.advance(
+            &m,
+            (m2, "c", Through::Keep),
+            &[m3],
+            &collect,
+            to_array,
+            |v| {
+                assert!(v.collected.is_empty(), "d is the kept output, e comes after");
+                v.output.cloned().context("d")
+            },
+            |_, v| {
+                got.push(v);
+                Ok(())
+            },
+        )?;
+        assert_eq!(got, d_before);
+        for (i, d) in d_before.iter().enumerate() {
+            assert_eq!(seg.cached(i, "d"), Some(d), "the layer's output is cached");
+        }
+        // The caller changes the cached output (as if m2's weights had changed); the next
+        // piece starts after m2 and reads it: e = d + x.
+        seg.update_cached("d", |i, d| {
+            let ArrayData::F32(a) = d else { bail!("d") };
+            a.mapv_inplace(|v| v + i as f32 + 1.0);
+            Ok(())
+        })?;
+        let mut again = Vec::new();
+        seg.advance(
+            &m,
+            (m3, "e", Through::No),
+            &[],
+            &collect,
+            to_array,
+            |v| Ok((v.value.cloned().context("e")?, v.collected)),
+            |_, v| {
+                again.push(v);
+                Ok(())
+            },
+        )?;
+        for (i, ((e, collected), want)) in again.iter().zip(&e_before).enumerate() {
+            let (ArrayData::F32(e), ArrayData::F32(want)) = (e, want) else { bail!("float") };
+            let shifted = want.mapv(|v| v + i as f32 + 1.0);
+            assert!(e.iter().zip(&shifted).all(|(a, b)| (a - b).abs() <= 1e-5 * b.abs().max(1.0)), "{e} vs {shifted}");
+            // Only e is collected here: m2 did not run again.
+            assert_eq!(collected.len(), 1);
+            assert_eq!(collected[0].0, 1);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_kept_output_brought_up_to_date_after_an_edit_matches_the_runtime() -> Result<()> {
+        use crate::outliers::{as_rows, collect::LayerAcc, layer, update_kept_output};
+        let dir = tempfile::tempdir()?;
+        let (specs, set) = samples(dir.path(), 4)?;
+        let mut m = chain();
+        let (layers, _) = layer::find_layers(&m)?;
+        let l = layers.iter().find(|l| l.node == "m2").context("m2")?.clone();
+        let m3 = m.graph.as_ref().context("g")?.node.iter().position(|n| n.name() == "m3").context("m3")?;
+        // Every input row kept, as the sequential pass keeps them.
+        let acc = std::sync::RwLock::new(LayerAcc::new(set.len(), 0.999, 4.0, false, 1, 1 << 10));
+        let mut seg = Segmenter::new(&specs, &set, true);
+        seg.advance(
+            &m,
+            (l.node_index, &l.input, Through::Keep),
+            &[m3],
+            &[],
+            |_, _| Ok(()),
+            |v| {
+                let (Some(ArrayData::F32(x)), Some(ArrayData::F32(y))) = (v.value, v.output) else { bail!("float") };
+                let a = acc.read().map_err(|_| anyhow::anyhow!("lock"))?;
+                a.sample_with(vec![as_rows(&x.view(), l.k)?.into_owned()], vec![as_rows(&y.view(), l.n)?.into_owned()])
+            },
+            |_, s| acc.write().map_err(|_| anyhow::anyhow!("lock"))?.merge(s),
+        )?;
+        let st = acc.into_inner().map_err(|_| anyhow::anyhow!("lock"))?.finish()?;
+        let before: Vec<ArrayData> =
+            (0..set.len()).map(|i| seg.cached(i, "d").cloned().context("d")).collect::<Result<_>>()?;
+        let w = layer::weight_matrix(&m, &l)?;
+        let mut w_new = w.clone();
+        w_new.column_mut(2).mapv_inplace(|v| 0.3 - 2.0 * v);
+        update_kept_output(&mut seg, &l, &st, &w, &w_new, 2)?;
+        layer::write_weight(&mut m, &l, &w_new)?;
+        let bytes = crate::onnx::io::encode_for_runtime(&m)?;
+        let plan = Plan::load(&bytes, None, &crate::calibrate::input_facts(&specs, &set)?, &["d".to_string()])?;
+        let mut changed = false;
+        for (i, old) in before.iter().enumerate() {
+            let want = plan.run(&set.load(i)?.inputs)?.remove(0);
+            let (Some(ArrayData::F32(got)), ArrayData::F32(want), ArrayData::F32(old)) =
+                (seg.cached(i, "d"), &want, old)
+            else {
+                bail!("float")
+            };
+            for ((r, j), &g) in got.view().into_dimensionality::<ndarray::Ix2>()?.indexed_iter() {
+                if j == 2 {
+                    assert!((g - want[[r, j]]).abs() <= 1e-5 * want[[r, j]].abs().max(1.0), "{g} vs {}", want[[r, j]]);
+                    changed |= g != old[[r, j]];
+                } else {
+                    assert_eq!(g, old[[r, j]], "the other columns are the runtime's");
+                }
+            }
+        }
+        assert!(changed, "the edited column changed");
         Ok(())
     }
 }
