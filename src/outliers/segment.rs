@@ -653,26 +653,49 @@ mod tests {
         model(g, 13)
     }
 
-    /// Three random samples of `chain`'s input `x` written to `dir`, opened.
-    fn samples(dir: &std::path::Path, seed: u64) -> Result<(Vec<InputSpec>, SampleSet)> {
+    /// The node indices of `chain`'s m2 and m3.
+    fn m2_m3(m: &ModelProto) -> Result<(usize, usize)> {
+        let g = m.graph.as_ref().context("g")?;
+        let idx = |name: &str| g.node.iter().position(|n| n.name() == name).context("node");
+        Ok((idx("m2")?, idx("m3")?))
+    }
+
+    /// A collected tensor's statistic in these tests: its value.
+    fn to_array(_: usize, v: ArrayViewD<'_, f32>) -> Result<ArrayData> {
+        Ok(ArrayData::F32(v.to_owned()))
+    }
+
+    /// Each sample's value of tensor `name` in the whole model `m`, run by the runtime.
+    fn values(m: &ModelProto, specs: &[InputSpec], set: &SampleSet, name: &str) -> Result<Vec<ArrayData>> {
+        let bytes = crate::onnx::io::encode_for_runtime(m)?;
+        let plan = Plan::load(&bytes, None, &crate::calibrate::input_facts(specs, set)?, &[name.to_string()])?;
+        (0..set.len()).map(|i| Ok(plan.run(&set.load(i)?.inputs)?.remove(0))).collect()
+    }
+
+    /// Three random samples of `chain`'s input `x` written to a fresh folder (kept alive by the
+    /// returned guard), opened.
+    fn samples(seed: u64) -> Result<(tempfile::TempDir, Vec<InputSpec>, SampleSet)> {
+        let dir = tempfile::tempdir()?;
         let mut rng = crate::rng::Rng::new(seed);
         for i in 0..3 {
             let x =
                 ArrayData::F32(ArrayD::from_shape_vec(IxDyn(&[2, 4]), (0..8).map(|_| rng.normal() as f32).collect())?);
-            crate::npy::write_npz(&dir.join(format!("{i}.npz")), &[("x", &x)])?;
+            crate::npy::write_npz(&dir.path().join(format!("{i}.npz")), &[("x", &x)])?;
         }
         let specs = crate::calibrate::input_specs(chain().graph.as_ref().context("g")?);
         let set = crate::data::open(
             &specs,
-            &crate::data::DataOptions { sources: vec![crate::data::Source::Path(dir.into())], ..Default::default() },
+            &crate::data::DataOptions {
+                sources: vec![crate::data::Source::Path(dir.path().into())],
+                ..Default::default()
+            },
         )?;
-        Ok((specs, set))
+        Ok((dir, specs, set))
     }
 
     #[test]
     fn pieces_reproduce_the_full_model_and_see_edits() -> Result<()> {
-        let dir = tempfile::tempdir()?;
-        let (specs, set) = samples(dir.path(), 1)?;
+        let (_dir, specs, set) = samples(1)?;
         let mut m = chain();
         // Reference: the full model with all intermediates.
         let full = |m: &ModelProto| -> Result<Vec<Vec<ArrayData>>> {
@@ -683,9 +706,7 @@ mod tests {
             (0..set.len()).map(|i| plan.run(&set.load(i)?.inputs)).collect()
         };
         let before = full(&m)?;
-        let g = m.graph.as_ref().context("g")?;
-        let idx = |name: &str| g.node.iter().position(|n| n.name() == name).expect("node");
-        let (m2, m3) = (idx("m2"), idx("m3"));
+        let (m2, m3) = m2_m3(&m)?;
         let mut seg = Segmenter::new(&specs, &set, true);
         let mut got_c = Vec::new();
         seg.advance(
@@ -758,21 +779,11 @@ mod tests {
 
     #[test]
     fn a_piece_running_through_a_layer_hands_its_output_and_the_next_piece_reruns_it() -> Result<()> {
-        let dir = tempfile::tempdir()?;
-        let (specs, set) = samples(dir.path(), 2)?;
+        let (_dir, specs, set) = samples(2)?;
         let mut m = chain();
-        let d_of = |m: &ModelProto| -> Result<Vec<ArrayData>> {
-            let bytes = crate::onnx::io::encode_for_runtime(m)?;
-            let facts = crate::calibrate::input_facts(&specs, &set)?;
-            let plan = Plan::load(&bytes, None, &facts, &["d".to_string()])?;
-            (0..set.len()).map(|i| Ok(plan.run(&set.load(i)?.inputs)?.remove(0))).collect()
-        };
-        let before = d_of(&m)?;
-        let g = m.graph.as_ref().context("g")?;
-        let idx = |name: &str| g.node.iter().position(|n| n.name() == name).expect("node");
-        let (m2, m3) = (idx("m2"), idx("m3"));
+        let before = values(&m, &specs, &set, "d")?;
+        let (m2, m3) = m2_m3(&m)?;
         let collect = ["d".to_string()];
-        let to_array = |_: usize, v: ArrayViewD<'_, f32>| Ok(ArrayData::F32(v.to_owned()));
         let mut seg = Segmenter::new(&specs, &set, true);
         let mut got = Vec::new();
         seg.advance(
@@ -798,7 +809,7 @@ mod tests {
         let gm = m.graph.as_mut().context("g")?;
         let w2 = gm.initializer.iter_mut().find(|t| t.name() == "W2").context("W2")?;
         *w2 = from_f32("W2", &ArrayD::from_elem(IxDyn(&[4, 4]), 0.5f32));
-        let after = d_of(&m)?;
+        let after = values(&m, &specs, &set, "d")?;
         let mut again = Vec::new();
         seg.advance(
             &m,
@@ -823,21 +834,11 @@ mod tests {
 
     #[test]
     fn a_piece_keeping_a_layers_output_caches_it_and_the_next_piece_reads_the_update() -> Result<()> {
-        let dir = tempfile::tempdir()?;
-        let (specs, set) = samples(dir.path(), 3)?;
+        let (_dir, specs, set) = samples(3)?;
         let m = chain();
-        let of = |m: &ModelProto, name: &str| -> Result<Vec<ArrayData>> {
-            let bytes = crate::onnx::io::encode_for_runtime(m)?;
-            let facts = crate::calibrate::input_facts(&specs, &set)?;
-            let plan = Plan::load(&bytes, None, &facts, &[name.to_string()])?;
-            (0..set.len()).map(|i| Ok(plan.run(&set.load(i)?.inputs)?.remove(0))).collect()
-        };
-        let (d_before, e_before) = (of(&m, "d")?, of(&m, "e")?);
-        let g = m.graph.as_ref().context("g")?;
-        let idx = |name: &str| g.node.iter().position(|n| n.name() == name).expect("node");
-        let (m2, m3) = (idx("m2"), idx("m3"));
+        let (d_before, e_before) = (values(&m, &specs, &set, "d")?, values(&m, &specs, &set, "e")?);
+        let (m2, m3) = m2_m3(&m)?;
         let collect = ["d".to_string(), "e".to_string()];
-        let to_array = |_: usize, v: ArrayViewD<'_, f32>| Ok(ArrayData::F32(v.to_owned()));
         let mut seg = Segmenter::new(&specs, &set, true);
         let mut got = Vec::new();
         seg.advance(
@@ -893,12 +894,11 @@ mod tests {
     #[test]
     fn a_kept_output_brought_up_to_date_after_an_edit_matches_the_runtime() -> Result<()> {
         use crate::outliers::{as_rows, collect::LayerAcc, layer, update_kept_output};
-        let dir = tempfile::tempdir()?;
-        let (specs, set) = samples(dir.path(), 4)?;
+        let (_dir, specs, set) = samples(4)?;
         let mut m = chain();
         let (layers, _) = layer::find_layers(&m)?;
         let l = layers.iter().find(|l| l.node == "m2").context("m2")?.clone();
-        let m3 = m.graph.as_ref().context("g")?.node.iter().position(|n| n.name() == "m3").context("m3")?;
+        let (_, m3) = m2_m3(&m)?;
         // Every input row kept, as the sequential pass keeps them.
         let acc = std::sync::RwLock::new(LayerAcc::new(set.len(), 0.999, 4.0, false, 1, 1 << 10));
         let mut seg = Segmenter::new(&specs, &set, true);
@@ -923,13 +923,11 @@ mod tests {
         w_new.column_mut(2).mapv_inplace(|v| 0.3 - 2.0 * v);
         update_kept_output(&mut seg, &l, &st, &w, &w_new, 2)?;
         layer::write_weight(&mut m, &l, &w_new)?;
-        let bytes = crate::onnx::io::encode_for_runtime(&m)?;
-        let plan = Plan::load(&bytes, None, &crate::calibrate::input_facts(&specs, &set)?, &["d".to_string()])?;
+        let wanted = values(&m, &specs, &set, "d")?;
         let mut changed = false;
-        for (i, old) in before.iter().enumerate() {
-            let want = plan.run(&set.load(i)?.inputs)?.remove(0);
+        for (i, (old, want)) in before.iter().zip(&wanted).enumerate() {
             let (Some(ArrayData::F32(got)), ArrayData::F32(want), ArrayData::F32(old)) =
-                (seg.cached(i, "d"), &want, old)
+                (seg.cached(i, "d"), want, old)
             else {
                 bail!("float")
             };
