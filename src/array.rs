@@ -113,23 +113,50 @@ impl ArrayData {
         }
     }
 
-    /// Counts of NaN and infinite elements (zero for integer types).
+    /// Counts of NaN and infinite elements (zero for integer types). A calibration sample is
+    /// checked on every load: the common all-finite case is one branch-free pass over the
+    /// exponent bits (all ones: NaN or ±Inf), which vectorizes; only a tensor with such
+    /// values is walked again to tell them apart.
     pub fn non_finite(&self) -> (usize, usize) {
-        let count = |it: &mut dyn Iterator<Item = f64>| {
-            let (mut nan, mut inf) = (0, 0);
-            for v in it {
-                if v.is_nan() {
-                    nan += 1
-                } else if v.is_infinite() {
-                    inf += 1
-                }
-            }
-            (nan, inf)
-        };
         match self {
-            ArrayData::F32(a) => count(&mut a.iter().map(|&v| v as f64)),
-            ArrayData::F64(a) => count(&mut a.iter().copied()),
+            ArrayData::F32(a) => {
+                let special = |v: &f32| usize::from(v.to_bits() & 0x7f80_0000 == 0x7f80_0000);
+                let n: usize = match a.as_slice_memory_order() {
+                    Some(s) => s.iter().map(special).sum(),
+                    None => a.iter().map(special).sum(),
+                };
+                if n == 0 {
+                    return (0, 0);
+                }
+                let nan = a.iter().filter(|v| v.is_nan()).count();
+                (nan, n - nan)
+            }
+            ArrayData::F64(a) => {
+                (a.iter().filter(|v| v.is_nan()).count(), a.iter().filter(|v| v.is_infinite()).count())
+            }
             _ => (0, 0),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{ArrayD, IxDyn};
+
+    #[test]
+    fn non_finite_counts_nan_and_infinities() {
+        let v = [1.0f32, f32::NAN, f32::INFINITY, -f32::INFINITY, 3.0, -f32::NAN, f32::MAX, f32::MIN_POSITIVE / 2.0];
+        let a = ArrayData::F32(ArrayD::from_shape_vec(IxDyn(&[2, 4]), v.to_vec()).expect("shape"));
+        assert_eq!(a.non_finite(), (2, 2));
+        // A transposed tensor is counted the same.
+        let ArrayData::F32(t) = &a else { unreachable!() };
+        assert_eq!(ArrayData::F32(t.clone().reversed_axes()).non_finite(), (2, 2));
+        let finite = ArrayData::F32(ArrayD::from_elem(IxDyn(&[3]), 2.5f32));
+        assert_eq!(finite.non_finite(), (0, 0));
+        let d =
+            ArrayData::F64(ArrayD::from_shape_vec(IxDyn(&[3]), vec![f64::NAN, f64::NEG_INFINITY, 0.0]).expect("shape"));
+        assert_eq!(d.non_finite(), (1, 1));
+        assert_eq!(ArrayData::I8(ArrayD::from_elem(IxDyn(&[2]), 1i8)).non_finite(), (0, 0));
     }
 }

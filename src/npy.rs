@@ -283,16 +283,23 @@ fn parse_header(bytes: &[u8]) -> Result<Header> {
 }
 
 fn decode<const N: usize, T>(data: &[u8], big: bool, f: impl Fn([u8; N]) -> T) -> Vec<T> {
-    data.chunks_exact(N)
-        .map(|c| {
-            let mut b = [0u8; N];
-            b.copy_from_slice(c);
-            if big {
+    let word = |c: &[u8]| {
+        let mut b = [0u8; N];
+        b.copy_from_slice(c);
+        b
+    };
+    // Two loops, so that the common little-endian one is a plain conversion that vectorizes.
+    if big {
+        data.chunks_exact(N)
+            .map(|c| {
+                let mut b = word(c);
                 b.reverse();
-            }
-            f(b)
-        })
-        .collect()
+                f(b)
+            })
+            .collect()
+    } else {
+        data.chunks_exact(N).map(|c| f(word(c))).collect()
+    }
 }
 
 fn build<T: Clone>(shape: &[usize], fortran: bool, v: Vec<T>) -> Result<ArrayD<T>> {

@@ -44,7 +44,6 @@ pub struct LatticeScan {
     distinct: BTreeSet<u32>,
     /// More than 256 distinct values, or a non-finite one: not a lattice.
     rejected: bool,
-    last: Option<u32>,
     /// A direct-mapped cache of values already in `distinct` (`u32::MAX`, a NaN, marks an
     /// empty slot), so that the set is searched once per slot miss rather than per value.
     recent: Vec<u32>,
@@ -69,24 +68,26 @@ impl GridShift {
 }
 
 impl LatticeScan {
+    /// Slots of the cache of recently seen values (the hash keeps the top 10 bits).
+    const SLOTS: usize = 1024;
+
+    /// One pass without unpredictable branches: each value's slot in the direct-mapped cache
+    /// almost always holds it already; only a miss searches the set.
     pub fn push_all(&mut self, values: impl IntoIterator<Item = f32>) {
+        if self.rejected {
+            return;
+        }
+        if self.recent.is_empty() {
+            self.recent = vec![u32::MAX; Self::SLOTS];
+        }
         for v in values {
-            if self.rejected {
-                return;
-            }
-            if !v.is_finite() {
+            let bits = (v + 0.0).to_bits();
+            // NaN and ±Inf: the exponent bits are all ones.
+            if bits & 0x7f80_0000 == 0x7f80_0000 {
                 self.rejected = true;
                 return;
             }
-            let bits = (v + 0.0).to_bits();
-            if self.last == Some(bits) {
-                continue;
-            }
-            self.last = Some(bits);
-            if self.recent.is_empty() {
-                self.recent = vec![u32::MAX; 1024];
-            }
-            let slot = (bits.wrapping_mul(0x9e37_79b1) >> 22) as usize;
+            let slot = (bits.wrapping_mul(0x9e37_79b1) >> 22) as usize & (Self::SLOTS - 1);
             if self.recent[slot] == bits {
                 continue;
             }
@@ -94,6 +95,7 @@ impl LatticeScan {
             self.distinct.insert(bits);
             if self.distinct.len() > 256 {
                 self.rejected = true;
+                return;
             }
         }
     }
@@ -105,7 +107,6 @@ impl LatticeScan {
             self.distinct.extend(other.distinct);
             self.rejected = self.distinct.len() > 256;
         }
-        self.last = None;
     }
 
     /// The shift that aligns the values with the uint8 grid of their min/max range, or None
@@ -186,7 +187,11 @@ pub fn align_inputs(model: &ModelProto, set: &crate::data::SampleSet) -> Result<
                 .map(|&c| {
                     let mut scan = LatticeScan::default();
                     match inputs.get(c) {
-                        Some(ArrayData::F32(a)) => scan.push_all(a.iter().copied()),
+                        // The set of values does not depend on their order: memory order.
+                        Some(ArrayData::F32(a)) => match a.as_slice_memory_order() {
+                            Some(s) => scan.push_all(s.iter().copied()),
+                            None => scan.push_all(a.iter().copied()),
+                        },
                         _ => scan.rejected = true,
                     }
                     scan
