@@ -670,12 +670,21 @@ fn free_names<'a>(g: &'a GraphProto, out: &mut Vec<&'a str>) {
 /// DequantizeLinear: the difference is taken in integers, converted to float, then scaled).
 fn fold_dequantize(n: &NodeProto, x: &TensorProto, p: &QParams) -> Result<ArrayD<f32>> {
     let a = to_array(x).with_context(|| format!("{}: reading '{}'", describe(n), x.name()))?;
-    let v = ints(&a).with_context(|| {
-        format!("{}: input '{}' is {}, not an integer tensor", describe(n), x.name(), dtype::name(x.data_type()))
-    })?;
+    // Straight from the stored integers (int8 weights: no i64 copy of the tensor).
+    match &a {
+        ArrayData::I8(v) => fold_ints(n, x, p, v),
+        ArrayData::U8(v) => fold_ints(n, x, p, v),
+        ArrayData::I32(v) => fold_ints(n, x, p, v),
+        ArrayData::I64(v) => fold_ints(n, x, p, v),
+        _ => bail!("{}: input '{}' is {}, not an integer tensor", describe(n), x.name(), dtype::name(x.data_type())),
+    }
+}
+
+/// [`fold_dequantize`] of the integers `v`: `(q − zp)·s`, per axis when `p` is.
+fn fold_ints<T: Copy + Into<i64>>(n: &NodeProto, x: &TensorProto, p: &QParams, v: &ArrayD<T>) -> Result<ArrayD<f32>> {
     if !p.per_axis {
         let (zp, s) = (p.zp[0], p.scale[0]);
-        return Ok(v.mapv(|q| (q - zp) as f32 * s));
+        return Ok(v.mapv(|q| (q.into() - zp) as f32 * s));
     }
     let c = p.scale.len();
     let axis = norm_axis(p.axis, v.ndim()).with_context(|| {
@@ -695,12 +704,12 @@ fn fold_dequantize(n: &NodeProto, x: &TensorProto, p: &QParams) -> Result<ArrayD
     let mut out = Vec::with_capacity(src.len());
     if inner == 1 {
         for row in src.chunks(c) {
-            out.extend(row.iter().zip(p.zp.iter().zip(&p.scale)).map(|(&q, (&zp, &s))| (q - zp) as f32 * s));
+            out.extend(row.iter().zip(p.zp.iter().zip(&p.scale)).map(|(&q, (&zp, &s))| (q.into() - zp) as f32 * s));
         }
     } else {
         crate::quantize::params::for_each_channel_run(src, c, inner, |ch, run| {
             let (zp, s) = (p.zp[ch], p.scale[ch]);
-            out.extend(run.iter().map(|&q| (q - zp) as f32 * s));
+            out.extend(run.iter().map(|&q| (q.into() - zp) as f32 * s));
         });
     }
     Ok(ArrayD::from_shape_vec(v.raw_dim(), out)?)
