@@ -248,11 +248,13 @@ fn encode_le<T: Copy, const N: usize>(
     name: &str,
     f: impl Fn(T) -> [u8; N],
 ) -> pb::TensorProto {
-    let mut raw = Vec::with_capacity(a.len() * N);
+    let mut raw = vec![0u8; a.len() * N];
+    let words = raw.chunks_exact_mut(N);
     match a.as_slice() {
-        // Contiguous (the usual case): a slice walk, much faster than ndarray's IxDyn iterator.
-        Some(s) => s.iter().for_each(|&v| raw.extend_from_slice(&f(v))),
-        None => a.iter().for_each(|&v| raw.extend_from_slice(&f(v))),
+        // Contiguous (the usual case): a slice walk, much faster than ndarray's IxDyn iterator,
+        // into fixed-size words (no capacity check per element).
+        Some(s) => words.zip(s).for_each(|(w, &v)| w.copy_from_slice(&f(v))),
+        None => words.zip(a.iter()).for_each(|(w, &v)| w.copy_from_slice(&f(v))),
     }
     build(name, a.shape(), data_type, raw)
 }
