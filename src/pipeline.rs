@@ -139,8 +139,8 @@ pub struct CalibrationModel {
 
 /// The model `onnxq quantize` calibrates, from the prepared one ([`quantize::prepare`]): the
 /// opset upgraded to 13 when per-channel weights need it (when a node's signature had to be
-/// rewritten, only if the float outputs on the first sample of `data` stay the same), and with `input_grid` (uint8 activations only),
-/// lattice-valued graph inputs moved onto the uint8 grid (their ranges are then fixed, so
+/// rewritten, only if the float outputs on the first sample of `data` stay the same), and
+/// with `input_grid` (uint8 activations only), lattice-valued graph inputs moved onto the uint8 grid (their ranges are then fixed, so
 /// this needs fresh calibration, not `--stats`; the nodes that must read the unshifted
 /// input join `qopts.exclude`). `mark(step)` is called after each step.
 pub fn calibration_model(

@@ -89,9 +89,9 @@
 //! piece runs through the layer, so `y` comes from the runtime; a MatMul's output is then
 //! kept for the next piece when the local acceptance keeps all its input rows (a kept edit
 //! recomputes only the edited columns from them), else the next piece runs the layer again
-//! with its edited weights ([`segment::Through`]). Calibration statistics are taken in the runtime's buffers,
-//! Gram rows are multiplied [`collect::GRAM_ROWS`] at a time, and each chunk of samples is
-//! folded while the next one runs ([`segment`]). The plain model's twin is quantized, loaded
+//! with its edited weights ([`segment::Through`]). Calibration statistics are taken in the
+//! runtime's buffers, Gram rows are multiplied [`collect::GRAM_ROWS`] at a time, and each
+//! chunk of samples is folded while the next one runs ([`segment`]). The plain model's twin is quantized, loaded
 //! and run concurrently with the sequential pass (plan optimization is single-threaded, so
 //! it fills a core the pass leaves idle while it loads pieces and solves; it is wasted when
 //! no edit is kept) and dropped before the regularized model's twin loads. A twin loads

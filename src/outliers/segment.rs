@@ -381,25 +381,18 @@ impl<'a> Segmenter<'a> {
             outputs.push(want.to_string());
         }
         let y_at = through.as_ref().map(|(_, y)| output_slot(&mut outputs, y));
-        // With `Keep`, the layer's output is among them.
-        let runs_here = |t: &str| {
-            range
-                .iter()
-                .chain(through.iter().map(|t| &t.0).filter(|_| resume > end))
-                .any(|&i| view.nodes()[i].output.iter().any(|o| o == t))
-        };
-        let new_cached: Vec<String> = keep.iter().filter(|t| runs_here(t)).cloned().collect();
+        // Whether the piece's own nodes (the layer node aside) produce `t`.
+        let made_in_range = |t: &str| range.iter().any(|&i| view.nodes()[i].output.iter().any(|o| o == t));
+        // With `Keep`, the layer's output is cached too.
+        let kept_y = through.as_ref().filter(|_| resume > end).map(|(_, y)| y.as_str());
+        let new_cached: Vec<String> =
+            keep.iter().filter(|t| made_in_range(t) || kept_y == Some(t.as_str())).cloned().collect();
         for t in &new_cached {
-            if !outputs.contains(t) {
-                outputs.push(t.clone());
-            }
+            output_slot(&mut outputs, t);
         }
         // Collected tensors the piece's own nodes produce: (position in `outputs`, index).
         let mut collected: Vec<(usize, usize)> = Vec::new();
-        for (ci, t) in collect.iter().enumerate() {
-            if !range.iter().any(|&i| view.nodes()[i].output.iter().any(|o| o == t)) {
-                continue;
-            }
+        for (ci, t) in collect.iter().enumerate().filter(|(_, t)| made_in_range(t)) {
             collected.push((output_slot(&mut outputs, t), ci));
         }
 
