@@ -13,6 +13,7 @@ pub mod eval;
 pub mod fakequant;
 pub mod fixtures;
 pub mod im2col;
+pub mod linalg;
 pub mod npy;
 pub mod onnx;
 pub mod outliers;

@@ -93,7 +93,9 @@ pub fn upper_gram(x: ArrayView2<f32>) -> Vec<Array2<f32>> {
         .into_par_iter()
         .map(|b0| {
             let b1 = (b0 + GRAM_BLOCK).min(k);
-            x.slice(s![.., b0..b1]).t().dot(&x.slice(s![.., b0..]))
+            let mut c = Array2::zeros((b1 - b0, k - b0));
+            crate::linalg::mul_into(&mut c.view_mut(), None, 1.0, x.slice(s![.., b0..b1]).t(), x.slice(s![.., b0..]));
+            c
         })
         .collect()
 }

@@ -806,7 +806,7 @@ fn compute_edit(
                     if lambda.is_nan() {
                         (lambda, delta) = (opts.lambda * scale, opts.delta * scale);
                     }
-                    let chol = Cholesky::new(&solve::damped(g, opts.delta * scale))?;
+                    let chol = Cholesky::damped(g, opts.delta * scale)?;
                     slot.insert((chol, BTreeMap::new(), opts.lambda * scale));
                 }
                 let (chol, inv_cols, lam) = factors.get_mut(&gi).context("internal error: no factorization")?;

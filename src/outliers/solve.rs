@@ -123,15 +123,21 @@ impl Cholesky {
     /// one matrix product per block row (cache friendly, most of the `n³/3` flops). Each
     /// entry's summation order depends only on `n`, so the result is deterministic.
     pub fn new(a: &Array2<f64>) -> Result<Cholesky> {
+        Cholesky::damped(a, 0.0)
+    }
+
+    /// The factor of `a + δI` ([`damped`] without a copy of `a`).
+    pub fn damped(a: &Array2<f64>, delta: f64) -> Result<Cholesky> {
         let n = a.nrows();
         if a.ncols() != n {
             bail!("Cholesky needs a square matrix, got {:?}", a.dim());
         }
         let mut l = vec![0f64; n * n];
-        for i in 0..n {
-            for j in 0..=i {
-                l[i * n + j] = a[[i, j]];
+        for (i, (dst, src)) in l.chunks_mut(n.max(1)).zip(a.outer_iter()).enumerate() {
+            for (d, &v) in dst[..=i].iter_mut().zip(src.iter()) {
+                *d = v;
             }
+            dst[i] += delta;
         }
         let mut jb = 0;
         while jb < n {
@@ -177,7 +183,7 @@ impl Cholesky {
                     let mut c = c.slice_mut(ndarray::s![.., ..re]);
                     let rows = panel.slice(ndarray::s![rb..re, ..]);
                     let cols = panel.slice(ndarray::s![..re, ..]);
-                    ndarray::linalg::general_mat_mul(-1.0, &rows, &cols.t(), 1.0, &mut c);
+                    crate::linalg::mul_into(&mut c, Some(1.0), -1.0, rows, cols.t());
                 });
             }
             jb = je;
@@ -397,8 +403,11 @@ mod tests {
         let mut r = Rng::new(11);
         let (rows, k) = (300usize, 2 * CHOL_BLOCK + 37);
         let x = Array2::from_shape_vec((rows, k), randn(&mut r, rows * k))?;
-        let a = damped(&x.t().dot(&x), 0.5);
+        let g = x.t().dot(&x);
+        let a = damped(&g, 0.5);
         let chol = Cholesky::new(&a)?;
+        // Shifting the diagonal while copying gives the same factor.
+        assert_eq!(Cholesky::damped(&g, 0.5)?.l, chol.l);
         let l = Array2::from_shape_vec((k, k), chol.l.clone())?;
         for i in 0..k {
             assert!(l.row(i).iter().skip(i + 1).all(|&v| v == 0.0), "row {i} is not lower triangular");
