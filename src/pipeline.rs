@@ -525,6 +525,7 @@ impl CheckSamples {
             output_names: self.output_names.clone(),
             reference: &self.reference,
             passes: 0,
+            frontier: None,
         };
         g.sqnr_of_twin(crate::fakequant::twin(q)?)
     }

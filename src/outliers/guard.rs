@@ -5,8 +5,11 @@
 //! ([`crate::fakequant::twin`], one fused node per Q/DQ pair) and its outputs are compared
 //! in place. One forward pass of the twin per score,
 //! each twin loaded, run and dropped in turn; the original model's outputs are computed once,
-//! in the first calibration pass, and kept.
+//! in the first calibration pass, and kept. With a [`Prefix`], the twins run without the float
+//! prefix, fed its frontier's values (also kept from the first pass).
 
+use super::prefix::{Cut, Feed, Prefix};
+use crate::array::ArrayData;
 use crate::calibrate::{self as cal, Calibration};
 use crate::data::SampleSet;
 use crate::onnx::pb::ModelProto;
@@ -29,6 +32,14 @@ pub struct Guard<'a> {
     pub reference: &'a [Vec<Option<ArrayD<f32>>>],
     /// Forward passes run by the guard.
     pub passes: usize,
+    /// The float prefix the twins skip, and per sample its frontier's values.
+    pub frontier: Option<(Prefix, Vec<Vec<ArrayData>>)>,
+}
+
+/// A loaded twin, and where its inputs come from when it was cut (sample inputs otherwise).
+struct Loaded {
+    plan: Plan,
+    feeds: Option<Vec<Feed>>,
 }
 
 /// Ranges of a calibration, as the pipeline derives them for activations of `act`.
@@ -39,20 +50,34 @@ pub fn ranges(calibration: &Calibration, method: &RangeMethod, act: ActType) -> 
 impl Guard<'_> {
     /// The fake-quant twin of `model` quantized with `ranges`, loaded for the original
     /// model's graph outputs.
-    fn plan(&self, model: &ModelProto, ranges: &BTreeMap<String, cal::TensorEntry>) -> Result<Plan> {
+    fn plan(&self, model: &ModelProto, ranges: &BTreeMap<String, cal::TensorEntry>) -> Result<Loaded> {
         let (q, _) = quantize::quantize(model, ranges, &self.qopts).context("quantizing the regularized model")?;
         let twin = crate::fakequant::twin(&q).context("building the fake-quant twin")?;
         drop(q);
         self.load(twin)
     }
 
-    /// A fake-quant twin loaded for the original model's graph outputs. The twin is dropped
-    /// once encoded, so its float weights live only until tract has copied them
+    /// A fake-quant twin loaded for the original model's graph outputs, without the float
+    /// prefix when there is one and the twin holds it unchanged. The twin is dropped once
+    /// encoded, so its float weights live only until tract has copied them
     /// ([`Plan::load_owned`]).
-    fn load(&self, twin: ModelProto) -> Result<Plan> {
+    fn load(&self, twin: ModelProto) -> Result<Loaded> {
+        let first = self.frontier.as_ref().and_then(|(p, v)| v.first().map(|v| (p, v)));
+        if let Some((prefix, values)) = first {
+            if let Some(Cut { model, facts, feeds }) = prefix.cut(&twin, &self.facts, values)? {
+                drop(twin);
+                let bytes = crate::onnx::io::encode_for_runtime(&model)?;
+                drop(model);
+                let plan = Plan::load_owned(bytes, &facts, &self.output_names)
+                    .context("cannot run the quantized model without its float prefix")?;
+                return Ok(Loaded { plan, feeds: Some(feeds) });
+            }
+        }
         let bytes = crate::onnx::io::encode_for_runtime(&twin)?;
         drop(twin);
-        Plan::load_owned(bytes, &self.facts, &self.output_names).context("cannot run the quantized model")
+        let plan =
+            Plan::load_owned(bytes, &self.facts, &self.output_names).context("cannot run the quantized model")?;
+        Ok(Loaded { plan, feeds: None })
     }
 
     /// The worst-output SQNR of `model` quantized with `ranges` (its twin loaded, run on the
@@ -71,7 +96,7 @@ impl Guard<'_> {
     }
 
     /// The worst-output SQNR of each loaded twin, all run on each sample in one loop.
-    fn sqnrs(&self, plans: &[Plan]) -> Result<Vec<f64>> {
+    fn sqnrs(&self, plans: &[Loaded]) -> Result<Vec<f64>> {
         let bar = cal::progress(self.set.len(), self.quiet, "guard");
         let n_out = self.output_names.len();
         let mut sums = vec![vec![(0f64, 0f64, false); n_out]; plans.len()];
@@ -84,7 +109,23 @@ impl Guard<'_> {
                 let refs = reference.get(i).context("internal error: no reference outputs")?;
                 plans
                     .iter()
-                    .map(|plan| {
+                    .map(|Loaded { plan, feeds }| {
+                        let fed: Vec<ArrayData>;
+                        let inputs = match feeds {
+                            None => inputs,
+                            Some(feeds) => {
+                                let values = self.frontier.as_ref().and_then(|(_, v)| v.get(i));
+                                fed = feeds
+                                    .iter()
+                                    .map(|f| match f {
+                                        Feed::Sample(k) => inputs.get(*k).cloned(),
+                                        Feed::Frontier(k) => values.and_then(|v| v.get(*k)).cloned(),
+                                    })
+                                    .collect::<Option<_>>()
+                                    .context("internal error: a twin input is missing")?;
+                                &fed
+                            }
+                        };
                         plan.run_visit_f32(inputs, |p, c| match (refs.get(p), c) {
                             (Some(Some(r)), Some(c)) => Some(error_sums(r, c)),
                             _ => None,

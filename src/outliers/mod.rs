@@ -107,6 +107,7 @@
 pub mod collect;
 pub mod guard;
 pub mod layer;
+pub mod prefix;
 pub mod segment;
 pub mod solve;
 
@@ -1168,6 +1169,16 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
     } else {
         0
     };
+    // The guard's twins skip the float prefix ([`prefix`]); the first pass keeps its
+    // frontier's values for the guard's samples beside the reference outputs.
+    let prefix = match &run.guard {
+        Some(_) => prefix::Prefix::of(model, &targets.iter().map(|t| t.name.as_str()).collect())?,
+        None => None,
+    };
+    let mut kept_names = if keep > 0 { output_names.clone() } else { Vec::new() };
+    if let (Some(p), true) = (&prefix, keep > 0) {
+        kept_names.extend(p.frontier.iter().cloned());
+    }
     let bytes = crate::onnx::io::encode_for_runtime(model)?;
     let first = forward_pass(
         &bytes,
@@ -1176,7 +1187,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         &targets,
         // Detection only: the sequential pass gathers the flagged layers' rows.
         (&pairs, false),
-        (if keep > 0 { &output_names } else { &[] }, keep),
+        (&kept_names, keep),
         opts,
         if run.guard.is_some() { "calibrating" } else { "outlier statistics" },
     )
@@ -1195,7 +1206,20 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         .unzip();
     report.layers_with_outliers = flagged.len();
     let base_cal = first.calibration;
-    let reference = first.outputs;
+    let mut reference = first.outputs;
+    // Split the frontier's values off the reference outputs (guard's samples only); a value the
+    // runtime did not hold as f32 leaves the twins whole.
+    let mut frontier = prefix.map(|p| (p, Vec::new()));
+    for (i, r) in reference.iter_mut().enumerate() {
+        let tail = r.split_off(output_names.len().min(r.len()));
+        if let (Some((_, values)), true) = (frontier.as_mut(), i < GUARD_SAMPLES) {
+            values.push(tail.into_iter().map(|v| v.map(ArrayData::F32)).collect::<Option<Vec<_>>>());
+        }
+    }
+    let frontier = frontier.and_then(|(p, v)| {
+        let v: Option<Vec<Vec<ArrayData>>> = v.into_iter().collect();
+        v.filter(|v| !v.is_empty()).map(|v| (p, v))
+    });
 
     // Plain quantization's ranges (guarded runs), computed once.
     let plain_ranges = match (&base_cal, &run.guard) {
@@ -1262,6 +1286,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         output_names: output_names.clone(),
         reference: &reference,
         passes: 0,
+        frontier,
     });
     let sequential = || -> Result<(ModelProto, usize)> {
         let mut fold_fresh = |per: Vec<Option<TensorStats>>| cal::fold_stats(&mut fresh, per);

@@ -85,18 +85,19 @@ impl<'a> Types<'a> {
 }
 
 /// Static facts about the graph the pieces are cut from.
-struct Layout<'a> {
+pub(super) struct Layout<'a> {
     view: &'a GraphView<'a>,
     /// Position of each node in the topological order.
     pos: Vec<usize>,
-    order: Vec<usize>,
-    cacheable: HashMap<String, bool>,
+    pub(super) order: Vec<usize>,
+    /// Whether each node output may be fed from a cache (frontier rules, module docs).
+    pub(super) cacheable: HashMap<String, bool>,
     /// Implicit (subgraph) inputs of each node.
     implicit: HashMap<usize, Vec<String>>,
 }
 
 impl<'a> Layout<'a> {
-    fn new(view: &'a GraphView<'a>) -> Result<Self> {
+    pub(super) fn new(view: &'a GraphView<'a>) -> Result<Self> {
         let order = view.topo_order()?;
         let nodes = view.nodes();
         let mut pos = vec![0usize; nodes.len()];
@@ -139,7 +140,8 @@ impl<'a> Layout<'a> {
         Ok(Layout { view, pos, order, cacheable, implicit })
     }
 
-    fn reads(&self, i: usize) -> Vec<String> {
+    /// What node `i` reads: its inputs and what its subgraphs read from the enclosing scope.
+    pub(super) fn reads(&self, i: usize) -> Vec<String> {
         let n = &self.view.nodes()[i];
         let mut v: Vec<String> = n.input.iter().filter(|s| !s.is_empty()).cloned().collect();
         if let Some(f) = self.implicit.get(&i) {
@@ -148,7 +150,7 @@ impl<'a> Layout<'a> {
         v
     }
 
-    fn producer(&self, t: &str) -> Option<usize> {
+    pub(super) fn producer(&self, t: &str) -> Option<usize> {
         match self.view.origin(t)? {
             crate::onnx::graph::Origin::Node { node, .. } => Some(node),
             _ => None,
