@@ -931,7 +931,7 @@ fn local_error(st: &LayerStats, w: &Array2<f32>, bias: Option<&[f32]>, edit: &Ed
     };
     // Per group: the bias of each column, and the change of each edited column on the kept rows
     // (`x·(w'_j − w_j) + b'_j − b_j`, by column within the group).
-    type Shifts = Vec<Option<ndarray::Array1<f32>>>;
+    type Shifts = Vec<(usize, ndarray::Array1<f32>)>;
     let mut groups: Vec<(Vec<f32>, Shifts)> = Vec::with_capacity(g);
     for gi in 0..g {
         let cols = gi * ng..(gi + 1) * ng;
@@ -953,46 +953,79 @@ fn local_error(st: &LayerStats, w: &Array2<f32>, bias: Option<&[f32]>, edit: &Ed
             bail!("internal error: kept outputs of shape {:?}, expected [{}, {ng}]", y.dim(), ids.len());
         }
         let b0: Vec<f32> = cols.clone().map(b_old).collect();
-        let mut shifts: Shifts = vec![None; ng];
+        let mut shifts: Shifts = Vec::new();
         for &j in edited.iter().filter(|j| cols.contains(j)) {
             let d: ndarray::Array1<f32> = (0..w.nrows()).map(|k| edit.w[[k, j]] - w[[k, j]]).collect();
             let shift = b_new(j) - b_old(j);
-            shifts[j - gi * ng] = Some(x.dot(&d).mapv(|v| v + shift));
-        }
-        for (r, yr) in y.outer_iter().enumerate() {
-            for (c, (&yv, s)) in yr.iter().zip(&shifts).enumerate() {
-                let v = yv + b0[c];
-                extend(v, s.as_ref().map_or(v, |s| v + s[r]));
-            }
+            shifts.push((j - gi * ng, x.dot(&d).mapv(|v| v + shift)));
         }
         groups.push((b0, shifts));
     }
-    let (p0, p1) = (ActParams::from_range(lo[0], hi[0], ActType::U8), ActParams::from_range(lo[1], hi[1], ActType::U8));
-    let outlier_rows: BTreeSet<u64> = outlier.iter().map(|&(r, _)| r).collect();
+    // The kept rows in fixed chunks (in parallel, results taken in order): one row at a time,
+    // `z` (with bias) and `z'` (`z` plus the edited columns' shifts) into buffers.
     const CHUNK: usize = 256;
     let mut parts: Vec<(usize, usize)> = Vec::new();
     for (gi, (ids, _, _)) in st.kept.iter().enumerate().take(g) {
         parts.extend((0..ids.len()).step_by(CHUNK).map(|r0| (gi, r0)));
     }
+    /// What a chunk hands on for each kept row: its index, `z` and `z'`.
+    type RowFn<'f> = dyn FnMut(usize, &[f32], &[f32]) + 'f;
+    let rows_of = |(gi, r0): (usize, usize), f: &mut RowFn| {
+        let ((ids, _, y), (b0, shifts)) = (&st.kept[gi], &groups[gi]);
+        let (mut v, mut vn) = (vec![0f32; ng], vec![0f32; ng]);
+        for r in r0..(r0 + CHUNK).min(ids.len()) {
+            for ((v, &yv), &b) in v.iter_mut().zip(y.row(r)).zip(b0) {
+                *v = yv + b;
+            }
+            vn.copy_from_slice(&v);
+            for (c, s) in shifts {
+                vn[*c] = v[*c] + s[r];
+            }
+            f(r, &v, &vn);
+        }
+    };
+    // The ranges of `z` and `z'`.
+    let ranges: Vec<([f32; 2], [f32; 2])> = parts
+        .par_iter()
+        .map(|&part| {
+            let (mut lo, mut hi) = ([0f32; 2], [0f32; 2]);
+            rows_of(part, &mut |_, v, vn| {
+                for (k, row) in [v, vn].into_iter().enumerate() {
+                    for &x in row {
+                        (lo[k], hi[k]) = (lo[k].min(x), hi[k].max(x));
+                    }
+                }
+            });
+            (lo, hi)
+        })
+        .collect();
+    for (l, h) in ranges {
+        extend(l[0], l[1]);
+        extend(h[0], h[1]);
+    }
+    let (p0, p1) = (ActParams::from_range(lo[0], hi[0], ActType::U8), ActParams::from_range(lo[1], hi[1], ActType::U8));
+    let outlier_rows: BTreeSet<u64> = outlier.iter().map(|&(r, _)| r).collect();
     let sums: Vec<(f64, f64)> = parts
         .into_par_iter()
-        .map(|(gi, r0)| {
-            let ((ids, _, y), (b0, shifts)) = (&st.kept[gi], &groups[gi]);
+        .map(|part| {
+            let (ids, gi) = (&st.kept[part.0].0, part.0);
             let (mut before, mut after) = (0f64, 0f64);
-            for r in r0..(r0 + CHUNK).min(ids.len()) {
+            let (mut e0, mut e1) = (vec![0f32; ng], vec![0f32; ng]);
+            rows_of(part, &mut |r, v, vn| {
+                for (((e0, e1), &v), &vn) in e0.iter_mut().zip(e1.iter_mut()).zip(v).zip(vn) {
+                    (*e0, *e1) = (p0.fake(v) - v, p1.fake(vn) - v);
+                }
                 let id = ids[r];
                 // Most rows hold no outlier: one lookup per row, per element only on outlier rows.
                 let has = outlier_rows.contains(&id);
-                for (c, ((&yv, &b), s)) in y.row(r).iter().zip(b0).zip(shifts).enumerate() {
-                    let v = yv + b;
-                    let vn = s.as_ref().map_or(v, |s| v + s[r]);
+                for (c, ((&e0, &e1), (&v, &vn))) in e0.iter().zip(&e1).zip(v.iter().zip(vn)).enumerate() {
                     if (has && outlier.contains(&(id, gi * ng + c))) || !(v.is_finite() && vn.is_finite()) {
                         continue;
                     }
-                    before += f64::from(p0.fake(v) - v).powi(2);
-                    after += f64::from(p1.fake(vn) - v).powi(2);
+                    before += f64::from(e0).powi(2);
+                    after += f64::from(e1).powi(2);
                 }
-            }
+            });
             (before, after)
         })
         .collect();
