@@ -139,8 +139,36 @@ impl ArrayData {
     }
 }
 
+/// `(min, max)` of `lo`, `hi` and the values of `v`, NaN ignored (as `f32::min`/`max` do), in
+/// eight independent lanes so that the loop vectorizes.
+pub fn min_max(v: &[f32], lo: f32, hi: f32) -> (f32, f32) {
+    let (mut l8, mut h8) = ([lo; 8], [hi; 8]);
+    let chunks = v.chunks_exact(8);
+    for &x in chunks.remainder() {
+        (l8[0], h8[0]) = (l8[0].min(x), h8[0].max(x));
+    }
+    for c in chunks {
+        for k in 0..8 {
+            (l8[k], h8[k]) = (l8[k].min(c[k]), h8[k].max(c[k]));
+        }
+    }
+    (l8.iter().fold(lo, |a, &b| a.min(b)), h8.iter().fold(hi, |a, &b| a.max(b)))
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn min_max_ignores_nan_and_keeps_the_bounds() {
+        let v: Vec<f32> = (0..37).map(|i| (i as f32 - 20.0) * 0.5).collect();
+        assert_eq!(min_max(&v, 0.0, 0.0), (-10.0, 8.0));
+        assert_eq!(min_max(&v, -11.0, 9.0), (-11.0, 9.0));
+        let mut w = v.clone();
+        w[3] = f32::NAN;
+        w[36] = 30.0;
+        assert_eq!(min_max(&w, 0.0, 0.0), (-10.0, 30.0));
+        assert_eq!(min_max(&[], 1.0, 2.0), (1.0, 2.0));
+    }
     use super::*;
     use ndarray::{ArrayD, IxDyn};
 

@@ -962,7 +962,8 @@ fn local_error(st: &LayerStats, w: &Array2<f32>, bias: Option<&[f32]>, edit: &Ed
         groups.push((b0, shifts));
     }
     // The kept rows in fixed chunks (in parallel, results taken in order): one row at a time,
-    // `z` (with bias) and `z'` (`z` plus the edited columns' shifts) into buffers.
+    // `z` (with bias) and `z'` (`z` plus the edited columns' shifts) into buffers. Errors are
+    // taken for every element (`fake_finite`, vectorized) and summed for the finite ones.
     const CHUNK: usize = 256;
     let mut parts: Vec<(usize, usize)> = Vec::new();
     for (gi, (ids, _, _)) in st.kept.iter().enumerate().take(g) {
@@ -991,9 +992,7 @@ fn local_error(st: &LayerStats, w: &Array2<f32>, bias: Option<&[f32]>, edit: &Ed
             let (mut lo, mut hi) = ([0f32; 2], [0f32; 2]);
             rows_of(part, &mut |_, v, vn| {
                 for (k, row) in [v, vn].into_iter().enumerate() {
-                    for &x in row {
-                        (lo[k], hi[k]) = (lo[k].min(x), hi[k].max(x));
-                    }
+                    (lo[k], hi[k]) = crate::array::min_max(row, lo[k], hi[k]);
                 }
             });
             (lo, hi)
@@ -1013,7 +1012,7 @@ fn local_error(st: &LayerStats, w: &Array2<f32>, bias: Option<&[f32]>, edit: &Ed
             let (mut e0, mut e1) = (vec![0f32; ng], vec![0f32; ng]);
             rows_of(part, &mut |r, v, vn| {
                 for (((e0, e1), &v), &vn) in e0.iter_mut().zip(e1.iter_mut()).zip(v).zip(vn) {
-                    (*e0, *e1) = (p0.fake(v) - v, p1.fake(vn) - v);
+                    (*e0, *e1) = (p0.fake_finite(v) - v, p1.fake_finite(vn) - v);
                 }
                 let id = ids[r];
                 // Most rows hold no outlier: one lookup per row, per element only on outlier rows.
