@@ -97,7 +97,10 @@
 //! no edit is kept) and dropped before the regularized model's twin loads. A twin loads
 //! about as fast as the float model (one fused node per Q/DQ pair, [`crate::fakequant`]);
 //! one twin with the constants where the two differ as inputs cost as much as two
-//! (MiniLM-L6: ~620 differing scales). Ranges are searched only for the variant the
+//! (MiniLM-L6: ~620 differing scales). Both twins skip the float prefix ([`prefix`]: the
+//! first pass keeps its frontier's values for the guard's samples), so neither copies
+//! MiniLM-L6's 47 MB embedding table. Gram blocks and the factorization's products run on
+//! [`crate::linalg`]. Ranges are searched only for the variant the
 //! activation type reads
 //! ([`crate::calibrate::quantizer_ranges`]). A forced strength and `onnxq regularize` run
 //! the first two passes without calibration statistics. The report's `phase_seconds` and
