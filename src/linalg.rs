@@ -9,6 +9,7 @@
 //! summation order depends only on its shapes and on the machine's instruction set, never on
 //! the thread count.
 
+use anyhow::{bail, Result};
 use ndarray::{ArrayView2, ArrayViewMut2};
 
 /// The element types the products take.
@@ -31,19 +32,21 @@ mod sealed {
 /// `c ← keep·c + scale·a·b` when `keep` is `Some`, `c ← scale·a·b` otherwise (`c` is then not
 /// read), for any strides of the three views (transposed and sliced views included).
 ///
-/// Panics (a programming error, never the data's) when the shapes do not chain.
+/// Fails (a programming error, never the data's) when the shapes do not chain.
 pub fn mul_into<T: Real>(
     c: &mut ArrayViewMut2<'_, T>,
     keep: Option<T>,
     scale: T,
     a: ArrayView2<'_, T>,
     b: ArrayView2<'_, T>,
-) {
+) -> Result<()> {
     let (m, k) = a.dim();
     let (k2, n) = b.dim();
-    assert!(k == k2 && c.dim() == (m, n), "mul_into: {:?} · {:?} into {:?}", a.dim(), b.dim(), c.dim());
+    if k != k2 || c.dim() != (m, n) {
+        bail!("internal error: a {:?} · {:?} product into {:?}", a.dim(), b.dim(), c.dim());
+    }
     if m == 0 || n == 0 {
-        return;
+        return Ok(());
     }
     if k == 0 {
         // No terms: the product is zero.
@@ -51,7 +54,7 @@ pub fn mul_into<T: Real>(
             Some(s) => c.mapv_inplace(|v| v * s),
             None => c.fill(T::ZERO),
         }
-        return;
+        return Ok(());
     }
     let (cs, as_, bs) = (c.strides().to_vec(), a.strides().to_vec(), b.strides().to_vec());
     // SAFETY: the pointers come from live views whose dimensions are checked above and the
@@ -80,6 +83,7 @@ pub fn mul_into<T: Real>(
             gemm::Parallelism::None,
         );
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -93,7 +97,7 @@ mod tests {
     }
 
     #[test]
-    fn products_match_ndarray_for_every_layout() {
+    fn products_match_ndarray_for_every_layout() -> Result<()> {
         let mut r = Rng::new(3);
         let (a, b) = (rand(&mut r, 37, 53), rand(&mut r, 41, 29));
         // a[:, 3..44]ᵀ-like views: transposed and sliced operands, strided output.
@@ -102,7 +106,7 @@ mod tests {
         let rhs = b.t(); // 29 × 41, transposed
         let want = lhs.dot(&rhs);
         let mut c = Array2::<f64>::from_elem((41, 41), f64::NAN);
-        mul_into(&mut c.view_mut(), None, 1.0, lhs, rhs);
+        mul_into(&mut c.view_mut(), None, 1.0, lhs, rhs)?;
         assert!((&c - &want).iter().all(|d| d.abs() < 1e-12));
 
         // c ← c − x·yᵀ into a column-major block.
@@ -110,7 +114,7 @@ mod tests {
         let before = big.clone();
         let (x, y) = (rand(&mut r, 20, 7), rand(&mut r, 30, 7));
         let mut blk = big.slice_mut(s![10..30, 5..35]);
-        mul_into(&mut blk, Some(1.0), -1.0, x.view(), y.t());
+        mul_into(&mut blk, Some(1.0), -1.0, x.view(), y.t())?;
         let want = &before.slice(s![10..30, 5..35]) - &x.dot(&y.t());
         assert!((&big.slice(s![10..30, 5..35]) - &want).iter().all(|d| d.abs() < 1e-12));
         assert_eq!(big.slice(s![..10, ..]), before.slice(s![..10, ..]));
@@ -118,7 +122,7 @@ mod tests {
         // f32, and the empty inner dimension.
         let x32 = x.mapv(|v| v as f32);
         let mut g = Array2::<f32>::from_elem((7, 7), 5.0);
-        mul_into(&mut g.view_mut(), None, 1.0, x32.t(), x32.view());
+        mul_into(&mut g.view_mut(), None, 1.0, x32.t(), x32.view())?;
         let want = x32.t().dot(&x32);
         assert!((&g - &want).iter().all(|d| d.abs() < 1e-4));
         let mut z = Array2::<f32>::from_elem((3, 4), 2.0);
@@ -128,7 +132,10 @@ mod tests {
             1.0,
             Array2::<f32>::zeros((3, 0)).view(),
             Array2::<f32>::zeros((0, 4)).view(),
-        );
+        )?;
         assert!(z.iter().all(|&v| v == 0.0));
+        // Shapes that do not chain are an error, not a panic.
+        assert!(mul_into(&mut z.view_mut(), None, 1.0, x32.view(), x32.view()).is_err());
+        Ok(())
     }
 }

@@ -85,7 +85,7 @@ const GRAM_BLOCK: usize = 256;
 /// `r` (columns `b0 = r·GRAM_BLOCK .. b1` of `X`) is `X[:, b0..b1]ᵀ · X[:, b0..]`, `[b1 − b0, K − b0]`
 /// (about half of `K × K`, nothing allocated or zeroed for the lower blocks), block rows in
 /// parallel.
-pub fn upper_gram(x: ArrayView2<f32>) -> Vec<Array2<f32>> {
+pub fn upper_gram(x: ArrayView2<f32>) -> Result<Vec<Array2<f32>>> {
     let k = x.ncols();
     let starts: Vec<usize> = (0..k).step_by(GRAM_BLOCK).collect();
     // The block rows are independent products: computed in parallel (each one alone).
@@ -94,8 +94,8 @@ pub fn upper_gram(x: ArrayView2<f32>) -> Vec<Array2<f32>> {
         .map(|b0| {
             let b1 = (b0 + GRAM_BLOCK).min(k);
             let mut c = Array2::zeros((b1 - b0, k - b0));
-            crate::linalg::mul_into(&mut c.view_mut(), None, 1.0, x.slice(s![.., b0..b1]).t(), x.slice(s![.., b0..]));
-            c
+            crate::linalg::mul_into(&mut c.view_mut(), None, 1.0, x.slice(s![.., b0..b1]).t(), x.slice(s![.., b0..]))?;
+            Ok(c)
         })
         .collect()
 }
@@ -185,7 +185,7 @@ impl GramAcc {
         }
         let rows = self.pending.len() / self.k.max(1);
         let x = ArrayView2::from_shape((rows, self.k), &self.pending)?;
-        let blocks = upper_gram(x);
+        let blocks = upper_gram(x)?;
         let k = self.k;
         add_upper(self.acc.get_or_insert_with(|| Array2::zeros((k, k))), &blocks)?;
         self.pending.clear();

@@ -187,8 +187,7 @@ impl Cholesky {
                 below.par_chunks_mut(n * PANEL_ROWS).try_for_each(|rows| -> Result<()> {
                     let mut rows = ndarray::ArrayViewMut2::from_shape((rows.len() / n, n), rows)?;
                     let a = rows.slice(ndarray::s![.., jb..je]).to_owned();
-                    crate::linalg::mul_into(&mut rows.slice_mut(ndarray::s![.., jb..je]), None, 1.0, a.view(), inv.t());
-                    Ok(())
+                    crate::linalg::mul_into(&mut rows.slice_mut(ndarray::s![.., jb..je]), None, 1.0, a.view(), inv.t())
                 })?;
             }
             // Trailing update of the lower triangle, one block row at a time.
@@ -198,13 +197,13 @@ impl Cholesky {
                 let panel = left.slice(ndarray::s![je.., jb..]);
                 let mut trailing = right.slice_move(ndarray::s![je.., ..]);
                 let rows: Vec<_> = trailing.axis_chunks_iter_mut(ndarray::Axis(0), CHOL_BLOCK).collect();
-                rows.into_par_iter().enumerate().for_each(|(r, mut c)| {
+                rows.into_par_iter().enumerate().try_for_each(|(r, mut c)| {
                     let (rb, re) = (r * CHOL_BLOCK, (r * CHOL_BLOCK + c.nrows()));
                     let mut c = c.slice_mut(ndarray::s![.., ..re]);
                     let rows = panel.slice(ndarray::s![rb..re, ..]);
                     let cols = panel.slice(ndarray::s![..re, ..]);
-                    crate::linalg::mul_into(&mut c, Some(1.0), -1.0, rows, cols.t());
-                });
+                    crate::linalg::mul_into(&mut c, Some(1.0), -1.0, rows, cols.t())
+                })?;
             }
             jb = je;
         }

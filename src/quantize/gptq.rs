@@ -114,7 +114,7 @@ pub fn collect(model: &ModelProto, data: &DataOptions) -> Result<Hessians> {
                     let rows = input_rows_at(l, view.view(), CONV_POSITIONS)
                         .with_context(|| format!("layer {}: input rows", l.node))?;
                     let n = rows.first().map_or(0, |r| r.nrows() as u64);
-                    Ok((rows.iter().map(|r| upper_gram(r.view())).collect(), n))
+                    Ok((rows.iter().map(|r| upper_gram(r.view())).collect::<Result<_>>()?, n))
                 };
                 let mut out = Vec::new();
                 // MatMul readers of one tensor share their rows and Gram.
