@@ -182,3 +182,83 @@ pub fn worst_sqnr(sums: &[(f64, f64, bool)]) -> f64 {
         })
         .fold(f64::INFINITY, f64::min)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{DataOptions, Source};
+    use std::collections::HashSet;
+
+    /// The transformer fixture's prefix is the start of its mask arithmetic (no weights, so it
+    /// is cut only without a threshold): its twins, cut, score exactly as the whole twins do.
+    #[test]
+    fn twins_without_the_prefix_score_as_the_whole_twins() -> Result<()> {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+        let model = crate::onnx::load_valid(&root.join("transformer.onnx"))?.proto;
+        let specs = cal::input_specs(model.graph.as_ref().context("graph")?);
+        let data = DataOptions {
+            sources: vec![Source::Path(root.join("transformer").join("calib"))],
+            max_samples: Some(8),
+            ..Default::default()
+        };
+        let set = crate::data::open(&specs, &data)?;
+        let facts = cal::input_facts(&specs, &set)?;
+        let qopts = QuantOptions::default();
+        let targets = cal::quantization_targets(&model, &qopts)?;
+        let bytes = crate::onnx::io::encode_for_runtime(&model)?;
+        let calibration =
+            cal::calibrate(&bytes, &specs, &set, &targets, &cal::CalibOptions { bins: 2048, quiet: true })?;
+        let quantized: HashSet<&str> = targets.iter().map(|t| t.name.as_str()).collect();
+        let prefix = Prefix::with_min_weight(&model, &quantized, 0)?.context("no prefix")?;
+        assert_eq!(prefix.frontier, ["mask_invert"]);
+
+        // The float outputs and the frontier's values, as the first pass keeps them.
+        let outputs: Vec<String> =
+            model.graph.as_ref().context("graph")?.output.iter().map(|o| o.name().to_string()).collect();
+        let wanted: Vec<String> = outputs.iter().chain(&prefix.frontier).cloned().collect();
+        let plan = Plan::load(&bytes, None, &facts, &wanted)?;
+        let (mut reference, mut frontier) = (Vec::new(), Vec::new());
+        for i in 0..set.len() {
+            let mut values = plan.run(&set.load(i)?.inputs)?;
+            frontier.push(values.split_off(outputs.len()));
+            reference.push(
+                values
+                    .into_iter()
+                    .map(|v| match v {
+                        ArrayData::F32(a) => Some(a),
+                        _ => None,
+                    })
+                    .collect(),
+            );
+        }
+        let mut guard = Guard {
+            set: &set,
+            facts,
+            qopts,
+            quiet: true,
+            output_names: outputs,
+            reference: &reference,
+            passes: 0,
+            frontier: None,
+        };
+        for method in [RangeMethod::MinMax, RangeMethod::Mse] {
+            let r = ranges(&calibration, &method, guard.qopts.activations);
+            guard.frontier = None;
+            let whole = guard.score(&model, &r)?;
+            let (q, _) = quantize::quantize(&model, &r, &guard.qopts)?;
+            let twin = crate::fakequant::twin(&q)?;
+            let cut = prefix.cut(&twin, &guard.facts, &frontier[0])?.context("the twin was not cut")?;
+            let g = cut.model.graph.as_ref().context("graph")?;
+            // The mask is inverted in the prefix and quantized there: the twin reads it, not the
+            // integer mask.
+            assert!(g.node.iter().all(|n| n.name() != "mask_cast" && n.name() != "mask_invert"));
+            assert!(g.input.iter().all(|i| i.name() != "attention_mask"));
+            assert_eq!(cut.feeds, [Feed::Sample(0), Feed::Frontier(0)]);
+            guard.frontier = Some((prefix.clone(), frontier.clone()));
+            let without = guard.score(&model, &r)?;
+            assert!(whole.is_finite());
+            assert_eq!(whole.to_bits(), without.to_bits(), "{whole} vs {without}");
+        }
+        Ok(())
+    }
+}

@@ -67,6 +67,11 @@ impl Prefix {
     /// prefix holding under 1 MiB of weights, a graph output made inside the prefix, or
     /// subgraphs in it.
     pub fn of(model: &ModelProto, quantized: &HashSet<&str>) -> Result<Option<Prefix>> {
+        Prefix::with_min_weight(model, quantized, MIN_PREFIX_WEIGHT_BYTES)
+    }
+
+    /// [`Prefix::of`] with another weight threshold (bytes).
+    pub fn with_min_weight(model: &ModelProto, quantized: &HashSet<&str>, min_bytes: usize) -> Result<Option<Prefix>> {
         let graph = model.graph.as_ref().context("the model has no graph")?;
         let view = GraphView::new(graph);
         let lay = Layout::new(&view)?;
@@ -114,7 +119,7 @@ impl Prefix {
                 by_output.insert(o.clone(), nodes[i].clone());
             }
         }
-        if by_output.is_empty() || weight_bytes < MIN_PREFIX_WEIGHT_BYTES {
+        if by_output.is_empty() || weight_bytes < min_bytes {
             return Ok(None);
         }
         let pos: HashMap<&str, usize> = lay
