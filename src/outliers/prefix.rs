@@ -122,14 +122,8 @@ impl Prefix {
         if by_output.is_empty() || weight_bytes < min_bytes {
             return Ok(None);
         }
-        let pos: HashMap<&str, usize> = lay
-            .order
-            .iter()
-            .enumerate()
-            .flat_map(|(p, &i)| nodes[i].output.iter().map(move |o| (o.as_str(), p)))
-            .collect();
         let mut frontier: Vec<String> = frontier.into_iter().collect();
-        frontier.sort_by_key(|t| pos.get(t.as_str()).copied().unwrap_or(usize::MAX));
+        frontier.sort_by_key(|t| lay.producer(t).map_or(usize::MAX, |p| lay.pos[p]));
         Ok(Some(Prefix { nodes: by_output, weights, frontier }))
     }
 

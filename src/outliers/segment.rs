@@ -88,7 +88,7 @@ impl<'a> Types<'a> {
 pub(super) struct Layout<'a> {
     view: &'a GraphView<'a>,
     /// Position of each node in the topological order.
-    pos: Vec<usize>,
+    pub(super) pos: Vec<usize>,
     pub(super) order: Vec<usize>,
     /// Whether each node output may be fed from a cache (frontier rules, module docs).
     pub(super) cacheable: HashMap<String, bool>,
@@ -660,6 +660,28 @@ mod tests {
         Ok(ArrayData::F32(v.to_owned()))
     }
 
+    /// One piece ([`Segmenter::advance`] to `upto`, or [`Segmenter::finish`] with `None`)
+    /// whose mapped values are returned in sample order.
+    fn piece_values<S: Send, T: Send>(
+        seg: &mut Segmenter,
+        m: &ModelProto,
+        upto: Option<(usize, &str, Through)>,
+        (later, collect): (&[usize], &[String]),
+        stat: impl Fn(usize, ArrayViewD<'_, f32>) -> Result<S> + Sync,
+        map: impl Fn(Visit<S>) -> Result<T> + Sync,
+    ) -> Result<Vec<T>> {
+        let mut got = Vec::new();
+        let fold = |_, v| {
+            got.push(v);
+            Ok(())
+        };
+        match upto {
+            Some(upto) => seg.advance(m, upto, later, collect, stat, map, fold)?,
+            None => seg.finish(m, collect, stat, map, fold)?,
+        }
+        Ok(got)
+    }
+
     /// Each sample's value of tensor `name` in the whole model `m`, run by the runtime.
     fn values(m: &ModelProto, specs: &[InputSpec], set: &SampleSet, name: &str) -> Result<Vec<ArrayData>> {
         let bytes = crate::onnx::io::encode_for_runtime(m)?;
@@ -703,18 +725,13 @@ mod tests {
         let before = full(&m)?;
         let (m2, m3) = m2_m3(&m)?;
         let mut seg = Segmenter::new(&specs, &set, true);
-        let mut got_c = Vec::new();
-        seg.advance(
+        let got_c = piece_values(
+            &mut seg,
             &m,
-            (m2, "c", Through::No),
-            &[m3],
-            &[],
+            Some((m2, "c", Through::No)),
+            (&[m3], &[]),
             |_, v| Ok(v.to_owned()),
             |v| v.value.cloned().context("value"),
-            |_, v| {
-                got_c.push(v);
-                Ok(())
-            },
         )?;
         assert_eq!(got_c.len(), 3);
         for (g, b) in got_c.iter().zip(&before) {
@@ -725,20 +742,15 @@ mod tests {
         let w2 = gm.initializer.iter_mut().find(|t| t.name() == "W2").context("W2")?;
         *w2 = from_f32("W2", &ArrayD::from_elem(IxDyn(&[4, 4]), 0.5f32));
         let after = full(&m)?;
-        let mut got_e = Vec::new();
-        seg.advance(
+        let got_e = piece_values(
+            &mut seg,
             &m,
-            (m3, "e", Through::No),
-            &[],
-            &["y".to_string()],
+            Some((m3, "e", Through::No)),
+            (&[], &["y".to_string()]),
             |_, v| Ok(v.to_owned()),
             |v| {
                 assert_eq!(v.collected.len(), 0, "y is produced by m3, after this piece");
                 v.value.cloned().context("value")
-            },
-            |_, v| {
-                got_e.push(v);
-                Ok(())
             },
         )?;
         for (g, a) in got_e.iter().zip(&after) {
@@ -746,18 +758,15 @@ mod tests {
         }
         assert_ne!(after[0][1], before[0][1]);
         // The rest of the graph, collecting the output.
-        let mut got_y = Vec::new();
-        seg.finish(
+        let got_y = piece_values(
+            &mut seg,
             &m,
-            &["y".to_string()],
+            None,
+            (&[], &["y".to_string()]),
             |_, v| Ok(ArrayData::F32(v.to_owned())),
             |v| {
                 assert!(v.value.is_none());
                 Ok(v.collected)
-            },
-            |_, v| {
-                got_y.push(v);
-                Ok(())
             },
         )?;
         let bytes = crate::onnx::io::encode_for_runtime(&m)?;
@@ -780,24 +789,12 @@ mod tests {
         let (m2, m3) = m2_m3(&m)?;
         let collect = ["d".to_string()];
         let mut seg = Segmenter::new(&specs, &set, true);
-        let mut got = Vec::new();
-        seg.advance(
-            &m,
-            (m2, "c", Through::Rerun),
-            &[m3],
-            &collect,
-            to_array,
-            |v| {
-                // `d` is m2's output: handed over as the layer's output, not collected (the next
-                // piece computes it again with the weights m2 has by then).
-                assert!(v.collected.is_empty());
-                Ok((v.value.cloned().context("c")?, v.output.cloned().context("d")?))
-            },
-            |_, v| {
-                got.push(v);
-                Ok(())
-            },
-        )?;
+        let got = piece_values(&mut seg, &m, Some((m2, "c", Through::Rerun)), (&[m3], &collect), to_array, |v| {
+            // `d` is m2's output: handed over as the layer's output, not collected (the next
+            // piece computes it again with the weights m2 has by then).
+            assert!(v.collected.is_empty());
+            Ok((v.value.cloned().context("c")?, v.output.cloned().context("d")?))
+        })?;
         for ((_, d), want) in got.iter().zip(&before) {
             assert_eq!(d, want);
         }
@@ -805,19 +802,8 @@ mod tests {
         let w2 = gm.initializer.iter_mut().find(|t| t.name() == "W2").context("W2")?;
         *w2 = from_f32("W2", &ArrayD::from_elem(IxDyn(&[4, 4]), 0.5f32));
         let after = values(&m, &specs, &set, "d")?;
-        let mut again = Vec::new();
-        seg.advance(
-            &m,
-            (m3, "e", Through::No),
-            &[],
-            &collect,
-            to_array,
-            |v| Ok(v.collected),
-            |_, v| {
-                again.push(v);
-                Ok(())
-            },
-        )?;
+        let again =
+            piece_values(&mut seg, &m, Some((m3, "e", Through::No)), (&[], &collect), to_array, |v| Ok(v.collected))?;
         for (c, want) in again.iter().zip(&after) {
             assert_eq!(c.len(), 1);
             assert_eq!(c[0].0, 0);
@@ -835,22 +821,10 @@ mod tests {
         let (m2, m3) = m2_m3(&m)?;
         let collect = ["d".to_string(), "e".to_string()];
         let mut seg = Segmenter::new(&specs, &set, true);
-        let mut got = Vec::new();
-        seg.advance(
-            &m,
-            (m2, "c", Through::Keep),
-            &[m3],
-            &collect,
-            to_array,
-            |v| {
-                assert!(v.collected.is_empty(), "d is the kept output, e comes after");
-                v.output.cloned().context("d")
-            },
-            |_, v| {
-                got.push(v);
-                Ok(())
-            },
-        )?;
+        let got = piece_values(&mut seg, &m, Some((m2, "c", Through::Keep)), (&[m3], &collect), to_array, |v| {
+            assert!(v.collected.is_empty(), "d is the kept output, e comes after");
+            v.output.cloned().context("d")
+        })?;
         assert_eq!(got, d_before);
         for (i, d) in d_before.iter().enumerate() {
             assert_eq!(seg.cached(i, "d"), Some(d), "the layer's output is cached");
@@ -862,19 +836,9 @@ mod tests {
             a.mapv_inplace(|v| v + i as f32 + 1.0);
             Ok(())
         })?;
-        let mut again = Vec::new();
-        seg.advance(
-            &m,
-            (m3, "e", Through::No),
-            &[],
-            &collect,
-            to_array,
-            |v| Ok((v.value.cloned().context("e")?, v.collected)),
-            |_, v| {
-                again.push(v);
-                Ok(())
-            },
-        )?;
+        let again = piece_values(&mut seg, &m, Some((m3, "e", Through::No)), (&[], &collect), to_array, |v| {
+            Ok((v.value.cloned().context("e")?, v.collected))
+        })?;
         for (i, ((e, collected), want)) in again.iter().zip(&e_before).enumerate() {
             let (ArrayData::F32(e), ArrayData::F32(want)) = (e, want) else { bail!("float") };
             let shifted = want.mapv(|v| v + i as f32 + 1.0);
