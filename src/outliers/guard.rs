@@ -62,22 +62,25 @@ impl Guard<'_> {
     /// encoded, so its float weights live only until tract has copied them
     /// ([`Plan::load_owned`]).
     fn load(&self, twin: ModelProto) -> Result<Loaded> {
-        let first = self.frontier.as_ref().and_then(|(p, v)| v.first().map(|v| (p, v)));
-        if let Some((prefix, values)) = first {
-            if let Some(Cut { model, facts, feeds }) = prefix.cut(&twin, &self.facts, values)? {
+        let cut = match self.frontier.as_ref().and_then(|(p, v)| v.first().map(|v| (p, v))) {
+            Some((prefix, values)) => prefix.cut(&twin, &self.facts, values)?,
+            None => None,
+        };
+        let (model, facts, feeds) = match cut {
+            Some(Cut { model, facts, feeds }) => {
+                // The whole twin's folded weights must not outlive it (see `Plan::load_owned`).
                 drop(twin);
-                let bytes = crate::onnx::io::encode_for_runtime(&model)?;
-                drop(model);
-                let plan = Plan::load_owned(bytes, &facts, &self.output_names)
-                    .context("cannot run the quantized model without its float prefix")?;
-                return Ok(Loaded { plan, feeds: Some(feeds) });
+                (model, facts, Some(feeds))
             }
-        }
-        let bytes = crate::onnx::io::encode_for_runtime(&twin)?;
-        drop(twin);
-        let plan =
-            Plan::load_owned(bytes, &self.facts, &self.output_names).context("cannot run the quantized model")?;
-        Ok(Loaded { plan, feeds: None })
+            None => (twin, self.facts.clone(), None),
+        };
+        let bytes = crate::onnx::io::encode_for_runtime(&model)?;
+        drop(model);
+        let plan = Plan::load_owned(bytes, &facts, &self.output_names).with_context(|| {
+            let without = if feeds.is_some() { " without its float prefix" } else { "" };
+            format!("cannot run the quantized model{without}")
+        })?;
+        Ok(Loaded { plan, feeds })
     }
 
     /// The worst-output SQNR of `model` quantized with `ranges` (its twin loaded, run on the
