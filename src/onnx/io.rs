@@ -565,8 +565,9 @@ pub fn save(proto: &ModelProto, path: &Path, opts: &SaveOptions) -> Result<Saved
     }
     let len = checked_len(&proto).with_context(ctx)?;
     let data_tmp = write_temp(&data_path, |w| {
-        for c in &chunks {
-            w.write_all(c)?;
+        for piece in chunks.iter().flat_map(|c| c.chunks(WriteSink::PIECE)) {
+            w.write_all(piece)?;
+            release_pages(piece);
         }
         Ok(())
     })
@@ -617,6 +618,7 @@ struct WriteSink<'a> {
 
 impl WriteSink<'_> {
     const CAP: usize = 1 << 16;
+    const PIECE: usize = 1 << 22;
 
     fn flush_buf(&mut self) {
         if self.err.is_none() && !self.buf.is_empty() {
@@ -661,9 +663,17 @@ unsafe impl bytes::BufMut for WriteSink<'_> {
         self.flush_buf();
         if src.len() < Self::CAP {
             self.buf.extend_from_slice(src);
-        } else if self.err.is_none() {
-            if let Err(e) = self.w.write_all(src) {
-                self.err = Some(e);
+        } else {
+            // Large payloads go straight through, a piece at a time; a piece read from a
+            // memory-mapped input leaves resident memory once written.
+            for piece in src.chunks(Self::PIECE) {
+                if self.err.is_some() {
+                    break;
+                }
+                if let Err(e) = self.w.write_all(piece) {
+                    self.err = Some(e);
+                }
+                release_pages(piece);
             }
         }
     }
