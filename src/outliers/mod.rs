@@ -130,7 +130,7 @@ use rayon::prelude::*;
 use segment::{Through, Visit};
 use serde::Serialize;
 use solve::{Cholesky, Outlier};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::RwLock;
 use std::time::Instant;
 
@@ -441,7 +441,7 @@ enum Role {
     OutlierRows(usize),
     /// A Gemm or Conv layer's input: its statistics are computed from it.
     Input(usize),
-    /// A graph output, kept.
+    /// A tensor whose values are kept (graph outputs, frontiers).
     Kept,
 }
 
@@ -581,10 +581,12 @@ fn forward_pass(
     set: &SampleSet,
     targets: &[Target],
     (layers, rows): (&[PassLayer], bool),
-    (outputs, keep): (&[String], usize),
+    kept_for: &[(String, usize)],
     opts: &Options,
     what: &str,
 ) -> Result<PassOut> {
+    // Each kept tensor's values are kept for the first `n` samples (its own `n`).
+    let keep = kept_for.iter().map(|k| k.1).max().unwrap_or(0);
     let mut extra: Vec<(String, Role)> = Vec::new();
     for (li, l) in layers.iter().enumerate() {
         if let Source::Computed(_) = l.1 {
@@ -596,7 +598,7 @@ fn forward_pass(
             }
         }
     }
-    extra.extend(outputs.iter().map(|o| (o.clone(), Role::Kept)));
+    extra.extend(kept_for.iter().map(|o| (o.0.clone(), Role::Kept)));
     let names: Vec<String> = extra.iter().map(|(n, _)| n.clone()).collect();
     let accs = RwLock::new(
         layers
@@ -612,10 +614,10 @@ fn forward_pass(
         }
         let (name, role) = extra.get(k).context("internal error: unknown extra output")?;
         if let Role::Kept = role {
-            // In `outputs`' order, whatever order the runtime computes them in.
-            let slot = k + outputs.len() - extra.len();
-            if i < keep {
-                st.outputs.resize(outputs.len(), None);
+            // In `kept_for`'s order, whatever order the runtime computes them in.
+            let slot = k + kept_for.len() - extra.len();
+            if kept_for.get(slot).is_some_and(|&(_, n)| i < n) {
+                st.outputs.resize(kept_for.len(), None);
                 st.outputs[slot] = value.map(|v| v.to_owned());
             }
             return Ok(());
@@ -667,8 +669,10 @@ fn forward_pass(
             for (acc, s) in guard.iter_mut().zip(st.layers) {
                 acc.merge(s.context("internal error: a layer's statistics are missing")?)?;
             }
-            if !outputs.is_empty() && i < keep {
-                kept.push(st.outputs);
+            if i < keep {
+                let mut values = st.outputs;
+                values.resize(kept_for.len(), None);
+                kept.push(values);
             }
             Ok(())
         },
@@ -754,7 +758,7 @@ pub fn analyze(model: &ModelProto, label: &str, data: &DataOptions, opts: &Optio
     }
     let pairs = with_weights(model, &layers)?;
     let bytes = crate::onnx::io::encode_for_runtime(model)?;
-    let pass = forward_pass(&bytes, &specs, &set, &[], (&pairs, true), (&[], 0), opts, "outlier statistics")?;
+    let pass = forward_pass(&bytes, &specs, &set, &[], (&pairs, true), &[], opts, "outlier statistics")?;
     for ((l, w), st) in pairs.into_iter().zip(&pass.layers) {
         // Only the layers with outliers need their weight (relevance).
         let w = match w {
@@ -1210,9 +1214,29 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         Some(_) => prefix::Prefix::of(model, &targets.iter().map(|t| t.name.as_str()).collect())?,
         None => None,
     };
-    let mut kept_names = if keep > 0 { output_names.clone() } else { Vec::new() };
-    if let (Some(p), true) = (&prefix, keep > 0) {
-        kept_names.extend(p.frontier.iter().cloned());
+    // The sequential pass starts at the first candidate layer, from this pass's values of
+    // what the nodes from there on read from before it ([`segment::frontier_before`]), kept
+    // for every sample (as the sequential pass's own cache would hold them): the nodes
+    // before it (MiniLM-L6: the embeddings and their 47 MB table) run once.
+    let seed = {
+        let view = GraphView::new(graph);
+        let order = view.topo_order()?;
+        let first = order.iter().copied().find(|&i| layers.iter().any(|l| l.node_index == i));
+        first.map(|n| segment::frontier_before(model, n).map(|(_, names)| (n, names))).transpose()?
+    };
+    // What the pass keeps: (tensor, for how many samples).
+    let mut kept_for: Vec<(String, usize)> = Vec::new();
+    let mut keep_values = |name: &str, n: usize| match kept_for.iter_mut().find(|k| k.0 == name) {
+        Some(k) => k.1 = k.1.max(n),
+        None if n > 0 => kept_for.push((name.to_string(), n)),
+        None => {}
+    };
+    output_names.iter().for_each(|o| keep_values(o, keep));
+    if let Some(p) = &prefix {
+        p.frontier.iter().for_each(|t| keep_values(t, keep.min(GUARD_SAMPLES)));
+    }
+    if let Some((_, names)) = &seed {
+        names.iter().for_each(|t| keep_values(t, set.len()));
     }
     let bytes = crate::onnx::io::encode_for_runtime(model)?;
     let first = forward_pass(
@@ -1222,7 +1246,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         &targets,
         // Detection only: the sequential pass gathers the flagged layers' rows.
         (&pairs, false),
-        (&kept_names, keep),
+        &kept_for,
         opts,
         if run.guard.is_some() { "calibrating" } else { "outlier statistics" },
     )
@@ -1241,21 +1265,33 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         .unzip();
     report.layers_with_outliers = flagged.len();
     let base_cal = first.calibration;
-    let mut reference = first.outputs;
-    // Split the frontier's values off the reference outputs (guard's samples only); a value the
-    // runtime did not hold as f32 leaves the twins whole.
-    let mut frontier = prefix.map(|p| (p, Vec::new()));
-    for (i, r) in reference.iter_mut().enumerate() {
-        let tail = r.split_off(output_names.len().min(r.len()));
-        if let (Some((_, values)), true) = (frontier.as_mut(), i < GUARD_SAMPLES) {
-            values.push(tail.into_iter().map(|v| v.map(ArrayData::F32)).collect::<Option<Vec<_>>>());
+    // Split the kept values: the reference outputs, the guard's frontier (a value the runtime
+    // did not hold as f32 leaves the twins whole), the sequential pass's start (likewise).
+    let mut rows = first.outputs;
+    let seeded: BTreeSet<String> = seed.iter().flat_map(|(_, names)| names.iter().cloned()).collect();
+    let mut take = |i: usize, name: &str| -> Option<ArrayD<f32>> {
+        let at = kept_for.iter().position(|k| k.0 == name)?;
+        let row = rows.get_mut(i)?;
+        // A tensor kept for several uses is copied for all but its last one (the seed).
+        if !seeded.contains(name) {
+            row.get_mut(at)?.take()
+        } else {
+            row.get(at)?.clone()
         }
-    }
-    let frontier = frontier.and_then(|(p, v)| {
-        let v: Option<Vec<Vec<ArrayData>>> = v.into_iter().collect();
-        v.filter(|v| !v.is_empty()).map(|v| (p, v))
+    };
+    let reference: Outputs = (0..keep).map(|i| output_names.iter().map(|o| take(i, o)).collect()).collect();
+    let frontier = prefix.and_then(|p| {
+        let values: Option<Vec<Vec<ArrayData>>> = (0..keep.min(GUARD_SAMPLES))
+            .map(|i| p.frontier.iter().map(|t| take(i, t).map(ArrayData::F32)).collect())
+            .collect();
+        values.filter(|v| !v.is_empty()).map(|v| (p, v))
     });
-
+    let seed = seed.and_then(|(node, names)| {
+        let cache: Option<Vec<HashMap<String, ArrayData>>> = (0..set.len())
+            .map(|i| names.iter().map(|t| take(i, t).map(|v| (t.clone(), ArrayData::F32(v)))).collect())
+            .collect();
+        cache.map(|c| (node, c))
+    });
     // Plain quantization's ranges (guarded runs), computed once.
     let plain_ranges = match (&base_cal, &run.guard) {
         (Some(c), Some(g)) => Some(guard::ranges(c, &g.method, g.quant.activations)),
@@ -1326,7 +1362,10 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
     let sequential = || -> Result<(ModelProto, usize)> {
         let mut fold_fresh = |per: Vec<Option<TensorStats>>| cal::fold_stats(&mut fresh, per);
         let mut cur = model.clone();
-        let mut seg = segment::Segmenter::new(&specs, &set, opts.quiet);
+        let mut seg = match seed {
+            Some((node, cache)) => segment::Segmenter::starting_at(&specs, &set, opts.quiet, (model, node), cache)?,
+            None => segment::Segmenter::new(&specs, &set, opts.quiet),
+        };
         let later: Vec<usize> = flagged.iter().map(|l| l.node_index).collect();
         let keep_budget = 1usize << 23;
         for (idx, l) in flagged.iter().enumerate() {
@@ -1545,8 +1584,8 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
     report.regularized = regularized;
     if run.measure_float && regularized {
         let bytes = crate::onnx::io::encode_for_runtime(&out_model)?;
-        let pass =
-            forward_pass(&bytes, &specs, &set, &[], (&[], false), (&output_names, set.len()), opts, "float deviation")?;
+        let all: Vec<(String, usize)> = output_names.iter().map(|o| (o.clone(), set.len())).collect();
+        let pass = forward_pass(&bytes, &specs, &set, &[], (&[], false), &all, opts, "float deviation")?;
         report.passes += 1;
         let mut sums = vec![(0f64, 0f64, false); output_names.len()];
         for (r, c) in reference.iter().zip(&pass.outputs) {

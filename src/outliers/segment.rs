@@ -214,6 +214,23 @@ fn output_slot(outputs: &mut Vec<String>, name: &str) -> usize {
     }
 }
 
+/// The topological position of node `first` and the tensors a piece starting there reads
+/// from before it and takes from the cache (frontier rules, module docs); the integer and
+/// constant ones before it are recomputed by the piece instead.
+pub fn frontier_before(model: &ModelProto, first: usize) -> Result<(usize, Vec<String>)> {
+    let graph = model.graph.as_ref().context("the model has no graph")?;
+    let view = GraphView::new(graph);
+    let lay = Layout::new(&view)?;
+    let start = *lay.pos.get(first).context("internal error: node out of range")?;
+    let (mut cached, mut pulled) = (BTreeSet::new(), BTreeSet::new());
+    for &i in &lay.order[start..] {
+        for r in lay.reads(i) {
+            lay.resolve(&r, start, &mut cached, &mut pulled);
+        }
+    }
+    Ok((start, cached.into_iter().collect()))
+}
+
 /// Whether a piece runs the layer node it ends before, and what the next piece does with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Through {
@@ -256,6 +273,27 @@ pub struct Segmenter<'a> {
 impl<'a> Segmenter<'a> {
     pub fn new(specs: &'a [InputSpec], set: &'a SampleSet, quiet: bool) -> Self {
         Segmenter { specs, set, cache: (0..set.len()).map(|_| HashMap::new()).collect(), start: 0, quiet, pieces: 0 }
+    }
+
+    /// A segmenter whose first piece starts at node `first` of `model` instead of at the graph
+    /// inputs: `cache[i]` holds sample `i`'s values of [`frontier_before`]`(model, first)`
+    /// (e.g. kept by an earlier full pass of the same model, so the nodes before `first`
+    /// do not run again). Later calls must pass a model of the same graph structure.
+    pub fn starting_at(
+        specs: &'a [InputSpec],
+        set: &'a SampleSet,
+        quiet: bool,
+        (model, first): (&ModelProto, usize),
+        cache: Vec<HashMap<String, ArrayData>>,
+    ) -> Result<Self> {
+        let (start, names) = frontier_before(model, first)?;
+        if cache.len() != set.len() {
+            bail!("internal error: {} cached samples for {} samples", cache.len(), set.len());
+        }
+        if let Some(t) = names.iter().find(|t| cache.iter().any(|c| !c.contains_key(t.as_str()))) {
+            bail!("internal error: tensor '{t}' was not cached");
+        }
+        Ok(Segmenter { specs, set, cache, start, quiet, pieces: 0 })
     }
 
     /// Runs the model from where the previous call stopped up to (not including) node
@@ -708,6 +746,42 @@ mod tests {
             },
         )?;
         Ok((dir, specs, set))
+    }
+
+    #[test]
+    fn a_segmenter_started_from_a_frontier_matches_one_started_at_the_inputs() -> Result<()> {
+        let (_dir, specs, set) = samples(4)?;
+        let m = chain();
+        let (m2, m3) = m2_m3(&m)?;
+        // Before m2: `c` is cached (float, from the input); `x` is a graph input.
+        let (start, names) = frontier_before(&m, m2)?;
+        assert_eq!(names, ["c"]);
+        assert_eq!(start, 5);
+        let c = values(&m, &specs, &set, "c")?;
+        let cache = c.into_iter().map(|v| HashMap::from([("c".to_string(), v)])).collect();
+        let mut seeded = Segmenter::starting_at(&specs, &set, true, (&m, m2), cache)?;
+        let mut plain = Segmenter::new(&specs, &set, true);
+        let y = ["y".to_string()];
+        for seg in [&mut seeded, &mut plain] {
+            let got_e = piece_values(
+                seg,
+                &m,
+                Some((m3, "e", Through::No)),
+                (&[], &y),
+                |_, v| Ok(v.to_owned()),
+                |v| v.value.cloned().context("value"),
+            )?;
+            assert_eq!(got_e, values(&m, &specs, &set, "e")?);
+            let got_y = piece_values(seg, &m, None, (&[], &y), to_array, |v| Ok(v.collected))?;
+            let want = values(&m, &specs, &set, "y")?;
+            for (g, w) in got_y.iter().zip(&want) {
+                assert_eq!(g, &vec![(0, w.clone())]);
+            }
+        }
+        // A cache missing a frontier tensor is refused.
+        let empty = (0..set.len()).map(|_| HashMap::new()).collect();
+        assert!(Segmenter::starting_at(&specs, &set, true, (&m, m2), empty).is_err());
+        Ok(())
     }
 
     #[test]
