@@ -425,6 +425,14 @@ pub struct RegularizationReport {
 /// Per sample, per graph output: the float values (`None` for other element types).
 pub type Outputs = Vec<Vec<Option<ArrayD<f32>>>>;
 
+/// A tensor whose values a pass keeps, for its first `samples` samples; a `budgeted` one
+/// only while the budgeted tensors' values fit in the pass's budget.
+struct KeptTensor {
+    name: String,
+    samples: usize,
+    budgeted: bool,
+}
+
 struct PassOut {
     calibration: Option<Calibration>,
     outputs: Outputs,
@@ -581,12 +589,21 @@ fn forward_pass(
     set: &SampleSet,
     targets: &[Target],
     (layers, rows): (&[PassLayer], bool),
-    kept_for: &[(String, usize)],
+    (kept_for, budget): (&[KeptTensor], u64),
     opts: &Options,
     what: &str,
 ) -> Result<PassOut> {
-    // Each kept tensor's values are kept for the first `n` samples (its own `n`).
-    let keep = kept_for.iter().map(|k| k.1).max().unwrap_or(0);
+    // Each kept tensor's values are kept for its first `samples`; the budgeted ones only
+    // while all their values fit in `budget` bytes, else none of them.
+    let keep = kept_for.iter().map(|k| k.samples).max().unwrap_or(0);
+    let (mut spent, mut over) = (0u64, false);
+    let clear_budgeted = |values: &mut Vec<Option<ArrayD<f32>>>| {
+        for (v, k) in values.iter_mut().zip(kept_for) {
+            if k.budgeted {
+                *v = None;
+            }
+        }
+    };
     let mut extra: Vec<(String, Role)> = Vec::new();
     for (li, l) in layers.iter().enumerate() {
         if let Source::Computed(_) = l.1 {
@@ -598,7 +615,7 @@ fn forward_pass(
             }
         }
     }
-    extra.extend(kept_for.iter().map(|o| (o.0.clone(), Role::Kept)));
+    extra.extend(kept_for.iter().map(|o| (o.name.clone(), Role::Kept)));
     let names: Vec<String> = extra.iter().map(|(n, _)| n.clone()).collect();
     let accs = RwLock::new(
         layers
@@ -616,7 +633,7 @@ fn forward_pass(
         if let Role::Kept = role {
             // In `kept_for`'s order, whatever order the runtime computes them in.
             let slot = k + kept_for.len() - extra.len();
-            if kept_for.get(slot).is_some_and(|&(_, n)| i < n) {
+            if kept_for.get(slot).is_some_and(|k| i < k.samples) {
                 st.outputs.resize(kept_for.len(), None);
                 st.outputs[slot] = value.map(|v| v.to_owned());
             }
@@ -672,6 +689,20 @@ fn forward_pass(
             if i < keep {
                 let mut values = st.outputs;
                 values.resize(kept_for.len(), None);
+                if !over {
+                    let bytes = |(v, k): (&Option<ArrayD<f32>>, &KeptTensor)| match v {
+                        Some(a) if k.budgeted => 4 * a.len() as u64,
+                        _ => 0,
+                    };
+                    spent += values.iter().zip(kept_for).map(bytes).sum::<u64>();
+                    if spent > budget {
+                        over = true;
+                        kept.iter_mut().for_each(clear_budgeted);
+                    }
+                }
+                if over {
+                    clear_budgeted(&mut values);
+                }
                 kept.push(values);
             }
             Ok(())
@@ -758,7 +789,7 @@ pub fn analyze(model: &ModelProto, label: &str, data: &DataOptions, opts: &Optio
     }
     let pairs = with_weights(model, &layers)?;
     let bytes = crate::onnx::io::encode_for_runtime(model)?;
-    let pass = forward_pass(&bytes, &specs, &set, &[], (&pairs, true), &[], opts, "outlier statistics")?;
+    let pass = forward_pass(&bytes, &specs, &set, &[], (&pairs, true), (&[], 0), opts, "outlier statistics")?;
     for ((l, w), st) in pairs.into_iter().zip(&pass.layers) {
         // Only the layers with outliers need their weight (relevance).
         let w = match w {
@@ -1216,28 +1247,35 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
     };
     // The sequential pass starts at the first candidate layer, from this pass's values of
     // what the nodes from there on read from before it ([`segment::frontier_before`]), kept
-    // for every sample (as the sequential pass's own cache would hold them): the nodes
-    // before it (MiniLM-L6: the embeddings and their 47 MB table) run once.
+    // for every sample, when the nodes it then skips read at least 1 MiB of weights (MiniLM-L6:
+    // the embeddings and their 47 MB table, which the first piece no longer loads) and as
+    // long as those values take no more memory than these weights.
     let seed = {
         let view = GraphView::new(graph);
         let order = view.topo_order()?;
         let first = order.iter().copied().find(|&i| layers.iter().any(|l| l.node_index == i));
-        first.map(|n| segment::frontier_before(model, n).map(|(_, names)| (n, names))).transpose()?
+        let cut = first.map(|n| segment::frontier_before(model, n).map(|f| (n, f))).transpose()?;
+        cut.filter(|(_, f)| f.skipped_weight_bytes >= prefix::MIN_PREFIX_WEIGHT_BYTES && !f.names.is_empty())
     };
-    // What the pass keeps: (tensor, for how many samples).
-    let mut kept_for: Vec<(String, usize)> = Vec::new();
-    let mut keep_values = |name: &str, n: usize| match kept_for.iter_mut().find(|k| k.0 == name) {
-        Some(k) => k.1 = k.1.max(n),
-        None if n > 0 => kept_for.push((name.to_string(), n)),
-        None => {}
-    };
-    output_names.iter().for_each(|o| keep_values(o, keep));
+    // What the pass keeps.
+    let mut kept_for: Vec<KeptTensor> = Vec::new();
+    let mut keep_values =
+        |name: &str, samples: usize, budgeted: bool| match kept_for.iter_mut().find(|k| k.name == name) {
+            Some(k) => {
+                k.samples = k.samples.max(samples);
+                k.budgeted &= budgeted;
+            }
+            None if samples > 0 => kept_for.push(KeptTensor { name: name.to_string(), samples, budgeted }),
+            None => {}
+        };
+    output_names.iter().for_each(|o| keep_values(o, keep, false));
     if let Some(p) = &prefix {
-        p.frontier.iter().for_each(|t| keep_values(t, keep.min(GUARD_SAMPLES)));
+        p.frontier.iter().for_each(|t| keep_values(t, keep.min(GUARD_SAMPLES), false));
     }
-    if let Some((_, names)) = &seed {
-        names.iter().for_each(|t| keep_values(t, set.len()));
+    if let Some((_, f)) = &seed {
+        f.names.iter().for_each(|t| keep_values(t, set.len(), true));
     }
+    let seed_budget = seed.as_ref().map_or(0, |(_, f)| f.skipped_weight_bytes);
     let bytes = crate::onnx::io::encode_for_runtime(model)?;
     let first = forward_pass(
         &bytes,
@@ -1246,7 +1284,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         &targets,
         // Detection only: the sequential pass gathers the flagged layers' rows.
         (&pairs, false),
-        &kept_for,
+        (&kept_for, seed_budget),
         opts,
         if run.guard.is_some() { "calibrating" } else { "outlier statistics" },
     )
@@ -1268,9 +1306,9 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
     // Split the kept values: the reference outputs, the guard's frontier (a value the runtime
     // did not hold as f32 leaves the twins whole), the sequential pass's start (likewise).
     let mut rows = first.outputs;
-    let seeded: BTreeSet<String> = seed.iter().flat_map(|(_, names)| names.iter().cloned()).collect();
+    let seeded: BTreeSet<String> = seed.iter().flat_map(|(_, f)| f.names.iter().cloned()).collect();
     let mut take = |i: usize, name: &str| -> Option<ArrayD<f32>> {
-        let at = kept_for.iter().position(|k| k.0 == name)?;
+        let at = kept_for.iter().position(|k| k.name == name)?;
         let row = rows.get_mut(i)?;
         // A tensor kept for several uses is copied for all but its last one (the seed).
         if !seeded.contains(name) {
@@ -1286,9 +1324,10 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
             .collect();
         values.filter(|v| !v.is_empty()).map(|v| (p, v))
     });
-    let seed = seed.and_then(|(node, names)| {
+    // (`None` when over budget: the values were dropped.)
+    let seed = seed.and_then(|(node, f)| {
         let cache: Option<Vec<HashMap<String, ArrayData>>> = (0..set.len())
-            .map(|i| names.iter().map(|t| take(i, t).map(|v| (t.clone(), ArrayData::F32(v)))).collect())
+            .map(|i| f.names.iter().map(|t| take(i, t).map(|v| (t.clone(), ArrayData::F32(v)))).collect())
             .collect();
         cache.map(|c| (node, c))
     });
@@ -1584,8 +1623,9 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
     report.regularized = regularized;
     if run.measure_float && regularized {
         let bytes = crate::onnx::io::encode_for_runtime(&out_model)?;
-        let all: Vec<(String, usize)> = output_names.iter().map(|o| (o.clone(), set.len())).collect();
-        let pass = forward_pass(&bytes, &specs, &set, &[], (&[], false), &all, opts, "float deviation")?;
+        let all: Vec<KeptTensor> =
+            output_names.iter().map(|o| KeptTensor { name: o.clone(), samples: set.len(), budgeted: false }).collect();
+        let pass = forward_pass(&bytes, &specs, &set, &[], (&[], false), (&all, 0), opts, "float deviation")?;
         report.passes += 1;
         let mut sums = vec![(0f64, 0f64, false); output_names.len()];
         for (r, c) in reference.iter().zip(&pass.outputs) {
@@ -1754,5 +1794,49 @@ pub fn for_pipeline(
             };
             regularize(model, data, &o, &run)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::Source;
+
+    /// A pass keeps each tensor for its own number of samples, and the budgeted ones only
+    /// while all their values fit in the budget.
+    #[test]
+    fn a_pass_keeps_values_per_tensor_within_the_budget() -> Result<()> {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+        let model = crate::onnx::load_valid(&root.join("transformer.onnx"))?.proto;
+        let graph = model.graph.as_ref().context("graph")?;
+        let output = graph.output.first().context("output")?.name().to_string();
+        let hidden = graph.node.iter().find(|n| n.op_type() == "MatMul").context("MatMul")?.output[0].clone();
+        let data = DataOptions {
+            sources: vec![Source::Path(root.join("transformer").join("calib"))],
+            max_samples: Some(4),
+            ..Default::default()
+        };
+        let (specs, set) = specs_and_set(&model, &data)?;
+        let bytes = crate::onnx::io::encode_for_runtime(&model)?;
+        let kept = [
+            KeptTensor { name: output.clone(), samples: 2, budgeted: false },
+            KeptTensor { name: hidden.clone(), samples: 4, budgeted: true },
+        ];
+        let opts = Options { quiet: true, ..Default::default() };
+        let pass = |budget| forward_pass(&bytes, &specs, &set, &[], (&[], false), (&kept, budget), &opts, "test");
+        let all = pass(u64::MAX)?.outputs;
+        assert_eq!(all.len(), 4);
+        for (i, row) in all.iter().enumerate() {
+            assert_eq!(row[0].is_some(), i < 2, "sample {i}");
+            assert!(row[1].is_some(), "sample {i}");
+        }
+        // Room for one sample's values of the budgeted tensor, not two: none is kept.
+        let one = 4 * all[0][1].as_ref().map_or(0, |a| a.len()) as u64;
+        let tight = pass(one + one / 2)?.outputs;
+        for (i, row) in tight.iter().enumerate() {
+            assert_eq!(row[0], all[i][0], "sample {i}");
+            assert!(row[1].is_none(), "sample {i}");
+        }
+        Ok(())
     }
 }

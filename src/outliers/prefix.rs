@@ -22,7 +22,7 @@ use anyhow::{Context, Result};
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 /// Prefix weights below this many bytes are not worth a cut.
-const MIN_PREFIX_WEIGHT_BYTES: usize = 1 << 20;
+pub(super) const MIN_PREFIX_WEIGHT_BYTES: u64 = 1 << 20;
 
 /// The float prefix of a model under quantization (module docs).
 #[derive(Debug, Clone)]
@@ -67,7 +67,7 @@ impl Prefix {
     /// prefix holding under 1 MiB of weights, a graph output made inside the prefix, or
     /// subgraphs in it.
     pub fn of(model: &ModelProto, quantized: &HashSet<&str>) -> Result<Option<Prefix>> {
-        Prefix::with_min_weight(model, quantized, MIN_PREFIX_WEIGHT_BYTES)
+        Prefix::with_min_weight(model, quantized, MIN_PREFIX_WEIGHT_BYTES as usize)
     }
 
     /// [`Prefix::of`] with another weight threshold (bytes).

@@ -214,10 +214,21 @@ fn output_slot(outputs: &mut Vec<String>, name: &str) -> usize {
     }
 }
 
-/// The topological position of node `first` and the tensors a piece starting there reads
-/// from before it and takes from the cache (frontier rules, module docs); the integer and
-/// constant ones before it are recomputed by the piece instead.
-pub fn frontier_before(model: &ModelProto, first: usize) -> Result<(usize, Vec<String>)> {
+/// Where a piece starting at a given node cuts the graph ([`frontier_before`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frontier {
+    /// The node's topological position.
+    pub start: usize,
+    /// The tensors the piece reads from before `start` and takes from the cache (frontier
+    /// rules, module docs); the integer and constant ones are recomputed by the piece.
+    pub names: Vec<String>,
+    /// Bytes of the weights that only nodes the piece skips read (neither recomputed nor at
+    /// or after `start`): what the piece no longer loads.
+    pub skipped_weight_bytes: u64,
+}
+
+/// The cut of `model` before node `first` ([`Frontier`]).
+pub fn frontier_before(model: &ModelProto, first: usize) -> Result<Frontier> {
     let graph = model.graph.as_ref().context("the model has no graph")?;
     let view = GraphView::new(graph);
     let lay = Layout::new(&view)?;
@@ -228,7 +239,17 @@ pub fn frontier_before(model: &ModelProto, first: usize) -> Result<(usize, Vec<S
             lay.resolve(&r, start, &mut cached, &mut pulled);
         }
     }
-    Ok((start, cached.into_iter().collect()))
+    let run: HashSet<usize> = lay.order[start..].iter().chain(&pulled).copied().collect();
+    let still_read: HashSet<String> = run.iter().flat_map(|&i| lay.reads(i)).collect();
+    // Each weight once, by name.
+    let skipped: BTreeSet<String> = lay.order[..start]
+        .iter()
+        .filter(|i| !run.contains(i))
+        .flat_map(|&i| lay.reads(i))
+        .filter(|r| !still_read.contains(r) && view.weight(r).is_some())
+        .collect();
+    let skipped_weight_bytes = skipped.iter().filter_map(|r| view.weight(r)).map(crate::dump::tensor_bytes).sum();
+    Ok(Frontier { start, names: cached.into_iter().collect(), skipped_weight_bytes })
 }
 
 /// Whether a piece runs the layer node it ends before, and what the next piece does with it.
@@ -286,7 +307,7 @@ impl<'a> Segmenter<'a> {
         (model, first): (&ModelProto, usize),
         cache: Vec<HashMap<String, ArrayData>>,
     ) -> Result<Self> {
-        let (start, names) = frontier_before(model, first)?;
+        let Frontier { start, names, .. } = frontier_before(model, first)?;
         if cache.len() != set.len() {
             bail!("internal error: {} cached samples for {} samples", cache.len(), set.len());
         }
@@ -754,9 +775,12 @@ mod tests {
         let m = chain();
         let (m2, m3) = m2_m3(&m)?;
         // Before m2: `c` is cached (float, from the input); `x` is a graph input.
-        let (start, names) = frontier_before(&m, m2)?;
-        assert_eq!(names, ["c"]);
-        assert_eq!(start, 5);
+        let f = frontier_before(&m, m2)?;
+        assert_eq!(f.names, ["c"]);
+        assert_eq!(f.start, 5);
+        // m1 and the Shape/Reshape pair before m2 are skipped (the Shape is recomputed only
+        // for a later reader, none here), with W1 and `flat`.
+        assert_eq!(f.skipped_weight_bytes, 16 * 4 + 8);
         let c = values(&m, &specs, &set, "c")?;
         let cache = c.into_iter().map(|v| HashMap::from([("c".to_string(), v)])).collect();
         let mut seeded = Segmenter::starting_at(&specs, &set, true, (&m, m2), cache)?;
