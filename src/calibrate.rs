@@ -285,41 +285,97 @@ pub fn for_each_sample<T: Send>(
     set: &SampleSet,
     pb: &indicatif::ProgressBar,
     map: impl Fn(usize, Vec<ArrayData>) -> Result<T> + Sync,
-    fold: impl FnMut(usize, T) -> Result<()>,
+    fold: impl FnMut(usize, T) -> Result<()> + Send,
 ) -> Result<()> {
     for_each_sample_with(set, pb, |i, inputs| map(i, plan.run(inputs)?), fold)
 }
 
 /// Like [`for_each_sample`], with the running of a sample left to `run` (given the sample
 /// index and its inputs), e.g. to look at outputs in place with [`Plan::run_visit_f32`].
+///
+/// One worker per thread takes the next sample as soon as it is free (no barrier between
+/// groups of samples: a slow sample delays no other); a finished sample's result waits
+/// until every earlier one is folded, and whichever worker finishes the next sample in
+/// order folds it, while the other workers keep running theirs. A worker does not take a
+/// sample more than [`FOLD_WINDOW`] per thread ahead of the folded ones, so at most that
+/// many results wait. The first failure in sample order is returned.
 pub fn for_each_sample_with<T: Send>(
     set: &SampleSet,
     pb: &indicatif::ProgressBar,
     run: impl Fn(usize, &[ArrayData]) -> Result<T> + Sync,
-    mut fold: impl FnMut(usize, T) -> Result<()>,
+    fold: impl FnMut(usize, T) -> Result<()> + Send,
 ) -> Result<()> {
-    let chunk = (rayon::current_num_threads() * 2).max(1);
-    let n = set.len();
-    let mut start = 0;
-    while start < n {
-        let end = (start + chunk).min(n);
-        let results: Vec<Result<T>> = (start..end)
-            .into_par_iter()
-            .map(|i| {
-                let sample = set.load(i)?;
-                let r = run(i, &sample.inputs).with_context(|| format!("sample {}", sample.source));
-                pb.inc(1);
-                r
-            })
-            .collect();
-        for (k, r) in results.into_iter().enumerate() {
-            fold(start + k, r?)?;
-        }
-        start = end;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Condvar, Mutex};
+    struct Order<T, F> {
+        /// Samples folded so far (the next one to fold).
+        folded: usize,
+        ready: BTreeMap<usize, Result<T>>,
+        fold: F,
+        /// The first failure in sample order; nothing more is taken once it is set.
+        failed: Option<anyhow::Error>,
     }
+    let n = set.len();
+    let workers = rayon::current_num_threads().clamp(1, n.max(1));
+    let window = FOLD_WINDOW * workers;
+    let next = AtomicUsize::new(0);
+    let order = Mutex::new(Order { folded: 0, ready: BTreeMap::new(), fold, failed: None });
+    let advanced = Condvar::new();
+    let lock = || order.lock().unwrap_or_else(|e| e.into_inner());
+    let worker = || loop {
+        // Wait until the next sample is within the window (or there is nothing left to do).
+        let i = {
+            let mut o = lock();
+            loop {
+                let i = next.load(Ordering::Relaxed);
+                if o.failed.is_some() || i >= n {
+                    return;
+                }
+                if i < o.folded + window {
+                    next.store(i + 1, Ordering::Relaxed);
+                    break i;
+                }
+                o = advanced.wait(o).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        let r =
+            set.load(i).and_then(|sample| run(i, &sample.inputs).with_context(|| format!("sample {}", sample.source)));
+        pb.inc(1);
+        let mut o = lock();
+        if o.failed.is_some() {
+            return;
+        }
+        o.ready.insert(i, r);
+        loop {
+            let at = o.folded;
+            let Some(r) = o.ready.remove(&at) else { break };
+            let done = r.and_then(|v| (o.fold)(at, v));
+            o.folded += 1;
+            if let Err(e) = done {
+                o.failed = Some(e);
+                o.ready.clear();
+                break;
+            }
+        }
+        drop(o);
+        advanced.notify_all();
+    };
+    rayon::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|_| worker());
+        }
+    });
     pb.finish_and_clear();
-    Ok(())
+    let o = order.into_inner().unwrap_or_else(|e| e.into_inner());
+    match o.failed {
+        Some(e) => Err(e),
+        None if o.folded == n => Ok(()),
+        None => bail!("internal error: {} of {n} samples folded", o.folded),
+    }
 }
+
+/// Results a sample loop lets wait for their fold, per thread ([`for_each_sample_with`]).
+pub const FOLD_WINDOW: usize = 2;
 
 /// The statistics of every calibrated tensor.
 #[derive(Debug, Clone)]
@@ -394,7 +450,7 @@ pub fn calibrate_with<S: Default + Send>(
     opts: &CalibOptions,
     extra: &[String],
     visit: impl Fn(usize, &mut S, usize, Option<ndarray::ArrayViewD<'_, f32>>) -> Result<()> + Sync,
-    mut fold: impl FnMut(usize, S) -> Result<()>,
+    mut fold: impl FnMut(usize, S) -> Result<()> + Send,
 ) -> Result<Calibration> {
     let t0 = Instant::now();
     if set.is_empty() {
@@ -588,6 +644,74 @@ pub fn summary(cal: &Calibration) -> String {
 mod tests {
     use super::*;
     use crate::onnx::builder::{graph, node, tensor_info};
+
+    /// The outlier fixture's 16 calibration samples.
+    fn fixture_samples() -> Result<SampleSet> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+        let model = crate::onnx::load_valid(&root.join("outliers.onnx"))?.proto;
+        let specs = input_specs(model.graph.as_ref().context("graph")?);
+        let data = crate::data::DataOptions {
+            sources: vec![crate::data::Source::Path(root.join("outliers").join("calib"))],
+            ..Default::default()
+        };
+        crate::data::open(&specs, &data)
+    }
+
+    /// Samples run on every thread without barriers, yet fold strictly in sample order, and
+    /// the first failure in sample order is the one returned, whichever sample fails first
+    /// in time.
+    #[test]
+    fn samples_fold_in_order_and_the_first_failure_in_order_wins() -> Result<()> {
+        let set = fixture_samples()?;
+        assert_eq!(set.len(), 16);
+        let pb = indicatif::ProgressBar::hidden();
+        // Later samples finish first: sample i sleeps (16 - i) ms.
+        let slow = |i: usize| std::thread::sleep(std::time::Duration::from_millis((16 - i) as u64));
+        let mut seen = Vec::new();
+        for_each_sample_with(
+            &set,
+            &pb,
+            |i, _| {
+                slow(i);
+                Ok(i)
+            },
+            |i, v| {
+                assert_eq!(i, v);
+                seen.push(i);
+                Ok(())
+            },
+        )?;
+        assert_eq!(seen, (0..16).collect::<Vec<_>>());
+        let mut folded = 0;
+        let err = for_each_sample_with(
+            &set,
+            &pb,
+            |i, _| {
+                slow(i);
+                match i {
+                    5 | 9 => bail!("run {i} failed"),
+                    _ => Ok(i),
+                }
+            },
+            |i, _| {
+                folded = i + 1;
+                if i == 7 {
+                    bail!("fold {i} failed");
+                }
+                Ok(())
+            },
+        )
+        .err()
+        .context("no error")?;
+        assert!(format!("{err:#}").contains("run 5 failed"), "{err:#}");
+        assert_eq!(folded, 5);
+        // A fold failure before any run failure is the one returned.
+        let err = for_each_sample_with(&set, &pb, |i, _| Ok(i), |i, _| if i == 2 { bail!("fold 2") } else { Ok(()) })
+            .err()
+            .context("no error")?;
+        assert_eq!(format!("{err}"), "fold 2");
+        Ok(())
+    }
 
     /// An Identity (not a quantizable op) between two quantizable ones: its output takes the
     /// statistics of its input, as a Reshape's does, so it is not pinned as a tract output.
