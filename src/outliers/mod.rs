@@ -34,7 +34,10 @@
 //!    MatMul's `y` is its own output tensor and a Conv's is its output minus its constant bias
 //!    `B` at the sampled positions, both read from the runtime instead of recomputed through
 //!    im2col and a matrix product (`onnxq outliers` then gathers only the outliers' patches);
-//!    only the layers found with outliers get the full statistics (step 6).
+//!    only the layers found with outliers get the full statistics (step 6). In `quantize` and
+//!    `regularize` the detection is a screen on the first quarter of the samples (at least
+//!    [`MIN_SCREEN_SAMPLES`]); the sequential pass then takes every flagged layer's
+//!    statistics, outliers included, on all of them.
 //! 2. **Outliers**: `O = {(i, j) : |y_ij| > τ}`, `τ = c·q`, `c = 4`. Not `k` standard
 //!    deviations: those flag Gaussian tails everywhere. Layers without outliers are left alone.
 //! 3. **Relevance** ([`solve::relevance`]): each outlier's main contributor
@@ -82,8 +85,10 @@
 //!
 //! # Cost
 //! `auto`: one statistics pass (the calibration plain quantization needs anyway, plus the
-//! candidate layers' outlier detection from their outputs and the float outputs of the
-//! guard's samples), nothing more when no candidate layer has outliers; else one sequential
+//! candidate layers' outlier detection from their outputs on the screen's samples, the
+//! samples past it on a second plan without those outputs when the weights are small,
+//! [`SPLIT_MAX_WEIGHT_BYTES`], and the float outputs of the guard's samples), nothing more
+//! when no candidate layer has outliers; else one sequential
 //! pass (statistics, Gram matrices, recalibration) and, when an edit was kept, two fake-quant
 //! forward passes over the guard's samples. In the sequential pass a MatMul or Conv layer's
 //! piece runs through the layer, so `y` comes from the runtime; a MatMul's output is then
@@ -133,6 +138,25 @@ use solve::{Cholesky, Outlier};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::RwLock;
 use std::time::Instant;
+
+/// The first pass looks for the layers with outliers on the first quarter of the calibration
+/// samples, at least this many (all of them when there are fewer): a screen that picks the
+/// layers the sequential pass then examines on every sample. The layers' tensors it reads
+/// are requested from the runtime only for these samples, so the others run without them
+/// (PP-OCR det: the outputs of 83 Conv layers, kept from fusions and handed over, cost 12%
+/// of its calibration).
+pub const MIN_SCREEN_SAMPLES: usize = 8;
+
+/// Models with at most this many bytes of weights run the first pass's samples past the
+/// screen on a second plan without the layers' tensors ([`MIN_SCREEN_SAMPLES`]); larger ones
+/// run one plan (two would hold the weights twice), which hands the layers' tensors over
+/// for every sample, looked at only on the screen's.
+pub const SPLIT_MAX_WEIGHT_BYTES: u64 = 32 << 20;
+
+/// The number of samples the first pass looks for outliers on ([`MIN_SCREEN_SAMPLES`]).
+pub fn screen_samples(n: usize) -> usize {
+    n.min(MIN_SCREEN_SAMPLES.max(n.div_ceil(4)))
+}
 
 /// The global guard compares plain and regularized quantization on at most this many
 /// calibration samples, the first ones (bias correction measures on the same ones). Its
@@ -588,7 +612,7 @@ fn forward_pass(
     specs: &[InputSpec],
     set: &SampleSet,
     targets: &[Target],
-    (layers, rows): (&[PassLayer], bool),
+    (layers, rows, screen, split): (&[PassLayer], bool, usize, bool),
     (kept_for, budget): (&[KeptTensor], u64),
     opts: &Options,
     what: &str,
@@ -616,11 +640,21 @@ fn forward_pass(
         }
     }
     extra.extend(kept_for.iter().map(|o| (o.name.clone(), Role::Kept)));
-    let names: Vec<String> = extra.iter().map(|(n, _)| n.clone()).collect();
+    // The layers' tensors are looked at on the first `screen` samples; with `split`, they are
+    // requested for those only (the others run a second plan). The kept ones are requested
+    // for every sample (no second plan for them) and kept for their own.
+    let names: Vec<(String, usize)> = extra
+        .iter()
+        .map(|(n, role)| match role {
+            Role::Kept => (n.clone(), set.len()),
+            _ if split => (n.clone(), screen),
+            _ => (n.clone(), set.len()),
+        })
+        .collect();
     let accs = RwLock::new(
         layers
             .iter()
-            .map(|(l, _)| LayerAcc::new(set.len(), opts.quantile, opts.tau_factor, false, l.groups, 0))
+            .map(|(l, _)| LayerAcc::new(screen, opts.quantile, opts.tau_factor, false, l.groups, 0))
             .collect::<Vec<_>>(),
     );
     let mut kept: Outputs = Vec::with_capacity(keep.min(set.len()));
@@ -630,6 +664,9 @@ fn forward_pass(
             st.pending_rows = (0..layers.len()).map(|_| None).collect();
         }
         let (name, role) = extra.get(k).context("internal error: unknown extra output")?;
+        if i >= screen && !matches!(role, Role::Kept) {
+            return Ok(());
+        }
         if let Role::Kept = role {
             // In `kept_for`'s order, whatever order the runtime computes them in.
             let slot = k + kept_for.len() - extra.len();
@@ -683,8 +720,10 @@ fn forward_pass(
         visit,
         |i, st: PassSample| {
             let mut guard = accs.write().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?;
-            for (acc, s) in guard.iter_mut().zip(st.layers) {
-                acc.merge(s.context("internal error: a layer's statistics are missing")?)?;
+            if i < screen {
+                for (acc, s) in guard.iter_mut().zip(st.layers) {
+                    acc.merge(s.context("internal error: a layer's statistics are missing")?)?;
+                }
             }
             if i < keep {
                 let mut values = st.outputs;
@@ -789,7 +828,16 @@ pub fn analyze(model: &ModelProto, label: &str, data: &DataOptions, opts: &Optio
     }
     let pairs = with_weights(model, &layers)?;
     let bytes = crate::onnx::io::encode_for_runtime(model)?;
-    let pass = forward_pass(&bytes, &specs, &set, &[], (&pairs, true), (&[], 0), opts, "outlier statistics")?;
+    let pass = forward_pass(
+        &bytes,
+        &specs,
+        &set,
+        &[],
+        (&pairs, true, set.len(), false),
+        (&[], 0),
+        opts,
+        "outlier statistics",
+    )?;
     for ((l, w), st) in pairs.into_iter().zip(&pass.layers) {
         // Only the layers with outliers need their weight (relevance).
         let w = match w {
@@ -1276,14 +1324,19 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         f.names.iter().for_each(|t| keep_values(t, set.len(), true));
     }
     let seed_budget = seed.as_ref().map_or(0, |(_, f)| f.skipped_weight_bytes);
+    let screen = screen_samples(set.len());
+    // A second plan holds the weights again: only for models whose weights are small.
+    let split = screen < set.len()
+        && graph.initializer.iter().map(crate::dump::tensor_bytes).sum::<u64>() <= SPLIT_MAX_WEIGHT_BYTES;
     let bytes = crate::onnx::io::encode_for_runtime(model)?;
     let first = forward_pass(
         &bytes,
         &specs,
         &set,
         &targets,
-        // Detection only: the sequential pass gathers the flagged layers' rows.
-        (&pairs, false),
+        // Detection only, on the screen's samples: the sequential pass gathers the flagged
+        // layers' statistics and rows on every sample.
+        (&pairs, false, screen, split),
         (&kept_for, seed_budget),
         opts,
         if run.guard.is_some() { "calibrating" } else { "outlier statistics" },
@@ -1299,7 +1352,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         .iter()
         .zip(&first.layers)
         .filter(|(_, st)| !st.outliers.is_empty())
-        .map(|(l, st)| (l, (st.rows as usize).div_ceil(set.len().max(1))))
+        .map(|(l, st)| (l, (st.rows as usize).div_ceil(screen.max(1))))
         .unzip();
     report.layers_with_outliers = flagged.len();
     let base_cal = first.calibration;
@@ -1625,7 +1678,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         let bytes = crate::onnx::io::encode_for_runtime(&out_model)?;
         let all: Vec<KeptTensor> =
             output_names.iter().map(|o| KeptTensor { name: o.clone(), samples: set.len(), budgeted: false }).collect();
-        let pass = forward_pass(&bytes, &specs, &set, &[], (&[], false), (&all, 0), opts, "float deviation")?;
+        let pass = forward_pass(&bytes, &specs, &set, &[], (&[], false, 0, false), (&all, 0), opts, "float deviation")?;
         report.passes += 1;
         let mut sums = vec![(0f64, 0f64, false); output_names.len()];
         for (r, c) in reference.iter().zip(&pass.outputs) {
@@ -1823,7 +1876,8 @@ mod tests {
             KeptTensor { name: hidden.clone(), samples: 4, budgeted: true },
         ];
         let opts = Options { quiet: true, ..Default::default() };
-        let pass = |budget| forward_pass(&bytes, &specs, &set, &[], (&[], false), (&kept, budget), &opts, "test");
+        let pass =
+            |budget| forward_pass(&bytes, &specs, &set, &[], (&[], false, 0, false), (&kept, budget), &opts, "test");
         let all = pass(u64::MAX)?.outputs;
         assert_eq!(all.len(), 4);
         for (i, row) in all.iter().enumerate() {
