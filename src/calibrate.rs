@@ -686,22 +686,15 @@ mod tests {
 
     /// The outlier fixture's 16 calibration samples.
     fn fixture_samples() -> Result<SampleSet> {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
-        let model = crate::onnx::load_valid(&root.join("outliers.onnx"))?.proto;
-        let specs = input_specs(model.graph.as_ref().context("graph")?);
-        let data = crate::data::DataOptions {
-            sources: vec![crate::data::Source::Path(root.join("outliers").join("calib"))],
-            ..Default::default()
-        };
-        crate::data::open(&specs, &data)
+        let (model, data) = crate::fixtures::checked_in("outliers", None)?;
+        crate::data::open(&input_specs(model.graph.as_ref().context("graph")?), &data)
     }
 
     /// An extra tensor needed by the first samples only: the rest run a second plan without
     /// it, and every target's statistics are those of one plan for all samples.
     #[test]
     fn extras_needed_by_the_first_samples_only_leave_the_statistics_unchanged() -> Result<()> {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
-        let model = crate::onnx::load_valid(&root.join("outliers.onnx"))?.proto;
+        let (model, _) = crate::fixtures::checked_in("outliers", None)?;
         let set = fixture_samples()?;
         let specs = input_specs(model.graph.as_ref().context("graph")?);
         let targets = quantization_targets(&model, &crate::quantize::QuantOptions::default())?;

@@ -26,6 +26,20 @@ use std::path::Path;
 pub const CALIB_SAMPLES: usize = 16;
 pub const EVAL_SAMPLES: usize = 8;
 
+/// A checked-in fixture (`fixtures/NAME.onnx`) and its calibration samples (at most
+/// `max_samples`), for unit tests.
+#[cfg(test)]
+pub(crate) fn checked_in(name: &str, max_samples: Option<usize>) -> Result<(ModelProto, crate::data::DataOptions)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let model = crate::onnx::load_valid(&root.join(format!("{name}.onnx")))?.proto;
+    let data = crate::data::DataOptions {
+        sources: vec![crate::data::Source::Path(root.join(name).join("calib"))],
+        max_samples,
+        ..Default::default()
+    };
+    Ok((model, data))
+}
+
 struct Builder {
     nodes: Vec<NodeProto>,
     inits: Vec<TensorProto>,

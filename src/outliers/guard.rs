@@ -189,21 +189,14 @@ pub fn worst_sqnr(sums: &[(f64, f64, bool)]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::{DataOptions, Source};
     use std::collections::HashSet;
 
     /// The transformer fixture's prefix is the start of its mask arithmetic (no weights, so it
     /// is cut only without a threshold): its twins, cut, score exactly as the whole twins do.
     #[test]
     fn twins_without_the_prefix_score_as_the_whole_twins() -> Result<()> {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
-        let model = crate::onnx::load_valid(&root.join("transformer.onnx"))?.proto;
+        let (model, data) = crate::fixtures::checked_in("transformer", Some(8))?;
         let specs = cal::input_specs(model.graph.as_ref().context("graph")?);
-        let data = DataOptions {
-            sources: vec![Source::Path(root.join("transformer").join("calib"))],
-            max_samples: Some(8),
-            ..Default::default()
-        };
         let set = crate::data::open(&specs, &data)?;
         let facts = cal::input_facts(&specs, &set)?;
         let qopts = QuantOptions::default();

@@ -1853,22 +1853,15 @@ pub fn for_pipeline(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::Source;
 
     /// A pass keeps each tensor for its own number of samples, and the budgeted ones only
     /// while all their values fit in the budget.
     #[test]
     fn a_pass_keeps_values_per_tensor_within_the_budget() -> Result<()> {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
-        let model = crate::onnx::load_valid(&root.join("transformer.onnx"))?.proto;
+        let (model, data) = crate::fixtures::checked_in("transformer", Some(4))?;
         let graph = model.graph.as_ref().context("graph")?;
         let output = graph.output.first().context("output")?.name().to_string();
         let hidden = graph.node.iter().find(|n| n.op_type() == "MatMul").context("MatMul")?.output[0].clone();
-        let data = DataOptions {
-            sources: vec![Source::Path(root.join("transformer").join("calib"))],
-            max_samples: Some(4),
-            ..Default::default()
-        };
         let (specs, set) = specs_and_set(&model, &data)?;
         let bytes = crate::onnx::io::encode_for_runtime(&model)?;
         let kept = [
