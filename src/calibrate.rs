@@ -443,11 +443,11 @@ pub fn calibrate(
 /// `S::default()`, and `fold` receives each sample's state in sample order.
 ///
 /// `extra[k].1` is the number of first samples that need `extra[k]`. When some are needed by
-/// fewer samples than others, the samples past them run a second plan without those
-/// tensors (loaded before the last sample that needs them runs, while the others run): a
-/// tensor requested from tract is kept
-/// from fusions and handed over, which costs time (PP-OCR det: the outputs of 83 Conv
-/// layers, +12% over its calibration).
+/// fewer samples than others, the samples past them run a second plan without those tensors
+/// (loaded before the last sample that needs them runs, while the others run), or nothing when
+/// that plan would have no output: a tensor requested from tract is kept from fusions and
+/// handed over, which costs time (PP-OCR det: the outputs of 83 Conv layers, +12% over its
+/// calibration).
 #[allow(clippy::too_many_arguments)]
 pub fn calibrate_with<S: Default + Send>(
     model_bytes: &[u8],
