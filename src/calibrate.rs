@@ -474,13 +474,12 @@ pub fn calibrate_with<S: Default + Send>(
     // extras are those needed by every sample (`rest[k']`: the index in `extra`).
     let split = extra.iter().map(|e| e.1).filter(|&m| m < n).max().unwrap_or(0);
     let rest: Vec<usize> = (0..extra.len()).filter(|&k| extra[k].1 >= n).collect();
-    let (plan, second) = if split == 0 {
-        (Plan::load(model_bytes, None, &facts, &names)?, None)
-    } else {
-        let mut rest_names: Vec<String> = names[..direct.len()].to_vec();
-        rest_names.extend(rest.iter().map(|&k| extra[k].0.clone()));
-        (Plan::load(model_bytes, None, &facts, &names)?, Some((std::sync::OnceLock::<Result<Plan>>::new(), rest_names)))
-    };
+    let plan = Plan::load(model_bytes, None, &facts, &names)?;
+    let rest_names: Vec<String> =
+        names[..direct.len()].iter().cloned().chain(rest.iter().map(|&k| extra[k].0.clone())).collect();
+    // Past the split with nothing requested (no target, no extra for them), nothing runs.
+    let skip_rest = split > 0 && rest_names.is_empty();
+    let second = (split > 0 && !skip_rest).then(|| (std::sync::OnceLock::<Result<Plan>>::new(), rest_names));
     let second_plan = || -> Result<&Plan> {
         let (cell, rest_names) = second.as_ref().context("internal error: no second plan")?;
         cell.get_or_init(|| Plan::load(model_bytes, None, &facts, rest_names))
@@ -497,14 +496,12 @@ pub fn calibrate_with<S: Default + Send>(
             // Statistics straight from tract's buffers: no copy of the (many, large) outputs.
             let mut state = S::default();
             let mut failed = None;
-            // Past the split with nothing requested (no target, no extra for them): nothing
-            // to run.
-            if i >= split && second.as_ref().is_some_and(|(_, names)| names.is_empty()) {
+            if i >= split && skip_rest {
                 return Ok((Vec::new(), S::default()));
             }
             // The second plan is loaded by the worker that takes the last of the first
             // plan's samples, before running it, while the other workers run theirs.
-            if second.as_ref().is_some_and(|(_, names)| !names.is_empty()) && i + 1 == split {
+            if second.is_some() && i + 1 == split {
                 let _ = second_plan();
             }
             let (plan, extra_of) =

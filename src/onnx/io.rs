@@ -565,9 +565,8 @@ pub fn save(proto: &ModelProto, path: &Path, opts: &SaveOptions) -> Result<Saved
     }
     let len = checked_len(&proto).with_context(ctx)?;
     let data_tmp = write_temp(&data_path, |w| {
-        for piece in chunks.iter().flat_map(|c| c.chunks(WriteSink::PIECE)) {
-            w.write_all(piece)?;
-            release_pages(piece);
+        for c in &chunks {
+            write_releasing(w, c)?;
         }
         Ok(())
     })
@@ -607,6 +606,17 @@ pub fn encode_into(proto: &ModelProto, w: &mut dyn Write) -> Result<()> {
     }
 }
 
+/// Writes `data` a piece at a time, releasing each piece's pages once written when it lies in
+/// a memory-mapped input ([`release_pages`]), so that writing a model's weights does not leave
+/// them all resident.
+fn write_releasing(w: &mut dyn Write, data: &[u8]) -> std::io::Result<()> {
+    for piece in data.chunks(1 << 22) {
+        w.write_all(piece)?;
+        release_pages(piece);
+    }
+    Ok(())
+}
+
 /// A `BufMut` that streams into a `Write`: small puts (tags, varints) are gathered in a
 /// buffer, large slices (tensor payloads) go straight through. The first I/O error is kept
 /// and every later write is skipped.
@@ -618,7 +628,6 @@ struct WriteSink<'a> {
 
 impl WriteSink<'_> {
     const CAP: usize = 1 << 16;
-    const PIECE: usize = 1 << 22;
 
     fn flush_buf(&mut self) {
         if self.err.is_none() && !self.buf.is_empty() {
@@ -663,17 +672,10 @@ unsafe impl bytes::BufMut for WriteSink<'_> {
         self.flush_buf();
         if src.len() < Self::CAP {
             self.buf.extend_from_slice(src);
-        } else {
-            // Large payloads go straight through, a piece at a time; a piece read from a
-            // memory-mapped input leaves resident memory once written.
-            for piece in src.chunks(Self::PIECE) {
-                if self.err.is_some() {
-                    break;
-                }
-                if let Err(e) = self.w.write_all(piece) {
-                    self.err = Some(e);
-                }
-                release_pages(piece);
+        } else if self.err.is_none() {
+            // Large payloads go straight through.
+            if let Err(e) = write_releasing(self.w, src) {
+                self.err = Some(e);
             }
         }
     }

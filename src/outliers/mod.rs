@@ -1302,8 +1302,8 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         let view = GraphView::new(graph);
         let order = view.topo_order()?;
         let first = order.iter().copied().find(|&i| layers.iter().any(|l| l.node_index == i));
-        let cut = first.map(|n| segment::frontier_before(model, n).map(|f| (n, f))).transpose()?;
-        cut.filter(|(_, f)| f.skipped_weight_bytes >= prefix::MIN_PREFIX_WEIGHT_BYTES && !f.names.is_empty())
+        let cut = first.map(|n| segment::frontier_before(model, n)).transpose()?;
+        cut.filter(|f| f.skipped_weight_bytes >= prefix::MIN_PREFIX_WEIGHT_BYTES && !f.names.is_empty())
     };
     // What the pass keeps.
     let mut kept_for: Vec<KeptTensor> = Vec::new();
@@ -1320,10 +1320,10 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
     if let Some(p) = &prefix {
         p.frontier.iter().for_each(|t| keep_values(t, keep.min(GUARD_SAMPLES), false));
     }
-    if let Some((_, f)) = &seed {
+    if let Some(f) = &seed {
         f.names.iter().for_each(|t| keep_values(t, set.len(), true));
     }
-    let seed_budget = seed.as_ref().map_or(0, |(_, f)| f.skipped_weight_bytes);
+    let seed_budget = seed.as_ref().map_or(0, |f| f.skipped_weight_bytes);
     let screen = screen_samples(set.len());
     // A second plan holds the weights again: only for models whose weights are small.
     let split = screen < set.len()
@@ -1359,7 +1359,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
     // Split the kept values: the reference outputs, the guard's frontier (a value the runtime
     // did not hold as f32 leaves the twins whole), the sequential pass's start (likewise).
     let mut rows = first.outputs;
-    let seeded: BTreeSet<String> = seed.iter().flat_map(|(_, f)| f.names.iter().cloned()).collect();
+    let seeded: BTreeSet<String> = seed.iter().flat_map(|f| f.names.iter().cloned()).collect();
     let mut take = |i: usize, name: &str| -> Option<ArrayD<f32>> {
         let at = kept_for.iter().position(|k| k.name == name)?;
         let row = rows.get_mut(i)?;
@@ -1378,11 +1378,11 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         values.filter(|v| !v.is_empty()).map(|v| (p, v))
     });
     // (`None` when over budget: the values were dropped.)
-    let seed = seed.and_then(|(node, f)| {
+    let seed = seed.and_then(|f| {
         let cache: Option<Vec<HashMap<String, ArrayData>>> = (0..set.len())
             .map(|i| f.names.iter().map(|t| take(i, t).map(|v| (t.clone(), ArrayData::F32(v)))).collect())
             .collect();
-        cache.map(|c| (node, c))
+        cache.map(|c| (f, c))
     });
     // Plain quantization's ranges (guarded runs), computed once.
     let plain_ranges = match (&base_cal, &run.guard) {
@@ -1455,7 +1455,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         let mut fold_fresh = |per: Vec<Option<TensorStats>>| cal::fold_stats(&mut fresh, per);
         let mut cur = model.clone();
         let mut seg = match seed {
-            Some((node, cache)) => segment::Segmenter::starting_at(&specs, &set, opts.quiet, (model, node), cache)?,
+            Some((at, cache)) => segment::Segmenter::starting_at(&specs, &set, opts.quiet, &at, cache)?,
             None => segment::Segmenter::new(&specs, &set, opts.quiet),
         };
         let later: Vec<usize> = flagged.iter().map(|l| l.node_index).collect();

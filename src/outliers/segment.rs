@@ -296,18 +296,18 @@ impl<'a> Segmenter<'a> {
         Segmenter { specs, set, cache: (0..set.len()).map(|_| HashMap::new()).collect(), start: 0, quiet, pieces: 0 }
     }
 
-    /// A segmenter whose first piece starts at node `first` of `model` instead of at the graph
-    /// inputs: `cache[i]` holds sample `i`'s values of [`frontier_before`]`(model, first)`
-    /// (e.g. kept by an earlier full pass of the same model, so the nodes before `first`
-    /// do not run again). Later calls must pass a model of the same graph structure.
+    /// A segmenter whose first piece starts at the cut `at` ([`frontier_before`] of the model
+    /// later calls pass, or of one with the same graph structure) instead of at the graph
+    /// inputs: `cache[i]` holds sample `i`'s values of `at.names` (e.g. kept by an earlier
+    /// full pass of the same model, so the nodes before the cut do not run again).
     pub fn starting_at(
         specs: &'a [InputSpec],
         set: &'a SampleSet,
         quiet: bool,
-        (model, first): (&ModelProto, usize),
+        at: &Frontier,
         cache: Vec<HashMap<String, ArrayData>>,
     ) -> Result<Self> {
-        let Frontier { start, names, .. } = frontier_before(model, first)?;
+        let (start, names) = (at.start, &at.names);
         if cache.len() != set.len() {
             bail!("internal error: {} cached samples for {} samples", cache.len(), set.len());
         }
@@ -783,7 +783,7 @@ mod tests {
         assert_eq!(f.skipped_weight_bytes, 16 * 4 + 8);
         let c = values(&m, &specs, &set, "c")?;
         let cache = c.into_iter().map(|v| HashMap::from([("c".to_string(), v)])).collect();
-        let mut seeded = Segmenter::starting_at(&specs, &set, true, (&m, m2), cache)?;
+        let mut seeded = Segmenter::starting_at(&specs, &set, true, &f, cache)?;
         let mut plain = Segmenter::new(&specs, &set, true);
         let y = ["y".to_string()];
         for seg in [&mut seeded, &mut plain] {
@@ -804,7 +804,7 @@ mod tests {
         }
         // A cache missing a frontier tensor is refused.
         let empty = (0..set.len()).map(|_| HashMap::new()).collect();
-        assert!(Segmenter::starting_at(&specs, &set, true, (&m, m2), empty).is_err());
+        assert!(Segmenter::starting_at(&specs, &set, true, &f, empty).is_err());
         Ok(())
     }
 
