@@ -1360,30 +1360,33 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
     // did not hold as f32 leaves the twins whole), the sequential pass's start (likewise).
     let mut rows = first.outputs;
     let seeded: BTreeSet<String> = seed.iter().flat_map(|f| f.names.iter().cloned()).collect();
-    let mut take = |i: usize, name: &str| -> Option<ArrayD<f32>> {
+    // A tensor kept for several uses is copied for all but its last one (the seed), which
+    // moves it out.
+    let mut take = |i: usize, name: &str, last_use: bool| -> Option<ArrayD<f32>> {
         let at = kept_for.iter().position(|k| k.name == name)?;
-        let row = rows.get_mut(i)?;
-        // A tensor kept for several uses is copied for all but its last one (the seed).
-        if !seeded.contains(name) {
-            row.get_mut(at)?.take()
+        let slot = rows.get_mut(i)?.get_mut(at)?;
+        if last_use {
+            slot.take()
         } else {
-            row.get(at)?.clone()
+            slot.clone()
         }
     };
-    let reference: Outputs = (0..keep).map(|i| output_names.iter().map(|o| take(i, o)).collect()).collect();
+    let reference: Outputs =
+        (0..keep).map(|i| output_names.iter().map(|o| take(i, o, !seeded.contains(o))).collect()).collect();
     let frontier = prefix.and_then(|p| {
         let values: Option<Vec<Vec<ArrayData>>> = (0..keep.min(GUARD_SAMPLES))
-            .map(|i| p.frontier.iter().map(|t| take(i, t).map(ArrayData::F32)).collect())
+            .map(|i| p.frontier.iter().map(|t| take(i, t, !seeded.contains(t)).map(ArrayData::F32)).collect())
             .collect();
         values.filter(|v| !v.is_empty()).map(|v| (p, v))
     });
     // (`None` when over budget: the values were dropped.)
     let seed = seed.and_then(|f| {
         let cache: Option<Vec<HashMap<String, ArrayData>>> = (0..set.len())
-            .map(|i| f.names.iter().map(|t| take(i, t).map(|v| (t.clone(), ArrayData::F32(v)))).collect())
+            .map(|i| f.names.iter().map(|t| take(i, t, true).map(|v| (t.clone(), ArrayData::F32(v)))).collect())
             .collect();
         cache.map(|c| (f, c))
     });
+    drop(rows);
     // Plain quantization's ranges (guarded runs), computed once.
     let plain_ranges = match (&base_cal, &run.guard) {
         (Some(c), Some(g)) => Some(guard::ranges(c, &g.method, g.quant.activations)),
