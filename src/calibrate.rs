@@ -296,7 +296,8 @@ pub fn for_each_sample<T: Send>(
 /// One worker per thread takes the next sample as soon as it is free (no barrier between
 /// groups of samples: a slow sample delays no other); a finished sample's result waits
 /// until every earlier one is folded, and whichever worker finishes the next sample in
-/// order folds it, while the other workers keep running theirs. A worker does not take a
+/// order folds it (and whatever follows in order meanwhile), outside the loop's lock: the
+/// other workers keep handing in results and taking samples. A worker does not take a
 /// sample more than [`FOLD_WINDOW`] per thread ahead of the folded ones, so at most that
 /// many results wait. The first failure in sample order is returned.
 pub fn for_each_sample_with<T: Send>(
@@ -305,21 +306,40 @@ pub fn for_each_sample_with<T: Send>(
     run: impl Fn(usize, &[ArrayData]) -> Result<T> + Sync,
     fold: impl FnMut(usize, T) -> Result<()> + Send,
 ) -> Result<()> {
+    for_each_index(
+        set.len(),
+        pb,
+        |i| set.load(i).and_then(|sample| run(i, &sample.inputs).with_context(|| format!("sample {}", sample.source))),
+        fold,
+    )
+}
+
+/// The loop of [`for_each_sample_with`] over the indices `0..n`: `run(i)` does all of
+/// sample `i`'s work (loading it included) on one worker, `fold` takes the results in order.
+pub fn for_each_index<T: Send>(
+    n: usize,
+    pb: &indicatif::ProgressBar,
+    run: impl Fn(usize) -> Result<T> + Sync,
+    fold: impl FnMut(usize, T) -> Result<()> + Send,
+) -> Result<()> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Condvar, Mutex};
-    struct Order<T, F> {
+    struct Order<T> {
         /// Samples folded so far (the next one to fold).
         folded: usize,
         ready: BTreeMap<usize, Result<T>>,
-        fold: F,
+        /// Whether a worker is folding (outside the lock); it also folds what arrives meanwhile.
+        folding: bool,
         /// The first failure in sample order; nothing more is taken once it is set.
         failed: Option<anyhow::Error>,
     }
-    let n = set.len();
     let workers = rayon::current_num_threads().clamp(1, n.max(1));
     let window = FOLD_WINDOW * workers;
     let next = AtomicUsize::new(0);
-    let order = Mutex::new(Order { folded: 0, ready: BTreeMap::new(), fold, failed: None });
+    let order = Mutex::new(Order { folded: 0, ready: BTreeMap::new(), folding: false, failed: None });
+    // Only the folding worker locks it (uncontended): the fold runs outside `order`'s lock,
+    // so that the other workers can hand in results and take samples meanwhile.
+    let fold = Mutex::new(fold);
     let advanced = Condvar::new();
     let lock = || order.lock().unwrap_or_else(|e| e.into_inner());
     let worker = || loop {
@@ -338,25 +358,32 @@ pub fn for_each_sample_with<T: Send>(
                 o = advanced.wait(o).unwrap_or_else(|e| e.into_inner());
             }
         };
-        let r =
-            set.load(i).and_then(|sample| run(i, &sample.inputs).with_context(|| format!("sample {}", sample.source)));
+        let r = run(i);
         pb.inc(1);
         let mut o = lock();
         if o.failed.is_some() {
             return;
         }
         o.ready.insert(i, r);
+        if o.folding {
+            continue;
+        }
+        o.folding = true;
         loop {
             let at = o.folded;
             let Some(r) = o.ready.remove(&at) else { break };
-            let done = r.and_then(|v| (o.fold)(at, v));
+            drop(o);
+            let done = r.and_then(|v| (fold.lock().unwrap_or_else(|e| e.into_inner()))(at, v));
+            o = lock();
             o.folded += 1;
             if let Err(e) = done {
                 o.failed = Some(e);
                 o.ready.clear();
                 break;
             }
+            advanced.notify_all();
         }
+        o.folding = false;
         drop(o);
         advanced.notify_all();
     };
@@ -788,6 +815,40 @@ mod tests {
             .err()
             .context("no error")?;
         assert_eq!(format!("{err}"), "fold 2");
+        Ok(())
+    }
+
+    /// A slow fold does not hold up the other workers: while sample 0 is folded, samples 1 to
+    /// 3 (the window of two workers) still run. (When the fold held the loop's lock, the other
+    /// worker could not hand in sample 1 and the fold below timed out.)
+    #[test]
+    fn the_other_workers_run_while_a_sample_is_folded() -> Result<()> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build()?;
+        let pb = indicatif::ProgressBar::hidden();
+        let ran = AtomicUsize::new(0);
+        let mut waited = Vec::new();
+        pool.install(|| {
+            for_each_index(
+                8,
+                &pb,
+                |i| {
+                    ran.fetch_add(1, Ordering::SeqCst);
+                    Ok(i)
+                },
+                |i, _| {
+                    if i == 0 {
+                        let t = std::time::Instant::now();
+                        while ran.load(Ordering::SeqCst) < 4 && t.elapsed().as_secs() < 5 {
+                            std::thread::sleep(std::time::Duration::from_millis(1));
+                        }
+                        waited.push(ran.load(Ordering::SeqCst));
+                    }
+                    Ok(())
+                },
+            )
+        })?;
+        assert_eq!(waited, vec![4], "samples run while sample 0 was folded: {waited:?}");
         Ok(())
     }
 

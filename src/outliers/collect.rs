@@ -30,6 +30,7 @@ use ndarray::{s, Array2, ArrayView2, Axis};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
 
 /// One sample's contribution to a layer's statistics.
 #[derive(Debug)]
@@ -224,7 +225,8 @@ pub struct LayerAcc {
     top: Vec<f32>,
     cands: Vec<Outlier>,
     xrows: BTreeMap<u64, Vec<f32>>,
-    gram: Option<Vec<GramAcc>>,
+    /// Behind its own lock: [`LayerAcc::add_gram`] needs only `&self`.
+    gram: Mutex<Option<Vec<GramAcc>>>,
     colsum: Vec<Vec<f64>>,
     kept: Vec<(Vec<u64>, Vec<f32>, Vec<f32>)>,
 }
@@ -305,7 +307,7 @@ impl LayerAcc {
             top: Vec::new(),
             cands: Vec::new(),
             xrows: BTreeMap::new(),
-            gram: None,
+            gram: Mutex::new(None),
             colsum: Vec::new(),
             kept: Vec::new(),
         }
@@ -457,7 +459,8 @@ impl LayerAcc {
     }
 
     /// Folds one sample (call in sample order for reproducible results).
-    pub fn merge(&mut self, s: SampleStats) -> Result<()> {
+    pub fn merge(&mut self, mut s: SampleStats) -> Result<()> {
+        self.add_gram(&mut s)?;
         let g = self.groups as u64;
         let base = self.rows * g;
         self.rows += s.rows as u64;
@@ -475,21 +478,12 @@ impl LayerAcc {
         for (i, x) in s.xrows {
             self.xrows.insert(base + i as u64, x);
         }
-        if let Some(xs) = s.gram {
-            let acc = self.gram.get_or_insert_with(|| xs.iter().map(|x| GramAcc::new(x.ncols())).collect());
-            if acc.len() != xs.len() {
-                bail!("Gram matrices of {} and {} groups", acc.len(), xs.len());
-            }
-            for (a, x) in acc.iter_mut().zip(&xs) {
-                a.add(x.view())?;
-            }
-            if self.colsum.is_empty() {
-                self.colsum = s.colsum;
-            } else {
-                for (a, b) in self.colsum.iter_mut().zip(s.colsum) {
-                    for (a, b) in a.iter_mut().zip(b) {
-                        *a += b;
-                    }
+        if self.colsum.is_empty() {
+            self.colsum = s.colsum;
+        } else {
+            for (a, b) in self.colsum.iter_mut().zip(s.colsum) {
+                for (a, b) in a.iter_mut().zip(b) {
+                    *a += b;
                 }
             }
         }
@@ -515,6 +509,24 @@ impl LayerAcc {
         Ok(())
     }
 
+    /// Adds a sample's input rows to the Gram accumulator (and takes them out of `s`): the
+    /// part of [`LayerAcc::merge`] that costs a matrix product every [`GRAM_ROWS`] rows, with
+    /// `&self`, so that a caller holding the accumulator behind a read-write lock can do it
+    /// under the read lock (samples still being mapped are not held up), then `merge` the rest.
+    /// Call it in sample order, like `merge`.
+    pub fn add_gram(&self, s: &mut SampleStats) -> Result<()> {
+        let Some(xs) = s.gram.take() else { return Ok(()) };
+        let mut gram = self.gram.lock().unwrap_or_else(|e| e.into_inner());
+        let acc = gram.get_or_insert_with(|| xs.iter().map(|x| GramAcc::new(x.ncols())).collect());
+        if acc.len() != xs.len() {
+            bail!("Gram matrices of {} and {} groups", acc.len(), xs.len());
+        }
+        for (a, x) in acc.iter_mut().zip(&xs) {
+            a.add(x.view())?;
+        }
+        Ok(())
+    }
+
     fn prune_rows(&mut self) {
         let used: std::collections::BTreeSet<u64> = self.cands.iter().map(|o| o.row).collect();
         self.xrows.retain(|r, _| used.contains(r));
@@ -532,7 +544,7 @@ impl LayerAcc {
         }
         self.cands.sort_by(|a, b| a.row.cmp(&b.row).then(a.j.cmp(&b.j)));
         self.prune_rows();
-        let gram = match self.gram {
+        let gram = match self.gram.into_inner().unwrap_or_else(|e| e.into_inner()) {
             Some(accs) => Some(accs.into_iter().map(GramAcc::finish).collect::<Result<Vec<_>>>()?),
             None => None,
         };

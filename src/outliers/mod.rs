@@ -1508,8 +1508,12 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
                     };
                     Ok((s, per_collected(collected)))
                 },
-                |_, (s, per)| {
+                |_, (mut s, per)| {
                     fold_fresh(per);
+                    // The Gram product under the read lock: the samples being mapped go on.
+                    acc.read()
+                        .map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?
+                        .add_gram(&mut s)?;
                     acc.write().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?.merge(s)
                 },
             )

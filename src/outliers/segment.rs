@@ -22,8 +22,10 @@
 //! the node ([`Through::Keep`]); the caller brings the cached output up to date with
 //! [`Segmenter::update_cached`] when it changes the node's weights.
 //!
-//! Samples run in chunks, each chunk's samples in parallel; a chunk's results are folded, in
-//! sample order, while the next chunk runs.
+//! Samples run in parallel without barriers ([`crate::calibrate::for_each_index`]): the worker
+//! that runs a sample also brings that sample's cache up to date (a cached tensor no later
+//! piece reads is moved into the runtime, not copied), and the mapped results are folded in
+//! sample order.
 
 use crate::array::{dtype, ArrayData};
 use crate::calibrate::progress;
@@ -37,6 +39,7 @@ use anyhow::{bail, Context, Result};
 use ndarray::ArrayViewD;
 use rayon::prelude::*;
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Mutex;
 
 /// Static element-type inference (0 = unknown, treated as float).
 struct Types<'a> {
@@ -275,9 +278,6 @@ pub struct Visit<'v, S> {
     pub collected: Vec<(usize, S)>,
 }
 
-/// One sample's mapped value and the frontier tensors it produced.
-type PieceResult<T> = (T, Vec<(String, ArrayData)>);
-
 /// Runs a model piece by piece over the samples.
 pub struct Segmenter<'a> {
     specs: &'a [InputSpec],
@@ -496,13 +496,17 @@ impl<'a> Segmenter<'a> {
             collected_at[at] = Some(ci);
         }
         let pb = progress(self.set.len(), self.quiet, "outlier statistics");
-        let chunk = (rayon::current_num_threads() * 2).max(1);
-        let n = self.set.len();
         let (set, specs) = (self.set, self.specs);
-        // One sample (`cache` holds the cached tensors of samples `from..`).
-        let one = |cache: &[HashMap<String, ArrayData>], from: usize, i: usize| -> Result<PieceResult<T>> {
+        // Each sample's cache, locked by the one worker that runs the sample (uncontended).
+        let cells: Vec<Mutex<HashMap<String, ArrayData>>> =
+            std::mem::take(&mut self.cache).into_iter().map(Mutex::new).collect();
+        // One sample: runs the piece, visits and maps, then updates the sample's cache (what
+        // the next pieces read), so that only the mapped result waits for the fold.
+        let one = |i: usize| -> Result<T> {
             let sample = if need_sample { Some(set.load(i)?) } else { None };
             let source = set.source(i).unwrap_or_default();
+            let mut cache =
+                cells.get(i).context("internal error: sample cache")?.lock().unwrap_or_else(|e| e.into_inner());
             let (mut outs, mut stats) = (Vec::new(), Vec::new());
             if let Some(plan) = &plan {
                 let mut inputs = Vec::with_capacity(graph_inputs.len() + cache_inputs.len());
@@ -510,13 +514,11 @@ impl<'a> Segmenter<'a> {
                     let s = sample.as_ref().context("internal error: sample not loaded")?;
                     inputs.push(s.inputs[k].clone());
                 }
+                // A cached tensor no later piece reads (and not handed to `map`) is moved in.
                 for t in &cache_inputs {
-                    inputs.push(
-                        cache[i - from]
-                            .get(t)
-                            .cloned()
-                            .with_context(|| format!("sample {source}: tensor '{t}' was not cached"))?,
-                    );
+                    let still_read = keep.contains(t) || (want_cached && t == want);
+                    let v = if still_read { cache.get(t).cloned() } else { cache.remove(t) };
+                    inputs.push(v.with_context(|| format!("sample {source}: tensor '{t}' was not cached"))?);
                 }
                 let (copies, visited) = plan
                     .run_each(&inputs, &copy, |at, view| {
@@ -532,11 +534,7 @@ impl<'a> Segmenter<'a> {
             } else if want_computed {
                 Some(outs.first().and_then(Option::as_ref).context("internal error: missing output")?)
             } else if want_cached {
-                Some(
-                    cache[i - from]
-                        .get(want)
-                        .with_context(|| format!("sample {source}: tensor '{want}' was not cached"))?,
-                )
+                Some(cache.get(want).with_context(|| format!("sample {source}: tensor '{want}' was not cached"))?)
             } else {
                 let k = specs.iter().position(|s| s.name == want).context("internal error: input spec")?;
                 Some(&sample.as_ref().context("internal error: sample not loaded")?.inputs[k])
@@ -551,44 +549,15 @@ impl<'a> Segmenter<'a> {
                 .filter(|(name, _)| new_cached.contains(name))
                 .filter_map(|(name, v)| v.map(|v| (name.clone(), v)))
                 .collect();
-            pb.inc(1);
-            Ok((r, fresh))
+            cache.retain(|name, _| keep.contains(name));
+            cache.extend(fresh);
+            Ok(r)
         };
-        // Chunk after chunk, each chunk's samples in parallel; the results of one chunk are
-        // folded (in sample order, with the cache updates) while the next chunk runs.
-        let mut pending: Option<(usize, Vec<Result<PieceResult<T>>>)> = None;
-        let mut s0 = 0;
-        loop {
-            let next = (s0 < n).then(|| (s0, (s0 + chunk).min(n)));
-            if pending.is_none() && next.is_none() {
-                break;
-            }
-            let (done, rest) = self.cache.split_at_mut(next.map_or(n, |c| c.0));
-            let prev = pending.take();
-            let fold = &mut fold;
-            let keep = &keep;
-            let (folded, mapped) = rayon::join(
-                move || -> Result<()> {
-                    let Some((from, results)) = prev else { return Ok(()) };
-                    for (k, r) in results.into_iter().enumerate() {
-                        let i = from + k;
-                        let (value, fresh) = r?;
-                        fold(i, value)?;
-                        let c = done.get_mut(i).context("internal error: sample cache")?;
-                        c.retain(|name, _| keep.contains(name));
-                        c.extend(fresh);
-                    }
-                    Ok(())
-                },
-                || next.map(|(a, b)| (a, (a..b).into_par_iter().map(|i| one(rest, a, i)).collect::<Vec<_>>())),
-            );
-            folded?;
-            pending = mapped;
-            if let Some((_, b)) = next {
-                s0 = b;
-            }
-        }
-        pb.finish_and_clear();
+        // No barrier between samples ([`crate::calibrate::for_each_index`]); the results are
+        // folded in sample order.
+        let done = crate::calibrate::for_each_index(self.set.len(), &pb, one, &mut fold);
+        self.cache = cells.into_iter().map(|c| c.into_inner().unwrap_or_else(|e| e.into_inner())).collect();
+        done?;
         self.start = resume;
         Ok(())
     }
