@@ -5,6 +5,7 @@
 //! tract ([`runtime`]) with streaming statistics ([`stats`]) → outlier detection and weight
 //! regularization → QuantizeLinear/DequantizeLinear insertion → ONNX bytes.
 pub mod array;
+pub mod background;
 pub mod calibrate;
 pub mod cli;
 pub mod data;

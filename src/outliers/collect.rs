@@ -30,7 +30,7 @@ use ndarray::{s, Array2, ArrayView2, Axis};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Mutex;
+use std::sync::Arc;
 
 /// One sample's contribution to a layer's statistics.
 #[derive(Debug)]
@@ -203,9 +203,11 @@ impl GramAcc {
     }
 }
 
-/// The accumulator of one layer.
-#[derive(Debug)]
-pub struct LayerAcc {
+/// What the samples of a layer need of its accumulator: the settings and the shared bounds
+/// the fold raises ([`LayerAcc::sampler`]). Cheap to clone and used without a lock, so
+/// samples are looked at in parallel while [`LayerAcc::merge`] folds earlier ones.
+#[derive(Debug, Clone)]
+pub struct Sampler {
     samples: usize,
     quantile: f64,
     factor: f64,
@@ -213,10 +215,22 @@ pub struct LayerAcc {
     /// Rows kept per sample and group (0: none).
     keep_rows: usize,
     groups: usize,
+    bounds: Arc<Bounds>,
+}
+
+/// Raised by the fold, read by the samples (relaxed: any value seen is a valid bound).
+#[derive(Debug, Default)]
+struct Bounds {
     /// `c · (M-th largest so far)` as f32 bits: a lower bound of the final τ.
     bound: AtomicU32,
     /// The `M`-th largest `|y|` so far as f32 bits: values below it can be skipped.
     floor: AtomicU32,
+}
+
+/// The accumulator of one layer.
+#[derive(Debug)]
+pub struct LayerAcc {
+    sampler: Sampler,
     rows: u64,
     elements: u64,
     nonfinite: u64,
@@ -225,8 +239,7 @@ pub struct LayerAcc {
     top: Vec<f32>,
     cands: Vec<Outlier>,
     xrows: BTreeMap<u64, Vec<f32>>,
-    /// Behind its own lock: [`LayerAcc::add_gram`] needs only `&self`.
-    gram: Mutex<Option<Vec<GramAcc>>>,
+    gram: Option<Vec<GramAcc>>,
     colsum: Vec<Vec<f64>>,
     kept: Vec<(Vec<u64>, Vec<f32>, Vec<f32>)>,
 }
@@ -291,14 +304,15 @@ impl LayerAcc {
         keep_rows: usize,
     ) -> LayerAcc {
         LayerAcc {
-            samples,
-            quantile,
-            factor,
-            want_gram,
-            keep_rows,
-            groups: groups.max(1),
-            bound: AtomicU32::new(0),
-            floor: AtomicU32::new(0),
+            sampler: Sampler {
+                samples,
+                quantile,
+                factor,
+                want_gram,
+                keep_rows,
+                groups: groups.max(1),
+                bounds: Arc::new(Bounds::default()),
+            },
             rows: 0,
             elements: 0,
             nonfinite: 0,
@@ -307,12 +321,24 @@ impl LayerAcc {
             top: Vec::new(),
             cands: Vec::new(),
             xrows: BTreeMap::new(),
-            gram: Mutex::new(None),
+            gram: None,
             colsum: Vec::new(),
             kept: Vec::new(),
         }
     }
 
+    /// The sampling side of the accumulator (shares its bounds).
+    pub fn sampler(&self) -> Sampler {
+        self.sampler.clone()
+    }
+
+    /// [`Sampler::sample`].
+    pub fn sample(&self, xg: Vec<Array2<f32>>, w: &Array2<f32>) -> Result<SampleStats> {
+        self.sampler.sample(xg, w)
+    }
+}
+
+impl Sampler {
     /// Computes one sample's statistics from the layer's input rows (one `[rows, K]` matrix
     /// per group, the same rows for every group) and `w` (`[K, N]`). Thread safe: only reads
     /// the accumulator.
@@ -330,7 +356,7 @@ impl LayerAcc {
         self.sample_with(xg, ys)
     }
 
-    /// [`LayerAcc::sample`] with the outputs `y` given (one `[rows, N/g]` matrix per group,
+    /// [`Sampler::sample`] with the outputs `y` given (one `[rows, N/g]` matrix per group,
     /// e.g. read from the runtime): the rows of `xg` and `ys` must correspond.
     pub fn sample_with(&self, xg: Vec<Array2<f32>>, ys: Vec<Array2<f32>>) -> Result<SampleStats> {
         let g = self.groups;
@@ -380,8 +406,8 @@ impl LayerAcc {
         let m = top_count(elements * self.samples as u64, self.quantile);
         // Values below the M-th largest seen so far can be neither in the final top M nor
         // outliers, so they are not kept (the shared bound is `c ·` that value).
-        let shared = f64::from(f32::from_bits(self.bound.load(Ordering::Relaxed)));
-        let floor = f32::from_bits(self.floor.load(Ordering::Relaxed));
+        let shared = f64::from(f32::from_bits(self.bounds.bound.load(Ordering::Relaxed)));
+        let floor = f32::from_bits(self.bounds.floor.load(Ordering::Relaxed));
         let mut nonfinite = 0u64;
         let mut abs_max = 0f32;
         let mut abs: Vec<f32> = Vec::new();
@@ -457,17 +483,20 @@ impl LayerAcc {
             kept: Vec::new(),
         })
     }
+}
 
+impl LayerAcc {
     /// Folds one sample (call in sample order for reproducible results).
     pub fn merge(&mut self, mut s: SampleStats) -> Result<()> {
         self.add_gram(&mut s)?;
-        let g = self.groups as u64;
+        let g = self.sampler.groups as u64;
         let base = self.rows * g;
         self.rows += s.rows as u64;
         self.elements += s.elements;
         self.nonfinite += s.nonfinite;
         self.abs_max = self.abs_max.max(s.abs_max);
-        self.m = top_count(s.elements * self.samples as u64, self.quantile);
+        let sp = &self.sampler;
+        self.m = top_count(s.elements * sp.samples as u64, sp.quantile);
         self.top.extend(s.top);
         if self.top.len() > 2 * self.m {
             keep_largest(&mut self.top, self.m);
@@ -499,25 +528,21 @@ impl LayerAcc {
         if self.top.len() >= self.m {
             keep_largest(&mut self.top, self.m);
             let m = min_of(&self.top);
-            self.floor.fetch_max(m.max(0.0).to_bits(), Ordering::Relaxed);
-            let b = (f64::from(m) * self.factor) as f32;
-            self.bound.fetch_max(b.max(0.0).to_bits(), Ordering::Relaxed);
-            let bound = f64::from(f32::from_bits(self.bound.load(Ordering::Relaxed)));
+            let b = &self.sampler.bounds;
+            b.floor.fetch_max(m.max(0.0).to_bits(), Ordering::Relaxed);
+            let raised = (f64::from(m) * self.sampler.factor) as f32;
+            b.bound.fetch_max(raised.max(0.0).to_bits(), Ordering::Relaxed);
+            let bound = f64::from(f32::from_bits(b.bound.load(Ordering::Relaxed)));
             self.cands.retain(|o| f64::from(o.y.abs()) > bound);
             self.prune_rows();
         }
         Ok(())
     }
 
-    /// Adds a sample's input rows to the Gram accumulator (and takes them out of `s`): the
-    /// part of [`LayerAcc::merge`] that costs a matrix product every [`GRAM_ROWS`] rows, with
-    /// `&self`, so that a caller holding the accumulator behind a read-write lock can do it
-    /// under the read lock (samples still being mapped are not held up), then `merge` the rest.
-    /// Call it in sample order, like `merge`.
-    pub fn add_gram(&self, s: &mut SampleStats) -> Result<()> {
+    /// Adds a sample's input rows to the Gram accumulator (and takes them out of `s`).
+    fn add_gram(&mut self, s: &mut SampleStats) -> Result<()> {
         let Some(xs) = s.gram.take() else { return Ok(()) };
-        let mut gram = self.gram.lock().unwrap_or_else(|e| e.into_inner());
-        let acc = gram.get_or_insert_with(|| xs.iter().map(|x| GramAcc::new(x.ncols())).collect());
+        let acc = self.gram.get_or_insert_with(|| xs.iter().map(|x| GramAcc::new(x.ncols())).collect());
         if acc.len() != xs.len() {
             bail!("Gram matrices of {} and {} groups", acc.len(), xs.len());
         }
@@ -535,7 +560,7 @@ impl LayerAcc {
     pub fn finish(mut self) -> Result<LayerStats> {
         keep_largest(&mut self.top, self.m.max(1));
         let q = if self.top.is_empty() { 0.0 } else { f64::from(min_of(&self.top)) };
-        let tau = self.factor * q;
+        let tau = self.sampler.factor * q;
         if q > 0.0 {
             self.cands.retain(|o| f64::from(o.y.abs()) > tau);
         } else {
@@ -544,7 +569,7 @@ impl LayerAcc {
         }
         self.cands.sort_by(|a, b| a.row.cmp(&b.row).then(a.j.cmp(&b.j)));
         self.prune_rows();
-        let gram = match self.gram.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        let gram = match self.gram {
             Some(accs) => Some(accs.into_iter().map(GramAcc::finish).collect::<Result<Vec<_>>>()?),
             None => None,
         };
@@ -567,7 +592,7 @@ impl LayerAcc {
             gram,
             colsum: self.colsum,
             kept,
-            groups: self.groups,
+            groups: self.sampler.groups,
         })
     }
 }

@@ -128,7 +128,7 @@ use crate::quantize::params::{ActParams, ActType};
 use crate::quantize::{Preset, QuantOptions};
 use crate::stats::{RangeMethod, TensorStats};
 use anyhow::{bail, Context, Result};
-use collect::{LayerAcc, LayerStats, SampleStats};
+use collect::{LayerAcc, LayerStats, SampleStats, Sampler};
 use layer::{Layer, LayerKind, NotALayer};
 use ndarray::{Array2, ArrayD, ArrayViewD, CowArray, Ix2};
 use rayon::prelude::*;
@@ -136,7 +136,6 @@ use segment::{Through, Visit};
 use serde::Serialize;
 use solve::{Cholesky, Outlier};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::RwLock;
 use std::time::Instant;
 
 /// The first pass looks for the layers with outliers on the first quarter of the calibration
@@ -651,12 +650,10 @@ fn forward_pass(
             _ => (n.clone(), set.len()),
         })
         .collect();
-    let accs = RwLock::new(
-        layers
-            .iter()
-            .map(|(l, _)| LayerAcc::new(screen, opts.quantile, opts.tau_factor, false, l.groups, 0))
-            .collect::<Vec<_>>(),
-    );
+    // The fold owns the accumulators; the samples are looked at with their samplers.
+    let mut accs: Vec<LayerAcc> =
+        layers.iter().map(|(l, _)| LayerAcc::new(screen, opts.quantile, opts.tau_factor, false, l.groups, 0)).collect();
+    let samplers: Vec<Sampler> = accs.iter().map(LayerAcc::sampler).collect();
     let mut kept: Outputs = Vec::with_capacity(keep.min(set.len()));
     let visit = |i: usize, st: &mut PassSample, k: usize, value: Option<ArrayViewD<'_, f32>>| -> Result<()> {
         if st.layers.is_empty() {
@@ -677,9 +674,8 @@ fn forward_pass(
             return Ok(());
         }
         let Some(value) = value else { bail!("tensor '{name}' is not float") };
-        let guard = accs.read().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?;
         let (Role::Output(li) | Role::OutlierRows(li) | Role::Input(li)) = *role else { return Ok(()) };
-        let ((l, source), acc) = layers.get(li).zip(guard.get(li)).context("internal error: unknown layer")?;
+        let ((l, source), acc) = layers.get(li).zip(samplers.get(li)).context("internal error: unknown layer")?;
         let slot = st.layers.get_mut(li).context("internal error: unknown layer")?;
         let pending = st.pending_rows.get_mut(li).context("internal error: unknown layer")?;
         let r: Result<()> = (|| {
@@ -719,9 +715,8 @@ fn forward_pass(
         &names,
         visit,
         |i, st: PassSample| {
-            let mut guard = accs.write().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?;
             if i < screen {
-                for (acc, s) in guard.iter_mut().zip(st.layers) {
+                for (acc, s) in accs.iter_mut().zip(st.layers) {
                     acc.merge(s.context("internal error: a layer's statistics are missing")?)?;
                 }
             }
@@ -749,7 +744,6 @@ fn forward_pass(
     )
     .with_context(|| format!("{what} pass"))?;
     let calibration = (!targets.is_empty()).then_some(calibration);
-    let accs = accs.into_inner().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?;
     Ok(PassOut { calibration, outputs: kept, layers: accs.into_iter().map(LayerAcc::finish).collect::<Result<_>>()? })
 }
 
@@ -1420,7 +1414,6 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         .map(|t| t.name.clone())
         .collect();
     let collect_targets: Vec<&Target> = collect.iter().filter_map(|n| targets.iter().find(|t| &t.name == n)).collect();
-    let mut fresh: Vec<Option<TensorStats>> = vec![None; collect.len()];
     // One sample's statistics of a collected tensor, in the runtime's buffer, and all of them
     // by index in `collect` (the ones the piece did not produce `None`).
     let stat = |ci: usize, v: ArrayViewD<'_, f32>| -> Result<TensorStats> {
@@ -1454,7 +1447,12 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         passes: 0,
         frontier,
     });
-    let sequential = || -> Result<(ModelProto, usize)> {
+    // The sequential pass: the edited model, the pieces run, the decisions, and the fresh
+    // statistics of `collect`.
+    type Sequential = (ModelProto, usize, Vec<LayerDecision>, Vec<Option<TensorStats>>);
+    let sequential = || -> Result<Sequential> {
+        let mut fresh: Vec<Option<TensorStats>> = vec![None; collect.len()];
+        let mut decisions: Vec<LayerDecision> = Vec::new();
         let mut fold_fresh = |per: Vec<Option<TensorStats>>| cal::fold_stats(&mut fresh, per);
         let mut cur = model.clone();
         let mut seg = match seed {
@@ -1466,14 +1464,9 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
         for (idx, l) in flagged.iter().enumerate() {
             let w = layer::weight_matrix(&cur, l)?;
             let keep = if run.guard.is_some() { (keep_budget / (set.len().max(1) * l.k * l.groups)).max(1) } else { 0 };
-            let acc = RwLock::new(LayerAcc::new(
-                set.len(),
-                opts.quantile,
-                opts.tau_factor,
-                opts.mode == Mode::Solve,
-                l.groups,
-                keep,
-            ));
+            let mut acc =
+                LayerAcc::new(set.len(), opts.quantile, opts.tau_factor, opts.mode == Mode::Solve, l.groups, keep);
+            let sampler = acc.sampler();
             // MatMul and Conv (constant or no bias) layers run through in their piece, and `y`
             // is read from the runtime instead of recomputed (as in the statistics pass). A
             // MatMul whose input rows are all kept (for the local acceptance) keeps its output
@@ -1495,7 +1488,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
                 |Visit { value: x, output: y, collected }| {
                     let Some(ArrayData::F32(x)) = x else { bail!("input '{}' is not float", l.input) };
                     let rows = layer::input_rows(l, x.view())?;
-                    let a = acc.read().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?;
+                    let a = &sampler;
                     let s = match (&source, y) {
                         (Some(Source::MatMulOutput), Some(ArrayData::F32(y))) => {
                             a.sample_with(rows, vec![as_rows(&y.view(), l.n)?.into_owned()])?
@@ -1508,18 +1501,13 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
                     };
                     Ok((s, per_collected(collected)))
                 },
-                |_, (mut s, per)| {
+                |_, (s, per)| {
                     fold_fresh(per);
-                    // The Gram product under the read lock: the samples being mapped go on.
-                    acc.read()
-                        .map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?
-                        .add_gram(&mut s)?;
-                    acc.write().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?.merge(s)
+                    acc.merge(s)
                 },
             )
             .with_context(|| format!("statistics of layer {}", l.node))?;
-            let st =
-                acc.into_inner().map_err(|_| anyhow::anyhow!("internal error: statistics lock poisoned"))?.finish()?;
+            let st = acc.finish()?;
             let decline = |reason: String| LayerDecision {
                 node: l.node.clone(),
                 accepted: false,
@@ -1530,14 +1518,14 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
             // The new weight when an edit is kept.
             let kept_edit: Option<Array2<f32>> = 'decide: {
                 if st.outliers.is_empty() {
-                    report.layers.push(decline("no outliers once the earlier layers were regularized".into()));
+                    decisions.push(decline("no outliers once the earlier layers were regularized".into()));
                     break 'decide None;
                 }
                 let bias = layer::bias_values(&cur, l)?;
                 let edit = match compute_edit(l, &st, &w, bias.clone(), opts, run.full_edits) {
                     Ok(e) => e,
                     Err(e) => {
-                        report.layers.push(decline(format!("not regularized: {e:#}")));
+                        decisions.push(decline(format!("not regularized: {e:#}")));
                         break 'decide None;
                     }
                 };
@@ -1582,7 +1570,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
                     );
                 }
                 let accepted = decision.accepted;
-                report.layers.push(decision);
+                decisions.push(decision);
                 accepted.then_some(edit.w)
             };
             if through == Through::Keep {
@@ -1605,7 +1593,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
                 }
             }
         }
-        if report.layers.iter().any(|d| d.accepted) && !collect.is_empty() {
+        if decisions.iter().any(|d| d.accepted) && !collect.is_empty() {
             seg.finish(
                 &cur,
                 &collect,
@@ -1618,48 +1606,71 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
             )
             .context("calibrating the regularized model")?;
         }
-        Ok((cur, seg.pieces))
+        let pieces = seg.pieces;
+        drop(seg);
+        Ok((cur, pieces, decisions, fresh))
     };
-    // Plain quantization's guard score (guarded runs) is computed while the sequential pass
-    // runs: tract's plan optimization is single-threaded, and the sequential pass leaves a
-    // core idle while it loads its pieces and solves; its twin is dropped before the
-    // regularized one loads. It is wasted only when no edit is kept.
-    let (seq, plain_score) = rayon::join(sequential, || match (&guard, &plain_ranges) {
-        (Some(g), Some(pr)) => g.score(model, pr).map(Some),
-        _ => Ok(None),
-    });
-    let (cur, pieces) = seq?;
-    let mut regularized = report.layers.iter().any(|d| d.accepted);
-    report.pieces = pieces;
-    report.passes += 1;
-    report.phase_seconds.insert("2 sequential pass".into(), t1.elapsed().as_secs_f64());
-    let c2 = phase_cpu(&mut report, "2 sequential pass", c1);
-    let t2 = Instant::now();
-
-    // Global guard: the regularized model's quantized SQNR must beat plain quantization's.
-    // Its ranges are plain quantization's except for the tensors recalibrated above.
-    let mut reg_ranges = plain_ranges.clone();
-    if let (Some(r), Some(g), true) = (reg_ranges.as_mut(), &run.guard, regularized) {
-        let entries: Vec<(String, TensorEntry)> = collect
-            .iter()
-            .zip(&fresh)
-            .collect::<Vec<_>>()
-            .into_par_iter()
-            .filter_map(|(n, s)| {
-                s.as_ref()
-                    .map(|s| (n.clone(), TensorEntry::for_quantizer(s, &g.method, g.quant.activations == ActType::S8)))
-            })
-            .collect();
-        for (name, e) in entries {
-            if let Some(slot) = r.get_mut(&name) {
-                *slot = e;
+    // Plain quantization's guard score (guarded runs) runs in the background
+    // ([`crate::background`]) from the start of the sequential pass: its twin's plan
+    // optimization (single-threaded) and its samples take the cores the sequential pass leaves
+    // idle while it loads its pieces and solves, without holding the pass up. It is awaited
+    // after the regularized twin's score, and wasted only when no edit is kept.
+    let background = match (&guard, &plain_ranges) {
+        (Some(_), Some(_)) => Some(crate::background::idle_pool(rayon::current_num_threads())?),
+        _ => None,
+    };
+    type Scores = (Option<f64>, Option<f64>);
+    let (seq, reg_ranges, scores) = std::thread::scope(|scope| -> Result<(_, _, Scores)> {
+        let plain = match (guard.as_ref(), plain_ranges.as_ref(), background.as_ref()) {
+            (Some(g), Some(pr), Some(pool)) => Some(scope.spawn(move || pool.install(|| g.score(model, pr)))),
+            _ => None,
+        };
+        let (cur, pieces, decisions, fresh) = sequential()?;
+        // When the pass ended: wall seconds since it started, process CPU seconds, instant.
+        let ended = (t1.elapsed().as_secs_f64(), cpu_seconds(), Instant::now());
+        let regularized = decisions.iter().any(|d| d.accepted);
+        // Global guard: the regularized model's quantized SQNR must beat plain quantization's.
+        // Its ranges are plain quantization's except for the tensors recalibrated above.
+        let mut reg_ranges = plain_ranges.clone();
+        if let (Some(r), Some(g), true) = (reg_ranges.as_mut(), &run.guard, regularized) {
+            let entries: Vec<(String, TensorEntry)> = collect
+                .iter()
+                .zip(&fresh)
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .filter_map(|(n, s)| {
+                    s.as_ref().map(|s| {
+                        (n.clone(), TensorEntry::for_quantizer(s, &g.method, g.quant.activations == ActType::S8))
+                    })
+                })
+                .collect();
+            for (name, e) in entries {
+                if let Some(slot) = r.get_mut(&name) {
+                    *slot = e;
+                }
             }
         }
+        let f = match (guard.as_ref(), &reg_ranges, regularized) {
+            (Some(g), Some(rr), true) => Some(g.score(&cur, rr)?),
+            _ => None,
+        };
+        let b = match plain {
+            Some(h) => Some(h.join().map_err(|_| anyhow::anyhow!("internal error: the plain guard score panicked"))??),
+            None => None,
+        };
+        Ok(((cur, pieces, decisions, regularized, ended), reg_ranges, (b, f)))
+    })?;
+    let ((cur, pieces, decisions, mut regularized, (seq_seconds, c2, t2)), (b, f)) = (seq, scores);
+    report.layers.extend(decisions);
+    report.pieces = pieces;
+    report.passes += 1;
+    report.phase_seconds.insert("2 sequential pass".into(), seq_seconds);
+    if c2 > 0.0 {
+        report.phase_cpu_seconds.insert("2 sequential pass".into(), c2 - c1);
     }
-    if let (Some(guard), Some(rr), true) = (guard.as_mut(), &reg_ranges, regularized) {
+    if let (Some(guard), Some(f), true) = (guard.as_mut(), f, regularized) {
         report.guard_samples = Some(guard.set.len());
-        let b = plain_score?.context("internal error: no plain quantization to compare with")?;
-        let f = guard.score(&cur, rr)?;
+        let b = b.context("internal error: no plain quantization to compare with")?;
         guard.passes += 2;
         report.passes += guard.passes;
         if !opts.quiet {

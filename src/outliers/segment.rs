@@ -926,7 +926,8 @@ mod tests {
         let l = layers.iter().find(|l| l.node == "m2").context("m2")?.clone();
         let (_, m3) = m2_m3(&m)?;
         // Every input row kept, as the sequential pass keeps them.
-        let acc = std::sync::RwLock::new(LayerAcc::new(set.len(), 0.999, 4.0, false, 1, 1 << 10));
+        let mut acc = LayerAcc::new(set.len(), 0.999, 4.0, false, 1, 1 << 10);
+        let sampler = acc.sampler();
         let mut seg = Segmenter::new(&specs, &set, true);
         seg.advance(
             &m,
@@ -936,12 +937,14 @@ mod tests {
             |_, _| Ok(()),
             |v| {
                 let (Some(ArrayData::F32(x)), Some(ArrayData::F32(y))) = (v.value, v.output) else { bail!("float") };
-                let a = acc.read().map_err(|_| anyhow::anyhow!("lock"))?;
-                a.sample_with(vec![as_rows(&x.view(), l.k)?.into_owned()], vec![as_rows(&y.view(), l.n)?.into_owned()])
+                sampler.sample_with(
+                    vec![as_rows(&x.view(), l.k)?.into_owned()],
+                    vec![as_rows(&y.view(), l.n)?.into_owned()],
+                )
             },
-            |_, s| acc.write().map_err(|_| anyhow::anyhow!("lock"))?.merge(s),
+            |_, s| acc.merge(s),
         )?;
-        let st = acc.into_inner().map_err(|_| anyhow::anyhow!("lock"))?.finish()?;
+        let st = acc.finish()?;
         let before: Vec<ArrayData> =
             (0..set.len()).map(|i| seg.cached(i, "d").cloned().context("d")).collect::<Result<_>>()?;
         let w = layer::weight_matrix(&m, &l)?;
