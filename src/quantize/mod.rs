@@ -1538,29 +1538,47 @@ fn rewrite(
     }
     totals.activations_quantized = pl.acts.len();
 
-    // 2. Weights: one quantized copy per (weight, axis).
+    // 2. Weights: one quantized copy per (weight, axis), the first node reading it naming it.
+    // They are quantized in parallel (each alone, so the values do not depend on the thread
+    // count), then named and added in the placement's order.
     let mut wq: HashMap<(String, Option<usize>), WeightNames> = HashMap::new();
     let mut bytes_before: HashSet<String> = HashSet::new();
+    let mut unique: Vec<(&NodeProto, &String, Option<usize>)> = Vec::new();
+    let mut seen: HashSet<(&String, Option<usize>)> = HashSet::new();
     for (&(ni, slot), &axis) in &pl.weights {
         let n = &view.nodes()[ni];
         let w = &n.input[slot];
-        let key = (w.clone(), axis);
-        if wq.contains_key(&key) {
-            continue;
+        if seen.insert((w, axis)) {
+            unique.push((n, w, axis));
         }
-        let t = view.weight(w).with_context(|| format!("{}: weight '{w}' not found", describe(n)))?;
-        let a = to_f32(t).with_context(|| format!("{}: weight '{w}'", describe(n)))?;
-        crate::onnx::io::release_pages(t.raw_data.as_deref().unwrap_or_default());
+    }
+    type Quantized<'t> = (&'t TensorProto, params::QuantWeight, Option<String>);
+    let quantized: Vec<Result<Quantized>> = {
+        use rayon::prelude::*;
+        unique
+            .par_iter()
+            .map(|&(n, w, axis)| -> Result<Quantized> {
+                let t = view.weight(w).with_context(|| format!("{}: weight '{w}' not found", describe(n)))?;
+                let a = to_f32(t).with_context(|| format!("{}: weight '{w}'", describe(n)))?;
+                crate::onnx::io::release_pages(t.raw_data.as_deref().unwrap_or_default());
+                let mut q = quantize_weight(&a, axis);
+                let mut rounding = None;
+                // The Hessians are keyed by weights read by one node only, so `n` is their layer.
+                if let Some(h) = opts.hessians.as_ref().and_then(|h| h.by_weight.get(w.as_str())) {
+                    let before = q.values.clone();
+                    q = gptq::requantize(&a, q, h)
+                        .with_context(|| format!("{}: GPTQ rounding of '{w}'", describe(n)))?;
+                    rounding = (q.values != before).then(|| "gptq".to_string());
+                }
+                Ok((t, q, rounding))
+            })
+            .collect()
+    };
+    for ((_, w, axis), r) in unique.into_iter().zip(quantized) {
+        let (t, q, rounding) = r?;
+        let key = (w.clone(), axis);
         if bytes_before.insert(w.clone()) {
             totals.weight_bytes_before += crate::dump::tensor_bytes(t);
-        }
-        let mut q = quantize_weight(&a, axis);
-        let mut rounding = None;
-        // The Hessians are keyed by weights read by one node only, so `n` is their layer.
-        if let Some(h) = opts.hessians.as_ref().and_then(|h| h.by_weight.get(w.as_str())) {
-            let before = q.values.clone();
-            q = gptq::requantize(&a, q, h).with_context(|| format!("{}: GPTQ rounding of '{w}'", describe(n)))?;
-            rounding = (q.values != before).then(|| "gptq".to_string());
         }
         let qn = names.fresh(&format!("{w}_quantized"));
         let sn = names.fresh(&format!("{w}_scale"));
