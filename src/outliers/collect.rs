@@ -18,7 +18,7 @@
 //! - optionally a bounded, evenly spaced subset of the input rows of every sample (for the
 //!   local acceptance test of an edit).
 //!
-//! `y` is either computed here (`x·W`) or handed in ([`LayerAcc::output_stats`], e.g. a
+//! `y` is either computed here (`x·W`) or handed in ([`Sampler::output_stats`], e.g. a
 //! MatMul's output read from the runtime), with the outliers' input rows added afterwards.
 //!
 //! Row ids: position `i` (counted over all samples) of group `gi` is row `i·g + gi`, so an

@@ -95,11 +95,16 @@
 //! kept for the next piece when the local acceptance keeps all its input rows (a kept edit
 //! recomputes only the edited columns from them), else the next piece runs the layer again
 //! with its edited weights ([`segment::Through`]). Calibration statistics are taken in the
-//! runtime's buffers, Gram rows are multiplied [`collect::GRAM_ROWS`] at a time, and each
-//! chunk of samples is folded while the next one runs ([`segment`]). The plain model's twin is quantized, loaded
-//! and run concurrently with the sequential pass (plan optimization is single-threaded, so
-//! it fills a core the pass leaves idle while it loads pieces and solves; it is wasted when
-//! no edit is kept) and dropped before the regularized model's twin loads. A twin loads
+//! runtime's buffers, Gram rows are multiplied [`collect::GRAM_ROWS`] at a time, and samples
+//! run without barriers, folded in order while the others run ([`segment`],
+//! [`crate::calibrate::for_each_index`]); the samples are looked at through a lock-free
+//! [`collect::Sampler`] while the fold owns the accumulator. The plain model's twin is
+//! quantized, loaded and run beside the sequential pass on background threads of the idle
+//! scheduling class ([`crate::background`]: plan optimization is single-threaded, so it takes
+//! the cores the pass leaves idle while it loads pieces and solves, without slowing the pass;
+//! it is wasted when no edit is kept). It is awaited after the regularized twin's score;
+//! usually it is done and dropped before the sequential pass ends (MiniLM-L6), otherwise both
+//! twins are alive for a while. A twin loads
 //! about as fast as the float model (one fused node per Q/DQ pair, [`crate::fakequant`]);
 //! one twin with the constants where the two differ as inputs cost as much as two
 //! (MiniLM-L6: ~620 differing scales). Both twins skip the float prefix ([`prefix`]: the
