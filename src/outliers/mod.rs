@@ -1619,9 +1619,10 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
     // ([`crate::background`]) from the start of the sequential pass: its twin's plan
     // optimization (single-threaded) and its samples take the cores the sequential pass leaves
     // idle while it loads its pieces and solves, without holding the pass up. It is awaited
-    // after the regularized twin's score, and wasted only when no edit is kept.
+    // after the regularized twin's score (its threads promoted back to the normal policy
+    // then), and wasted only when no edit is kept.
     let background = match (&guard, &plain_ranges) {
-        (Some(_), Some(_)) => Some(crate::background::idle_pool(rayon::current_num_threads())?),
+        (Some(_), Some(_)) => Some(crate::background::IdlePool::new(rayon::current_num_threads())?),
         _ => None,
     };
     type Scores = (Option<f64>, Option<f64>);
@@ -1659,6 +1660,10 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
             (Some(g), Some(rr), true) => Some(g.score(&cur, rr)?),
             _ => None,
         };
+        // Needed now: the background threads must not wait for an idle core any more.
+        if let Some(pool) = &background {
+            pool.promote();
+        }
         let b = match plain {
             Some(h) => Some(h.join().map_err(|_| anyhow::anyhow!("internal error: the plain guard score panicked"))??),
             None => None,
