@@ -1611,9 +1611,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
             )
             .context("calibrating the regularized model")?;
         }
-        let pieces = seg.pieces;
-        drop(seg);
-        Ok((cur, pieces, decisions, fresh))
+        Ok((cur, seg.pieces, decisions, fresh))
     };
     // Plain quantization's guard score (guarded runs) runs in the background
     // ([`crate::background`]) from the start of the sequential pass: its twin's plan
@@ -1631,44 +1629,49 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
             (Some(g), Some(pr), Some(pool)) => Some(scope.spawn(move || pool.install(|| g.score(model, pr)))),
             _ => None,
         };
-        let (cur, pieces, decisions, fresh) = sequential()?;
-        // When the pass ended: wall seconds since it started, process CPU seconds, instant.
-        let ended = (t1.elapsed().as_secs_f64(), cpu_seconds(), Instant::now());
-        let regularized = decisions.iter().any(|d| d.accepted);
-        // Global guard: the regularized model's quantized SQNR must beat plain quantization's.
-        // Its ranges are plain quantization's except for the tensors recalibrated above.
-        let mut reg_ranges = plain_ranges.clone();
-        if let (Some(r), Some(g), true) = (reg_ranges.as_mut(), &run.guard, regularized) {
-            let entries: Vec<(String, TensorEntry)> = collect
-                .iter()
-                .zip(&fresh)
-                .collect::<Vec<_>>()
-                .into_par_iter()
-                .filter_map(|(n, s)| {
-                    s.as_ref().map(|s| {
-                        (n.clone(), TensorEntry::for_quantizer(s, &g.method, g.quant.activations == ActType::S8))
+        // Everything up to the plain score's join; the background threads are promoted
+        // whether it succeeds or not, since the scope waits for them either way.
+        let ours = (|| -> Result<_> {
+            let (cur, pieces, decisions, fresh) = sequential()?;
+            // When the pass ended: wall seconds since it started, process CPU seconds, instant.
+            let ended = (t1.elapsed().as_secs_f64(), cpu_seconds(), Instant::now());
+            let regularized = decisions.iter().any(|d| d.accepted);
+            // Global guard: the regularized model's quantized SQNR must beat plain quantization's.
+            // Its ranges are plain quantization's except for the tensors recalibrated above.
+            let mut reg_ranges = plain_ranges.clone();
+            if let (Some(r), Some(g), true) = (reg_ranges.as_mut(), &run.guard, regularized) {
+                let entries: Vec<(String, TensorEntry)> = collect
+                    .iter()
+                    .zip(&fresh)
+                    .collect::<Vec<_>>()
+                    .into_par_iter()
+                    .filter_map(|(n, s)| {
+                        s.as_ref().map(|s| {
+                            (n.clone(), TensorEntry::for_quantizer(s, &g.method, g.quant.activations == ActType::S8))
+                        })
                     })
-                })
-                .collect();
-            for (name, e) in entries {
-                if let Some(slot) = r.get_mut(&name) {
-                    *slot = e;
+                    .collect();
+                for (name, e) in entries {
+                    if let Some(slot) = r.get_mut(&name) {
+                        *slot = e;
+                    }
                 }
             }
-        }
-        let f = match (guard.as_ref(), &reg_ranges, regularized) {
-            (Some(g), Some(rr), true) => Some(g.score(&cur, rr)?),
-            _ => None,
-        };
+            let f = match (guard.as_ref(), &reg_ranges, regularized) {
+                (Some(g), Some(rr), true) => Some(g.score(&cur, rr)?),
+                _ => None,
+            };
+            Ok(((cur, pieces, decisions, regularized, ended), reg_ranges, f))
+        })();
         // Needed now: the background threads must not wait for an idle core any more.
         if let Some(pool) = &background {
             pool.promote();
         }
-        let b = match plain {
-            Some(h) => Some(h.join().map_err(|_| anyhow::anyhow!("internal error: the plain guard score panicked"))??),
-            None => None,
-        };
-        Ok(((cur, pieces, decisions, regularized, ended), reg_ranges, (b, f)))
+        let b = plain.map(|h| h.join().map_err(|_| anyhow::anyhow!("internal error: the plain guard score panicked")));
+        // The pass's own failure first, then the plain score's.
+        let (seq, reg_ranges, f) = ours?;
+        let b = b.transpose()?.transpose()?;
+        Ok((seq, reg_ranges, (b, f)))
     })?;
     let ((cur, pieces, decisions, mut regularized, (seq_seconds, c2, t2)), (b, f)) = (seq, scores);
     report.layers.extend(decisions);
