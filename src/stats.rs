@@ -732,14 +732,7 @@ impl TensorStats {
         self.max = self.max.max(other.max);
         self.grow_to(other.hist_exp);
         if self.bins == other.bins {
-            let mut h = other.hist.clone();
-            let doublings = self.hist_exp - other.hist_exp;
-            for _ in 0..doublings.min(64) {
-                h = double_hist(&h);
-            }
-            for (a, b) in self.hist.iter_mut().zip(&h) {
-                *a = a.saturating_add(*b);
-            }
+            add_doubled(&mut self.hist, &other.hist, self.hist_exp - other.hist_exp);
         } else {
             let w_other = other.bin_width();
             let r_other = other.hist_range();
@@ -761,11 +754,11 @@ impl TensorStats {
         if exp <= self.hist_exp {
             return;
         }
-        // After log2(bins) <= 28 doublings the histogram is a fixed point (all mass in the
-        // two centre bins), so capping the loop changes nothing.
-        for _ in 0..(exp - self.hist_exp).min(64) {
-            self.hist = double_hist(&self.hist);
-        }
+        // One pass for all the doublings: a fresh sample's statistics start at `R = 2^-24`
+        // and grow about 25 times on their first block of ordinary activations.
+        let mut grown = vec![0u64; self.hist.len()];
+        add_doubled(&mut grown, &self.hist, exp - self.hist_exp);
+        self.hist = grown;
         self.hist_exp = exp;
     }
 
@@ -1086,7 +1079,34 @@ pub struct StatsSummary {
     pub channel_absmax: Option<Vec<f32>>,
 }
 
-/// Range doubling: bins `2i, 2i+1` go to bin `len/4 + i` of a histogram of the same length.
+/// Adds to `dst` the histogram `src` (same length `B`) after `doublings` range doublings
+/// ([`double_hist`] applied that often), in one pass: bin `i`, at signed offset `s = i − B/2`,
+/// goes to bin `⌊s / 2^d⌋ + B/2` (the floor of repeated halvings is the floor of one
+/// division). Counts saturate, so the order of the additions does not matter.
+fn add_doubled(dst: &mut [u64], src: &[u64], doublings: i32) {
+    if doublings <= 0 {
+        for (a, &b) in dst.iter_mut().zip(src) {
+            *a = a.saturating_add(b);
+        }
+        return;
+    }
+    // Offsets fit in 29 bits (`B ≤ 2^28`): from 29 doublings on, every negative offset maps to
+    // -1 and every other one to 0, as with an arithmetic shift by 63.
+    let shift = doublings.min(63) as u32;
+    let half = (src.len() / 2) as i64;
+    for (i, &c) in src.iter().enumerate() {
+        if c != 0 {
+            let j = (((i as i64 - half) >> shift) + half) as usize;
+            if let Some(a) = dst.get_mut(j) {
+                *a = a.saturating_add(c);
+            }
+        }
+    }
+}
+
+/// Range doubling: bins `2i, 2i+1` go to bin `len/4 + i` of a histogram of the same length
+/// (the definition [`add_doubled`] is tested against).
+#[cfg(test)]
 fn double_hist(h: &[u64]) -> Vec<u64> {
     let mut out = vec![0u64; h.len()];
     let offset = h.len() / 4;
@@ -1862,6 +1882,27 @@ mod tests {
             }
             for (slot, lane) in s.channel_absmax.iter_mut().zip(x.axis_iter(ndarray::Axis(axis))) {
                 *slot = lane.iter().filter(|v| v.is_finite()).fold(*slot, |m, v| m.max(v.abs()));
+            }
+        }
+    }
+
+    /// Any number of doublings in one pass equals that many pairwise doublings.
+    #[test]
+    fn one_pass_doublings_equal_repeated_doublings() {
+        let mut r = Rng(17);
+        for bins in [4usize, 16, 2048] {
+            let h: Vec<u64> = (0..bins).map(|i| if i % 3 == 0 { 0 } else { r.next_u64() % 1000 }).collect();
+            let mut saturated = h.clone();
+            saturated[bins / 2] = u64::MAX - 3;
+            for src in [&h, &saturated] {
+                let mut want = src.clone();
+                for d in 0..40 {
+                    let mut got = vec![1u64; bins];
+                    add_doubled(&mut got, src, d);
+                    let plus_one: Vec<u64> = want.iter().map(|c| c.saturating_add(1)).collect();
+                    assert_eq!(got, plus_one, "{bins} bins, {d} doublings");
+                    want = double_hist(&want);
+                }
             }
         }
     }
