@@ -100,6 +100,7 @@ fn build(model: &ModelProto) -> Result<ModelProto> {
             _ => tw.nodes.push(n.clone()),
         }
     }
+    tw.fold_constants()?;
     let fused = !tw.fused.is_empty();
     let new_graph = tw.finish(graph);
     GraphView::new(&new_graph).validate().context("the float twin of the model is not a valid graph")?;
@@ -186,6 +187,16 @@ struct Twin<'g, 'v> {
     /// Per-tensor QuantizeLinear outputs (of a float input) read only by per-tensor
     /// DequantizeLinear: each such pair becomes one fused node (module docs).
     fused: HashSet<String>,
+    /// DequantizeLinear nodes of constants, folded together at the end ([`Twin::fold_constants`]).
+    folds: Vec<Fold<'g>>,
+}
+
+/// A DequantizeLinear of a constant whose float initializer goes to `inits[at]`.
+struct Fold<'g> {
+    at: usize,
+    node: NodeProto,
+    weight: &'g TensorProto,
+    params: QParams,
 }
 
 impl<'g, 'v> Twin<'g, 'v> {
@@ -199,7 +210,27 @@ impl<'g, 'v> Twin<'g, 'v> {
             retyped: HashSet::new(),
             consumed: BTreeSet::new(),
             fused: HashSet::new(),
+            folds: Vec::new(),
         }
+    }
+
+    /// Folds the DequantizeLinear nodes of constants recorded by [`Twin::dequantize`] in
+    /// parallel (the weights of a whole model, a third of a twin's build alone), each into
+    /// its slot of the initializers; the first error in graph order is returned.
+    fn fold_constants(&mut self) -> Result<()> {
+        use rayon::prelude::*;
+        let folds = std::mem::take(&mut self.folds);
+        let folded: Vec<Result<TensorProto>> = folds
+            .par_iter()
+            .map(|f| {
+                let y = f.node.output.first().map_or("", String::as_str);
+                Ok(from_f32(y, &fold_dequantize(&f.node, f.weight, &f.params)?))
+            })
+            .collect();
+        for (f, t) in folds.iter().zip(folded) {
+            *self.inits.get_mut(f.at).context("internal error: folded constant slot")? = t?;
+        }
+        Ok(())
     }
 
     /// Names the float versions of every integer tensor produced by QuantizeLinear and
@@ -447,8 +478,9 @@ impl<'g, 'v> Twin<'g, 'v> {
         let p = self.qparams(n)?;
         if let Some(t) = self.view.weight(x) {
             self.consumed.insert(x.clone());
-            let folded = fold_dequantize(n, t, &p)?;
-            self.inits.push(from_f32(y, &folded));
+            // Folded with the others at the end; its slot keeps the initializers' order.
+            self.folds.push(Fold { at: self.inits.len(), node: n.clone(), weight: t, params: p });
+            self.inits.push(TensorProto::default());
             return Ok(());
         }
         if self.fused.contains(x) {
