@@ -134,11 +134,27 @@ pub fn add_upper(acc: &mut Array2<f64>, blocks: &[Array2<f32>]) -> Result<()> {
 }
 
 /// Copies the upper triangle of a square matrix onto its lower one (an [`add_upper`]
-/// accumulator made whole).
+/// accumulator made whole), in 64 × 64 tiles: element by element, reading a column of a
+/// `K = 1536` matrix touches a new cache line per element (MiniLM-L6: 6 ms of single-core
+/// time per layer, between two pieces of the sequential pass).
 pub fn mirror_upper(g: &mut Array2<f64>) {
-    for i in 0..g.nrows() {
-        for j in 0..i {
-            g[[i, j]] = g[[j, i]];
+    const TILE: usize = 64;
+    let (n, square) = (g.nrows(), g.nrows() == g.ncols());
+    let Some(flat) = g.as_slice_mut().filter(|_| n > 0 && square) else {
+        for i in 0..n {
+            for j in 0..i {
+                g[[i, j]] = g[[j, i]];
+            }
+        }
+        return;
+    };
+    for ib in (0..n).step_by(TILE) {
+        for jb in (0..=ib).step_by(TILE) {
+            for i in ib..(ib + TILE).min(n) {
+                for j in jb..(jb + TILE).min(i) {
+                    flat[i * n + j] = flat[j * n + i];
+                }
+            }
         }
     }
 }
@@ -720,5 +736,24 @@ mod tests {
         assert!((0..k).all(|i| (0..k).all(|j| g[[i, j]] == g[[j, i]])), "symmetric");
         assert!(GramAcc::new(3).add(Array2::<f32>::zeros((2, 4)).view()).is_err());
         Ok(())
+    }
+    #[test]
+    fn mirrored_tiles_equal_the_transpose() {
+        let mut rng = crate::rng::Rng::new(3);
+        for n in [1usize, 2, 63, 64, 65, 200] {
+            let mut g = Array2::from_shape_fn((n, n), |_| rng.normal());
+            let upper = g.clone();
+            mirror_upper(&mut g);
+            for i in 0..n {
+                for j in 0..n {
+                    let want = if j >= i { upper[[i, j]] } else { upper[[j, i]] };
+                    assert_eq!(g[[i, j]].to_bits(), want.to_bits(), "n = {n}, ({i}, {j})");
+                }
+            }
+        }
+        // Not standard layout: element by element.
+        let mut t = Array2::from_shape_fn((3, 3), |(i, j)| (i * 3 + j) as f64).reversed_axes();
+        mirror_upper(&mut t);
+        assert_eq!(t, ndarray::arr2(&[[0.0, 3.0, 6.0], [3.0, 4.0, 7.0], [6.0, 7.0, 8.0]]));
     }
 }
