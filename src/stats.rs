@@ -19,7 +19,8 @@
 //!   `w = 2R / B`, bin of `x` = `floor(x / w) + B/2`. `R = 2^e` is the smallest power of two
 //!   strictly above `abs_max` (and at least `2^-24`), so every finite value lies strictly
 //!   inside. When a sample needs a larger `R`, `R` doubles (as often as needed) and old bins
-//!   `2i, 2i+1` are summed into new bin `B/4 + i`. Because `x·B` is exact in `f64` and `R`
+//!   `2i, 2i+1` are summed into new bin `B/4 + i` (`d` doublings in one pass: bin `i` goes to
+//!   `⌊(i − B/2) / 2^d⌋ + B/2`). Because `x·B` is exact in `f64` and `R`
 //!   is a power of two, `floor(x / 2w) = floor(floor(x / w) / 2)` holds exactly: doubling
 //!   commutes with binning, so the histogram is a pure function of the multiset of values
 //!   (chunked = whole, `a+b` = `b+a`). Counts are `u64`.
