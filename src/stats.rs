@@ -1294,19 +1294,23 @@ pub fn scaled_range(
                     .map(|(cells, sc)| Grid::new(lo / sc, hi / sc, s_all / sc, steps).cells_sq_err(cells) * sc * sc)
                     .sum()
             };
+            // Each stage's candidates are independent: their errors are computed in parallel
+            // (equalization ranges these tensors one after the other) and compared in order.
+            let errors = |ks: Vec<u32>| -> Vec<(u32, f64)> {
+                use rayon::prelude::*;
+                ks.into_par_iter().map(|k| (k, error(k))).collect()
+            };
             const COARSE: u32 = 8;
             let mut best = (f64::INFINITY, MSE_GRID_STEPS);
-            for k in (1..=MSE_GRID_STEPS / COARSE).rev().map(|i| i * COARSE) {
-                let e = error(k);
+            for (k, e) in errors((1..=MSE_GRID_STEPS / COARSE).rev().map(|i| i * COARSE).collect()) {
                 if e < best.0 {
                     best = (e, k);
                 }
             }
             let k0 = best.1;
             let around = (k0.saturating_sub(COARSE - 1).max(1)..=(k0 + COARSE - 1).min(MSE_GRID_STEPS)).rev();
-            for k in around.filter(|&k| k != k0) {
+            for (k, e) in errors(around.filter(|&k| k != k0).collect()) {
                 // Ties go to the larger factor: a smaller one must be strictly better.
-                let e = error(k);
                 if e < best.0 || (e == best.0 && k > best.1) {
                     best = (e, k);
                 }
