@@ -1091,8 +1091,8 @@ fn add_doubled(dst: &mut [u64], src: &[u64], doublings: i32) {
         }
         return;
     }
-    // Offsets fit in 29 bits (`B ≤ 2^28`): from 29 doublings on, every negative offset maps to
-    // -1 and every other one to 0, as with an arithmetic shift by 63.
+    // Offsets lie in [-2^27, 2^27) (`B ≤ 2^28`): from 27 doublings on, every negative offset
+    // maps to -1 and every other one to 0, so capping the shift at 63 changes nothing.
     let shift = doublings.min(63) as u32;
     let half = (src.len() / 2) as i64;
     for (i, &c) in src.iter().enumerate() {

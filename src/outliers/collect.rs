@@ -737,6 +737,7 @@ mod tests {
         assert!(GramAcc::new(3).add(Array2::<f32>::zeros((2, 4)).view()).is_err());
         Ok(())
     }
+
     #[test]
     fn mirrored_tiles_equal_the_transpose() {
         let mut rng = crate::rng::Rng::new(3);
