@@ -13,16 +13,17 @@ use std::process::ExitCode;
 ///   worker's freed per-sample activations then stay resident beside the others'. Measured
 ///   peak RSS of `quantize` (2 threads): MiniLM-L6 294–364 → 251 MB, PP-OCR det 653–680 →
 ///   581–595 MB, in the same time (runtime ops allocate per node, not per element).
-/// - **Blocks under 32 MB come from the heap, and up to 8 MB of free heap is kept.** glibc's
+/// - **Blocks under 32 MB come from the heap, and up to 32 MB of free heap is kept.** glibc's
 ///   default serves blocks from 128 KB up with their own `mmap` (raising that bound only as
 ///   such blocks are freed) and gives free heap back above 128 KB, so the per-sample
 ///   activations, Gram rows and statistics of every sample were mapped, faulted in page by
 ///   page and unmapped again (with TLB shootdowns on the other core). Measured in 6
 ///   alternated runs: MiniLM-L6 3.02 → 2.74 s, system time 0.58 → 0.39 s; PP-OCR det
-///   8.19 → 7.53 s, 0.67 → 0.35 s. Keeping 64 MB of free heap instead of 8 was as fast
-///   with a higher peak RSS (MiniLM-L6 median 228 against 217 MB, default 221 MB, 4 runs
-///   each). Weights and other blocks of 32 MB and more are still mapped and returned when
-///   freed.
+///   8.19 → 7.53 s, 0.67 → 0.35 s. With 8 MB of free heap kept, PP-OCR det's two workers
+///   still gave back and faulted in again up to a 20 MB activation at a time: 32 MB took its
+///   system time from 1.04 to 0.47 s (median of 4 alternated runs; peak RSS 550 and 518 MB),
+///   and MiniLM-L6's run was unchanged (8, 32, 64 MB: 0.44–0.46 s of system time). Weights
+///   and other blocks of 32 MB and more are still mapped and returned when freed.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn tune_malloc() {
     use std::ffi::c_int;
@@ -38,7 +39,7 @@ fn tune_malloc() {
     for (param, value, var, tunable) in [
         (M_ARENA_MAX, 1, "MALLOC_ARENA_MAX", "glibc.malloc.arena_max"),
         (M_MMAP_THRESHOLD, 32 << 20, "MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold"),
-        (M_TRIM_THRESHOLD, 8 << 20, "MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold"),
+        (M_TRIM_THRESHOLD, 32 << 20, "MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold"),
     ] {
         if unset(var, tunable) {
             // SAFETY: glibc's mallopt only sets an allocator parameter; this runs before any
