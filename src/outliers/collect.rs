@@ -133,13 +133,13 @@ pub fn add_upper(acc: &mut Array2<f64>, blocks: &[Array2<f32>]) -> Result<()> {
     }
 }
 
-/// A `K × K` zero accumulator whose pages are written before use. A large zeroed allocation
-/// comes as untouched pages; [`add_upper`]'s first read-modify-write of each one would map the
-/// shared zero page on the read and copy it on the write, and that copy flushes the TLB of
-/// every core the process runs on (MiniLM-L6: 1.7% of `quantize`'s CPU time in those
-/// flushes). One write per page (through `black_box`, so it is not dropped as storing a zero
-/// over zeros) faults each page in once, writable.
-fn written_zeros(k: usize) -> Array2<f64> {
+/// A `K × K` zero accumulator for [`add_upper`], its pages written before use. A large zeroed
+/// allocation comes as untouched pages; [`add_upper`]'s first read-modify-write of each one
+/// would map the shared zero page on the read and copy it on the write, and that copy flushes
+/// the TLB of every core the process runs on (MiniLM-L6: 1.7% of `quantize`'s CPU time in
+/// those flushes). One write per page (through `black_box`, so it is not dropped as storing a
+/// zero over zeros) faults each page in once, writable.
+pub fn written_zeros(k: usize) -> Array2<f64> {
     let mut g = Array2::zeros((k, k));
     if let Some(flat) = g.as_slice_mut() {
         // 512 f64 = 4 KiB, the smallest page size.

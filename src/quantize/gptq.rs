@@ -32,7 +32,7 @@
 use crate::calibrate::{for_each_sample_with, input_facts, input_specs};
 use crate::data::DataOptions;
 use crate::onnx::pb::ModelProto;
-use crate::outliers::collect::{add_upper, mirror_upper, upper_gram};
+use crate::outliers::collect::{add_upper, mirror_upper, upper_gram, written_zeros};
 use crate::outliers::layer::{find_layers, input_rows_at, Layer, LayerKind};
 use crate::quantize::params::QuantWeight;
 use anyhow::{bail, Context, Result};
@@ -135,7 +135,7 @@ pub fn collect(model: &ModelProto, data: &DataOptions) -> Result<Hessians> {
         |_, per_output| {
             for (li, grams, n) in per_output.into_iter().flatten() {
                 let k = layers[li].k;
-                let slot = acc[li].get_or_insert_with(|| (vec![Array2::zeros((k, k)); grams.len()], 0));
+                let slot = acc[li].get_or_insert_with(|| ((0..grams.len()).map(|_| written_zeros(k)).collect(), 0));
                 if slot.0.len() != grams.len() {
                     bail!("layer {}: {} groups, then {}", layers[li].node, slot.0.len(), grams.len());
                 }
