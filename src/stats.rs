@@ -542,15 +542,22 @@ impl TensorStats {
         // With enough elements per channel block, the moments are taken per block: a block's
         // abs-max is max(|min|, |max|), so no separate per-channel pass is needed.
         let blocks = layout.filter(|&(channels, inner): &(usize, usize)| channels > 0 && inner >= 16);
+        // Per-channel statistics: with channel blocks, taken block by block beside the tensor's
+        // while each block is in cache; otherwise in a pass of their own below.
+        let per_channel = match layout {
+            Some((channels, inner)) if self.channel_bins > 0 && channels > 0 && inner > 0 => Some((channels, inner)),
+            _ => None,
+        };
+        if let Some((channels, _)) = per_channel {
+            if self.channel_stats.len() < channels {
+                self.channel_stats.resize(channels, TensorStats::new(self.channel_bins, None));
+            }
+        }
         let mut counts = SubHistograms::new(data.len(), self.bins);
         let moments = match blocks {
             Some((channels, inner)) => {
                 if self.channel_absmax.len() < channels {
                     self.channel_absmax.resize(channels, 0.0);
-                }
-                let per_channel = self.channel_bins > 0;
-                if per_channel && self.channel_stats.len() < channels {
-                    self.channel_stats.resize(channels, TensorStats::new(self.channel_bins, None));
                 }
                 let mut total = Moments::empty();
                 for (k, block) in data.chunks_exact(inner).enumerate() {
@@ -560,9 +567,8 @@ impl TensorStats {
                         *slot = slot.max(m.min.abs().max(m.max.abs()) as f32);
                     }
                     total.add(&m);
-                    // The channel's own statistics while the block is in cache.
-                    if let Some(c) = self.channel_stats.get_mut(k % channels).filter(|_| per_channel) {
-                        c.update(ndarray::ArrayView1::from(block).into_dyn());
+                    if per_channel.is_some() {
+                        self.channel_stats[k % channels].update(ndarray::ArrayView1::from(block).into_dyn());
                     }
                 }
                 total
@@ -583,15 +589,9 @@ impl TensorStats {
         if let (Some((channels, inner)), None) = (layout, blocks) {
             self.update_channel_absmax(data, channels, inner, finite_only);
         }
-        // (With channel blocks, they were taken block by block above.)
-        if let (Some((channels, inner)), true, None) = (layout, self.channel_bins > 0, blocks) {
-            if channels > 0 && inner > 0 {
-                if self.channel_stats.len() < channels {
-                    self.channel_stats.resize(channels, TensorStats::new(self.channel_bins, None));
-                }
-                for (k, block) in data.chunks_exact(inner).enumerate() {
-                    self.channel_stats[k % channels].update(ndarray::ArrayView1::from(block).into_dyn());
-                }
+        if let (Some((channels, inner)), None) = (per_channel, blocks) {
+            for (k, block) in data.chunks_exact(inner).enumerate() {
+                self.channel_stats[k % channels].update(ndarray::ArrayView1::from(block).into_dyn());
             }
         }
     }
