@@ -74,6 +74,11 @@ pub struct Target {
     /// every sample, so when that tensor is calibrated too its statistics are copied instead
     /// of pinning this one as an extra tract output (pinned outputs stop tract from fusing).
     pub same_values_as: Option<String>,
+    /// The tensors this one concatenates, in order (the inputs of a Concat; empty for other
+    /// tensors): every sample's values are exactly theirs, so when each of them is calibrated
+    /// this one's statistics are the merge of theirs instead of one more pinned output (see
+    /// [`stats_sources`]).
+    pub concat_of: Vec<String>,
     /// Keep per-channel statistics along the channel axis too (tensors that
     /// [`crate::quantize::equalize`] may rescale per channel after calibration).
     pub channel_stats: bool,
@@ -87,41 +92,77 @@ pub const CHANNEL_BINS: usize = 512;
 /// Ops whose output holds exactly the values of their first input, rearranged.
 pub const REARRANGING_OPS: &[&str] = &["Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"];
 
-/// For each target, the index of the target whose statistics it takes (itself when it is
-/// calibrated directly). A target is an alias only without a channel axis (per-channel
-/// abs-max depends on the layout) and when its source is itself calibrated.
-fn stats_sources(targets: &[Target]) -> Vec<usize> {
+/// Where a target's statistics come from (see [`stats_sources`]).
+#[derive(Debug, Clone, PartialEq)]
+enum Source {
+    /// Computed from the tensor's own values: a pinned tract output.
+    Direct,
+    /// Copied from the target at this index (a [`Source::Direct`] or [`Source::Merged`] one).
+    Same(usize),
+    /// The merge of the statistics of the [`Source::Direct`] targets at these indices, in
+    /// order (with repeats): the values of a Concat's output are those of its inputs.
+    Merged(Vec<usize>),
+}
+
+/// For each target, where its statistics come from. A target is an alias
+/// ([`Target::same_values_as`]) only without a channel axis (per-channel abs-max depends on
+/// the layout) and when its source is itself calibrated. A Concat output
+/// ([`Target::concat_of`]) is merged only without a channel axis or per-channel statistics,
+/// when every input is calibrated and none of them is a Concat output itself; the merge is
+/// exact for everything but the last bits of the sums (the histogram is a function of the
+/// multiset of values, `stats` module docs).
+fn stats_sources(targets: &[Target]) -> Vec<Source> {
     let index: std::collections::HashMap<&str, usize> =
         targets.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect();
-    let direct = |i: usize| -> Option<usize> {
+    let alias = |i: usize| -> Option<usize> {
         let t = &targets[i];
         if t.channel_axis.is_some() {
             return None;
         }
         index.get(t.same_values_as.as_deref()?).copied().filter(|&j| j != i)
     };
-    (0..targets.len())
-        .map(|i| {
-            // Follow the chain to a target calibrated directly. A chain has fewer hops than
-            // there are targets; one that does not end (a cycle, impossible in a valid graph)
-            // leaves the target calibrated directly.
-            let mut cur = i;
-            for _ in 0..=targets.len() {
-                match direct(cur) {
-                    None => return cur,
-                    Some(j) => cur = j,
-                }
+    // Follow the chain to a target that is no alias. A chain has fewer hops than there are
+    // targets; one that does not end (a cycle, impossible in a valid graph) leaves the target
+    // calibrated directly.
+    let end = |i: usize| -> usize {
+        let mut cur = i;
+        for _ in 0..=targets.len() {
+            match alias(cur) {
+                None => return cur,
+                Some(j) => cur = j,
             }
-            i
+        }
+        i
+    };
+    let ends: Vec<usize> = (0..targets.len()).map(end).collect();
+    let merged = |i: usize| -> Option<Vec<usize>> {
+        let t = &targets[i];
+        if t.concat_of.is_empty() || t.channel_axis.is_some() || t.channel_stats {
+            return None;
+        }
+        t.concat_of
+            .iter()
+            .map(|name| {
+                let j = ends[*index.get(name.as_str())?];
+                (j != i && targets[j].concat_of.is_empty()).then_some(j)
+            })
+            .collect()
+    };
+    (0..targets.len())
+        .map(|i| match (ends[i], merged(ends[i])) {
+            (e, None) if e == i => Source::Direct,
+            (e, Some(parts)) if e == i => Source::Merged(parts),
+            (e, _) => Source::Same(e),
         })
         .collect()
 }
 
 /// The targets that [`calibrate`] computes statistics of directly, so pins as tract outputs
-/// (the others copy the statistics of the tensor they rearrange), in target order.
+/// (the others copy the statistics of the tensor they rearrange or merge those of the tensors
+/// they concatenate), in target order.
 pub fn pinned_targets(targets: &[Target]) -> Vec<&Target> {
     let sources = stats_sources(targets);
-    targets.iter().enumerate().filter(|&(i, _)| sources[i] == i).map(|(_, t)| t).collect()
+    targets.iter().zip(&sources).filter(|(_, s)| **s == Source::Direct).map(|(t, _)| t).collect()
 }
 
 /// Graph inputs (excluding those backed by initializers), as sample specs.
@@ -160,16 +201,29 @@ pub fn default_targets(view: &GraphView) -> Result<Vec<Target>> {
         if et != 0 && et != dtype::FLOAT {
             return;
         }
-        out.push(Target { name: name.to_string(), channel_axis: axis, same_values_as: None, channel_stats: false });
+        out.push(Target {
+            name: name.to_string(),
+            channel_axis: axis,
+            same_values_as: None,
+            concat_of: Vec::new(),
+            channel_stats: false,
+        });
     };
     // Output -> data input of every rearranging node, quantizable or not (an Identity is not,
     // yet its output often feeds a quantizable node).
     let mut rearranged: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+    // Output -> inputs of every Concat.
+    let mut concatenated: std::collections::HashMap<&str, &[String]> = std::collections::HashMap::new();
     for i in order {
         let n = &view.nodes()[i];
         if REARRANGING_OPS.contains(&n.op_type()) {
             if let (Some(src), Some(o)) = (n.input.first(), n.output.first()) {
                 rearranged.insert(o.as_str(), src.as_str());
+            }
+        }
+        if n.op_type() == "Concat" && !n.input.is_empty() && n.input.iter().all(|i| !i.is_empty()) {
+            if let Some(o) = n.output.first() {
+                concatenated.insert(o.as_str(), &n.input);
             }
         }
         if !QUANTIZABLE_OPS.contains(&n.op_type()) {
@@ -192,6 +246,7 @@ pub fn default_targets(view: &GraphView) -> Result<Vec<Target>> {
     }
     for t in &mut out {
         t.same_values_as = rearranged.get(t.name.as_str()).map(|s| s.to_string());
+        t.concat_of = concatenated.get(t.name.as_str()).map_or_else(Vec::new, |inputs| inputs.to_vec());
     }
     // Integer tensors without declared types (shape arithmetic) come back from tract as ints
     // and are dropped by `calibrate`.
@@ -491,8 +546,8 @@ pub fn calibrate_with<S: Default + Send>(
         bail!("no calibration samples");
     }
     let sources = stats_sources(targets);
-    // Only the targets that are their own source become tract outputs.
-    let direct: Vec<usize> = (0..targets.len()).filter(|&i| sources[i] == i).collect();
+    // Only the targets calibrated directly become tract outputs.
+    let direct: Vec<usize> = (0..targets.len()).filter(|&i| sources[i] == Source::Direct).collect();
     let mut names: Vec<String> = direct.iter().map(|&i| targets[i].name.clone()).collect();
     names.extend(extra.iter().map(|e| e.0.clone()));
     let facts = input_facts(specs, set)?;
@@ -555,14 +610,30 @@ pub fn calibrate_with<S: Default + Send>(
         },
     )?;
     let slot_of: std::collections::HashMap<usize, usize> = direct.iter().enumerate().map(|(k, &i)| (i, k)).collect();
-    let tensors = targets
-        .iter()
-        .zip(&sources)
-        .filter_map(|(t, src)| {
-            let s = acc[*slot_of.get(src)?].as_ref()?;
-            Some((t.name.clone(), if t.channel_axis.is_none() { s.without_channels() } else { s.clone() }))
-        })
-        .collect();
+    let computed = |i: usize| acc[*slot_of.get(&i)?].as_ref();
+    // A merged target's statistics: those of its parts, in order (only when all are there).
+    let merged = |parts: &[usize]| -> Option<TensorStats> {
+        let mut it = parts.iter().map(|&p| computed(p));
+        let mut s = it.next()??.without_channels();
+        for p in it {
+            s.merge(&p?.without_channels());
+        }
+        Some(s)
+    };
+    // Per-channel statistics only for a target with a channel axis (never merged or an alias).
+    let stats_of = |i: usize, t: &Target| -> Option<TensorStats> {
+        let own =
+            |j: usize| computed(j).map(|s| if t.channel_axis.is_none() { s.without_channels() } else { s.clone() });
+        match &sources[i] {
+            Source::Direct => own(i),
+            Source::Merged(parts) => merged(parts),
+            Source::Same(j) => match &sources[*j] {
+                Source::Merged(parts) => merged(parts),
+                _ => own(*j),
+            },
+        }
+    };
+    let tensors = targets.iter().enumerate().filter_map(|(i, t)| Some((t.name.clone(), stats_of(i, t)?))).collect();
     Ok(Calibration { tensors, samples: set.len(), seconds: t0.elapsed().as_secs_f64() })
 }
 
@@ -878,6 +949,59 @@ mod tests {
         // Only the Relu outputs, the input and the graph output are calibrated directly.
         let direct: Vec<&str> = pinned_targets(&targets).iter().map(|t| t.name.as_str()).collect();
         assert_eq!(direct, ["x", "a", "c", "y"]);
+        Ok(())
+    }
+
+    /// A Concat output whose inputs are all calibrated takes the merge of their statistics
+    /// (and so does a tensor rearranging it): neither is pinned, and the result is what
+    /// calibrating them directly gives, exactly but for the last bits of the sums.
+    #[test]
+    fn concat_outputs_merge_their_inputs_statistics() -> Result<()> {
+        use crate::onnx::builder::{attr_int, model};
+        let f = dtype::FLOAT;
+        // 4 x 48 x 48 elements per input: large enough for the interleaved sub-histograms.
+        let g = graph(
+            "g",
+            vec![
+                node("Relu", "r", &["x"], &["a"], vec![]),
+                node("Sigmoid", "s", &["x"], &["b"], vec![]),
+                node("Concat", "c", &["a", "b", "a"], &["c"], vec![attr_int("axis", 1)]),
+                node("Flatten", "f", &["c"], &["e"], vec![]),
+                node("Sigmoid", "s2", &["e"], &["y"], vec![]),
+            ],
+            vec![tensor_info("x", f, &[1, 4, 48, 48])],
+            vec![tensor_info("y", f, &[1, 36864])],
+            vec![],
+        );
+        let targets = default_targets(&GraphView::new(&g))?;
+        let c = targets.iter().find(|t| t.name == "c").context("no target c")?;
+        assert_eq!(c.concat_of, ["a", "b", "a"]);
+        let pinned: Vec<&str> = pinned_targets(&targets).iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(pinned, ["x", "a", "b", "y"]);
+        // The same targets, each calibrated from its own values.
+        let direct: Vec<Target> =
+            targets.iter().map(|t| Target { same_values_as: None, concat_of: Vec::new(), ..t.clone() }).collect();
+        assert_eq!(pinned_targets(&direct).len(), targets.len());
+        let data = crate::data::DataOptions {
+            sources: vec![crate::data::Source::Random { count: 3, seed: 7 }],
+            ..Default::default()
+        };
+        let specs = input_specs(&g);
+        let set = crate::data::open(&specs, &data)?;
+        let bytes = crate::onnx::io::encode_for_runtime(&model(g.clone(), 13))?;
+        let opts = CalibOptions { bins: 2048, quiet: true };
+        let (merged, computed) =
+            (calibrate(&bytes, &specs, &set, &targets, &opts)?, calibrate(&bytes, &specs, &set, &direct, &opts)?);
+        assert_eq!(merged.tensors.len(), computed.tensors.len());
+        for ((name, a), (other, b)) in merged.tensors.iter().zip(&computed.tensors) {
+            assert_eq!(name, other);
+            assert_eq!(a.histogram(), b.histogram(), "{name}");
+            assert_eq!((a.count(), a.min(), a.max()), (b.count(), b.min(), b.max()), "{name}");
+            assert!((a.sum_sq() - b.sum_sq()).abs() <= 1e-12 * b.sum_sq().abs(), "{name}");
+            assert!((a.mean() - b.mean()).abs() <= 1e-12 * b.mean().abs().max(1e-300), "{name}");
+        }
+        let c = merged.tensors.iter().find(|(n, _)| n == "c").context("no statistics of c")?;
+        assert_eq!(c.1.count(), 3 * 3 * 4 * 48 * 48);
         Ok(())
     }
 }

@@ -427,6 +427,7 @@ fn run_calibrate(a: CalibrateArgs) -> Result<()> {
                     name: t.clone(),
                     channel_axis: None,
                     same_values_as: None,
+                    concat_of: Vec::new(),
                     channel_stats: false,
                 }))
             })
