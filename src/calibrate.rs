@@ -97,10 +97,11 @@ pub const REARRANGING_OPS: &[&str] = &["Reshape", "Transpose", "Flatten", "Squee
 enum Source {
     /// Computed from the tensor's own values: a pinned tract output.
     Direct,
-    /// Copied from the target at this index (a [`Source::Direct`] or [`Source::Merged`] one).
+    /// Copied from the [`Source::Direct`] target at this index.
     Same(usize),
     /// The merge of the statistics of the [`Source::Direct`] targets at these indices, in
-    /// order (with repeats): the values of a Concat's output are those of its inputs.
+    /// order (with repeats): the values of a Concat's output (or of a tensor rearranging it)
+    /// are those of the Concat's inputs.
     Merged(Vec<usize>),
 }
 
@@ -149,10 +150,10 @@ fn stats_sources(targets: &[Target]) -> Vec<Source> {
             .collect()
     };
     (0..targets.len())
-        .map(|i| match (ends[i], merged(ends[i])) {
-            (e, None) if e == i => Source::Direct,
-            (e, Some(parts)) if e == i => Source::Merged(parts),
-            (e, _) => Source::Same(e),
+        .map(|i| match merged(ends[i]) {
+            Some(parts) => Source::Merged(parts),
+            None if ends[i] == i => Source::Direct,
+            None => Source::Same(ends[i]),
         })
         .collect()
 }
@@ -626,11 +627,8 @@ pub fn calibrate_with<S: Default + Send>(
             |j: usize| computed(j).map(|s| if t.channel_axis.is_none() { s.without_channels() } else { s.clone() });
         match &sources[i] {
             Source::Direct => own(i),
+            Source::Same(j) => own(*j),
             Source::Merged(parts) => merged(parts),
-            Source::Same(j) => match &sources[*j] {
-                Source::Merged(parts) => merged(parts),
-                _ => own(*j),
-            },
         }
     };
     let tensors = targets.iter().enumerate().filter_map(|(i, t)| Some((t.name.clone(), stats_of(i, t)?))).collect();
