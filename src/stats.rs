@@ -567,6 +567,8 @@ impl TensorStats {
             }
         }
         let mut counts = SubHistograms::new(data.len(), self.bins);
+        // The channels' counting scratch, shared (every channel block is `inner` long).
+        let mut channel_counts = per_channel.map(|(_, inner)| SubHistograms::new(inner, self.channel_bins));
         let moments = match blocks {
             Some((channels, inner)) => {
                 if self.channel_absmax.len() < channels {
@@ -580,8 +582,8 @@ impl TensorStats {
                         *slot = slot.max(m.min.abs().max(m.max.abs()) as f32);
                     }
                     total.add(&m);
-                    if per_channel.is_some() {
-                        self.channel_stats[k % channels].update(ndarray::ArrayView1::from(block).into_dyn());
+                    if let Some(scratch) = channel_counts.as_mut() {
+                        self.channel_stats[k % channels].update_flat(block, scratch);
                     }
                 }
                 total
@@ -589,23 +591,38 @@ impl TensorStats {
             None => self.add_slice(data, &mut counts),
         };
         self.flush_sub_histograms(&mut counts.sub);
+        self.add_moments(&moments);
+        let finite_only = moments.nan == 0 && moments.inf == 0;
+        if let (Some((channels, inner)), None) = (layout, blocks) {
+            self.update_channel_absmax(data, channels, inner, finite_only);
+        }
+        if let (Some((channels, inner)), None, Some(scratch)) = (per_channel, blocks, channel_counts.as_mut()) {
+            for (k, block) in data.chunks_exact(inner).enumerate() {
+                self.channel_stats[k % channels].update_flat(block, scratch);
+            }
+        }
+    }
+
+    /// [`Self::update`] of statistics without channels, from a flat slice, counting through
+    /// `scratch` ([`SubHistograms::new`] for `data.len()` elements and this histogram's bins),
+    /// which is left empty again: one tensor's per-channel statistics share one instead of
+    /// allocating and zeroing their own per channel block.
+    fn update_flat(&mut self, data: &[f32], scratch: &mut SubHistograms) {
+        let moments = self.add_slice(data, scratch);
+        self.flush_sub_histograms(&mut scratch.sub);
+        scratch.pending = 0;
+        self.add_moments(&moments);
+    }
+
+    fn add_moments(&mut self, moments: &Moments) {
         self.nan_count += moments.nan;
         self.inf_count += moments.inf;
-        let finite_only = moments.nan == 0 && moments.inf == 0;
         if moments.n > 0 {
             self.count += moments.n;
             self.sum += moments.sum;
             self.sum_sq += moments.sum_sq;
             self.min = self.min.min(moments.min);
             self.max = self.max.max(moments.max);
-        }
-        if let (Some((channels, inner)), None) = (layout, blocks) {
-            self.update_channel_absmax(data, channels, inner, finite_only);
-        }
-        if let (Some((channels, inner)), None) = (per_channel, blocks) {
-            for (k, block) in data.chunks_exact(inner).enumerate() {
-                self.channel_stats[k % channels].update(ndarray::ArrayView1::from(block).into_dyn());
-            }
         }
     }
 
@@ -793,9 +810,7 @@ impl TensorStats {
         }
         // One pass for all the doublings: a fresh sample's statistics start at `R = 2^-24`
         // and grow about 25 times on their first block of ordinary activations.
-        let mut grown = vec![0u64; self.hist.len()];
-        add_doubled(&mut grown, &self.hist, exp - self.hist_exp);
-        self.hist = grown;
+        double_in_place(&mut self.hist, exp - self.hist_exp);
         self.hist_exp = exp;
     }
 
@@ -1137,6 +1152,33 @@ fn add_doubled(dst: &mut [u64], src: &[u64], doublings: i32) {
             if let Some(a) = dst.get_mut(j) {
                 *a = a.saturating_add(c);
             }
+        }
+    }
+}
+
+/// [`add_doubled`] of a histogram onto itself emptied, without a second buffer (a fresh
+/// sample's statistics grow on their first block, and a per-channel target's every channel
+/// does: PP-OCR det allocated and zeroed ~90 k histograms for it). Bin `i` moves to
+/// `((i − half) >> d) + half`, which is never farther from the middle than `i`: walking each
+/// half away from the middle, every bin is read (and emptied) before anything lands on it.
+fn double_in_place(h: &mut [u64], doublings: i32) {
+    if doublings <= 0 {
+        return;
+    }
+    // As in `add_doubled`: capping the shift at 63 changes nothing.
+    let shift = doublings.min(63) as u32;
+    let half = h.len() / 2;
+    let target = |i: usize| (((i as i64 - half as i64) >> shift) + half as i64) as usize;
+    // (An empty histogram, the usual case, is only read.)
+    if h.iter().fold(0, |a, &c| a | c) == 0 {
+        return;
+    }
+    for i in (half..h.len()).chain((0..half).rev()) {
+        let c = h[i];
+        if c != 0 {
+            h[i] = 0;
+            let j = target(i);
+            h[j] = h[j].saturating_add(c);
         }
     }
 }
@@ -1942,6 +1984,9 @@ mod tests {
                     add_doubled(&mut got, src, d);
                     let plus_one: Vec<u64> = want.iter().map(|c| c.saturating_add(1)).collect();
                     assert_eq!(got, plus_one, "{bins} bins, {d} doublings");
+                    let mut in_place = src.clone();
+                    double_in_place(&mut in_place, d);
+                    assert_eq!(in_place, want, "{bins} bins, {d} doublings in place");
                     want = double_hist(&want);
                 }
             }
