@@ -115,7 +115,7 @@ impl Plan {
     /// so a caller that dropped the model after encoding it never holds the weights three
     /// times (the fake-quant twin's float weights, e.g.).
     pub fn load_owned(model: crate::onnx::io::RuntimeBytes, inputs: &[InputFact], outputs: &[String]) -> Result<Plan> {
-        let (bytes, weights) = model.into_parts();
+        let (bytes, weights) = model.into_owned_parts();
         let mut weights = Some(weights);
         Plan::load_with(&bytes, None, inputs, outputs, &mut || drop(weights.take()))
     }
@@ -575,13 +575,14 @@ struct TableResolver(std::sync::Arc<crate::onnx::io::RuntimeWeights>);
 
 impl tract_onnx::data_resolver::ModelDataResolver for TableResolver {
     fn read_bytes_from_path(&self, buf: &mut Vec<u8>, _: &Path, offset: usize, length: Option<usize>) -> Result<()> {
-        let t = self.0.tensors.get(offset).with_context(|| format!("no runtime weight #{offset}"))?;
-        if length.is_some_and(|l| l != t.len()) {
-            bail!("runtime weight #{offset} has {} bytes, not {length:?}", t.len());
-        }
-        buf.extend_from_slice(t);
-        crate::onnx::io::release_pages(t);
-        Ok(())
+        self.0.handed_over(offset, |t| {
+            if length.is_some_and(|l| l != t.len()) {
+                bail!("runtime weight #{offset} has {} bytes, not {length:?}", t.len());
+            }
+            buf.extend_from_slice(t);
+            crate::onnx::io::release_pages(t);
+            Ok(())
+        })
     }
 }
 

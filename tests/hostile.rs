@@ -341,7 +341,7 @@ fn external_data_models_calibrate_like_inline_ones() {
         back.graph.expect("graph").initializer.iter().map(|t| t.data_location() == DataLocation::External).collect();
     assert_eq!(locs, sizes.iter().map(|&s| s >= 1024).collect::<Vec<_>>(), "sizes {sizes:?}");
     assert!(locs.iter().any(|&e| e) && locs.iter().any(|&e| !e), "the fixture needs both kinds: {sizes:?}");
-    let referenced: usize = bytes.weights().tensors.iter().map(|t| t.len()).sum();
+    let referenced = bytes.weights().held_bytes();
     assert_eq!(referenced, sizes.iter().filter(|&&s| s >= 1024).sum::<usize>());
 
     let calibrate = |m: &Path, out: &Path| {

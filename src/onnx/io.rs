@@ -142,7 +142,41 @@ pub const RUNTIME_LOCATION: &str = ".";
 /// memory-mapped files or of in-memory tensors, never copies).
 #[derive(Debug, Default)]
 pub struct RuntimeWeights {
-    pub tensors: Vec<Bytes>,
+    /// `None` once handed over for good ([`RuntimeWeights::handed_over`]).
+    tensors: Vec<Mutex<Option<Bytes>>>,
+    /// Each payload is dropped as soon as the runtime has its copy ([`RuntimeBytes::into_owned_parts`]).
+    once: std::sync::atomic::AtomicBool,
+}
+
+impl RuntimeWeights {
+    /// Number of payloads.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Bytes of the payloads still held.
+    pub fn held_bytes(&self) -> usize {
+        self.tensors.iter().map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, Bytes::len)).sum()
+    }
+
+    /// Payload `i` given to `f` (the runtime's copy is made there); when the table's owner gave
+    /// it up ([`RuntimeBytes::into_owned_parts`]), the table's share of the payload is dropped
+    /// afterwards, so a payload nothing else holds (a fake-quant twin's folded weights) is freed
+    /// while the runtime copies the next one, instead of all of them outliving the copy. A
+    /// second request for a dropped payload is an error.
+    pub fn handed_over<R>(&self, i: usize, f: impl FnOnce(&[u8]) -> Result<R>) -> Result<R> {
+        let slot = self.tensors.get(i).with_context(|| format!("no runtime weight #{i}"))?;
+        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+        let out = f(slot.as_deref().with_context(|| format!("runtime weight #{i} was already handed over"))?)?;
+        if self.once.load(std::sync::atomic::Ordering::Relaxed) {
+            *slot = None;
+        }
+        Ok(out)
+    }
 }
 
 /// A model serialized for the runtime (see [`encode_for_runtime`]): derefs to the protobuf
@@ -164,6 +198,13 @@ impl RuntimeBytes {
     /// The protobuf bytes and the weights table they reference, apart: the table can then be
     /// dropped as soon as the runtime has copied the weights (see `runtime::Plan::load_owned`).
     pub fn into_parts(self) -> (Vec<u8>, Arc<RuntimeWeights>) {
+        (self.bytes, self.weights)
+    }
+
+    /// [`RuntimeBytes::into_parts`] for a single load: each payload of the table is dropped as
+    /// soon as it has been handed over ([`RuntimeWeights::handed_over`]).
+    pub fn into_owned_parts(self) -> (Vec<u8>, Arc<RuntimeWeights>) {
+        self.weights.once.store(true, std::sync::atomic::Ordering::Relaxed);
         (self.bytes, self.weights)
     }
 
@@ -216,7 +257,10 @@ pub fn encode_for_runtime(proto: &ModelProto) -> Result<RuntimeBytes> {
             .push(StringStringEntryProto { key: Some(RUNTIME_WEIGHTS_KEY.into()), value: Some(id.to_string()) });
     }
     let bytes = encode(&proto)?;
-    let weights = Arc::new(RuntimeWeights { tensors });
+    let weights = Arc::new(RuntimeWeights {
+        tensors: tensors.into_iter().map(|t| Mutex::new(Some(t))).collect(),
+        once: false.into(),
+    });
     let mut tables = RUNTIME_TABLES.lock().unwrap_or_else(|e| e.into_inner());
     tables.retain(|(_, w)| w.strong_count() > 0);
     tables.push((id, Arc::downgrade(&weights)));
@@ -736,6 +780,35 @@ mod tests {
         assert!(safe_relative("sub/../../w.bin").is_err());
         assert!(safe_relative("/etc/passwd").is_err());
         assert!(safe_relative("").is_err());
+    }
+
+    /// A table given up for a single load drops each payload once it is handed over (a second
+    /// request is an error); a shared one keeps them.
+    #[test]
+    fn owned_runtime_weights_are_handed_over_once() -> Result<()> {
+        use crate::onnx::builder::{graph, model, node, tensor_info};
+        use crate::onnx::tensor::vec_f32;
+        let big: Vec<f32> = (0..1000).map(|i| i as f32).collect();
+        let g = graph(
+            "g",
+            vec![node("Add", "add", &["x", "big"], &["y"], vec![])],
+            vec![tensor_info("x", 1, &[1000])],
+            vec![tensor_info("y", 1, &[1000])],
+            vec![vec_f32("big", &big)],
+        );
+        let m = model(g, 13);
+        let copy = |w: &RuntimeWeights| w.handed_over(0, |t| Ok(t.to_vec()));
+        let shared = encode_for_runtime(&m)?;
+        assert_eq!(shared.weights().held_bytes(), 4000);
+        assert_eq!(copy(shared.weights())?.len(), 4000);
+        assert_eq!(copy(shared.weights())?.len(), 4000, "a shared table keeps its payloads");
+        let (_, owned) = encode_for_runtime(&m)?.into_owned_parts();
+        assert_eq!(copy(&owned)?.len(), 4000);
+        assert_eq!(owned.held_bytes(), 0, "the payload is dropped once handed over");
+        let again = copy(&owned).expect_err("a second request");
+        assert!(format!("{again:#}").contains("already handed over"), "{again:#}");
+        assert!(owned.handed_over(1, |t| Ok(t.len())).is_err(), "no payload #1");
+        Ok(())
     }
 
     #[test]
