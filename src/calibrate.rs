@@ -569,8 +569,11 @@ pub fn calibrate_with<S: Default + Send>(
             .map_err(|e| anyhow::anyhow!("{e:#}"))
     };
     // Both plans are loaded side by side before any sample runs: loading one is a single
-    // thread's work (tract's optimizer), so the second costs no time there, where it would
-    // hold up a worker in the middle of the run (PP-OCR det: 0.17 s each).
+    // thread's work (tract's optimizer), so the second takes the otherwise idle core instead
+    // of holding up a worker in the middle of the run. (PP-OCR det: 0.17 s each alone, about
+    // 0.28 s each side by side, as they share one malloc arena; 6 alternated runs, 6.97 ->
+    // 6.86 s, and the plan no longer lands in a heap fragmented by the samples: peak RSS 539
+    // -> 458 MB.)
     let (plan, _) = rayon::join(
         || Plan::load(model_bytes, None, &facts, &names),
         || {

@@ -149,15 +149,6 @@ pub struct RuntimeWeights {
 }
 
 impl RuntimeWeights {
-    /// Number of payloads.
-    pub fn len(&self) -> usize {
-        self.tensors.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.tensors.is_empty()
-    }
-
     /// Bytes of the payloads still held.
     pub fn held_bytes(&self) -> usize {
         self.tensors.iter().map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, Bytes::len)).sum()
