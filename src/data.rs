@@ -114,6 +114,28 @@ const BATCH_NAMES: [&str; 3] = ["batch", "N", "batch_size"];
 
 /// Lists the samples (cheap: paths only), checks them all up front, returns a loader.
 pub fn open(specs: &[InputSpec], opts: &DataOptions) -> Result<SampleSet> {
+    open_inner::<()>(specs, opts, None).map(|(set, _)| set)
+}
+
+/// [`open`] that also hands each sample's inputs, as the check reads them, to `visit` (samples
+/// in parallel, results in sample order), so that a pass over the data's values costs no
+/// second read of every file (PP-OCR det: 32 samples, 0.085 s of wall time per read).
+/// Generated samples are generated for it.
+pub fn open_with<T: Send>(
+    specs: &[InputSpec],
+    opts: &DataOptions,
+    visit: &(dyn Fn(usize, &[ArrayData]) -> Result<T> + Sync),
+) -> Result<(SampleSet, Vec<T>)> {
+    let (set, seen) = open_inner(specs, opts, Some(visit))?;
+    Ok((set, seen.into_iter().flatten().collect()))
+}
+
+#[allow(clippy::type_complexity)]
+fn open_inner<T: Send>(
+    specs: &[InputSpec],
+    opts: &DataOptions,
+    visit: Option<&(dyn Fn(usize, &[ArrayData]) -> Result<T> + Sync)>,
+) -> Result<(SampleSet, Vec<Option<T>>)> {
     if specs.is_empty() {
         bail!("the model has no inputs to feed calibration data to");
     }
@@ -141,19 +163,23 @@ pub fn open(specs: &[InputSpec], opts: &DataOptions) -> Result<SampleSet> {
         bail!("no calibration samples: pass a data path or a random sample count");
     }
     let mut set = SampleSet { specs: specs.to_vec(), dims, items, shapes: Vec::new(), random_shapes };
-    let checked: Vec<Result<Vec<Vec<usize>>>> = set
+    let checked: Vec<Result<(Vec<Vec<usize>>, Option<T>)>> = set
         .items
         .par_iter()
-        .map(|item| match item {
-            Item::Random { .. } => Ok(set.random_shapes.clone()),
+        .enumerate()
+        .map(|(i, item)| match (item, visit) {
+            (Item::Random { .. }, None) => Ok((set.random_shapes.clone(), None)),
             _ => {
                 let inputs = set.read(item)?;
-                Ok(inputs.iter().map(|a| a.shape().to_vec()).collect())
+                let seen =
+                    visit.map(|v| v(i, &inputs).with_context(|| format!("sample {}", item.source()))).transpose()?;
+                Ok((inputs.iter().map(|a| a.shape().to_vec()).collect(), seen))
             }
         })
         .collect();
-    set.shapes = checked.into_iter().collect::<Result<Vec<_>>>()?;
-    Ok(set)
+    let (shapes, seen) = checked.into_iter().collect::<Result<Vec<_>>>()?.into_iter().unzip();
+    set.shapes = shapes;
+    Ok((set, seen))
 }
 
 impl SampleSet {
@@ -673,6 +699,28 @@ mod tests {
         o.max_samples = Some(4);
         let set = open(&specs(), &o).unwrap();
         assert_eq!(set.source(3).unwrap(), "random #0");
+    }
+
+    /// `open_with` hands every sample, files and generated ones, to the visitor exactly as
+    /// `load` gives it, results in sample order; a visitor's failure names the sample.
+    #[test]
+    fn open_with_visits_each_sample_as_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        for (f, v) in [("2.npz", 2.0), ("10.npz", 10.0), ("1.npz", 1.0)] {
+            write(dir.path(), f, &good(4, v));
+        }
+        let mut o = opts(vec![Source::Path(dir.path().into()), Source::Random { count: 2, seed: 1 }]);
+        o.dims = vec![("seq".into(), 4)];
+        let (set, seen) = open_with(&specs(), &o, &|i, inputs| Ok((i, inputs.to_vec()))).unwrap();
+        assert_eq!(seen.len(), 5);
+        for (i, (at, inputs)) in seen.into_iter().enumerate() {
+            assert_eq!(at, i);
+            assert_eq!(inputs, set.load(i).unwrap().inputs, "sample {i}");
+        }
+        assert_eq!(set.shapes(), open(&specs(), &o).unwrap().shapes());
+        let failing = |i: usize, _: &[ArrayData]| if i == 1 { anyhow::bail!("no thanks") } else { Ok(()) };
+        let e = format!("{:#}", open_with(&specs(), &o, &failing).unwrap_err());
+        assert!(e.contains("10.npz") && e.contains("no thanks"), "{e}");
     }
 
     #[test]

@@ -195,8 +195,7 @@ pub fn calibration_model(
     let mut grid_ranges = BTreeMap::new();
     let mut grid_inputs = Vec::new();
     if let (true, quantize::params::ActType::U8, Some(d)) = (input_grid, qopts.activations, data) {
-        let (_, set) = specs_and_set(&model, d)?;
-        if let Some(a) = quantize::input_grid::align_inputs(&model, &set)? {
+        if let Some(a) = quantize::input_grid::align_inputs(&model, d)? {
             if !quiet {
                 for i in &a.inputs {
                     eprintln!(

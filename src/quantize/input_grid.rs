@@ -159,50 +159,44 @@ pub struct Aligned {
     pub inputs: Vec<AlignedInput>,
 }
 
-/// Scans the float graph inputs over the samples (no model run) and applies
+/// Opens the samples of `data` (checking them all, [`crate::data::open`]), scans the float
+/// graph inputs over them as they are read (no model run, no second read), and applies
 /// [`rewrite`] to every one that qualifies. Returns None when nothing changed.
-pub fn align_inputs(model: &ModelProto, set: &crate::data::SampleSet) -> Result<Option<Aligned>> {
+pub fn align_inputs(model: &ModelProto, data: &crate::data::DataOptions) -> Result<Option<Aligned>> {
     let g = model.graph.as_ref().context("the model has no graph")?;
     let view = GraphView::new(g);
+    let specs = crate::calibrate::input_specs(g);
     // Only inputs a rewrite could apply to are scanned.
-    let candidates: Vec<usize> = set
-        .specs()
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| convs_reading(&view, &s.name).is_some())
-        .map(|(i, _)| i)
-        .collect();
+    let candidates: Vec<usize> =
+        specs.iter().enumerate().filter(|(_, s)| convs_reading(&view, &s.name).is_some()).map(|(i, _)| i).collect();
+    // Samples are scanned in parallel and the scans merged (a union of value sets: the
+    // result does not depend on the order).
+    let scan_sample = |_: usize, inputs: &[ArrayData]| -> Result<Vec<LatticeScan>> {
+        Ok(candidates
+            .iter()
+            .map(|&c| {
+                let mut scan = LatticeScan::default();
+                match inputs.get(c) {
+                    // The set of values does not depend on their order: memory order.
+                    Some(ArrayData::F32(a)) => match a.as_slice_memory_order() {
+                        Some(s) => scan.push_all(s.iter().copied()),
+                        None => scan.push_all(a.iter().copied()),
+                    },
+                    _ => scan.rejected = true,
+                }
+                scan
+            })
+            .collect())
+    };
+    // The samples are checked even when no input qualifies: bad data is reported here, first.
+    let (set, per_sample) = crate::data::open_with(&specs, data, &scan_sample)?;
     if candidates.is_empty() {
         return Ok(None);
     }
-    // Samples are scanned in parallel and the scans merged (a union of value sets: the
-    // result does not depend on the order).
     let mut scans = vec![LatticeScan::default(); candidates.len()];
-    crate::calibrate::for_each_sample_with(
-        set,
-        &indicatif::ProgressBar::hidden(),
-        |_, inputs| {
-            Ok(candidates
-                .iter()
-                .map(|&c| {
-                    let mut scan = LatticeScan::default();
-                    match inputs.get(c) {
-                        // The set of values does not depend on their order: memory order.
-                        Some(ArrayData::F32(a)) => match a.as_slice_memory_order() {
-                            Some(s) => scan.push_all(s.iter().copied()),
-                            None => scan.push_all(a.iter().copied()),
-                        },
-                        _ => scan.rejected = true,
-                    }
-                    scan
-                })
-                .collect::<Vec<_>>())
-        },
-        |_, per| {
-            scans.iter_mut().zip(per).for_each(|(scan, s)| scan.merge(s));
-            Ok(())
-        },
-    )?;
+    for per in per_sample {
+        scans.iter_mut().zip(per).for_each(|(scan, s)| scan.merge(s));
+    }
     let mut out = Aligned { model: model.clone(), ranges: BTreeMap::new(), inputs: Vec::new() };
     for (scan, &c) in scans.iter().zip(&candidates) {
         let (Some(shift), Some(spec)) = (scan.finish(), set.specs().get(c)) else { continue };
