@@ -183,6 +183,19 @@ fn open_inner<T: Send>(
 }
 
 impl SampleSet {
+    /// The first `n` samples (all when there are fewer), as [`open`] with `max_samples = n`
+    /// gives them, without reading and checking them again.
+    pub fn first(&self, n: usize) -> SampleSet {
+        let n = n.min(self.items.len());
+        SampleSet {
+            specs: self.specs.clone(),
+            dims: self.dims.clone(),
+            items: self.items[..n].to_vec(),
+            shapes: self.shapes[..n.min(self.shapes.len())].to_vec(),
+            random_shapes: self.random_shapes.clone(),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.items.len()
     }
@@ -694,6 +707,20 @@ mod tests {
         o.dims = vec![("seq".into(), 4)];
         let set = open(&specs(), &o).unwrap();
         assert_eq!(set.len(), 5);
+        // The first n samples are those a cap of n opens.
+        for n in [0, 2, 4, 9] {
+            let (head, capped) =
+                (set.first(n), open(&specs(), &DataOptions { max_samples: Some(n.max(1)), ..o.clone() }));
+            if n == 0 {
+                assert!(head.is_empty());
+                continue;
+            }
+            let capped = capped.unwrap();
+            assert_eq!((head.len(), head.shapes()), (capped.len(), capped.shapes()), "n = {n}");
+            for i in 0..head.len() {
+                assert_eq!(head.load(i).unwrap(), capped.load(i).unwrap(), "n = {n}, sample {i}");
+            }
+        }
         assert!(set.uniform_shapes());
         assert_eq!(set.load(4).unwrap().source, "random #1");
         o.max_samples = Some(4);

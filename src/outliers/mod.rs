@@ -1436,10 +1436,8 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
     };
     // The global guard's samples and settings (guarded runs).
     let guard_set = match &run.guard {
-        Some(_) if set.len() > GUARD_SAMPLES => {
-            let d = DataOptions { max_samples: Some(GUARD_SAMPLES), ..data.clone() };
-            Some(crate::data::open(&specs, &d).context("the guard's samples")?)
-        }
+        // (Already checked: not read again.)
+        Some(_) if set.len() > GUARD_SAMPLES => Some(set.first(GUARD_SAMPLES)),
         _ => None,
     };
     let mut guard = run.guard.as_ref().map(|g| guard::Guard {
