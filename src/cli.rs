@@ -478,6 +478,7 @@ fn run_regularize(a: RegularizeArgs) -> Result<()> {
         full_edits: true,
         placement: None,
         label: label.clone(),
+        samples: None,
     };
     let outcome = crate::outliers::regularize(&model.proto, &a.data.options()?, &opts, &run)
         .with_context(|| format!("regularization of {label} failed"))?;

@@ -17,6 +17,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 pub struct PipelineOptions {
@@ -99,6 +100,21 @@ impl Phases {
     }
 }
 
+/// The samples `checked` already holds when its inputs are the model's (the input grid keeps
+/// the graph inputs), else those of `data`, opened and checked.
+fn checked_or_open(
+    model: &ModelProto,
+    data: &DataOptions,
+    checked: Option<&Arc<SampleSet>>,
+) -> Result<(Vec<crate::data::InputSpec>, Arc<SampleSet>)> {
+    let g = model.graph.as_ref().context("the model has no graph")?;
+    let specs = cal::input_specs(g);
+    match checked {
+        Some(set) if set.specs() == specs.as_slice() => Ok((specs, set.clone())),
+        _ => Ok((specs.clone(), Arc::new(crate::data::open(&specs, data)?))),
+    }
+}
+
 fn specs_and_set(model: &ModelProto, data: &DataOptions) -> Result<(Vec<crate::data::InputSpec>, SampleSet)> {
     let g = model.graph.as_ref().context("the model has no graph")?;
     let specs = cal::input_specs(g);
@@ -135,6 +151,8 @@ pub struct CalibrationModel {
     /// The exact ranges of the shifted input tensors (they replace the calibrated ones).
     pub grid_ranges: BTreeMap<String, [f32; 2]>,
     pub grid_inputs: Vec<quantize::input_grid::AlignedInput>,
+    /// The calibration samples, already checked (when the input grid opened them).
+    pub samples: Option<Arc<SampleSet>>,
 }
 
 /// The model `onnxq quantize` calibrates, from the prepared one ([`quantize::prepare`]): the
@@ -194,8 +212,11 @@ pub fn calibration_model(
 
     let mut grid_ranges = BTreeMap::new();
     let mut grid_inputs = Vec::new();
+    let mut samples = None;
     if let (true, quantize::params::ActType::U8, Some(d)) = (input_grid, qopts.activations, data) {
-        if let Some(a) = quantize::input_grid::align_inputs(&model, d)? {
+        let (aligned, set) = quantize::input_grid::align_inputs(&model, d)?;
+        samples = Some(Arc::new(set));
+        if let Some(a) = aligned {
             if !quiet {
                 for i in &a.inputs {
                     eprintln!(
@@ -215,7 +236,7 @@ pub fn calibration_model(
         }
     }
     mark("input grid");
-    Ok(CalibrationModel { model, opset_note, grid_ranges, grid_inputs })
+    Ok(CalibrationModel { model, opset_note, grid_ranges, grid_inputs, samples })
 }
 
 pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &PipelineOptions) -> Result<PipelineReport> {
@@ -262,6 +283,7 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
             phases.mark(step)
         })?;
     let (opset_note, grid_ranges, grid_inputs) = (staged.opset_note, staged.grid_ranges, staged.grid_inputs);
+    let checked = staged.samples;
     let mut model = staged.model;
 
     // Outlier-aware weight regularization; when guarded it returns the ranges it measured.
@@ -275,8 +297,16 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
         }
         let d = data.context("--regularize needs calibration data (--data or --random)")?;
         let label = model_path.display().to_string();
-        let o = crate::outliers::for_pipeline(&model, d, opts.regularize, &opts.outlier, &qopts, &opts.method, &label)
-            .with_context(|| format!("outlier regularization of {label} failed"))?;
+        let o = crate::outliers::for_pipeline(
+            &model,
+            (d, checked.clone()),
+            opts.regularize,
+            &opts.outlier,
+            &qopts,
+            &opts.method,
+            &label,
+        )
+        .with_context(|| format!("outlier regularization of {label} failed"))?;
         if o.report.regularized {
             plain_alternative = o.baseline_ranges.map(|r| (model.clone(), r));
         }
@@ -304,7 +334,7 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
             f.tensors
         }
         (None, Some(d)) => {
-            let (specs, set) = specs_and_set(&model, d)?;
+            let (specs, set) = checked_or_open(&model, d, checked.as_ref())?;
             // Only what the placement can quantize: fewer pinned outputs, same model.
             let targets = cal::quantization_targets(&model, &qopts)?;
             // Weights reach tract by reference (no copy, no 2 GiB protobuf limit).

@@ -1155,6 +1155,9 @@ pub struct RunSettings {
     /// are candidates ([`placement_candidates`]). None: every regularizable layer.
     pub placement: Option<QuantOptions>,
     pub label: String,
+    /// The samples of `data`, when the caller has already opened (and so checked) them: not
+    /// read again if their inputs are the model's.
+    pub samples: Option<std::sync::Arc<SampleSet>>,
 }
 
 /// Splits `layers` into the candidates under the placement `quant`, i.e. the layers whose
@@ -1230,9 +1233,13 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
     opts.validate()?;
     let t0 = Instant::now();
     let c0 = cpu_seconds();
-    let (specs, set) = specs_and_set(model, data)?;
-    let facts = cal::input_facts(&specs, &set)?;
     let graph = model.graph.as_ref().context("the model has no graph")?;
+    let specs = cal::input_specs(graph);
+    let set = match &run.samples {
+        Some(s) if s.specs() == specs.as_slice() => s.clone(),
+        _ => std::sync::Arc::new(crate::data::open(&specs, data)?),
+    };
+    let facts = cal::input_facts(&specs, &set)?;
     let output_names: Vec<String> = graph.output.iter().map(|o| o.name().to_string()).collect();
     let (layers, _) = layer::find_layers(model)?;
     let (layers, float_output_layers) = match &run.placement {
@@ -1849,7 +1856,7 @@ pub fn render_report(r: &RegularizationReport) -> String {
 /// strength runs it unguarded with `λ = strength · tr(G)/K`.
 pub fn for_pipeline(
     model: &ModelProto,
-    data: &DataOptions,
+    (data, samples): (&DataOptions, Option<std::sync::Arc<SampleSet>>),
     mode: Regularize,
     opts: &Options,
     quant: &QuantOptions,
@@ -1861,8 +1868,14 @@ pub fn for_pipeline(
         Regularize::Off => bail!("internal error: regularization is off"),
         Regularize::Auto => {
             let guard = Some(GuardSettings { quant: quant.clone(), method: method.clone() });
-            let run =
-                RunSettings { guard, measure_float: false, full_edits: false, placement: Some(quant.clone()), label };
+            let run = RunSettings {
+                guard,
+                measure_float: false,
+                full_edits: false,
+                placement: Some(quant.clone()),
+                label,
+                samples,
+            };
             regularize(model, data, opts, &run)
         }
         Regularize::Strength(s) => {
@@ -1873,6 +1886,7 @@ pub fn for_pipeline(
                 full_edits: false,
                 placement: Some(quant.clone()),
                 label,
+                samples,
             };
             regularize(model, data, &o, &run)
         }

@@ -161,8 +161,12 @@ pub struct Aligned {
 
 /// Opens the samples of `data` (checking them all, [`crate::data::open`]), scans the float
 /// graph inputs over them as they are read (no model run, no second read), and applies
-/// [`rewrite`] to every one that qualifies. Returns None when nothing changed.
-pub fn align_inputs(model: &ModelProto, data: &crate::data::DataOptions) -> Result<Option<Aligned>> {
+/// [`rewrite`] to every one that qualifies. Returns None when nothing changed, and the checked
+/// samples (the rewrite keeps the graph inputs, so they serve the rewritten model too).
+pub fn align_inputs(
+    model: &ModelProto,
+    data: &crate::data::DataOptions,
+) -> Result<(Option<Aligned>, crate::data::SampleSet)> {
     let g = model.graph.as_ref().context("the model has no graph")?;
     let view = GraphView::new(g);
     let specs = crate::calibrate::input_specs(g);
@@ -191,7 +195,7 @@ pub fn align_inputs(model: &ModelProto, data: &crate::data::DataOptions) -> Resu
     // The samples are checked even when no input qualifies: bad data is reported here, first.
     let (set, per_sample) = crate::data::open_with(&specs, data, &scan_sample)?;
     if candidates.is_empty() {
-        return Ok(None);
+        return Ok((None, set));
     }
     let mut scans = vec![LatticeScan::default(); candidates.len()];
     for per in per_sample {
@@ -206,7 +210,7 @@ pub fn align_inputs(model: &ModelProto, data: &crate::data::DataOptions) -> Resu
             out.inputs.extend(a.inputs);
         }
     }
-    Ok(if out.inputs.is_empty() { None } else { Some(out) })
+    Ok((if out.inputs.is_empty() { None } else { Some(out) }, set))
 }
 
 /// The Conv nodes reading graph input `x`, when every consumer is a Conv this rewrite can
