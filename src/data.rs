@@ -182,6 +182,19 @@ fn open_inner<T: Send>(
     Ok((set, seen))
 }
 
+/// `checked` when its inputs are `specs` (samples a caller already opened and so checked),
+/// else the samples of `opts`, opened ([`open`]).
+pub fn open_unless_checked(
+    specs: &[InputSpec],
+    opts: &DataOptions,
+    checked: Option<&std::sync::Arc<SampleSet>>,
+) -> Result<std::sync::Arc<SampleSet>> {
+    match checked {
+        Some(set) if set.specs() == specs => Ok(set.clone()),
+        _ => Ok(std::sync::Arc::new(open(specs, opts)?)),
+    }
+}
+
 impl SampleSet {
     /// The first `n` samples (all when there are fewer), as [`open`] with `max_samples = n`
     /// gives them, without reading and checking them again.

@@ -100,21 +100,6 @@ impl Phases {
     }
 }
 
-/// The samples `checked` already holds when its inputs are the model's (the input grid keeps
-/// the graph inputs), else those of `data`, opened and checked.
-fn checked_or_open(
-    model: &ModelProto,
-    data: &DataOptions,
-    checked: Option<&Arc<SampleSet>>,
-) -> Result<(Vec<crate::data::InputSpec>, Arc<SampleSet>)> {
-    let g = model.graph.as_ref().context("the model has no graph")?;
-    let specs = cal::input_specs(g);
-    match checked {
-        Some(set) if set.specs() == specs.as_slice() => Ok((specs, set.clone())),
-        _ => Ok((specs.clone(), Arc::new(crate::data::open(&specs, data)?))),
-    }
-}
-
 fn specs_and_set(model: &ModelProto, data: &DataOptions) -> Result<(Vec<crate::data::InputSpec>, SampleSet)> {
     let g = model.graph.as_ref().context("the model has no graph")?;
     let specs = cal::input_specs(g);
@@ -334,7 +319,9 @@ pub fn run(model_path: &std::path::Path, out_path: &std::path::Path, opts: &Pipe
             f.tensors
         }
         (None, Some(d)) => {
-            let (specs, set) = checked_or_open(&model, d, checked.as_ref())?;
+            // The input grid keeps the graph inputs: its checked samples serve.
+            let specs = cal::input_specs(model.graph.as_ref().context("the model has no graph")?);
+            let set = crate::data::open_unless_checked(&specs, d, checked.as_ref())?;
             // Only what the placement can quantize: fewer pinned outputs, same model.
             let targets = cal::quantization_targets(&model, &qopts)?;
             // Weights reach tract by reference (no copy, no 2 GiB protobuf limit).

@@ -1142,18 +1142,24 @@ fn add_doubled(dst: &mut [u64], src: &[u64], doublings: i32) {
         }
         return;
     }
-    // Offsets lie in [-2^27, 2^27) (`B ≤ 2^28`): from 27 doublings on, every negative offset
-    // maps to -1 and every other one to 0, so capping the shift at 63 changes nothing.
-    let shift = doublings.min(63) as u32;
-    let half = (src.len() / 2) as i64;
+    let half = src.len() / 2;
     for (i, &c) in src.iter().enumerate() {
         if c != 0 {
-            let j = (((i as i64 - half) >> shift) + half) as usize;
+            let j = doubled_bin(i, half, doublings);
             if let Some(a) = dst.get_mut(j) {
                 *a = a.saturating_add(c);
             }
         }
     }
+}
+
+/// Where bin `i` (signed offset `i − half`) of a histogram of `2·half` bins lands after
+/// `doublings ≥ 1` range doublings: offset `(i − half) >> doublings`, a floor division.
+fn doubled_bin(i: usize, half: usize, doublings: i32) -> usize {
+    // Offsets lie in [-2^27, 2^27) (`B ≤ 2^28`): from 27 doublings on, every negative offset
+    // maps to -1 and every other one to 0, so capping the shift at 63 changes nothing.
+    let shift = doublings.clamp(0, 63) as u32;
+    (((i as i64 - half as i64) >> shift) + half as i64) as usize
 }
 
 /// [`add_doubled`] of a histogram onto itself emptied, without a second buffer (a fresh
@@ -1165,10 +1171,7 @@ fn double_in_place(h: &mut [u64], doublings: i32) {
     if doublings <= 0 {
         return;
     }
-    // As in `add_doubled`: capping the shift at 63 changes nothing.
-    let shift = doublings.min(63) as u32;
     let half = h.len() / 2;
-    let target = |i: usize| (((i as i64 - half as i64) >> shift) + half as i64) as usize;
     // (An empty histogram, the usual case, is only read.)
     if h.iter().fold(0, |a, &c| a | c) == 0 {
         return;
@@ -1177,7 +1180,7 @@ fn double_in_place(h: &mut [u64], doublings: i32) {
         let c = h[i];
         if c != 0 {
             h[i] = 0;
-            let j = target(i);
+            let j = doubled_bin(i, half, doublings);
             h[j] = h[j].saturating_add(c);
         }
     }

@@ -1235,10 +1235,7 @@ pub fn regularize(model: &ModelProto, data: &DataOptions, opts: &Options, run: &
     let c0 = cpu_seconds();
     let graph = model.graph.as_ref().context("the model has no graph")?;
     let specs = cal::input_specs(graph);
-    let set = match &run.samples {
-        Some(s) if s.specs() == specs.as_slice() => s.clone(),
-        _ => std::sync::Arc::new(crate::data::open(&specs, data)?),
-    };
+    let set = crate::data::open_unless_checked(&specs, data, run.samples.as_ref())?;
     let facts = cal::input_facts(&specs, &set)?;
     let output_names: Vec<String> = graph.output.iter().map(|o| o.name().to_string()).collect();
     let (layers, _) = layer::find_layers(model)?;

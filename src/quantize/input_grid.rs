@@ -192,11 +192,12 @@ pub fn align_inputs(
             })
             .collect())
     };
-    // The samples are checked even when no input qualifies: bad data is reported here, first.
-    let (set, per_sample) = crate::data::open_with(&specs, data, &scan_sample)?;
+    // The samples are checked even when no input qualifies: bad data is reported here, first
+    // (without a scan, generated samples need not be generated).
     if candidates.is_empty() {
-        return Ok((None, set));
+        return Ok((None, crate::data::open(&specs, data)?));
     }
+    let (set, per_sample) = crate::data::open_with(&specs, data, &scan_sample)?;
     let mut scans = vec![LatticeScan::default(); candidates.len()];
     for per in per_sample {
         scans.iter_mut().zip(per).for_each(|(scan, s)| scan.merge(s));
