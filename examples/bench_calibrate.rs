@@ -7,10 +7,12 @@
 //! calibrates what `onnxq quantize` calibrates: the targets its default placement reads a
 //! range of, on the model as the pipeline has it when it calibrates
 //! ([`onnxq::pipeline::calibration_model`] of the prepared model: opset upgrade, input grid),
-//! also run plainly for comparison (`staged_plain_*`). One JSON line with the times and
-//! ratios. `ratio` and `cpu_ratio` (every default target) are against the first plain run;
-//! `quantize_ratio` and `quantize_cpu_ratio` against a second plain run right after the
-//! quantize calibration (`plain_run2_s`), in the same minute: this VM's speed drifts.
+//! also run plainly for comparison (`staged_plain_*`), and through a plan that hands over its
+//! targets without statistics (`quantize_watch_*`). Then `ROUNDS` (3 by default) alternated
+//! rounds of a plain run and the quantize calibration (`rounds_*`). One JSON line with the
+//! times and ratios. `ratio` and `cpu_ratio` (every default target) are against the first
+//! plain run; `quantize_ratio` and `quantize_cpu_ratio` are the medians over the rounds of
+//! the calibration against the plain run right before it: this VM's speed drifts.
 //! Wall time and the process's CPU time (user + system, from /proc/self/stat; 0 where that
 //! is unavailable) are given for each; on a busy machine the CPU ratio is the fair one.
 
@@ -81,29 +83,68 @@ fn main() -> Result<()> {
     for_each_sample(&splan, &sset, &indicatif::ProgressBar::hidden(), |_, _| Ok(()), |_, _| Ok(()))?;
     let (splain, splain_cpu) = (t5.elapsed().as_secs_f64(), cpu_seconds() - c5);
     drop(splan);
-    let (t4, c4) = (Instant::now(), cpu_seconds());
-    let q = cal::calibrate(&sbytes, &sspecs, &sset, &qtargets, &cal::CalibOptions::default())?;
-    let (qcalib, qcalib_cpu) = (t4.elapsed().as_secs_f64(), cpu_seconds() - c4);
+    let qnames: Vec<String> = cal::pinned_targets(&qtargets).iter().map(|t| t.name.clone()).collect();
+    let (t8, c8) = (Instant::now(), cpu_seconds());
+    let swatched = onnxq::runtime::Plan::load(&sbytes, None, &input_facts(&sspecs, &sset)?, &qnames)?;
+    cal::for_each_sample_with(
+        &sset,
+        &indicatif::ProgressBar::hidden(),
+        |_, x| swatched.run_visit_f32(x, |_, _| ()),
+        |_, _| Ok(()),
+    )?;
+    let (swatch, swatch_cpu) = (t8.elapsed().as_secs_f64(), cpu_seconds() - c8);
+    drop(swatched);
+    // Alternated rounds of (plain run, quantize calibration): this VM's speed drifts within
+    // minutes (PP-OCR det's quantize calibration took 6.3 s and 8.5 s in two runs of one
+    // morning; two plain runs of one process once took 4.76 s and 3.96 s), so each round's
+    // ratio divides by the plain run right before it, and the `quantize_*` ratios are the
+    // medians over the rounds (`ROUNDS`, 3 by default).
+    let rounds: usize = match std::env::var("ROUNDS") {
+        Ok(v) => v.parse().with_context(|| format!("ROUNDS={v} is not a count"))?,
+        Err(_) => 3,
+    };
+    let (mut per_round, mut qtensors) = (Vec::new(), 0);
+    for _ in 0..rounds.max(1) {
+        let (t6, c6) = (Instant::now(), cpu_seconds());
+        let plan = onnxq::runtime::Plan::load(&bytes, None, &input_facts(&specs, &set)?, &outputs)?;
+        for_each_sample(&plan, &set, &indicatif::ProgressBar::hidden(), |_, _| Ok(()), |_, _| Ok(()))?;
+        let (plain2, plain2_cpu) = (t6.elapsed().as_secs_f64(), cpu_seconds() - c6);
+        drop(plan);
+        let (t4, c4) = (Instant::now(), cpu_seconds());
+        let q = cal::calibrate(&sbytes, &sspecs, &sset, &qtargets, &cal::CalibOptions::default())?;
+        let (qcalib, qcalib_cpu) = (t4.elapsed().as_secs_f64(), cpu_seconds() - c4);
+        qtensors = q.tensors.len();
+        per_round.push([plain2, plain2_cpu, qcalib, qcalib_cpu]);
+    }
+    let median = |f: &dyn Fn(&[f64; 4]) -> f64| {
+        let mut v: Vec<f64> = per_round.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        let m = v.len() / 2;
+        if v.len() % 2 == 1 {
+            v[m]
+        } else {
+            (v[m - 1] + v[m]) / 2.0
+        }
+    };
+    let ratio_of = |r: &[f64; 4]| r[2] / r[0];
+    let cpu_ratio_of = |r: &[f64; 4]| r[3] / r[1].max(1e-9);
+    let list =
+        |f: &dyn Fn(&[f64; 4]) -> f64| per_round.iter().map(|r| format!("{:.3}", f(r))).collect::<Vec<_>>().join(", ");
     let qpinned = cal::pinned_targets(&qtargets).len();
-    // The plain run again, right after: this VM's speed drifts within minutes (PP-OCR det's
-    // two plain runs of one process took 4.76 s and 3.96 s once, 4.25 s and 4.67 s another
-    // time), so the `quantize_*` ratios divide by the plain run next to the calibration.
-    let (t6, c6) = (Instant::now(), cpu_seconds());
-    let plan = onnxq::runtime::Plan::load(&bytes, None, &input_facts(&specs, &set)?, &outputs)?;
-    let load_plain2 = t6.elapsed().as_secs_f64();
-    let t7 = Instant::now();
-    for_each_sample(&plan, &set, &indicatif::ProgressBar::hidden(), |_, _| Ok(()), |_, _| Ok(()))?;
-    let (plain2, plain2_cpu) = (t7.elapsed().as_secs_f64(), cpu_seconds() - c6);
     println!(
-        "{{\"model\": \"{model_path}\", \"samples\": {}, \"tensors\": {}, \"pinned\": {}, \"plain_load_s\": {load_plain:.3}, \"plain_run_s\": {plain:.3}, \"plain_run2_s\": {plain2:.3}, \"plain2_cpu_s\": {plain2_cpu:.2}, \"watch_s\": {watch:.3}, \"watch_cpu_s\": {watch_cpu:.2}, \"calibrate_s\": {calib:.3}, \"ratio\": {:.3}, \"plain_cpu_s\": {plain_cpu:.2}, \"calibrate_cpu_s\": {calib_cpu:.2}, \"cpu_ratio\": {:.3}, \"staged_plain_s\": {splain:.3}, \"staged_plain_cpu_s\": {splain_cpu:.2}, \"quantize_tensors\": {}, \"quantize_pinned\": {qpinned}, \"quantize_calibrate_s\": {qcalib:.3}, \"quantize_calibrate_cpu_s\": {qcalib_cpu:.2}, \"quantize_ratio\": {:.3}, \"quantize_cpu_ratio\": {:.3}, \"threads\": {}}}",
+        "{{\"model\": \"{model_path}\", \"samples\": {}, \"tensors\": {}, \"pinned\": {}, \"plain_load_s\": {load_plain:.3}, \"plain_run_s\": {plain:.3}, \"watch_s\": {watch:.3}, \"watch_cpu_s\": {watch_cpu:.2}, \"calibrate_s\": {calib:.3}, \"ratio\": {:.3}, \"plain_cpu_s\": {plain_cpu:.2}, \"calibrate_cpu_s\": {calib_cpu:.2}, \"cpu_ratio\": {:.3}, \"staged_plain_s\": {splain:.3}, \"staged_plain_cpu_s\": {splain_cpu:.2}, \"quantize_tensors\": {qtensors}, \"quantize_pinned\": {qpinned}, \"quantize_watch_s\": {swatch:.3}, \"quantize_watch_cpu_s\": {swatch_cpu:.2}, \"rounds_plain_s\": [{}], \"rounds_plain_cpu_s\": [{}], \"rounds_quantize_calibrate_s\": [{}], \"rounds_quantize_calibrate_cpu_s\": [{}], \"rounds_quantize_ratio\": [{}], \"quantize_ratio\": {:.3}, \"quantize_cpu_ratio\": {:.3}, \"threads\": {}}}",
         set.len(),
         c.tensors.len(),
         names.len(),
         calib / (load_plain + plain),
         calib_cpu / plain_cpu.max(1e-9),
-        q.tensors.len(),
-        qcalib / (load_plain2 + plain2),
-        qcalib_cpu / plain2_cpu.max(1e-9),
+        list(&|r| r[0]),
+        list(&|r| r[1]),
+        list(&|r| r[2]),
+        list(&|r| r[3]),
+        list(&ratio_of),
+        median(&ratio_of),
+        median(&cpu_ratio_of),
         rayon::current_num_threads()
     );
     Ok(())
