@@ -8,7 +8,7 @@
 //! range of, on the model as the pipeline has it when it calibrates
 //! ([`onnxq::pipeline::calibration_model`] of the prepared model: opset upgrade, input grid),
 //! also run plainly for comparison (`staged_plain_*`), and through a plan that hands over its
-//! targets without statistics (`quantize_watch_*`). Then `ROUNDS` (3 by default) alternated
+//! targets without statistics (`quantize_watch_*`). Then `ROUNDS` (5 by default) alternated
 //! rounds of a plain run and the quantize calibration (`rounds_*`). One JSON line with the
 //! times and ratios. `ratio` and `cpu_ratio` (every default target) are against the first
 //! plain run; `quantize_ratio` and `quantize_cpu_ratio` are the medians over the rounds of
@@ -95,13 +95,12 @@ fn main() -> Result<()> {
     let (swatch, swatch_cpu) = (t8.elapsed().as_secs_f64(), cpu_seconds() - c8);
     drop(swatched);
     // Alternated rounds of (plain run, quantize calibration): this VM's speed drifts within
-    // minutes (PP-OCR det's quantize calibration took 6.3 s and 8.5 s in two runs of one
-    // morning; two plain runs of one process once took 4.76 s and 3.96 s), so each round's
-    // ratio divides by the plain run right before it, and the `quantize_*` ratios are the
-    // medians over the rounds (`ROUNDS`, 3 by default).
+    // minutes (PP-OCR det's quantize calibration took 6.0 s and 7.5 s two rounds apart in one
+    // process, with plain runs of 4.5 s before each), so each round's ratio divides by the
+    // plain run right before it, and the `quantize_*` ratios are the medians over the rounds (`ROUNDS`, 5 by default).
     let rounds: usize = match std::env::var("ROUNDS") {
         Ok(v) => v.parse().with_context(|| format!("ROUNDS={v} is not a count"))?,
-        Err(_) => 3,
+        Err(_) => 5,
     };
     let (mut per_round, mut qtensors) = (Vec::new(), 0);
     for _ in 0..rounds.max(1) {
