@@ -97,7 +97,8 @@ fn main() -> Result<()> {
     // Alternated rounds of (plain run, quantize calibration): this VM's speed drifts within
     // minutes (PP-OCR det's quantize calibration took 6.0 s and 7.5 s two rounds apart in one
     // process, with plain runs of 4.5 s before each), so each round's ratio divides by the
-    // plain run right before it, and the `quantize_*` ratios are the medians over the rounds (`ROUNDS`, 5 by default).
+    // plain run right before it, and the `quantize_*` ratios are the medians over the rounds
+    // (`ROUNDS`, 5 by default).
     let rounds: usize = match std::env::var("ROUNDS") {
         Ok(v) => v.parse().with_context(|| format!("ROUNDS={v} is not a count"))?,
         Err(_) => 5,
