@@ -48,16 +48,7 @@ fn main() -> Result<()> {
     // that do not share another target's statistics) but computes no statistics: what keeping
     // them from being fused costs tract itself.
     let names: Vec<String> = cal::pinned_targets(&targets).iter().map(|t| t.name.clone()).collect();
-    let (t3, c3) = (Instant::now(), cpu_seconds());
-    let watched = onnxq::runtime::Plan::load(&bytes, None, &input_facts(&specs, &set)?, &names)?;
-    cal::for_each_sample_with(
-        &set,
-        &indicatif::ProgressBar::hidden(),
-        |_, x| watched.run_visit_f32(x, |_, _| ()),
-        |_, _| Ok(()),
-    )?;
-    let (watch, watch_cpu) = (t3.elapsed().as_secs_f64(), cpu_seconds() - c3);
-    drop(watched);
+    let (watch, watch_cpu) = watched(&bytes, &specs, &set, &names)?;
     let (t2, c2) = (Instant::now(), cpu_seconds());
     let c = cal::calibrate(&bytes, &specs, &set, &targets, &cal::CalibOptions::default())?;
     let calib = t2.elapsed().as_secs_f64();
@@ -84,16 +75,7 @@ fn main() -> Result<()> {
     let (splain, splain_cpu) = (t5.elapsed().as_secs_f64(), cpu_seconds() - c5);
     drop(splan);
     let qnames: Vec<String> = cal::pinned_targets(&qtargets).iter().map(|t| t.name.clone()).collect();
-    let (t8, c8) = (Instant::now(), cpu_seconds());
-    let swatched = onnxq::runtime::Plan::load(&sbytes, None, &input_facts(&sspecs, &sset)?, &qnames)?;
-    cal::for_each_sample_with(
-        &sset,
-        &indicatif::ProgressBar::hidden(),
-        |_, x| swatched.run_visit_f32(x, |_, _| ()),
-        |_, _| Ok(()),
-    )?;
-    let (swatch, swatch_cpu) = (t8.elapsed().as_secs_f64(), cpu_seconds() - c8);
-    drop(swatched);
+    let (swatch, swatch_cpu) = watched(&sbytes, &sspecs, &sset, &qnames)?;
     // Alternated rounds of (plain run, quantize calibration): this VM's speed drifts within
     // minutes (PP-OCR det's quantize calibration took 6.0 s and 7.5 s two rounds apart in one
     // process, with plain runs of 4.5 s before each), so each round's ratio divides by the
@@ -148,4 +130,19 @@ fn main() -> Result<()> {
         rayon::current_num_threads()
     );
     Ok(())
+}
+
+/// (wall s, CPU s) of the samples through a plan that hands over the tensors `names` but
+/// computes no statistics: what keeping them from being fused costs tract itself.
+fn watched(
+    bytes: &[u8],
+    specs: &[onnxq::data::InputSpec],
+    set: &onnxq::data::SampleSet,
+    names: &[String],
+) -> Result<(f64, f64)> {
+    let (t, c) = (Instant::now(), cpu_seconds());
+    let plan = onnxq::runtime::Plan::load(bytes, None, &input_facts(specs, set)?, names)?;
+    let hidden = indicatif::ProgressBar::hidden();
+    cal::for_each_sample_with(set, &hidden, |_, x| plan.run_visit_f32(x, |_, _| ()), |_, _| Ok(()))?;
+    Ok((t.elapsed().as_secs_f64(), cpu_seconds() - c))
 }
