@@ -174,11 +174,10 @@ impl Lanes {
         body: &[f32],
         grid: &GridF32,
         idx: &mut [u32],
-        carry: Option<Carry<'_>>,
+        mut carry: Option<Carry<'_>>,
     ) -> bool {
         use std::arch::x86_64::*;
         const SUB: usize = SubHistograms::SUB;
-        let mut carry = carry;
         // Steps that also count eight carried bins.
         let fused = carry.as_ref().map_or(0, |c| c.idx.len() / 8).min(body.len() / Moments::LANES);
         // SAFETY: each source array holds exactly one vector.
@@ -530,12 +529,24 @@ struct Carry<'a> {
 }
 
 impl Carry<'_> {
-    /// Counts `idx[from..]`, position `p` into sub-histogram `p mod SUB` (which one is only
-    /// a matter of speed: they are summed).
+    /// Counts `idx[from..]`: sub-histogram `k` counts position `k` of each group of `SUB`,
+    /// the last partial group goes to the first (which one is only a matter of speed: they
+    /// are summed).
     fn count_from(self, from: usize) {
         const SUB: usize = SubHistograms::SUB;
-        for (p, &j) in self.idx.iter().enumerate().skip(from) {
-            self.sub[(p % SUB) * self.bins + j as usize] += 1;
+        let (sub, bins) = (self.sub, self.bins);
+        debug_assert_eq!(sub.len(), SUB * bins);
+        let mut groups = self.idx[from.min(self.idx.len())..].chunks_exact(SUB);
+        for g in &mut groups {
+            for (k, &j) in g.iter().enumerate() {
+                // SAFETY: `j < bins` and `sub.len() == SUB * bins` ([`Carry`]), so
+                // `k * bins + j < sub.len()`.
+                unsafe { *sub.get_unchecked_mut(k * bins + j as usize) += 1 };
+            }
+        }
+        for &j in groups.remainder() {
+            // SAFETY: as above, with `k = 0`.
+            unsafe { *sub.get_unchecked_mut(j as usize) += 1 };
         }
     }
 }
@@ -768,20 +779,14 @@ impl TensorStats {
             }
             return;
         }
-        const SUB: usize = SubHistograms::SUB;
-        let bins = self.bins;
-        let sub = &mut counts.sub;
-        let mut groups = idx.chunks_exact(SUB);
         if finite_only {
-            // Every bin is in [0, bins): sub-histogram `k` counts position `k` of each group.
-            for g in &mut groups {
-                for (k, &j) in g.iter().enumerate() {
-                    // SAFETY: `j < bins` (finite elements are binned into [0, bins)) and
-                    // `sub.len() == SUB * bins`, so `k * bins + j < sub.len()`.
-                    unsafe { *sub.get_unchecked_mut(k * bins + j as usize) += 1 };
-                }
-            }
+            // Every bin is in [0, bins) (finite elements are binned into it), and `sub` holds
+            // `SUB` histograms of `bins`: a [`Carry`]'s invariant.
+            Carry { idx, sub: &mut counts.sub, bins: self.bins }.count_from(0);
         } else {
+            const SUB: usize = SubHistograms::SUB;
+            let (bins, sub) = (self.bins, &mut counts.sub);
+            let mut groups = idx.chunks_exact(SUB);
             for g in &mut groups {
                 for (k, &j) in g.iter().enumerate() {
                     if j != u32::MAX {
@@ -789,10 +794,10 @@ impl TensorStats {
                     }
                 }
             }
-        }
-        for &j in groups.remainder() {
-            if j != u32::MAX {
-                sub[j as usize] += 1;
+            for &j in groups.remainder() {
+                if j != u32::MAX {
+                    sub[j as usize] += 1;
+                }
             }
         }
         counts.pending += idx.len();
