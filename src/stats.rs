@@ -141,6 +141,19 @@ impl Lanes {
         carry: Option<Carry<'_>>,
     ) -> (bool, bool) {
         #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return match bins {
+                Some((grid, idx)) if idx.len() == body.len() => {
+                    // SAFETY: the CPU supports AVX-512F (and so AVX2), checked just above;
+                    // `idx` is as long as `body`.
+                    let finite = unsafe { self.add_finite_avx512::<true>(body, grid, idx, carry) };
+                    (finite, finite)
+                }
+                // SAFETY: as above; `BIN` is false.
+                _ => (unsafe { self.add_finite_avx512::<false>(body, &GridF32::UNUSED, &mut [], carry) }, false),
+            };
+        }
+        #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             return match bins {
                 Some((grid, idx)) if idx.len() == body.len() => {
@@ -248,6 +261,112 @@ impl Lanes {
             _mm256_storeu_pd(self.sum.as_mut_ptr().add(4), s_hi);
             _mm256_storeu_pd(self.sum_sq.as_mut_ptr(), ss_lo);
             _mm256_storeu_pd(self.sum_sq.as_mut_ptr().add(4), ss_hi);
+        }
+        true
+    }
+
+    /// [`Self::add_finite_avx2`] sixteen elements per step: the `f64` sums of lanes 0–7 in
+    /// one 512-bit register each, fed the low then the high eight elements of a step (the
+    /// same order per lane as two 8-wide steps, so bit-identical), min/max still in 8-wide
+    /// halves (the order decides which of `-0.0`/`+0.0` a lane keeps), and the floor taken by
+    /// the conversion's rounding mode. A last 8-element step (body lengths are multiples of
+    /// 8, not 16) uses the 8-wide operations.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2")]
+    unsafe fn add_finite_avx512<const BIN: bool>(
+        &mut self,
+        body: &[f32],
+        grid: &GridF32,
+        idx: &mut [u32],
+        mut carry: Option<Carry<'_>>,
+    ) -> bool {
+        use std::arch::x86_64::*;
+        const SUB: usize = SubHistograms::SUB;
+        const W: usize = 2 * Moments::LANES;
+        let steps = body.len() / W;
+        // Steps that also count sixteen carried bins.
+        let fused = carry.as_ref().map_or(0, |c| c.idx.len() / W).min(steps);
+        // SAFETY: each source array holds exactly one vector.
+        let (mut mn, mut mx, mut s, mut ss) = unsafe {
+            (
+                _mm256_loadu_ps(self.min.as_ptr()),
+                _mm256_loadu_ps(self.max.as_ptr()),
+                _mm512_loadu_pd(self.sum.as_ptr()),
+                _mm512_loadu_pd(self.sum_sq.as_ptr()),
+            )
+        };
+        let (scale, zero) = (_mm512_set1_ps(grid.scale), _mm512_setzero_ps());
+        let (half, minus_one) = (_mm512_set1_epi32(grid.half), _mm512_set1_epi32(-1));
+        // `v - v` is +0 for finite `v` and NaN otherwise: OR-ed together, any set bit means a
+        // non-finite element.
+        let mut bad = _mm512_setzero_si512();
+        for i in 0..steps {
+            let at = i * W;
+            // SAFETY: `at + 16 <= body.len()`.
+            let v = unsafe { _mm512_loadu_ps(body.as_ptr().add(at)) };
+            bad = _mm512_or_si512(bad, _mm512_castps_si512(_mm512_sub_ps(v, v)));
+            let lo8 = _mm512_castps512_ps256(v);
+            let hi8 = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+            mn = _mm256_min_ps(hi8, _mm256_min_ps(lo8, mn));
+            mx = _mm256_max_ps(hi8, _mm256_max_ps(lo8, mx));
+            let (lo, hi) = (_mm512_cvtps_pd(lo8), _mm512_cvtps_pd(hi8));
+            s = _mm512_add_pd(_mm512_add_pd(s, lo), hi);
+            ss = _mm512_add_pd(_mm512_add_pd(ss, _mm512_mul_pd(lo, lo)), _mm512_mul_pd(hi, hi));
+            if BIN {
+                // As in the 8-wide kernel: inside the range the floor is exact; a negative
+                // `v` whose product underflowed to -0 gets min(k, -1).
+                let k =
+                    _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(v, scale));
+                let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, zero);
+                let k = _mm512_add_epi32(_mm512_mask_min_epi32(k, neg, k, minus_one), half);
+                // SAFETY: `idx` is as long as `body` (caller), so `at + 16 <= idx.len()`.
+                unsafe { _mm512_storeu_si512(idx.as_mut_ptr().add(at).cast(), k) };
+            }
+            if let (true, Some(c)) = (i < fused, carry.as_mut()) {
+                for p in 0..W {
+                    // SAFETY: `i < fused`, so `at + p < c.idx.len()`; a carried bin is below
+                    // `c.bins` and `c.sub` holds `SUB` histograms of `c.bins` ([`Carry`]).
+                    unsafe {
+                        let j = *c.idx.get_unchecked(at + p) as usize;
+                        *c.sub.get_unchecked_mut((p % SUB) * c.bins + j) += 1;
+                    }
+                }
+            }
+        }
+        if let Some(c) = carry {
+            c.count_from(fused * W);
+        }
+        let mut bad8 = _mm256_setzero_ps();
+        if !body.len().is_multiple_of(W) {
+            let at = steps * W;
+            // SAFETY: body lengths are multiples of 8, so `at + 8 == body.len()`.
+            let v = unsafe { _mm256_loadu_ps(body.as_ptr().add(at)) };
+            bad8 = _mm256_sub_ps(v, v);
+            mn = _mm256_min_ps(v, mn);
+            mx = _mm256_max_ps(v, mx);
+            let lo = _mm512_cvtps_pd(v);
+            s = _mm512_add_pd(s, lo);
+            ss = _mm512_add_pd(ss, _mm512_mul_pd(lo, lo));
+            if BIN {
+                let k = _mm256_cvtps_epi32(_mm256_floor_ps(_mm256_mul_ps(v, _mm512_castps512_ps256(scale))));
+                let neg = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(v, _mm256_setzero_ps()));
+                let k = _mm256_min_epi32(k, _mm256_or_si256(neg, _mm256_set1_epi32(i32::MAX)));
+                let k = _mm256_add_epi32(k, _mm512_castsi512_si256(half));
+                // SAFETY: `idx` is as long as `body` (caller), so `at + 8 <= idx.len()`.
+                unsafe { _mm256_storeu_si256(idx.as_mut_ptr().add(at).cast::<__m256i>(), k) };
+            }
+        }
+        if _mm512_test_epi32_mask(bad, bad) != 0
+            || _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_NEQ_UQ>(bad8, _mm256_setzero_ps())) != 0
+        {
+            return false;
+        }
+        // SAFETY: each destination array holds exactly one vector.
+        unsafe {
+            _mm256_storeu_ps(self.min.as_mut_ptr(), mn);
+            _mm256_storeu_ps(self.max.as_mut_ptr(), mx);
+            _mm512_storeu_pd(self.sum.as_mut_ptr(), s);
+            _mm512_storeu_pd(self.sum_sq.as_mut_ptr(), ss);
         }
         true
     }
@@ -1641,14 +1760,21 @@ mod tests {
         if !std::arch::is_x86_feature_detected!("avx2") {
             return;
         }
-        let mut data = skewed(10_003, 5);
+        // First, values spread over 2^-30..2^30: their f64 sums round, so each lane's order of
+        // addition shows in the bits.
+        let mut data: Vec<f32> =
+            gaussian(64, 7).iter().enumerate().map(|(i, v)| v * 2f32.powi((i * 37 % 61) as i32 - 30)).collect();
+        data.extend(skewed(10_003, 5));
         data.extend(gaussian(997, 6).iter().map(|v| v * 1e-3));
         data.extend([0.0, -0.0, f32::from_bits(1), -f32::from_bits(1), -1e-40, 1e-40, 0.5, -0.5, 0.25, -0.25]);
         data.extend([f32::MIN_POSITIVE, -f32::MIN_POSITIVE, 3.999_999_8, -3.999_999_8, 1.0 / 512.0, -1.0 / 512.0]);
-        for n in [0, 3, 8, 9, 1000, data.len()] {
+        let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+        for n in [0, 3, 8, 9, 16, 24, 1000, 1024, data.len()] {
             let body = &data[..n - n % Moments::LANES];
             let (mut a, mut b, mut p) = (Lanes::EMPTY, Lanes::EMPTY, Lanes::EMPTY);
+            let (mut c, mut d) = (Lanes::EMPTY, Lanes::EMPTY);
             let mut idx = vec![0u32; body.len()];
+            let mut idx512 = vec![0u32; body.len()];
             let grid = GridF32 { scale: 256.0, half: 1024 };
             // Twice: the second call continues from the lanes of the first.
             for _ in 0..2 {
@@ -1656,8 +1782,17 @@ mod tests {
                 assert!(unsafe { a.add_finite_avx2::<false>(body, &GridF32::UNUSED, &mut [], None) });
                 assert!(unsafe { b.add_finite_avx2::<true>(body, &grid, &mut idx, None) });
                 assert!(p.add_finite_portable(body));
+                if avx512 {
+                    // SAFETY: AVX-512F is present (checked above); `idx512` is as long as `body`.
+                    assert!(unsafe { c.add_finite_avx512::<false>(body, &GridF32::UNUSED, &mut [], None) });
+                    assert!(unsafe { d.add_finite_avx512::<true>(body, &grid, &mut idx512, None) });
+                }
             }
-            for l in [&a, &b] {
+            if avx512 {
+                assert_eq!(idx512, idx, "16-wide bins, n {n}");
+            }
+            let lanes = if avx512 { vec![&a, &b, &c, &d] } else { vec![&a, &b] };
+            for l in lanes {
                 assert_eq!(l.min.map(f32::to_bits), p.min.map(f32::to_bits));
                 assert_eq!(l.max.map(f32::to_bits), p.max.map(f32::to_bits));
                 assert_eq!(l.sum.map(f64::to_bits), p.sum.map(f64::to_bits));
@@ -1671,6 +1806,16 @@ mod tests {
             // SAFETY: AVX2 is present (checked above).
             assert!(!unsafe { l.add_finite_avx2::<false>(&bad[..64], &GridF32::UNUSED, &mut [], None) });
             assert_eq!(l.sum, Lanes::EMPTY.sum, "a refused body leaves the lanes alone");
+            if avx512 {
+                // A bad element in a 16-wide step (40 of 64) and in the last 8-wide one (66 of 72).
+                for (at, len) in [(40, 64), (66, 72)] {
+                    let mut b = data[..len].to_vec();
+                    b[at] = v;
+                    // SAFETY: AVX-512F is present (checked above).
+                    assert!(!unsafe { l.add_finite_avx512::<false>(&b, &GridF32::UNUSED, &mut [], None) });
+                    assert_eq!(l.sum, Lanes::EMPTY.sum, "a refused body leaves the lanes alone");
+                }
+            }
         }
         // Range exponents down to the smallest and up to beyond f32::MAX (where tiny values
         // underflow when scaled: negative ones must still land below 0), and bin counts with
@@ -1705,6 +1850,13 @@ mod tests {
                 // SAFETY: AVX2 is present (checked above); `f` is as long as `in_range`.
                 assert!(unsafe { l.add_finite_avx2::<true>(&in_range, &g, &mut f, None) });
                 assert_eq!(f, p, "fused bins {bins}, exp {exp}");
+                if avx512 {
+                    let mut f = vec![0u32; in_range.len()];
+                    let mut l = Lanes::EMPTY;
+                    // SAFETY: AVX-512F is present (checked above); `f` is as long as `in_range`.
+                    assert!(unsafe { l.add_finite_avx512::<true>(&in_range, &g, &mut f, None) });
+                    assert_eq!(f, p, "16-wide fused bins {bins}, exp {exp}");
+                }
             }
         }
     }
