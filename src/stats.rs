@@ -128,7 +128,8 @@ impl Lanes {
 
     /// Adds a body (length a multiple of `LANES`, starting at lane 0) with min/max by compare
     /// and select, and with `bins`, writes the bin of each element into `idx` (same length as
-    /// `body`) in the same pass where the `f32` kernel applies (AVX2 and a [`GridF32`]).
+    /// `body`) in the same pass where the `f32` kernel applies (AVX-512F or AVX2, and a
+    /// [`GridF32`]).
     /// Returns (all finite, `idx` written); if a NaN or ±Inf is present, the lanes are
     /// unchanged.
     ///
@@ -638,7 +639,8 @@ impl SubHistograms {
 }
 
 /// The bins of a finite block not yet counted, for the next block's vector pass to count
-/// ([`Lanes::add_finite_avx2`]) into `SubHistograms::SUB` interleaved histograms of `bins`
+/// ([`Lanes::add_finite_avx512`], [`Lanes::add_finite_avx2`]) into `SubHistograms::SUB`
+/// interleaved histograms of `bins`
 /// bins each (`sub`). Every bin in `idx` is below `bins` (a finite block's bins, after any
 /// re-binning, lie in `[0, bins)`), which the unchecked counting relies on.
 struct Carry<'a> {
@@ -736,8 +738,8 @@ impl TensorStats {
     ///
     /// One pass over the C-order slice, in blocks of 256 elements (within each channel block
     /// when there are per-channel blocks): the moments in fixed-width lanes and, in the same
-    /// loop, the histogram bins with the range so far (AVX2 where available, bit-identical to
-    /// the portable code, `floor` of an exact product, no libm call); a block whose values
+    /// loop, the histogram bins with the range so far (AVX-512F or AVX2 where available,
+    /// bit-identical to the portable code, `floor` of an exact product, no libm call); a block whose values
     /// need a larger range grows it and is binned again while it is in cache. Counts go
     /// through four interleaved `u32` sub-histograms when the sample is large, so consecutive
     /// equal bins do not serialize on one counter, and then a block's bins are counted by
@@ -1752,7 +1754,7 @@ mod tests {
         s
     }
 
-    /// The AVX2 kernels give bit-identical lanes and bins to the portable code, including on
+    /// The AVX2 and AVX-512 kernels give bit-identical lanes and bins to the portable code, including on
     /// -0.0, tiny denormals (whose scaled value underflows), bin edges and the range ends.
     #[cfg(target_arch = "x86_64")]
     #[test]
