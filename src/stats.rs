@@ -142,28 +142,17 @@ impl Lanes {
         carry: Option<Carry<'_>>,
     ) -> (bool, bool) {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            let avx512 = std::arch::is_x86_feature_detected!("avx512f");
             return match bins {
                 Some((grid, idx)) if idx.len() == body.len() => {
-                    // SAFETY: the CPU supports AVX-512F (and so AVX2), checked just above;
-                    // `idx` is as long as `body`.
-                    let finite = unsafe { self.add_finite_avx512::<true>(body, grid, idx, carry) };
+                    // SAFETY: the CPU supports AVX2, and AVX-512F if `avx512`, checked just
+                    // above; `idx` is as long as `body`.
+                    let finite = unsafe { self.add_finite_simd::<true>(avx512, body, grid, idx, carry) };
                     (finite, finite)
                 }
                 // SAFETY: as above; `BIN` is false.
-                _ => (unsafe { self.add_finite_avx512::<false>(body, &GridF32::UNUSED, &mut [], carry) }, false),
-            };
-        }
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            return match bins {
-                Some((grid, idx)) if idx.len() == body.len() => {
-                    // SAFETY: the CPU supports AVX2, checked just above; `idx` is as long as `body`.
-                    let finite = unsafe { self.add_finite_avx2::<true>(body, grid, idx, carry) };
-                    (finite, finite)
-                }
-                // SAFETY: the CPU supports AVX2, checked just above; `BIN` is false.
-                _ => (unsafe { self.add_finite_avx2::<false>(body, &GridF32::UNUSED, &mut [], carry) }, false),
+                _ => (unsafe { self.add_finite_simd::<false>(avx512, body, &GridF32::UNUSED, &mut [], carry) }, false),
             };
         }
         let _ = bins;
@@ -171,6 +160,29 @@ impl Lanes {
             c.count_from(0);
         }
         (self.add_finite_portable(body), false)
+    }
+
+    /// [`Self::add_finite_avx512`] if `avx512`, else [`Self::add_finite_avx2`].
+    ///
+    /// # Safety
+    /// The CPU supports AVX2, and AVX-512F if `avx512`; with `BIN`, `idx` is as long as `body`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn add_finite_simd<const BIN: bool>(
+        &mut self,
+        avx512: bool,
+        body: &[f32],
+        grid: &GridF32,
+        idx: &mut [u32],
+        carry: Option<Carry<'_>>,
+    ) -> bool {
+        // SAFETY: the caller's promises are the kernels' preconditions.
+        unsafe {
+            if avx512 {
+                self.add_finite_avx512::<BIN>(body, grid, idx, carry)
+            } else {
+                self.add_finite_avx2::<BIN>(body, grid, idx, carry)
+            }
+        }
     }
 
     /// [`Self::add_finite_portable`] with AVX2 intrinsics: lanes 0–3 and 4–7 are the two
@@ -191,7 +203,6 @@ impl Lanes {
         mut carry: Option<Carry<'_>>,
     ) -> bool {
         use std::arch::x86_64::*;
-        const SUB: usize = SubHistograms::SUB;
         // Steps that also count eight carried bins.
         let fused = carry.as_ref().map_or(0, |c| c.idx.len() / 8).min(body.len() / Moments::LANES);
         // SAFETY: each source array holds exactly one vector.
@@ -238,14 +249,8 @@ impl Lanes {
                 unsafe { _mm256_storeu_si256(idx.as_mut_ptr().add(at).cast::<__m256i>(), k) };
             }
             if let (true, Some(c)) = (i < fused, carry.as_mut()) {
-                for p in 0..8 {
-                    // SAFETY: `i < fused`, so `at + p < c.idx.len()`; a carried bin is below
-                    // `c.bins` and `c.sub` holds `SUB` histograms of `c.bins` ([`Carry`]).
-                    unsafe {
-                        let j = *c.idx.get_unchecked(at + p) as usize;
-                        *c.sub.get_unchecked_mut((p % SUB) * c.bins + j) += 1;
-                    }
-                }
+                // SAFETY: `i < fused`, so `at + 8 <= c.idx.len()`.
+                unsafe { c.count_step::<8>(at) };
             }
         }
         if let Some(c) = carry {
@@ -282,7 +287,6 @@ impl Lanes {
         mut carry: Option<Carry<'_>>,
     ) -> bool {
         use std::arch::x86_64::*;
-        const SUB: usize = SubHistograms::SUB;
         const W: usize = 2 * Moments::LANES;
         let steps = body.len() / W;
         // Steps that also count sixteen carried bins.
@@ -324,14 +328,8 @@ impl Lanes {
                 unsafe { _mm512_storeu_si512(idx.as_mut_ptr().add(at).cast(), k) };
             }
             if let (true, Some(c)) = (i < fused, carry.as_mut()) {
-                for p in 0..W {
-                    // SAFETY: `i < fused`, so `at + p < c.idx.len()`; a carried bin is below
-                    // `c.bins` and `c.sub` holds `SUB` histograms of `c.bins` ([`Carry`]).
-                    unsafe {
-                        let j = *c.idx.get_unchecked(at + p) as usize;
-                        *c.sub.get_unchecked_mut((p % SUB) * c.bins + j) += 1;
-                    }
-                }
+                // SAFETY: `i < fused`, so `at + 16 <= c.idx.len()`.
+                unsafe { c.count_step::<W>(at) };
             }
         }
         if let Some(c) = carry {
@@ -650,6 +648,24 @@ struct Carry<'a> {
 }
 
 impl Carry<'_> {
+    /// Counts the `N` bins `idx[at..at + N]` (a step of a kernel's vector pass), position `p`
+    /// into sub-histogram `p % SUB`.
+    ///
+    /// # Safety
+    /// `at + N <= idx.len()`.
+    #[inline(always)]
+    unsafe fn count_step<const N: usize>(&mut self, at: usize) {
+        const SUB: usize = SubHistograms::SUB;
+        for p in 0..N {
+            // SAFETY: `at + p < idx.len()` (caller); `j < bins` and `sub.len() == SUB * bins`
+            // ([`Carry`]), so `(p % SUB) * bins + j < sub.len()`.
+            unsafe {
+                let j = *self.idx.get_unchecked(at + p) as usize;
+                *self.sub.get_unchecked_mut((p % SUB) * self.bins + j) += 1;
+            }
+        }
+    }
+
     /// Counts `idx[from..]`: sub-histogram `k` counts position `k` of each group of `SUB`,
     /// the last partial group goes to the first (which one is only a matter of speed: they
     /// are summed).
