@@ -533,6 +533,32 @@ struct GridF32 {
 impl GridF32 {
     /// Placeholder for kernels that do not bin.
     const UNUSED: GridF32 = GridF32 { scale: 1.0, half: 0 };
+
+    /// The bins of `block`'s values (finite, inside the range) into `idx`, which must be as
+    /// long as `block`: the rule of [`Lanes::add_finite_avx512`] alone, the last partial
+    /// step through masked loads and stores.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn bins_avx512(&self, block: &[f32], idx: &mut [u32]) {
+        use std::arch::x86_64::*;
+        let (scale, zero) = (_mm512_set1_ps(self.scale), _mm512_setzero_ps());
+        let (half, minus_one) = (_mm512_set1_epi32(self.half), _mm512_set1_epi32(-1));
+        let n = block.len().min(idx.len());
+        for at in (0..n).step_by(16) {
+            // Lanes of this step inside the slices (all 16 but in the last step).
+            let mask: __mmask16 = if n - at >= 16 { !0 } else { (1 << (n - at)) - 1 };
+            // SAFETY: the masked load and store touch only lanes `at + l < n`, inside both
+            // slices.
+            unsafe {
+                let v = _mm512_maskz_loadu_ps(mask, block.as_ptr().add(at));
+                let k =
+                    _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(v, scale));
+                let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, zero);
+                let k = _mm512_add_epi32(_mm512_mask_min_epi32(k, neg, k, minus_one), half);
+                _mm512_mask_storeu_epi32(idx.as_mut_ptr().add(at).cast(), mask, k);
+            }
+        }
+    }
 }
 
 impl BinGrid {
@@ -546,6 +572,22 @@ impl BinGrid {
             && self.half <= 1 << 23
             && self.top == 2 * self.half - 1;
         exact.then_some(GridF32 { scale, half: self.half as i32 })
+    }
+
+    /// Bins of `block` (every element finite and inside the range) into `idx` (same length):
+    /// sixteen at a time in `f32` with AVX-512F and the exact `f32` grid `fast` (this grid's,
+    /// [`Self::f32_grid`]), else [`Self::bins_of`].
+    fn bins_of_finite(&self, fast: Option<&GridF32>, block: &[f32], idx: &mut [u32]) {
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(g), true) = (fast, std::arch::is_x86_feature_detected!("avx512f")) {
+            if idx.len() == block.len() {
+                // SAFETY: the CPU supports AVX-512F, checked just above; `idx` is as long as
+                // `block`.
+                return unsafe { g.bins_avx512(block, idx) };
+            }
+        }
+        let _ = fast;
+        self.bins_of(block, idx, true)
     }
 
     /// Bins of `block` into `idx` (same length); non-finite elements get `u32::MAX` unless
@@ -796,10 +838,10 @@ impl TensorStats {
                         let slot = &mut self.channel_absmax[k % channels];
                         *slot = slot.max(m.min.abs().max(m.max.abs()) as f32);
                     }
-                    total.add(&m);
                     if let Some(scratch) = channel_counts.as_mut() {
-                        self.channel_stats[k % channels].update_flat(block, scratch);
+                        self.channel_stats[k % channels].update_flat_known(block, &m, scratch);
                     }
+                    total.add(&m);
                 }
                 total
             }
@@ -827,6 +869,29 @@ impl TensorStats {
         self.flush_sub_histograms(&mut scratch.sub);
         scratch.pending = 0;
         self.add_moments(&moments);
+    }
+
+    /// [`Self::update_flat`] of a slice whose moments `add_slice` has just computed (the
+    /// channel block of the tensor's pass: the same function of the same slice, so the same
+    /// bits). When every element is finite, the range grows to its final size first and one
+    /// pass bins and counts, without the moments or any re-binning: doubling commutes with
+    /// binning (module docs), so the histogram is the one `update_flat` would count.
+    fn update_flat_known(&mut self, data: &[f32], moments: &Moments, scratch: &mut SubHistograms) {
+        if moments.n == 0 || moments.nan + moments.inf > 0 {
+            return self.update_flat(data, scratch);
+        }
+        self.grow_to(exp_above(moments.min.abs().max(moments.max.abs())));
+        let grid = self.grid();
+        let fast = grid.f32_grid();
+        let mut idx = [0u32; 256];
+        for chunk in data.chunks(idx.len()) {
+            let idx = &mut idx[..chunk.len()];
+            grid.bins_of_finite(fast.as_ref(), chunk, idx);
+            self.count_bins(idx, true, scratch);
+        }
+        self.flush_sub_histograms(&mut scratch.sub);
+        scratch.pending = 0;
+        self.add_moments(moments);
     }
 
     fn add_moments(&mut self, moments: &Moments) {
@@ -1874,6 +1939,13 @@ mod tests {
                     // SAFETY: AVX-512F is present (checked above); `f` is as long as `in_range`.
                     assert!(unsafe { l.add_finite_avx512::<true>(&in_range, &g, &mut f, None) });
                     assert_eq!(f, p, "16-wide fused bins {bins}, exp {exp}");
+                    // The bins alone, also on lengths that end in a partial step.
+                    for len in [in_range.len(), in_range.len().saturating_sub(3), 5.min(in_range.len())] {
+                        let mut f = vec![u32::MAX; len];
+                        // SAFETY: AVX-512F is present (checked above); `f` is as long as the block.
+                        unsafe { g.bins_avx512(&in_range[..len], &mut f) };
+                        assert_eq!(f, p[..len], "16-wide bins {bins}, exp {exp}, {len} elements");
+                    }
                 }
             }
         }
@@ -2262,14 +2334,21 @@ mod tests {
     /// values calibrated alone, block after block in order.
     #[test]
     fn channel_statistics_equal_each_channel_alone() {
-        for (shape, scale) in [([2usize, 3, 5, 7], 1.0f32), ([3, 4, 2, 3], 40.0)] {
+        // Channel blocks short and long (sub-histograms from 4096 elements), and too short
+        // for blocks of their own (6).
+        for (shape, scale) in [([2usize, 3, 5, 7], 1.0f32), ([3, 4, 2, 3], 40.0), ([1, 3, 64, 80], 3.0)] {
             let n: usize = shape.iter().product();
             let inner = shape[2] * shape[3];
             let a = ArrayD::from_shape_vec(IxDyn(&shape), gaussian(n, 17)).expect("shape");
             let mut s = TensorStats::new(256, Some(1)).with_channel_stats(64);
             let mut want = vec![TensorStats::new(64, None); shape[1]];
-            // Two updates, the second with a wider range.
-            for x in [a.clone(), a.mapv(|v| v * scale)] {
+            // Three updates, the second with a wider range, the third with a NaN and an Inf
+            // in the second channel's block.
+            let mut bad = a.mapv(|v| v * 0.5);
+            if let Some(flat) = bad.as_slice_mut() {
+                (flat[inner + 1], flat[2 * inner - 1]) = (f32::NAN, f32::NEG_INFINITY);
+            }
+            for x in [a.clone(), a.mapv(|v| v * scale), bad] {
                 s.update(x.view());
                 let flat = x.as_slice().expect("standard layout");
                 for (k, block) in flat.chunks_exact(inner).enumerate() {
