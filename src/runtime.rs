@@ -335,13 +335,15 @@ struct Watch {
 /// read by its Gelu was copied every sample, 4% of the calibration's CPU time). `None`
 /// when `o` is no such reshape or its shape is not concrete.
 fn reshaped_source(model: &TypedModel, o: OutletId) -> Option<(OutletId, Vec<usize>)> {
-    use tract_onnx::tract_core::ops::change_axes::IntoShape;
+    use tract_onnx::tract_core::ops::{change_axes::IntoShape, konst::Const};
     let shape = model.outlet_fact(o).ok()?.shape.as_concrete()?.to_vec();
     let mut src = o;
     while let Some(op) = model.node(src.node).op_as::<IntoShape>() {
         let node = model.node(src.node);
         let natural = op.strides[..] == Tensor::natural_strides(&op.dims)[..];
-        if node.inputs.len() != 1 || !natural || op.len != shape.iter().product::<usize>() {
+        // (A constant is never evaluated in a run, so it could not be reported.)
+        let input_const = node.inputs.first().is_some_and(|i| model.node(i.node).op_is::<Const>());
+        if node.inputs.len() != 1 || !natural || op.len != shape.iter().product::<usize>() || input_const {
             break;
         }
         src = node.inputs[0];
@@ -365,7 +367,7 @@ fn unpinned_plan(
     let requested: Vec<OutletId> = model.output_outlets()?.to_vec();
     let mut watch = vec![Vec::new(); model.nodes().len()];
     let mut consts = vec![];
-    // Each requested tensor as reported: (requested, reported, shape if reshaped).
+    // Each requested tensor and the tensor it is reported from.
     let mut reported = vec![];
     for (slot, &o) in requested.iter().enumerate() {
         if let Some(k) = model.node(o.node).op_as::<Const>() {
@@ -811,10 +813,6 @@ fn to_tensor(data: &ArrayData) -> Tensor {
     }
 }
 
-/// Converts a tract output to our array type: f16 widens to F32, TDim/u32/u64 to I64,
-/// i16/u16 to I32 (u64 values above i64::MAX wrap).
-/// Hands `value` to `f` as a view into tract's buffer when it is plain `f32`; float16 is widened
-/// into a temporary, as [`Plan::run`] does; other element types give `None`.
 /// `a` with `shape` (the same elements in C order), or as it is without one.
 fn shaped<'a, T>(a: ArrayViewD<'a, T>, shape: Option<&[usize]>) -> Result<ArrayViewD<'a, T>> {
     match shape {
@@ -823,6 +821,9 @@ fn shaped<'a, T>(a: ArrayViewD<'a, T>, shape: Option<&[usize]>) -> Result<ArrayV
     }
 }
 
+/// Hands `value` to `f` as a view into tract's buffer when it is plain `f32`, with `shape`
+/// when given; float16 is widened into a temporary, as [`Plan::run`] does; other element
+/// types give `None`.
 fn with_f32_view<R>(value: &Tensor, shape: Option<&[usize]>, f: impl FnOnce(Option<ArrayViewD<'_, f32>>) -> R) -> R {
     match value.datum_type().unquantized() {
         DatumType::F32 => f(value.to_plain_array_view::<f32>().ok().and_then(|v| shaped(v, shape).ok())),
@@ -834,7 +835,9 @@ fn with_f32_view<R>(value: &Tensor, shape: Option<&[usize]>, f: impl FnOnce(Opti
     }
 }
 
-/// A copy of `t`, with `shape` when given (the same elements in C order).
+/// Converts a tract output to our array type, with `shape` when given (the same elements in C
+/// order): f16 widens to F32, TDim/u32/u64 to I64, i16/u16 to I32 (u64 values above i64::MAX
+/// wrap).
 fn to_array(t: &Tensor, shape: Option<&[usize]>) -> Result<ArrayData> {
     fn plain<T: tract_onnx::prelude::Datum>(t: &Tensor, shape: Option<&[usize]>) -> Result<ndarray::ArrayD<T>> {
         Ok(shaped(t.to_plain_array_view::<T>()?, shape)?.to_owned())
