@@ -216,8 +216,6 @@ impl Lanes {
                 _mm256_loadu_pd(self.sum_sq.as_ptr().add(4)),
             )
         };
-        let (scale, zero, half) = (_mm256_set1_ps(grid.scale), _mm256_setzero_ps(), _mm256_set1_epi32(grid.half));
-        let low_bits = _mm256_set1_epi32(i32::MAX);
         // `v - v` is +0 for finite `v` and NaN otherwise: OR-ed together, any set bit means a
         // non-finite element.
         let mut bad = _mm256_setzero_ps();
@@ -237,14 +235,9 @@ impl Lanes {
             ss_lo = _mm256_add_pd(ss_lo, _mm256_mul_pd(lo, lo));
             ss_hi = _mm256_add_pd(ss_hi, _mm256_mul_pd(hi, hi));
             if BIN {
-                // For `v` inside the range, the floor is an integer in [-half, half - 1] and
-                // the conversion is exact; outside it, the block is binned again (`add_slice`).
-                let k = _mm256_cvtps_epi32(_mm256_floor_ps(_mm256_mul_ps(v, scale)));
-                // A negative `v` whose product underflowed to -0 still belongs below 0: where
-                // `v < 0`, the compare's all-ones lane OR i32::MAX is -1 and the bin becomes
-                // min(k, -1); elsewhere min(k, i32::MAX) = k.
-                let neg = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(v, zero));
-                let k = _mm256_add_epi32(_mm256_min_epi32(k, _mm256_or_si256(neg, low_bits)), half);
+                // Outside the range the bins are meaningless: the block is binned again
+                // (`add_slice`).
+                let k = grid.bins8(v);
                 // SAFETY: `idx` is as long as `body` (caller), so `at + 8 <= idx.len()`.
                 unsafe { _mm256_storeu_si256(idx.as_mut_ptr().add(at).cast::<__m256i>(), k) };
             }
@@ -300,8 +293,6 @@ impl Lanes {
                 _mm512_loadu_pd(self.sum_sq.as_ptr()),
             )
         };
-        let (scale, zero) = (_mm512_set1_ps(grid.scale), _mm512_setzero_ps());
-        let (half, minus_one) = (_mm512_set1_epi32(grid.half), _mm512_set1_epi32(-1));
         // `v - v` is +0 for finite `v` and NaN otherwise: OR-ed together, any set bit means a
         // non-finite element.
         let mut bad = _mm512_setzero_si512();
@@ -318,12 +309,7 @@ impl Lanes {
             s = _mm512_add_pd(_mm512_add_pd(s, lo), hi);
             ss = _mm512_add_pd(_mm512_add_pd(ss, _mm512_mul_pd(lo, lo)), _mm512_mul_pd(hi, hi));
             if BIN {
-                // As in the 8-wide kernel: inside the range the floor is exact; a negative
-                // `v` whose product underflowed to -0 gets min(k, -1).
-                let k =
-                    _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(v, scale));
-                let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, zero);
-                let k = _mm512_add_epi32(_mm512_mask_min_epi32(k, neg, k, minus_one), half);
+                let k = grid.bins16(v);
                 // SAFETY: `idx` is as long as `body` (caller), so `at + 16 <= idx.len()`.
                 unsafe { _mm512_storeu_si512(idx.as_mut_ptr().add(at).cast(), k) };
             }
@@ -347,10 +333,7 @@ impl Lanes {
             s = _mm512_add_pd(s, lo);
             ss = _mm512_add_pd(ss, _mm512_mul_pd(lo, lo));
             if BIN {
-                let k = _mm256_cvtps_epi32(_mm256_floor_ps(_mm256_mul_ps(v, _mm512_castps512_ps256(scale))));
-                let neg = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(v, _mm256_setzero_ps()));
-                let k = _mm256_min_epi32(k, _mm256_or_si256(neg, _mm256_set1_epi32(i32::MAX)));
-                let k = _mm256_add_epi32(k, _mm512_castsi512_si256(half));
+                let k = grid.bins8(v);
                 // SAFETY: `idx` is as long as `body` (caller), so `at + 8 <= idx.len()`.
                 unsafe { _mm256_storeu_si256(idx.as_mut_ptr().add(at).cast::<__m256i>(), k) };
             }
@@ -534,15 +517,42 @@ impl GridF32 {
     /// Placeholder for kernels that do not bin.
     const UNUSED: GridF32 = GridF32 { scale: 1.0, half: 0 };
 
+    /// The bins of eight values: for `v` inside the range, the floor of the exact product is
+    /// an integer in [-half, half - 1] and the conversion is exact (outside it the bins are
+    /// meaningless). A negative `v` whose product underflowed to -0 still belongs below 0:
+    /// where `v < 0`, the compare's all-ones lane OR i32::MAX is -1 and the bin becomes
+    /// min(k, -1); elsewhere min(k, i32::MAX) = k.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn bins8(&self, v: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        let k = _mm256_cvtps_epi32(_mm256_floor_ps(_mm256_mul_ps(v, _mm256_set1_ps(self.scale))));
+        let neg = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(v, _mm256_setzero_ps()));
+        let k = _mm256_min_epi32(k, _mm256_or_si256(neg, _mm256_set1_epi32(i32::MAX)));
+        _mm256_add_epi32(k, _mm256_set1_epi32(self.half))
+    }
+
+    /// [`Self::bins8`] of sixteen values, the floor taken by the conversion's rounding mode
+    /// and the `v < 0` rule by a masked min.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn bins16(&self, v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512i {
+        use std::arch::x86_64::*;
+        let product = _mm512_mul_ps(v, _mm512_set1_ps(self.scale));
+        let k = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(product);
+        let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, _mm512_setzero_ps());
+        _mm512_add_epi32(_mm512_mask_min_epi32(k, neg, k, _mm512_set1_epi32(-1)), _mm512_set1_epi32(self.half))
+    }
+
     /// The bins of `block`'s values (finite, inside the range) into `idx`, which must be as
-    /// long as `block`: the rule of [`Lanes::add_finite_avx512`] alone, the last partial
-    /// step through masked loads and stores.
+    /// long as `block`: [`Self::bins16`], the last partial step through masked loads and
+    /// stores.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn bins_avx512(&self, block: &[f32], idx: &mut [u32]) {
         use std::arch::x86_64::*;
-        let (scale, zero) = (_mm512_set1_ps(self.scale), _mm512_setzero_ps());
-        let (half, minus_one) = (_mm512_set1_epi32(self.half), _mm512_set1_epi32(-1));
         let n = block.len().min(idx.len());
         for at in (0..n).step_by(16) {
             // Lanes of this step inside the slices (all 16 but in the last step).
@@ -550,11 +560,7 @@ impl GridF32 {
             // SAFETY: the masked load and store touch only lanes `at + l < n`, inside both
             // slices.
             unsafe {
-                let v = _mm512_maskz_loadu_ps(mask, block.as_ptr().add(at));
-                let k =
-                    _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(v, scale));
-                let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, zero);
-                let k = _mm512_add_epi32(_mm512_mask_min_epi32(k, neg, k, minus_one), half);
+                let k = self.bins16(_mm512_maskz_loadu_ps(mask, block.as_ptr().add(at)));
                 _mm512_mask_storeu_epi32(idx.as_mut_ptr().add(at).cast(), mask, k);
             }
         }
