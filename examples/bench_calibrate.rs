@@ -48,7 +48,7 @@ fn main() -> Result<()> {
     // that do not share another target's statistics) but computes no statistics: what keeping
     // them from being fused costs tract itself.
     let names: Vec<String> = cal::pinned_targets(&targets).iter().map(|t| t.name.clone()).collect();
-    let (watch, watch_cpu) = watched(&bytes, &specs, &set, &names)?;
+    let (watch, watch_cpu) = timed_run(&bytes, &specs, &set, &names, true)?;
     let (t2, c2) = (Instant::now(), cpu_seconds());
     let c = cal::calibrate(&bytes, &specs, &set, &targets, &cal::CalibOptions::default())?;
     let calib = t2.elapsed().as_secs_f64();
@@ -69,13 +69,9 @@ fn main() -> Result<()> {
         let sset = onnxq::data::open(&sspecs, &opts)?;
         (sspecs, sset)
     };
-    let (t5, c5) = (Instant::now(), cpu_seconds());
-    let splan = onnxq::runtime::Plan::load(&sbytes, None, &input_facts(&sspecs, &sset)?, &outputs)?;
-    for_each_sample(&splan, &sset, &indicatif::ProgressBar::hidden(), |_, _| Ok(()), |_, _| Ok(()))?;
-    let (splain, splain_cpu) = (t5.elapsed().as_secs_f64(), cpu_seconds() - c5);
-    drop(splan);
+    let (splain, splain_cpu) = timed_run(&sbytes, &sspecs, &sset, &outputs, false)?;
     let qnames: Vec<String> = cal::pinned_targets(&qtargets).iter().map(|t| t.name.clone()).collect();
-    let (swatch, swatch_cpu) = watched(&sbytes, &sspecs, &sset, &qnames)?;
+    let (swatch, swatch_cpu) = timed_run(&sbytes, &sspecs, &sset, &qnames, true)?;
     // Alternated rounds of (plain run, quantize calibration): this VM's speed drifts within
     // minutes (PP-OCR det's quantize calibration took 6.0 s and 7.5 s two rounds apart in one
     // process, with plain runs of 4.5 s before each), so each round's ratio divides by the
@@ -87,11 +83,7 @@ fn main() -> Result<()> {
     };
     let (mut per_round, mut qtensors) = (Vec::new(), 0);
     for _ in 0..rounds.max(1) {
-        let (t6, c6) = (Instant::now(), cpu_seconds());
-        let plan = onnxq::runtime::Plan::load(&bytes, None, &input_facts(&specs, &set)?, &outputs)?;
-        for_each_sample(&plan, &set, &indicatif::ProgressBar::hidden(), |_, _| Ok(()), |_, _| Ok(()))?;
-        let (plain2, plain2_cpu) = (t6.elapsed().as_secs_f64(), cpu_seconds() - c6);
-        drop(plan);
+        let (plain2, plain2_cpu) = timed_run(&bytes, &specs, &set, &outputs, false)?;
         let (t4, c4) = (Instant::now(), cpu_seconds());
         let q = cal::calibrate(&sbytes, &sspecs, &sset, &qtargets, &cal::CalibOptions::default())?;
         let (qcalib, qcalib_cpu) = (t4.elapsed().as_secs_f64(), cpu_seconds() - c4);
@@ -112,7 +104,7 @@ fn main() -> Result<()> {
     let cpu_ratio_of = |r: &[f64; 4]| r[3] / r[1].max(1e-9);
     let list =
         |f: &dyn Fn(&[f64; 4]) -> f64| per_round.iter().map(|r| format!("{:.3}", f(r))).collect::<Vec<_>>().join(", ");
-    let qpinned = cal::pinned_targets(&qtargets).len();
+    let qpinned = qnames.len();
     println!(
         "{{\"model\": \"{model_path}\", \"samples\": {}, \"tensors\": {}, \"pinned\": {}, \"plain_load_s\": {load_plain:.3}, \"plain_run_s\": {plain:.3}, \"watch_s\": {watch:.3}, \"watch_cpu_s\": {watch_cpu:.2}, \"calibrate_s\": {calib:.3}, \"ratio\": {:.3}, \"plain_cpu_s\": {plain_cpu:.2}, \"calibrate_cpu_s\": {calib_cpu:.2}, \"cpu_ratio\": {:.3}, \"staged_plain_s\": {splain:.3}, \"staged_plain_cpu_s\": {splain_cpu:.2}, \"quantize_tensors\": {qtensors}, \"quantize_pinned\": {qpinned}, \"quantize_watch_s\": {swatch:.3}, \"quantize_watch_cpu_s\": {swatch_cpu:.2}, \"rounds_plain_s\": [{}], \"rounds_plain_cpu_s\": [{}], \"rounds_quantize_calibrate_s\": [{}], \"rounds_quantize_calibrate_cpu_s\": [{}], \"rounds_quantize_ratio\": [{}], \"quantize_ratio\": {:.3}, \"quantize_cpu_ratio\": {:.3}, \"threads\": {}}}",
         set.len(),
@@ -132,17 +124,24 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// (wall s, CPU s) of the samples through a plan that hands over the tensors `names` but
-/// computes no statistics: what keeping them from being fused costs tract itself.
-fn watched(
+/// (wall s, CPU s) of loading a plan that returns the tensors `names` and running the
+/// samples through it: as copies (`Plan::run`, what plain inference returns), or `in_place`
+/// as views handed over and dropped, no statistics (`watch`: what keeping them from being
+/// fused costs tract itself).
+fn timed_run(
     bytes: &[u8],
     specs: &[onnxq::data::InputSpec],
     set: &onnxq::data::SampleSet,
     names: &[String],
+    in_place: bool,
 ) -> Result<(f64, f64)> {
     let (t, c) = (Instant::now(), cpu_seconds());
     let plan = onnxq::runtime::Plan::load(bytes, None, &input_facts(specs, set)?, names)?;
     let hidden = indicatif::ProgressBar::hidden();
-    cal::for_each_sample_with(set, &hidden, |_, x| plan.run_visit_f32(x, |_, _| ()), |_, _| Ok(()))?;
+    if in_place {
+        cal::for_each_sample_with(set, &hidden, |_, x| plan.run_visit_f32(x, |_, _| ()), |_, _| Ok(()))?;
+    } else {
+        for_each_sample(&plan, set, &hidden, |_, _| Ok(()), |_, _| Ok(()))?;
+    }
     Ok((t.elapsed().as_secs_f64(), cpu_seconds() - c))
 }
